@@ -1,0 +1,176 @@
+"""fedlinear's ClientApp: each node reads only its own shard and trains the linear model locally.
+
+The shard is located by ``--node-config "data-uri=..."`` (deployment: one SuperNode per party) or by
+the run config's ``data-uri`` template formatted with the node's ``partition-id`` (simulation).
+
+Three message handlers:
+
+* ``query``: report the shard's feature count, size and fingerprint, plus its sufficient
+  statistics (XᵀX, Xᵀy, n) when the server asks for the least-squares reference;
+* ``train``: local mini-batch SGD (``numpy`` or ``keras`` engine) from the received weights;
+* ``evaluate``: MSE of the received weights on the local shard.
+
+A problem with the shard or the config is answered with a one-line error reply: it fails this
+node's task, never the run. TensorFlow is imported only by the ``keras`` engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common import model as lm
+from common.config import RunConfig
+from common.data import Dataset, load_csv
+from common.errors import FedLinearError, one_line
+from common.storage import fingerprint
+
+app = ClientApp()
+
+ERROR_CODE_USER = 4001  # a FedLinearError: bad shard, bad config
+ERROR_CODE_INTERNAL = 4002  # anything else
+
+# Shards parsed in this process; the simulation engine keeps workers (and this cache) across rounds.
+_SHARDS: dict[tuple[str, int, str], Dataset] = {}
+
+
+def shard_uri(context: Context, cfg: RunConfig) -> str:
+    """This node's data URI: node config first, else the run config's template."""
+    node = context.node_config
+    if "data-uri" in node and str(node["data-uri"]):
+        return str(node["data-uri"])
+    if not cfg.data_uri:
+        raise FedLinearError(
+            "no data for this node: start the SuperNode with --node-config \"data-uri=PATH_OR_S3_URI\" "
+            "or set the run config key 'data-uri' (a template with {partition-id} in simulation)"
+        )
+    if "{partition-id}" in cfg.data_uri:
+        if "partition-id" not in node:
+            raise FedLinearError(
+                f"config key 'data-uri' is a template ({cfg.data_uri}) but this node has no partition-id"
+            )
+        return cfg.data_uri.replace("{partition-id}", str(int(node["partition-id"])))
+    return cfg.data_uri
+
+
+def partition_id(context: Context) -> int | None:
+    value = context.node_config.get("partition-id")
+    return None if value is None else int(value)
+
+
+def load_shard(context: Context, cfg: RunConfig) -> tuple[str, Dataset]:
+    uri = shard_uri(context, cfg)
+    key = (uri, cfg.target_column, cfg.header)
+    data = _SHARDS.get(key)
+    if data is None:
+        data = load_csv(uri, target_column=cfg.target_column, header=cfg.header)
+        _SHARDS[key] = data
+    return uri, data
+
+
+def to_record(weights: lm.LinearWeights) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in weights.as_dict().items()})
+
+
+def from_record(record: ArrayRecord, num_features: int, uri: str) -> lm.LinearWeights:
+    missing = [name for name in lm.WEIGHT_NAMES if name not in record]
+    if missing:
+        raise FedLinearError(f"server sent weights without {', '.join(missing)}")
+    weights = lm.LinearWeights.from_dict({name: record[name].numpy() for name in lm.WEIGHT_NAMES})
+    if weights.num_features != num_features:
+        raise FedLinearError(
+            f"{uri}: shard has {num_features} features but the global model has {weights.num_features}"
+        )
+    return weights
+
+
+def _guarded(handler):
+    """Turn any failure into an error reply with a one-line reason, so only this task fails."""
+
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except FedLinearError as exc:
+            return Message(Error(code=ERROR_CODE_USER, reason=one_line(exc)), reply_to=msg)
+        except Exception as exc:  # noqa: BLE001 - reported to the server, logged here
+            logging.getLogger("fedlinear").error("client task failed:\n%s", traceback.format_exc())
+            return Message(Error(code=ERROR_CODE_INTERNAL, reason=one_line(exc)), reply_to=msg)
+
+    wrapped.__name__ = handler.__name__
+    return wrapped
+
+
+@app.query()
+@_guarded
+def query(msg: Message, context: Context) -> Message:
+    """Describe the shard (and, if asked, send its sufficient statistics)."""
+    cfg = RunConfig.from_run_config(context.run_config)
+    uri, data = load_shard(context, cfg)
+    pid = partition_id(context)
+    info = {
+        "data-uri": uri,
+        "num-features": data.num_features,
+        "num-examples": data.num_examples,
+        "client-key": lm.client_key(pid, uri),
+        "fingerprints": [str(fp) for fp in map(_fingerprint_json, data.sources)],
+    }
+    if pid is not None:
+        info["partition-id"] = pid
+    content = RecordDict({"shard": ConfigRecord(info)})
+    request = msg.content.config_records.get("config", ConfigRecord())
+    if bool(request.get("want-stats", False)):
+        stats = lm.SufficientStats.of(data.x, data.y)
+        content["stats"] = ArrayRecord(
+            {"gram": Array(stats.gram), "moment": Array(stats.moment), "yty": Array(np.array([stats.yty]))}
+        )
+    return Message(content, reply_to=msg)
+
+
+def _fingerprint_json(uri: str) -> str:
+    import json
+
+    return json.dumps(fingerprint(uri), sort_keys=True)
+
+
+@app.train()
+@_guarded
+def train(msg: Message, context: Context) -> Message:
+    """Local mini-batch SGD from the global weights; reply with new weights and the train loss."""
+    cfg = RunConfig.from_run_config(context.run_config)
+    uri, data = load_shard(context, cfg)
+    weights = from_record(msg.content["arrays"], data.num_features, uri)
+    server_round = int(msg.content["config"]["server-round"])
+    key = lm.client_key(partition_id(context), uri)
+    orders = [
+        lm.batch_order(data.num_examples, cfg.seed, server_round, key, epoch) for epoch in range(cfg.local_epochs)
+    ]
+    new_weights, loss = lm.ENGINES[cfg.engine](
+        weights,
+        data.x,
+        data.y,
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        orders=orders,
+    )
+    if not np.isfinite(new_weights.vector()).all():
+        raise FedLinearError(
+            f"{uri}: local training diverged (non-finite weights); lower 'learning-rate' (now {cfg.learning_rate})"
+        )
+    metrics = MetricRecord({"num-examples": data.num_examples, "train-loss": loss, "client-key": key})
+    return Message(RecordDict({"arrays": to_record(new_weights), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+@_guarded
+def evaluate(msg: Message, context: Context) -> Message:
+    """MSE of the global weights on this node's shard."""
+    cfg = RunConfig.from_run_config(context.run_config)
+    uri, data = load_shard(context, cfg)
+    weights = from_record(msg.content["arrays"], data.num_features, uri)
+    metrics = MetricRecord({"num-examples": data.num_examples, "eval-mse": lm.mse(weights, data.x, data.y)})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,62 @@
+"""Export the linear model as a TensorFlow SavedModel anyone can load and serve.
+
+The SavedModel holds a ``tf.Module`` with two variables (``kernel`` (d, 1), ``bias`` (1,)) and one
+signature, ``serving_default``: input ``x`` float32 ``[None, d]`` -> output ``y`` float32 ``[None, 1]``.
+Load it with plain TensorFlow, no fedlinear needed::
+
+    m = tf.saved_model.load("RUN_DIR/model")
+    y = m.signatures["serving_default"](x=tf.constant(x, tf.float32))["y"]
+
+TensorFlow is imported only inside these functions.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from common import storage
+from common.errors import FedLinearError
+from common.model import LinearWeights
+
+
+def export_savedmodel(weights: LinearWeights, uri: str) -> None:
+    """Write the SavedModel to ``uri`` (local dir or ``s3://`` prefix), published only when complete."""
+    import tensorflow as tf
+
+    num_features = weights.num_features
+
+    class LinearRegression(tf.Module):
+        def __init__(self) -> None:
+            super().__init__(name="fedlinear")
+            self.kernel = tf.Variable(weights.kernel.astype(np.float32), name="kernel")
+            self.bias = tf.Variable(weights.bias.astype(np.float32), name="bias")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, num_features], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": tf.matmul(x, self.kernel) + self.bias}
+
+    module = LinearRegression()
+    with tempfile.TemporaryDirectory(prefix="fedlinear-export-") as tmp:
+        path = os.path.join(tmp, "model")
+        tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+        storage.publish_dir(path, uri)
+
+
+def load_savedmodel(uri: str):
+    """Load an exported model; returns ``(predict_fn, num_features)``."""
+    import tensorflow as tf
+
+    with storage.local_copy_of_dir(uri) as path:
+        if not os.path.exists(os.path.join(path, "saved_model.pb")):
+            raise FedLinearError(f"{uri}: not a SavedModel (no saved_model.pb)")
+        loaded = tf.saved_model.load(path)
+    signature = loaded.signatures["serving_default"]
+    num_features = int(signature.structured_input_signature[1]["x"].shape[1])
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return signature(x=tf.constant(np.asarray(x, dtype=np.float32)))["y"].numpy()
+
+    return predict, num_features

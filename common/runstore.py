@@ -1,0 +1,119 @@
+"""The run directory: history, metrics, checkpoints, manifest and status, local or on S3.
+
+Layout under ``run-dir``::
+
+    status.json              {"status": "running" | "completed" | "failed", "message": ...}
+    history.json             per-round records, the reference, failures
+    metrics.csv              the same rounds as a flat table
+    checkpoints/round-NNNN.npz   global weights after round N (atomic writes)
+    checkpoints/latest.json  {"round": N, "file": "round-NNNN.npz"}
+    model/                   the SavedModel (serving_default: x float32 [None, d] -> y [None, 1])
+    manifest.json            resolved config, seed, versions, data fingerprints, final metrics
+
+Every write goes through :mod:`common.storage`, so each file appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from common import storage
+from common.errors import FedLinearError
+from common.model import BIAS, KERNEL, LinearWeights
+
+METRIC_COLUMNS = (
+    "round",
+    "elapsed-s",
+    "clients-ok",
+    "clients-failed",
+    "train-loss",
+    "test-mse",
+    "reference-test-mse",
+    "test-mse-ratio",
+    "excess-test-mse",
+    "train-mse",
+    "excess-train-mse",
+    "weight-distance",
+    "eval-mse",
+)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(_jsonable(value), indent=2, sort_keys=False) + "\n"
+
+
+class RunStore:
+    """Reads and writes one run directory (absolute local path or ``s3://`` URI)."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def uri(self, *parts: str) -> str:
+        return storage.join(self.run_dir, *parts)
+
+    # status -----------------------------------------------------------------------------
+    def write_status(self, status: str, message: str = "", **extra: Any) -> None:
+        storage.write_text(self.uri("status.json"), dumps({"status": status, "message": message, **extra}))
+
+    def read_status(self) -> dict[str, Any] | None:
+        uri = self.uri("status.json")
+        return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+    # history ----------------------------------------------------------------------------
+    def write_history(self, history: dict[str, Any]) -> None:
+        storage.write_text(self.uri("history.json"), dumps(history))
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(METRIC_COLUMNS)
+        for row in history.get("rounds", []):
+            writer.writerow(["" if row.get(col) is None else row.get(col) for col in METRIC_COLUMNS])
+        storage.write_text(self.uri("metrics.csv"), buf.getvalue())
+
+    def read_history(self) -> dict[str, Any]:
+        uri = self.uri("history.json")
+        if not storage.exists(uri):
+            raise FedLinearError(f"{uri}: no history (has the run started?)")
+        return json.loads(storage.read_text(uri))
+
+    # checkpoints ------------------------------------------------------------------------
+    def write_checkpoint(self, server_round: int, weights: LinearWeights, state: dict[str, Any]) -> None:
+        name = f"round-{server_round:04d}.npz"
+        buf = io.BytesIO()
+        np.savez(buf, kernel=weights.kernel, bias=weights.bias)
+        storage.write_bytes(self.uri("checkpoints", name), buf.getvalue())
+        pointer = {"round": server_round, "file": name, **state}
+        storage.write_text(self.uri("checkpoints", "latest.json"), dumps(pointer))
+
+    def read_latest_checkpoint(self) -> tuple[dict[str, Any], LinearWeights] | None:
+        pointer_uri = self.uri("checkpoints", "latest.json")
+        if not storage.exists(pointer_uri):
+            return None
+        pointer = json.loads(storage.read_text(pointer_uri))
+        with np.load(io.BytesIO(storage.read_bytes(self.uri("checkpoints", pointer["file"])))) as arrays:
+            weights = LinearWeights.from_dict({KERNEL: arrays[KERNEL], BIAS: arrays[BIAS]})
+        return pointer, weights
+
+    # manifest ---------------------------------------------------------------------------
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        storage.write_text(self.uri("manifest.json"), dumps(manifest))
+
+    def read_manifest(self) -> dict[str, Any]:
+        return json.loads(storage.read_text(self.uri("manifest.json")))
