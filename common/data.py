@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import math
+import warnings
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -112,7 +113,9 @@ def _parse_one(uri: str, header: str) -> tuple[np.ndarray, list[str] | None]:
         columns = fields if has_header else None
         body = lines if has_header else itertools.chain(consumed, lines)
         try:
-            matrix = np.loadtxt(body, delimiter=",", dtype=np.float64, ndmin=2, comments=None)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "input contained no data": reported below
+                matrix = np.loadtxt(body, delimiter=",", dtype=np.float64, ndmin=2, comments=None)
             ok = matrix.size > 0 and bool(np.isfinite(matrix).all())
         except ValueError:
             ok = False

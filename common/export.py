@@ -12,7 +12,9 @@ TensorFlow is imported only inside these functions.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -22,9 +24,40 @@ from common.errors import FedLinearError
 from common.model import LinearWeights
 
 
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Hold back what TensorFlow's C++ runtime writes to fd 2 (CUDA probing on a CPU-only machine).
+
+    The captured text is replayed if the block raises, so a real failure still shows its cause.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _tensorflow():
+    with quiet_native_stderr():
+        import tensorflow as tf
+
+        tf.constant(0.0)  # device discovery happens on first use: keep its noise held back too
+    return tf
+
+
 def export_savedmodel(weights: LinearWeights, uri: str) -> None:
     """Write the SavedModel to ``uri`` (local dir or ``s3://`` prefix), published only when complete."""
-    import tensorflow as tf
+    tf = _tensorflow()
 
     num_features = weights.num_features
 
@@ -47,7 +80,7 @@ def export_savedmodel(weights: LinearWeights, uri: str) -> None:
 
 def load_savedmodel(uri: str):
     """Load an exported model; returns ``(predict_fn, num_features)``."""
-    import tensorflow as tf
+    tf = _tensorflow()
 
     with storage.local_copy_of_dir(uri) as path:
         if not os.path.exists(os.path.join(path, "saved_model.pb")):

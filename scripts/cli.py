@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mode", choices=("processes", "simulation"), default="processes")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run config key (repeatable)")
     run.add_argument("--timeout", type=float, default=3600.0, help="upper bound on the whole run, seconds")
-    run.add_argument("--client-cpus", type=float, default=1.0, help="simulation: CPUs per virtual client")
+    run.add_argument("--client-cpus", type=int, default=1, help="simulation: CPUs reserved per virtual client")
     run.add_argument("--app", help=argparse.SUPPRESS)  # another Flower app dir (benchmarks)
     run.set_defaults(func=cmd_run)
 

@@ -84,7 +84,7 @@ class LaunchSpec:
     node_configs: list[dict[str, Any]] | None = None  # processes mode: one per node
     startup_timeout: float = 60.0
     run_timeout: float = 3600.0
-    client_cpus: float = 1.0  # simulation: CPUs reserved per virtual client (sets Ray parallelism)
+    client_cpus: int = 1  # simulation: CPUs reserved per virtual client (sets Ray parallelism)
     superlink_port: int | None = None
 
 
@@ -161,12 +161,6 @@ def write_connection(flwr_home: str, spec: LaunchSpec, port: int) -> str:
     """The private Flower config with one SuperLink connection; returns the connection name."""
     os.makedirs(flwr_home, exist_ok=True)
     lines = ["[superlink]", 'default = "fedlinear"', "", "[superlink.fedlinear]", f'address = "127.0.0.1:{port}"', "insecure = true"]
-    if spec.mode == "simulation":
-        lines += [
-            f"options.num-supernodes = {spec.num_nodes}",
-            f"options.backend.client-resources.num-cpus = {spec.client_cpus}",
-            "options.backend.client-resources.num-gpus = 0.0",
-        ]
     with open(os.path.join(flwr_home, "config.toml"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
     return "fedlinear"
@@ -213,6 +207,9 @@ def launch(spec: LaunchSpec, on_progress: Callable[[str], None] = print) -> None
                     os.path.join(spec.workdir, f"supernode-{i}.log"),
                 )
         overrides = ["--run-config", config_string(spec.run_config)] if spec.run_config else []
+        if spec.mode == "simulation":
+            federation = {"num-supernodes": spec.num_nodes, "client-resources-num-cpus": int(spec.client_cpus)}
+            overrides += ["--federation-config", config_string(federation)]
         runner = group.start(
             "flwr-run",
             ["flwr", "run", spec.app_dir, connection, "--stream", *overrides],

@@ -1,0 +1,174 @@
+"""End to end: real Flower SuperLink + SuperNode processes on loopback, and Flower's simulation engine."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import psutil
+import pytest
+
+from tests.conftest import run_cli, write_federation
+
+ROUNDS = 3
+
+
+def final_weights(run_dir):
+    with open(os.path.join(run_dir, "manifest.json")) as handle:
+        manifest = json.load(handle)
+    return np.array(manifest["weights"]["kernel"] + [manifest["weights"]["bias"]]), manifest
+
+
+def leftover_processes(workdir):
+    """Processes still running with this run's private FLWR_HOME."""
+    home = os.path.join(workdir, "flwr-home")
+    found = []
+    for proc in psutil.process_iter(["pid", "name"]):
+        try:
+            if proc.environ().get("FLWR_HOME") == home:
+                found.append(proc.info)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def processes_run(federation_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("proc") / "run")
+    done = run_cli("run", "--data", federation_dir, "--clients", 3, "--rounds", ROUNDS, "--out", out, "--set", "seed=5")
+    return out, done
+
+
+@pytest.fixture(scope="module")
+def simulation_run(federation_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sim") / "run")
+    done = run_cli(
+        "run", "--data", federation_dir, "--clients", 3, "--rounds", ROUNDS, "--out", out,
+        "--mode", "simulation", "--set", "seed=5",
+    )  # fmt: skip
+    return out, done
+
+
+def test_processes_mode_with_three_supernodes(processes_run, federation_dir):
+    out, done = processes_run
+    assert done.returncode == 0, done.stdout + done.stderr
+    # progress per round, a summary table and the least-squares comparison
+    for r in range(1, ROUNDS + 1):
+        assert f"round {r:>3} | train loss" in done.stdout
+    assert "x pooled least-squares test MSE" in done.stdout
+    with open(os.path.join(out, "status.json")) as handle:
+        assert json.load(handle)["status"] == "completed"
+    with open(os.path.join(out, "history.json")) as handle:
+        history = json.load(handle)
+    assert [row["round"] for row in history["rounds"]] == list(range(ROUNDS + 1))
+    assert all(row["clients-ok"] == 3 and row["clients-failed"] == 0 for row in history["rounds"][1:])
+    losses = [row["test-mse"] for row in history["rounds"]]
+    assert losses[-1] < losses[0] / 10
+    with open(os.path.join(out, "metrics.csv")) as handle:
+        assert len(handle.read().strip().splitlines()) == ROUNDS + 2
+    checkpoints = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "checkpoints", "*")))
+    assert checkpoints == ["latest.json"] + [f"round-{r:04d}.npz" for r in range(1, ROUNDS + 1)]
+    weights, manifest = final_weights(out)
+    with np.load(os.path.join(out, "checkpoints", f"round-{ROUNDS:04d}.npz")) as ckpt:
+        np.testing.assert_array_equal(np.append(ckpt["kernel"].ravel(), ckpt["bias"]), weights.astype(np.float32))
+    # the manifest: config, seed, versions, a SHA-256 per shard
+    assert manifest["seed"] == 5 and manifest["config"]["num-server-rounds"] == ROUNDS
+    assert manifest["versions"]["flwr"] == "1.42.0"
+    for i, shard in enumerate(manifest["shards"]):
+        path = os.path.join(federation_dir, f"client-{i}.csv")
+        with open(path, "rb") as handle:
+            assert shard["fingerprints"][0]["sha256"] == hashlib.sha256(handle.read()).hexdigest()
+        assert shard["partition-id"] == i and shard["num-examples"] == 300
+    assert os.path.exists(os.path.join(out, "model", "saved_model.pb"))
+    assert leftover_processes(os.path.join(out, "logs")) == []
+
+
+def test_simulation_mode_agrees_with_processes_mode(processes_run, simulation_run):
+    (proc_out, _), (sim_out, sim_done) = processes_run, simulation_run
+    assert sim_done.returncode == 0, sim_done.stdout + sim_done.stderr
+    proc_w, _ = final_weights(proc_out)
+    sim_w, _ = final_weights(sim_out)
+    np.testing.assert_allclose(sim_w, proc_w, atol=1e-5, rtol=0)
+    assert leftover_processes(os.path.join(sim_out, "logs")) == []
+
+
+def test_same_seed_twice_gives_the_same_weights(simulation_run, federation_dir, tmp_path):
+    first, _ = final_weights(simulation_run[0])
+    done = run_cli(
+        "run", "--data", federation_dir, "--clients", 3, "--rounds", ROUNDS, "--out", tmp_path / "again",
+        "--mode", "simulation", "--set", "seed=5",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    second, _ = final_weights(str(tmp_path / "again"))
+    np.testing.assert_allclose(second, first, atol=1e-6, rtol=0)
+
+
+LOADER = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+m = tf.saved_model.load(sys.argv[1])
+x = np.array(json.loads(sys.argv[2]), dtype=np.float32)
+print(json.dumps(m.signatures["serving_default"](x=tf.constant(x))["y"].numpy().ravel().tolist()))
+"""
+
+
+def test_exported_model_predicts_with_the_final_weights(processes_run):
+    out, _ = processes_run
+    weights, _ = final_weights(out)
+    x = np.random.default_rng(1).normal(size=(5, len(weights) - 1))
+    done = subprocess.run(
+        [sys.executable, "-c", LOADER, os.path.join(out, "model"), json.dumps(x.tolist())],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    predicted = np.array(json.loads(done.stdout.strip().splitlines()[-1]))
+    np.testing.assert_allclose(predicted, x @ weights[:-1] + weights[-1], atol=1e-5)
+
+
+def test_a_failing_client_does_not_take_the_run_down(federation_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(federation_dir, data)
+    lines = (data / "client-1.csv").read_text().splitlines()
+    lines[4] = lines[4].replace(",", ",oops,", 1)
+    (data / "client-1.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    done = run_cli("run", "--data", data, "--rounds", 2, "--out", out, "--mode", "simulation")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "left out" in done.stdout and "client-1.csv: line 5" in done.stdout
+    history = json.loads((out / "history.json").read_text())
+    [failure] = history["query-failures"]
+    assert f"{data}/client-1.csv: line 5: expected 6 comma-separated columns, found 7" in failure["reason"]
+    assert [row["clients-ok"] for row in history["rounds"][1:]] == [2, 2]
+
+
+def test_shards_that_disagree_on_features_are_refused_naming_the_nodes(federation_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(federation_dir, data)
+    write_federation(str(tmp_path / "wide"), clients=1, features=7)
+    shutil.copy(tmp_path / "wide" / "client-0.csv", data / "client-2.csv")
+    done = run_cli("run", "--data", data, "--rounds", 2, "--out", tmp_path / "run", "--mode", "simulation")
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("fedlinear: error: shards disagree on the number of features: node ")
+    assert f"({data}/client-2.csv): 7" in line and f"({data}/client-0.csv): 5" in line
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed"
+
+
+def test_a_node_that_never_connects_is_an_error_not_a_hang(federation_dir, tmp_path):
+    done = run_cli(
+        "run", "--data", federation_dir, "--clients", 2, "--rounds", 1, "--out", tmp_path / "run",
+        "--set", "min-available-nodes=3", "--set", "node-wait-timeout=5",
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "fedlinear: error: only 2 of 3 nodes (config key 'min-available-nodes') connected within 5 s "
+        "(config key 'node-wait-timeout')"
+    ]
+    assert leftover_processes(str(tmp_path / "run" / "logs")) == []

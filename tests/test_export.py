@@ -1,0 +1,63 @@
+"""The exported SavedModel: loaded with plain TensorFlow in a fresh process, it predicts X @ w + b."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from common import model as lm
+from common.export import export_savedmodel
+from tests.conftest import run_cli
+
+LOADER = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+m = tf.saved_model.load(sys.argv[1])
+sig = m.signatures["serving_default"]
+spec = sig.structured_input_signature[1]["x"]
+x = np.array(json.loads(sys.argv[2]), dtype=np.float32)
+y = sig(x=tf.constant(x))["y"].numpy()
+print(json.dumps({"y": y.tolist(), "shape": list(y.shape), "in_shape": spec.shape.as_list(), "in_dtype": spec.dtype.name,
+                  "outputs": list(sig.structured_outputs)}))
+"""
+
+
+def test_savedmodel_reloads_in_fresh_process_and_predicts_xw_plus_b(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = lm.LinearWeights(
+        kernel=rng.normal(size=(4, 1)).astype(np.float32), bias=np.array([0.75], dtype=np.float32)
+    )
+    target = str(tmp_path / "run" / "model")
+    export_savedmodel(weights, target)
+    export_savedmodel(weights, target)  # re-export over an existing model replaces it whole
+    x = rng.normal(size=(7, 4))
+    out = subprocess.run(
+        [sys.executable, "-c", LOADER, target, json.dumps(x.tolist())], capture_output=True, text=True, check=True
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["in_shape"] == [None, 4] and result["in_dtype"] == "float32"
+    assert result["outputs"] == ["y"] and result["shape"] == [7, 1]
+    expected = x.astype(np.float32) @ weights.kernel + weights.bias
+    np.testing.assert_allclose(np.array(result["y"]), expected, atol=1e-5)
+
+    # the same model through `fedlinear predict`, from a CSV of features (+ an ignored target column)
+    csv = tmp_path / "in.csv"
+    np.savetxt(csv, np.column_stack([x, np.zeros(len(x))]), delimiter=",", fmt="%.17g")
+    done = run_cli("predict", "--model", target, "--input", csv, "--output", tmp_path / "pred.txt")
+    assert done.returncode == 0, done.stderr
+    predicted = np.loadtxt(tmp_path / "pred.txt")
+    np.testing.assert_allclose(predicted, expected.ravel(), atol=1e-5)
+    assert "MSE against the last column" in done.stderr
+
+    wrong = tmp_path / "wrong.csv"
+    np.savetxt(wrong, x[:, :2], delimiter=",")
+    done = run_cli("predict", "--model", target, "--input", wrong)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"fedlinear: error: {wrong}: has 2 columns; the model takes 4 features "
+        "(give 4 feature columns, optionally followed by the target)"
+    ]
