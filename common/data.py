@@ -129,6 +129,23 @@ def _parse_one(uri: str, header: str) -> tuple[np.ndarray, list[str] | None]:
     raise FedLinearError(f"{uri}: could not parse as comma-separated numbers")  # pragma: no cover
 
 
+def load_matrix(uri: str, header: str = "auto") -> tuple[np.ndarray, list[str] | None, list[str]]:
+    """Parse and validate every number in a CSV file/object or prefix: (matrix, header, source URIs)."""
+    parts = []
+    columns = None
+    uris = storage.expand(uri)
+    for part_uri in uris:
+        matrix, cols = _parse_one(part_uri, header)
+        if parts and matrix.shape[1] != parts[0].shape[1]:
+            raise FedLinearError(
+                f"{part_uri}: has {matrix.shape[1]} columns but {uris[0]} has {parts[0].shape[1]}"
+            )
+        parts.append(matrix)
+        columns = columns or cols
+    matrix = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return matrix, columns, uris
+
+
 def load_csv(uri: str, target_column: int = -1, header: str = "auto") -> Dataset:
     """Load and validate one CSV shard (a path, an ``s3://`` object, or a prefix/directory of them).
 
@@ -142,18 +159,7 @@ def load_csv(uri: str, target_column: int = -1, header: str = "auto") -> Dataset
     header : str (default: "auto")
         ``auto`` treats a first line with a non-numeric field as a header; ``yes``/``no`` force it.
     """
-    parts = []
-    columns = None
-    uris = storage.expand(uri)
-    for part_uri in uris:
-        matrix, cols = _parse_one(part_uri, header)
-        if parts and matrix.shape[1] != parts[0].shape[1]:
-            raise FedLinearError(
-                f"{part_uri}: has {matrix.shape[1]} columns but {uris[0]} has {parts[0].shape[1]}"
-            )
-        parts.append(matrix)
-        columns = columns or cols
-    matrix = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    matrix, columns, uris = load_matrix(uri, header)
     width = matrix.shape[1]
     if width < 2:
         raise FedLinearError(f"{uri}: found {width} column, need at least 2 (features..., target)")

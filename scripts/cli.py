@@ -158,12 +158,21 @@ def comparison_line(history: dict[str, Any]) -> str:
     return "no evaluation configured (no test set, reference = none)"
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from common.runstore import RunStore
-    from scripts.launcher import LaunchSpec, launch
-
-    out = _abs(args.out)
-    overrides = parse_assignments(args.set)
+def resolve_data(args: argparse.Namespace, out: str, overrides: dict[str, Any]) -> tuple[list[str], str | None, str]:
+    """(explicit shard URIs, a {partition-id} template or None, test URI or "") for ``fedlinear run``."""
+    template = overrides.pop("data-uri", None)
+    test_uri = _abs(args.test) if args.test else overrides.pop("test-uri", "")
+    if args.shard:
+        if args.data or template:
+            raise FedLinearError("give the shards one way: --shard, --data or --set data-uri=TEMPLATE")
+        return [_abs(uri) for uri in args.shard], None, test_uri
+    if template:
+        if args.data:
+            raise FedLinearError("give the shards one way: --data or --set data-uri=TEMPLATE")
+        if not args.clients:
+            raise FedLinearError("--set data-uri=TEMPLATE needs --clients N")
+        shards = [template.replace("{partition-id}", str(i)) for i in range(args.clients)]
+        return shards, template, test_uri
     if args.data:
         data = _abs(args.data)
     else:
@@ -176,22 +185,40 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         )  # fmt: skip
     shards = find_shards(data)
+    if not test_uri and storage.exists(storage.join(data, "test.csv")):
+        test_uri = storage.join(data, "test.csv")
+    return shards, storage.join(data, "client-{partition-id}.csv"), test_uri
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from common.runstore import RunStore
+    from scripts.launcher import LaunchSpec, launch
+
+    out = _abs(args.out)
+    overrides = parse_assignments(args.set)
+    shards, template, test_uri = resolve_data(args, out, overrides)
     clients = args.clients or len(shards)
-    if clients > len(shards):
-        raise FedLinearError(f"--clients {clients} but {data} has only {len(shards)} shards")
+    if shards and clients > len(shards):
+        raise FedLinearError(f"--clients {clients} but only {len(shards)} shards were given")
     shards = shards[:clients]
-    test_uri = storage.join(data, "test.csv")
     run_config: dict[str, Any] = {
         "num-server-rounds": args.rounds,
         "min-available-nodes": clients,
         "run-dir": out,
     }
-    if storage.exists(test_uri):
+    if test_uri:
         run_config["test-uri"] = test_uri
     node_configs = None
     if args.mode == "simulation":
-        run_config["data-uri"] = storage.join(data, "client-{partition-id}.csv")
+        if template is None:
+            raise FedLinearError(
+                "simulation mode locates shards by partition id: use --data DIR (client-<i>.csv) or "
+                "--set data-uri=TEMPLATE with {partition-id}, not --shard"
+            )
+        run_config["data-uri"] = template
     else:
+        if not shards:
+            raise FedLinearError("processes mode needs the shards: --data DIR or --shard URI (one per client)")
         node_configs = [
             {"partition-id": i, "num-partitions": clients, "data-uri": uri} for i, uri in enumerate(shards)
         ]
@@ -236,17 +263,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from common.data import load_csv
+    from common.data import load_matrix
     from common.export import load_savedmodel
 
+    matrix, _, _ = load_matrix(_abs(args.input) if not storage.is_s3(args.input) else args.input, args.header)
     predict, num_features = load_savedmodel(_abs(args.model))
-    data = load_csv(args.input, target_column=-1, header=args.header)
-    width = data.num_features + 1  # columns in the file
+    width = matrix.shape[1]
     if width == num_features:
-        x = np.column_stack([data.x, data.y])  # features only: the "target" column is a feature
-        y = None
+        x, y = matrix, None
     elif width == num_features + 1:
-        x, y = data.x, data.y
+        x, y = matrix[:, :-1], matrix[:, -1]
     else:
         raise FedLinearError(
             f"{args.input}: has {width} columns; the model takes {num_features} features "
@@ -301,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a whole local federation")
     run.add_argument("--data", help="directory or s3:// prefix with client-<i>.csv (+ test.csv); default: synthetic")
+    run.add_argument("--shard", action="append", metavar="URI", help="one client's shard (repeatable; processes mode)")
+    run.add_argument("--test", metavar="URI", help="held-out test set (default: DATA/test.csv if present)")
     run.add_argument("--clients", type=int, help="number of clients (default: all shards, or 10 synthetic)")
     run.add_argument("--rounds", type=int, default=20)
     run.add_argument("--out", required=True, help="run directory (local path or s3:// URI)")
