@@ -179,8 +179,46 @@ def versions() -> dict[str, str]:
     return out
 
 
+# What must match for a checkpoint to continue the same trajectory (num-server-rounds may grow).
+TRAJECTORY_KEYS = ("seed", "learning-rate", "batch-size", "local-epochs", "fraction-train", "engine")
+
+
+def trajectory_key(cfg: RunConfig, num_features: int) -> dict[str, Any]:
+    settings = cfg.as_dict()
+    return {"num-features": num_features, **{key: settings[key] for key in TRAJECTORY_KEYS}}
+
+
+def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int) -> tuple[lm.LinearWeights, int, dict]:
+    """The weights and first round to run: from the last checkpoint if the run dir has one.
+
+    Sampling and batch order are functions of (seed, round, client), not of RNG state carried
+    across rounds, so a resumed run continues exactly as the uninterrupted run would have.
+    """
+    latest = store.read_latest_checkpoint()
+    if latest is None:
+        return lm.initial_weights(num_features, cfg.seed), 1, {}
+    pointer, weights = latest
+    expected = trajectory_key(cfg, num_features)
+    changed = [key for key, value in expected.items() if pointer.get(key) != value]
+    if changed:
+        detail = ", ".join(f"{key} {pointer.get(key)!r} -> {expected[key]!r}" for key in changed)
+        raise FedLinearError(
+            f"{store.run_dir} holds checkpoints of a different run ({detail}); "
+            "resume with the same settings or choose another run-dir"
+        )
+    done = int(pointer["round"])
+    history = store.read_history()
+    history["rounds"] = [row for row in history["rounds"] if row["round"] <= done]
+    return weights, done + 1, history
+
+
 def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
     started = time.monotonic()
+    previous = store.read_status()
+    if previous is not None and previous.get("status") == "completed":
+        raise FedLinearError(
+            f"{store.run_dir} already holds a completed run (status.json); choose another run-dir or remove it"
+        )
     store.write_status("running", run_id=context.run_id)
     nodes = wait_for_nodes(grid, cfg)
     say(f"{len(nodes)} nodes connected; querying shards")
@@ -199,20 +237,23 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
     )
 
     strategy = build_strategy(cfg, {nid: int(info["client-key"]) for nid, info in healthy.items()})
-    weights = lm.initial_weights(num_features, cfg.seed)
-    arrays = to_record(weights)
-    history: dict[str, Any] = {
-        "run-id": context.run_id,
-        "reference": evaluate.reference,
-        "query-failures": query_failures,
-        "rounds": [],
-    }
-    row = {"round": 0, "elapsed-s": time.monotonic() - started, "clients-ok": 0, "clients-failed": 0}
-    row.update(evaluate(weights))
-    history["rounds"].append(row)
+    weights, start_round, history = resume_or_start(store, cfg, num_features)
+    if start_round > 1:
+        say(f"resuming after round {start_round - 1} from {store.uri('checkpoints', 'latest.json')}")
+    else:
+        history = {"run-id": context.run_id, "rounds": []}
+        row = {"round": 0, "elapsed-s": time.monotonic() - started, "clients-ok": 0, "clients-failed": 0}
+        row.update(evaluate(weights))
+        history["rounds"].append(row)
+    history["reference"] = evaluate.reference
+    history["query-failures"] = query_failures
+    history.setdefault("resumed-at", [])
+    if start_round > 1:
+        history["resumed-at"].append(start_round - 1)
     store.write_history(history)
+    arrays = to_record(weights)
 
-    for server_round in range(1, cfg.num_server_rounds + 1):
+    for server_round in range(start_round, cfg.num_server_rounds + 1):
         replies = grid.send_and_receive(
             strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout
         )
@@ -244,8 +285,8 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
         row.update(evaluate(weights))
         row["elapsed-s"] = time.monotonic() - started
         history["rounds"].append(row)
-        store.write_checkpoint(server_round, weights, {"seed": cfg.seed})
-        store.write_history(history)
+        store.write_history(history)  # history first: a checkpoint never runs ahead of the history
+        store.write_checkpoint(server_round, weights, trajectory_key(cfg, num_features))
         say(progress_line(row))
 
     model_uri = store.uri("model")

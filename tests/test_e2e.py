@@ -9,12 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import psutil
 import pytest
 
-from tests.conftest import run_cli, write_federation
+from tests.conftest import REPO, run_cli, write_federation
 
 ROUNDS = 3
 
@@ -172,3 +173,48 @@ def test_a_node_that_never_connects_is_an_error_not_a_hang(federation_dir, tmp_p
         "(config key 'node-wait-timeout')"
     ]
     assert leftover_processes(str(tmp_path / "run" / "logs")) == []
+
+
+def test_a_crashed_server_resumes_from_its_last_checkpoint(processes_run, federation_dir, tmp_path):
+    """Kill the ServerApp process after round 2; the same command again finishes the run, and the
+    result is bit-identical to the uninterrupted run (sampling and batch order are stateless)."""
+    out = tmp_path / "run"
+    args = ["run", "--data", federation_dir, "--clients", 3, "--rounds", ROUNDS, "--out", out, "--set", "seed=5"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scripts.cli", *map(str, args)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    pointer = out / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 300
+    while not (pointer.exists() and json.loads(pointer.read_text())["round"] >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before round 2"
+        time.sleep(0.05)
+    home = str(out / "logs" / "flwr-home")
+    servers = []
+    for candidate in psutil.process_iter(["cmdline"]):
+        try:
+            if "flwr-serverapp" in " ".join(candidate.info["cmdline"] or []) and candidate.environ().get("FLWR_HOME") == home:
+                servers.append(candidate)
+        except (psutil.Error, OSError):
+            continue
+    assert servers, "no flwr-serverapp process found"
+    for server in servers:
+        server.kill()
+    proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert json.loads((out / "status.json").read_text())["status"] == "running"
+    assert leftover_processes(str(out / "logs")) == []
+
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming after round 2" in done.stdout
+    history = json.loads((out / "history.json").read_text())
+    assert [row["round"] for row in history["rounds"]] == list(range(ROUNDS + 1))
+    assert history["resumed-at"] == [2]
+    resumed, _ = final_weights(str(out))
+    uninterrupted, _ = final_weights(processes_run[0])
+    np.testing.assert_array_equal(resumed, uninterrupted)
+
+    done = run_cli(*args)  # a completed run is never overwritten
+    assert done.returncode == 1
+    assert "already holds a completed run" in done.stderr

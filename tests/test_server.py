@@ -1,0 +1,119 @@
+"""Server pieces without a federation: resume rules, evaluation metrics, seeded sampling, fixed-order aggregation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Error, Metadata, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+
+from common import model as lm
+from common.config import RunConfig
+from common.data import Dataset
+from common.errors import FedLinearError
+from common.runstore import RunStore
+from server.server_app import Evaluator, resume_or_start, trajectory_key
+from server.strategy import build_strategy
+
+
+class FakeGrid:
+    def __init__(self, node_ids):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+
+def test_resume_continues_only_the_same_trajectory(tmp_path):
+    store = RunStore(str(tmp_path / "run"))
+    cfg = RunConfig(seed=3, num_server_rounds=5)
+    weights, start, _ = resume_or_start(store, cfg, 4)
+    assert start == 1
+    np.testing.assert_array_equal(weights.kernel, lm.initial_weights(4, 3).kernel)
+
+    store.write_history({"rounds": [{"round": r} for r in range(4)]})
+    saved = lm.LinearWeights(kernel=np.full((4, 1), 0.5, np.float32), bias=np.array([2.0], np.float32))
+    store.write_checkpoint(2, saved, trajectory_key(cfg, 4))
+    weights, start, history = resume_or_start(store, cfg, 4)
+    assert start == 3 and [row["round"] for row in history["rounds"]] == [0, 1, 2]
+    np.testing.assert_array_equal(weights.kernel, saved.kernel)
+    # more rounds than before is fine; a different trajectory is refused, naming what changed
+    assert resume_or_start(store, RunConfig(seed=3, num_server_rounds=9), 4)[1] == 3
+    with pytest.raises(FedLinearError, match=r"learning-rate 0.05 -> 0.1"):
+        resume_or_start(store, RunConfig(seed=3, learning_rate=0.1), 4)
+    with pytest.raises(FedLinearError, match=r"num-features 4 -> 6"):
+        resume_or_start(store, cfg, 6)
+
+
+def test_evaluator_reports_the_gap_to_least_squares():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3))
+    y = x @ np.array([1.0, -2.0, 0.5]) + 0.3 + 0.1 * rng.normal(size=400)
+    test = Dataset(x=x[300:], y=y[300:])
+    evaluate = Evaluator(test, lm.SufficientStats.of(x[:300], y[:300]))
+    optimum = lm.lstsq_fit(x[:300], y[:300])
+    at_optimum = evaluate(optimum)
+    assert at_optimum["weight-distance"] == pytest.approx(0.0, abs=1e-12)
+    assert at_optimum["excess-train-mse"] == pytest.approx(0.0, abs=1e-12)
+    assert at_optimum["test-mse-ratio"] == pytest.approx(1.0)
+    start = lm.initial_weights(3, 1)
+    away = evaluate(start)
+    assert away["test-mse"] == pytest.approx(lm.mse(start, test.x, test.y))
+    assert away["train-mse"] == pytest.approx(lm.mse(start, x[:300], y[:300]))
+    assert away["weight-distance"] == pytest.approx(np.linalg.norm(start.vector() - optimum.vector()))
+    assert Evaluator(None, None)(start) == {}
+
+
+def test_sampling_is_seeded_and_independent_of_node_ids():
+    cfg = RunConfig(seed=9, fraction_train=0.5)
+    # the same 6 partitions behind two different sets of node ids
+    a = build_strategy(cfg, {100 + k: k for k in range(6)})
+    b = build_strategy(cfg, {9000 - 7 * k: k for k in range(6)})
+    for server_round in (1, 2, 3):
+        ids_a = a._sample(FakeGrid(a.eligible), server_round, 0.5, 1, 1)
+        ids_b = b._sample(FakeGrid(b.eligible), server_round, 0.5, 1, 1)
+        assert len(ids_a) == 3
+        assert sorted(a.eligible[i] for i in ids_a) == sorted(b.eligible[i] for i in ids_b)
+    rounds = {tuple(sorted(a._sample(FakeGrid(a.eligible), r, 0.5, 1, 1))) for r in range(1, 8)}
+    assert len(rounds) > 1  # different rounds sample different clients
+    # a disconnected node is not sampled; nodes that skipped the shard query never are
+    grid = FakeGrid([100, 101, 555])
+    assert set(a._sample(grid, 1, 1.0, 1, 1)) == {100, 101}
+
+
+def metadata(node_id):
+    return Metadata(
+        run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=1, reply_to_message_id="q",
+        group_id="1", created_at=0.0, ttl=60.0, message_type="train",
+    )  # fmt: skip
+
+
+def reply(node_id, value, n):
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"kernel": Array(np.array([[value]], np.float32)), "bias": Array(np.zeros(1, np.float32))}),
+            "metrics": MetricRecord({"num-examples": n, "train-loss": value}),
+        }
+    )
+    return make_message(metadata(node_id), content=content)
+
+
+def test_aggregation_order_does_not_depend_on_reply_order():
+    strategy = build_strategy(RunConfig(), {1: 2, 2: 0, 3: 1})
+    values = {1: 0.1, 2: 0.7, 3: 1e-8}
+    replies = [reply(nid, v, 10 + nid) for nid, v in values.items()]
+    first, _ = strategy.aggregate_train(1, replies)
+    second, _ = strategy.aggregate_train(1, list(reversed(replies)))
+    assert first["kernel"].numpy().tobytes() == second["kernel"].numpy().tobytes()
+    expected = sum(v * (10 + nid) for nid, v in values.items()) / sum(10 + nid for nid in values)
+    assert first["kernel"].numpy()[0, 0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_failed_replies_are_recorded_not_fatal():
+    strategy = build_strategy(RunConfig(), {1: 0, 2: 1})
+    ok = reply(1, 0.5, 10)
+    bad = make_message(metadata(2), error=Error(code=4001, reason="s3://b/k: no such key"))
+    arrays, metrics = strategy.aggregate_train(1, [bad, ok])
+    assert arrays["kernel"].numpy()[0, 0] == pytest.approx(0.5)
+    assert strategy.last_failures == [{"node-id": 2, "client-key": 1, "reason": "s3://b/k: no such key"}]
+    assert metrics["train-loss"] == pytest.approx(0.5)
