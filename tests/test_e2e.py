@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -139,7 +140,7 @@ def test_a_failing_client_does_not_take_the_run_down(federation_dir, tmp_path):
     lines[4] = lines[4].replace(",", ",oops,", 1)
     (data / "client-1.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    done = run_cli("run", "--data", data, "--rounds", 2, "--out", out, "--mode", "simulation")
+    done = run_cli("run", "--data", data, "--rounds", 2, "--out", out, "--mode", "simulation", "--set", "engine=keras")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "left out" in done.stdout and "client-1.csv: line 5" in done.stdout
     history = json.loads((out / "history.json").read_text())
@@ -218,3 +219,22 @@ def test_a_crashed_server_resumes_from_its_last_checkpoint(processes_run, federa
     done = run_cli(*args)  # a completed run is never overwritten
     assert done.returncode == 1
     assert "already holds a completed run" in done.stderr
+
+
+def test_ctrl_c_stops_every_process(federation_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scripts.cli", "run", "--data", federation_dir, "--rounds", "50", "--out", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait until the federation is really running
+        if line.startswith("round   1 |"):
+            break
+    else:
+        pytest.fail("no round completed: " + proc.stderr.read())
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted; every process it started has been stopped" in err
+    assert leftover_processes(str(out / "logs")) == []
