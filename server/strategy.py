@@ -40,25 +40,27 @@ class DeterministicMixin:
         chosen = sorted(rng.choice(len(nodes), size=size, replace=False))
         return [nodes[i][1] for i in chosen]
 
+    def _configure(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, train: bool
+    ) -> Iterable[Message]:
+        fraction = self.fraction_train if train else self.fraction_evaluate
+        if fraction == 0.0:
+            return []
+        minimum = self.min_train_nodes if train else self.min_evaluate_nodes
+        node_ids = self._sample(grid, server_round, fraction, minimum, 1 if train else 2)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, node_ids, MessageType.TRAIN if train else MessageType.EVALUATE)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.fraction_train == 0.0:
-            return []
-        node_ids = self._sample(grid, server_round, self.fraction_train, self.min_train_nodes, 1)
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+        return self._configure(server_round, arrays, config, grid, train=True)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.fraction_evaluate == 0.0:
-            return []
-        node_ids = self._sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes, 2)
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, node_ids, MessageType.EVALUATE)
+        return self._configure(server_round, arrays, config, grid, train=False)
 
     def _in_fixed_order(self, replies: Iterable[Message]) -> list[Message]:
         replies = list(replies)
