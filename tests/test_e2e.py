@@ -140,13 +140,17 @@ def test_a_failing_client_does_not_take_the_run_down(federation_dir, tmp_path):
     lines[4] = lines[4].replace(",", ",oops,", 1)
     (data / "client-1.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    done = run_cli("run", "--data", data, "--rounds", 2, "--out", out, "--mode", "simulation", "--set", "engine=keras")
+    done = run_cli(
+        "run", "--data", data, "--rounds", 2, "--out", out, "--mode", "simulation",
+        "--set", "engine=keras", "--set", "fraction-evaluate=1.0",
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "left out" in done.stdout and "client-1.csv: line 5" in done.stdout
     history = json.loads((out / "history.json").read_text())
     [failure] = history["query-failures"]
     assert f"{data}/client-1.csv: line 5: expected 6 comma-separated columns, found 7" in failure["reason"]
     assert [row["clients-ok"] for row in history["rounds"][1:]] == [2, 2]
+    assert all(row["eval-mse"] > 0 for row in history["rounds"][1:])  # federated evaluation on the healthy nodes
 
 
 def test_shards_that_disagree_on_features_are_refused_naming_the_nodes(federation_dir, tmp_path):
