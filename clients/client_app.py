@@ -16,6 +16,7 @@ node's task, never the run. TensorFlow is imported only by the ``keras`` engine.
 
 from __future__ import annotations
 
+import functools
 import logging
 import traceback
 
@@ -91,6 +92,10 @@ def from_record(record: ArrayRecord, num_features: int, uri: str) -> lm.LinearWe
 def _guarded(handler):
     """Turn any failure into an error reply with a one-line reason, so only this task fails."""
 
+    # functools.wraps keeps the module-level name: the simulation engine cloudpickles the ClientApp
+    # with every message, and a function found by (module, qualname) pickles as a reference,
+    # not by value with all its globals (which cost ~20 ms a message here).
+    @functools.wraps(handler)
     def wrapped(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
@@ -100,7 +105,6 @@ def _guarded(handler):
             logging.getLogger("fedlinear").error("client task failed:\n%s", traceback.format_exc())
             return Message(Error(code=ERROR_CODE_INTERNAL, reason=one_line(exc)), reply_to=msg)
 
-    wrapped.__name__ = handler.__name__
     return wrapped
 
 

@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -61,16 +62,41 @@ def dumps(value: Any) -> str:
 
 
 class RunStore:
-    """Reads and writes one run directory (absolute local path or ``s3://`` URI)."""
+    """Reads and writes one run directory (absolute local path or ``s3://`` URI).
 
-    def __init__(self, run_dir: str) -> None:
+    With ``background=True`` the per-round files (history, metrics, checkpoints) are serialised on
+    the caller's thread and written, in order, by one writer thread, so a round does not wait for
+    fsync or an S3 upload. :meth:`flush` waits for every pending write and re-raises the first error.
+    """
+
+    def __init__(self, run_dir: str, background: bool = False) -> None:
         self.run_dir = run_dir
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstore") if background else None
+        self._pending: list[Future] = []
 
     def uri(self, *parts: str) -> str:
         return storage.join(self.run_dir, *parts)
 
+    def _write(self, blobs: list[tuple[str, bytes]]) -> None:
+        if self._executor is None:
+            for uri, data in blobs:
+                storage.write_bytes(uri, data)
+            return
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for future in done:
+            future.result()  # surface a failed write now, not at the end
+        self._pending.append(self._executor.submit(lambda: [storage.write_bytes(u, d) for u, d in blobs]))
+
+    def flush(self) -> None:
+        """Wait for every pending background write; re-raise the first failure."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
     # status -----------------------------------------------------------------------------
     def write_status(self, status: str, message: str = "", **extra: Any) -> None:
+        self.flush()  # a status never overtakes the files it speaks for
         storage.write_text(self.uri("status.json"), dumps({"status": status, "message": message, **extra}))
 
     def read_status(self) -> dict[str, Any] | None:
@@ -79,13 +105,17 @@ class RunStore:
 
     # history ----------------------------------------------------------------------------
     def write_history(self, history: dict[str, Any]) -> None:
-        storage.write_text(self.uri("history.json"), dumps(history))
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(METRIC_COLUMNS)
         for row in history.get("rounds", []):
             writer.writerow(["" if row.get(col) is None else row.get(col) for col in METRIC_COLUMNS])
-        storage.write_text(self.uri("metrics.csv"), buf.getvalue())
+        self._write(
+            [
+                (self.uri("history.json"), dumps(history).encode()),
+                (self.uri("metrics.csv"), buf.getvalue().encode()),
+            ]
+        )
 
     def read_history(self) -> dict[str, Any]:
         uri = self.uri("history.json")
@@ -98,9 +128,13 @@ class RunStore:
         name = f"round-{server_round:04d}.npz"
         buf = io.BytesIO()
         np.savez(buf, kernel=weights.kernel, bias=weights.bias)
-        storage.write_bytes(self.uri("checkpoints", name), buf.getvalue())
         pointer = {"round": server_round, "file": name, **state}
-        storage.write_text(self.uri("checkpoints", "latest.json"), dumps(pointer))
+        self._write(
+            [
+                (self.uri("checkpoints", name), buf.getvalue()),
+                (self.uri("checkpoints", "latest.json"), dumps(pointer).encode()),
+            ]
+        )
 
     def read_latest_checkpoint(self) -> tuple[dict[str, Any], LinearWeights] | None:
         pointer_uri = self.uri("checkpoints", "latest.json")
@@ -113,6 +147,7 @@ class RunStore:
 
     # manifest ---------------------------------------------------------------------------
     def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self.flush()
         storage.write_text(self.uri("manifest.json"), dumps(manifest))
 
     def read_manifest(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ Progress lines start with ``[fedlinear]`` so a launcher can pick them out of Flo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -320,7 +321,7 @@ def main(grid: Grid, context: Context) -> None:
     """Flower entry point: errors a user can fix end the run with one line in status.json."""
     try:
         cfg = RunConfig.from_run_config(context.run_config)
-        store = RunStore(cfg.resolved_run_dir(context.run_id))
+        store = RunStore(cfg.resolved_run_dir(context.run_id), background=True)
         say(f"run {context.run_id}: writing to {store.run_dir}")
     except FedLinearError as exc:
         say(f"error: {one_line(exc)}")
@@ -330,10 +331,12 @@ def main(grid: Grid, context: Context) -> None:
     except FedLinearError as exc:
         message = one_line(exc)
         say(f"error: {message}")
-        store.write_status("failed", message, run_id=context.run_id)
+        with contextlib.suppress(Exception):
+            store.write_status("failed", message, run_id=context.run_id)
         raise SystemExit(1) from None
     except BaseException as exc:
-        store.write_status("failed", one_line(exc), run_id=context.run_id)
+        with contextlib.suppress(Exception):
+            store.write_status("failed", one_line(exc), run_id=context.run_id)
         raise
     finally:
         sys.stdout.flush()
