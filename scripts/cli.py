@@ -235,6 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         node_configs=node_configs,
         run_timeout=args.timeout,
         client_cpus=args.client_cpus,
+        ray_address=args.ray_address,
     )
     print(f"fedlinear: {clients} clients, {args.rounds} rounds, {args.mode} mode; run dir {out}; logs {workdir}")
     started = time.monotonic()
@@ -336,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run config key (repeatable)")
     run.add_argument("--timeout", type=float, default=3600.0, help="upper bound on the whole run, seconds")
     run.add_argument("--client-cpus", type=int, default=1, help="simulation: CPUs reserved per virtual client")
+    run.add_argument(
+        "--ray-address", metavar="HOST:PORT", help="simulation: run the virtual clients on this Ray cluster (ray start)"
+    )
     run.add_argument("--app", help=argparse.SUPPRESS)  # another Flower app dir (benchmarks)
     run.set_defaults(func=cmd_run)
 

@@ -88,6 +88,7 @@ class LaunchSpec:
     run_timeout: float = 3600.0
     client_cpus: int = 1  # simulation: CPUs reserved per virtual client (sets Ray parallelism)
     superlink_port: int | None = None
+    ray_address: str | None = None  # simulation: join this Ray cluster instead of starting a local one
 
 
 class ProcessGroup:
@@ -221,6 +222,10 @@ def launch(spec: LaunchSpec, on_progress: Callable[[str], None] = print) -> None
     os.makedirs(spec.workdir, exist_ok=True)
     flwr_home = os.path.join(spec.workdir, "flwr-home")
     env = flower_env(flwr_home)
+    if spec.ray_address:
+        if spec.mode != "simulation":
+            raise FedLinearError("--ray-address applies to --mode simulation only")
+        env["RAY_ADDRESS"] = spec.ray_address  # ray.init() in flwr-simulation connects to it
     group = ProcessGroup()
     port = spec.superlink_port or free_port()
     connection = write_connection(flwr_home, spec, port)
