@@ -222,10 +222,13 @@ def launch(spec: LaunchSpec, on_progress: Callable[[str], None] = print) -> None
     os.makedirs(spec.workdir, exist_ok=True)
     flwr_home = os.path.join(spec.workdir, "flwr-home")
     env = flower_env(flwr_home)
-    if spec.ray_address:
-        if spec.mode != "simulation":
-            raise FedLinearError("--ray-address applies to --mode simulation only")
-        env["RAY_ADDRESS"] = spec.ray_address  # ray.init() in flwr-simulation connects to it
+    if spec.ray_address and spec.mode != "simulation":
+        raise FedLinearError("--ray-address applies to --mode simulation only")
+    if spec.mode == "simulation":
+        # ray.init() inside flwr-simulation joins the cluster named here. Without --ray-address it is
+        # "local": a fresh private Ray, never whatever cluster `ray start` last left behind in
+        # /tmp/ray (a stale address there made ray.init() wait forever).
+        env["RAY_ADDRESS"] = spec.ray_address or "local"
     group = ProcessGroup()
     port = spec.superlink_port or free_port()
     connection = write_connection(flwr_home, spec, port)

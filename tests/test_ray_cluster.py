@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 
@@ -68,10 +70,14 @@ def ray_cluster(tmp_path):
     port = free_port()
     address = f"127.0.0.1:{port}"
     procs = []
+    ray_tmp = tempfile.mkdtemp(prefix="fl-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     with open(tmp_path / "ray.log", "wb") as log:
         try:
-            procs.append(start_node(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                                     "--include-dashboard=false"], log))  # fmt: skip
+            # a private temp dir: the head writes its address there, not to /tmp/ray where a plain
+            # ray.init() elsewhere on the machine would find it after this test
+            head = ["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--include-dashboard=false",
+                    "--temp-dir", ray_tmp]  # fmt: skip
+            procs.append(start_node(head, log))
             deadline = time.monotonic() + 120
             started_worker = False
             while True:
@@ -88,6 +94,7 @@ def ray_cluster(tmp_path):
             yield address
         finally:
             stop(procs)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_simulation_spreads_over_a_two_node_ray_cluster(ray_cluster, federation_dir, tmp_path):
