@@ -6,6 +6,7 @@
     fedlinear run         [--data DIR] [--clients N] [--rounds R] --out RUN_DIR [--mode processes|simulation]
                           [--set key=value ...]
     fedlinear predict     --model RUN_DIR/model --input FILE.csv [--output FILE]
+    fedlinear bench       [--quick] [--only ...] [--out DIR]   (see docs/benchmarks.md)
 
 ``DIR``/``RUN_DIR`` may be local paths or ``s3://`` URIs. Errors a user can fix print one line
 (``fedlinear: error: ...``) and exit with status 1; Ctrl-C stops every process the command started.
@@ -349,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", help="write predictions here instead of stdout")
     predict.add_argument("--header", choices=("auto", "yes", "no"), default="auto")
     predict.set_defaults(func=cmd_predict)
+
+    from scripts import bench
+
+    bench.add_parser(sub)
     return parser
 
 

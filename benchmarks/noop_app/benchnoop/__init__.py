@@ -1,0 +1,1 @@
+"""The no-op Flower app: the floor of the fedlinear benchmark."""

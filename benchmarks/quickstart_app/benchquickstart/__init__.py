@@ -1,0 +1,1 @@
+"""The quickstart-style reference app of the fedlinear benchmark."""
