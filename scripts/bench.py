@@ -349,23 +349,32 @@ def median(values: list[float]) -> float | None:
 def run_case(case: Case, args: argparse.Namespace, out: str, ls_ref: dict[str, float]) -> dict[str, Any]:
     """Run one case ``repeat`` times (once if a run is longer than ``--repeat-limit``).
 
-    A failed run (non-zero exit, failed client updates, Ray outside the tree) is retried up to
-    ``--retries`` times; the figures come from the successful runs, the failures are reported.
+    A failed run (non-zero exit, failed client updates, Ray outside the tree) or, with
+    ``--max-other-load``, a run during which other processes used more CPU than that, is retried up
+    to ``--retries`` times; the figures come from the good runs (noisy ones only if nothing else).
     """
     runs: list[dict[str, Any]] = []
     repeat, retries = max(1, args.repeat), max(0, args.retries)
     index = 0
-    while sum(r["ok"] for r in runs) < repeat and sum(not r["ok"] for r in runs) <= retries:
+
+    def good(run: dict[str, Any]) -> bool:
+        return run["ok"] and not run.get("noisy")
+
+    while sum(map(good, runs)) < repeat and sum(not good(r) for r in runs) <= retries:
         run = _run_once(case, args, out, index, ls_ref)
         index += 1
+        limit = args.max_other_load
+        run["noisy"] = bool(limit is not None and run["ok"] and (run.get("other-load") or 0.0) > limit)
         runs.append(run)
         note = "" if run["ok"] else f"  FAILED: {run['error']}"
+        if run["noisy"]:
+            note = f"  noisy: other processes used {run['other-load']:.2f} cores (> --max-other-load {limit})"
         extra = f", {run['round-s']:.2f} s/round" if run.get("round-s") else ""
         say(
             f"{case.key} run {index}: {run['wall-s']:.1f} s{extra}, peak RSS {run['peak-rss'] / GiB:.2f} GiB"
             f" ({run['peak-procs']} processes){note}"
         )
-        if run["ok"] and run["wall-s"] > args.repeat_limit:
+        if good(run) and run["wall-s"] > args.repeat_limit:
             break
     return summarize(case, runs)
 
@@ -501,10 +510,11 @@ def _history_figures(case: Case, run_dir: str, ls_ref: dict[str, float]) -> dict
 
 
 def summarize(case: Case, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    ok = [r for r in runs if r["ok"]]
+    ok = [r for r in runs if r["ok"] and not r.get("noisy")] or [r for r in runs if r["ok"]]
     row: dict[str, Any] = dataclasses.asdict(case)
     row.update(key=case.key, label=case.label, runs=len(ok), ok=bool(ok))
-    row["failed-runs"] = len(runs) - len(ok)
+    row["failed-runs"] = len(runs) - len(ok)  # failed, or noisy and left out
+    row["noisy"] = any(r.get("noisy") for r in ok)  # only noisy runs were available
     row["errors"] = [r["error"] for r in runs if r["error"]]
     row["raw"] = runs
     if not ok:
@@ -618,13 +628,15 @@ MAIN_LEGEND = """\
   flwr run, ServerApp process and imports); to r1 s: ServerApp start -> end of round 1 (node wait, fedlinear's
   shard query, Ray/actor warm-up, round 1); s/round: median of rounds 2..R; post s: after the last round
   (fedlinear: SavedModel export; shutdown, teardown); CPU s: CPU time of the process tree; other: CPU cores
-  used by other processes on the machine during the run (noise); bar: final test MSE <= 1.01 x least squares"""
+  used by other processes on the machine during the run (noise); bar: final test MSE <= 1.01 x least squares;
+  runs: good runs (good/attempts when some failed or were noisy; * = only noisy runs were available)"""
 
 
 def _runs(row: dict[str, Any]) -> str:
     """Successful runs, or ok/attempts when some failed (their errors are in the JSON)."""
     failed = row.get("failed-runs") or 0
-    return f"{row['runs']}/{row['runs'] + failed}" if failed else str(row["runs"])
+    text = f"{row['runs']}/{row['runs'] + failed}" if failed else str(row["runs"])
+    return text + ("*" if row.get("noisy") else "")
 
 
 def main_table(rows: list[dict[str, Any]]) -> str:
@@ -983,8 +995,9 @@ def _write_outputs(out, rows, args, hw, command, started, final: bool, code: dic
     if central_rows:
         sections += ["\ncentral baselines on the pooled data (one process each):", central_table(central_rows)]
     if scale_rows:
-        sections += ["\nscaling, simulation mode (updates/s = clients x rounds / time from round 1 to the last round; "
-                     "e2e = over the whole command):", scaling_table(scale_rows)]  # fmt: skip
+        sections += ["\nscaling, simulation mode (updates/s = client updates in rounds 2..R / their time, the steady "
+                     "state; e2e upd/s = clients x rounds / wall; vs floor = updates/s / the floor's):",
+                     scaling_table(scale_rows)]  # fmt: skip
     sections += ["\ntargets (issue 4):", targets_table(targets)]
     text = "\n".join(sections)
     with open(os.path.join(out, "table.txt"), "w", encoding="utf-8") as handle:
@@ -1034,7 +1047,11 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="samples per client in the scaling series (default: --samples-per-client up to 100 "
                    "clients, 100 above)")  # fmt: skip
     p.add_argument("--repeat", type=int, default=3, help="runs per case; the table shows the median (default 3)")
-    p.add_argument("--retries", type=int, default=1, help="extra attempts for a case whose run failed (default 1)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="extra attempts for a case whose run failed or was noisy (default 1)")
+    p.add_argument("--max-other-load", type=float, default=None, metavar="CORES",
+                   help="treat a run as noisy, and retry it, when other processes on the machine used more than "
+                   "this many cores on average while it ran (shared machines; default: off)")  # fmt: skip
     p.add_argument("--repeat-limit", type=float, default=120.0,
                    help="a case whose run takes longer than this many seconds is run once (default 120)")
     p.add_argument("--client-cpus", type=int, default=None,
