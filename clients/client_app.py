@@ -23,8 +23,10 @@ import traceback
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import SType
 
 from common import model as lm
+from common import npy
 from common.config import RunConfig
 from common.data import Dataset, load_csv
 from common.errors import FedLinearError, one_line
@@ -37,6 +39,28 @@ ERROR_CODE_INTERNAL = 4002  # anything else
 
 # Shards parsed in this process; the simulation engine keeps workers (and this cache) across rounds.
 _SHARDS: dict[tuple[str, int, str], Dataset] = {}
+# float32 copies of each shard for the training engines (made once, not on every task)
+_TRAIN_ARRAYS: dict[tuple[str, int, str], tuple[Dataset, np.ndarray, np.ndarray]] = {}
+# RunConfig (frozen) per distinct run config: every task carries the run config, parsing it each time
+# showed up in the per-message cost of 1000-client simulations
+_CONFIGS: dict[tuple, RunConfig] = {}
+_MAX_CACHED_CONFIGS = 16
+
+
+def run_config(context: Context) -> RunConfig:
+    """The parsed, validated run config of this task (cached per distinct config)."""
+    raw = context.run_config
+    try:
+        key = tuple(sorted(raw.items()))
+    except TypeError:  # unorderable values: parse without the cache
+        return RunConfig.from_run_config(raw)
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        cfg = RunConfig.from_run_config(raw)
+        if len(_CONFIGS) >= _MAX_CACHED_CONFIGS:
+            _CONFIGS.clear()
+        _CONFIGS[key] = cfg
+    return cfg
 
 
 def shard_uri(context: Context, cfg: RunConfig) -> str:
@@ -73,15 +97,35 @@ def load_shard(context: Context, cfg: RunConfig) -> tuple[str, Dataset]:
     return uri, data
 
 
+def train_arrays(uri: str, cfg: RunConfig, data: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """The shard's features and targets as float32 (what both engines train in), cached."""
+    key = (uri, cfg.target_column, cfg.header)
+    entry = _TRAIN_ARRAYS.get(key)
+    if entry is None or entry[0] is not data:
+        entry = (data, data.x.astype(np.float32), data.y.astype(np.float32))
+        _TRAIN_ARRAYS[key] = entry
+    return entry[1], entry[2]
+
+
+def to_array(a: np.ndarray) -> Array:
+    """Flower's Array of ``a`` (the same bytes as ``Array(a)``, with the .npy header cached)."""
+    return Array(dtype=str(a.dtype), shape=tuple(a.shape), stype=SType.NUMPY, data=npy.dumps(a))
+
+
+def to_numpy(array: Array) -> np.ndarray:
+    """``array.numpy()``, with the .npy header parsed once per dtype and shape."""
+    return npy.loads(array.data) if array.stype == SType.NUMPY else array.numpy()
+
+
 def to_record(weights: lm.LinearWeights) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in weights.as_dict().items()})
+    return ArrayRecord({name: to_array(np.ascontiguousarray(a)) for name, a in weights.as_dict().items()})
 
 
 def from_record(record: ArrayRecord, num_features: int, uri: str) -> lm.LinearWeights:
     missing = [name for name in lm.WEIGHT_NAMES if name not in record]
     if missing:
         raise FedLinearError(f"server sent weights without {', '.join(missing)}")
-    weights = lm.LinearWeights.from_dict({name: record[name].numpy() for name in lm.WEIGHT_NAMES})
+    weights = lm.LinearWeights.from_dict({name: to_numpy(record[name]) for name in lm.WEIGHT_NAMES})
     if weights.num_features != num_features:
         raise FedLinearError(
             f"{uri}: shard has {num_features} features but the global model has {weights.num_features}"
@@ -112,7 +156,7 @@ def _guarded(handler):
 @_guarded
 def query(msg: Message, context: Context) -> Message:
     """Describe the shard (and, if asked, send its sufficient statistics)."""
-    cfg = RunConfig.from_run_config(context.run_config)
+    cfg = run_config(context)
     uri, data = load_shard(context, cfg)
     pid = partition_id(context)
     info = {
@@ -144,7 +188,7 @@ def _fingerprint_json(uri: str) -> str:
 @_guarded
 def train(msg: Message, context: Context) -> Message:
     """Local mini-batch SGD from the global weights; reply with new weights and the train loss."""
-    cfg = RunConfig.from_run_config(context.run_config)
+    cfg = run_config(context)
     uri, data = load_shard(context, cfg)
     weights = from_record(msg.content["arrays"], data.num_features, uri)
     server_round = int(msg.content["config"]["server-round"])
@@ -152,10 +196,11 @@ def train(msg: Message, context: Context) -> Message:
     orders = [
         lm.batch_order(data.num_examples, cfg.seed, server_round, key, epoch) for epoch in range(cfg.local_epochs)
     ]
+    x32, y32 = train_arrays(uri, cfg, data)
     new_weights, loss = lm.ENGINES[cfg.engine](
         weights,
-        data.x,
-        data.y,
+        x32,
+        y32,
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
@@ -173,7 +218,7 @@ def train(msg: Message, context: Context) -> Message:
 @_guarded
 def evaluate(msg: Message, context: Context) -> Message:
     """MSE of the global weights on this node's shard."""
-    cfg = RunConfig.from_run_config(context.run_config)
+    cfg = run_config(context)
     uri, data = load_shard(context, cfg)
     weights = from_record(msg.content["arrays"], data.num_features, uri)
     metrics = MetricRecord({"num-examples": data.num_examples, "eval-mse": lm.mse(weights, data.x, data.y)})

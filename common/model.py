@@ -99,28 +99,38 @@ def train_numpy(
 
     Returns the new weights and the mean batch loss of the last epoch (as Keras reports it).
     """
-    x32 = np.asarray(x, dtype=np.float32)
+    x32 = np.asarray(x, dtype=np.float32)  # no copy when the caller keeps float32 copies (the client does)
     y32 = np.asarray(y, dtype=np.float32).reshape(-1, 1)
-    kernel = weights.kernel.astype(np.float32, copy=True)
-    bias = weights.bias.astype(np.float32, copy=True)
+    kernel = weights.kernel.astype(np.float32, copy=True).reshape(-1, 1)
+    bias = weights.bias.astype(np.float32, copy=True).reshape(1)
     lr = np.float32(learning_rate)
     two = np.float32(2.0)
     epoch_loss = 0.0
+    # Per-batch work is a few tiny BLAS calls, so Python overhead dominates: in-place updates and
+    # plain-float loss bookkeeping keep it low (the float32 arithmetic is the same as Keras').
     for epoch in range(epochs):
         order = orders[epoch]
         xs, ys = x32[order], y32[order]
-        losses, counts = [], []
+        weighted_loss, seen = 0.0, 0
         for start in range(0, len(order), batch_size):
             xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
-            residual = xb @ kernel + bias - yb  # (B, 1)
-            scale = two / np.float32(len(xb))
-            grad_kernel = xb.T @ residual * scale
-            grad_bias = residual.sum(axis=0) * scale
-            losses.append(float(np.mean(residual * residual)))
-            counts.append(len(xb))
-            kernel -= lr * grad_kernel
-            bias -= lr * grad_bias
-        epoch_loss = float(np.average(losses, weights=counts))
+            size = xb.shape[0]
+            residual = xb @ kernel
+            residual += bias
+            residual -= yb  # (B, 1) = prediction - target
+            scale = two / np.float32(size)
+            grad_kernel = xb.T @ residual
+            grad_kernel *= scale
+            grad_bias = residual.sum(axis=0)
+            grad_bias *= scale
+            flat = residual.ravel()
+            weighted_loss += float(np.dot(flat, flat))  # = size x the batch's mean squared error
+            seen += size
+            grad_kernel *= lr
+            kernel -= grad_kernel
+            grad_bias *= lr
+            bias -= grad_bias
+        epoch_loss = weighted_loss / seen if seen else 0.0
     return LinearWeights(kernel=kernel, bias=bias), epoch_loss
 
 

@@ -1,0 +1,105 @@
+"""The ClientApp's handlers called in-process: what a node computes, and how it fails."""
+
+import tomllib
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients import client_app as ca
+from common import model as lm
+from common.data import load_csv, make_synthetic, to_csv_bytes
+from tests.conftest import REPO
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages are stamped with the running task's identity, which the runtime normally sets."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    ca._SHARDS.clear(), ca._TRAIN_ARRAYS.clear(), ca._CONFIGS.clear()
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture
+def shards(tmp_path):
+    parts, _, _ = make_synthetic(
+        num_clients=2, samples_per_client=101, num_features=4, noise=0.1, seed=3, test_samples=10
+    )
+    paths = []
+    for i, shard in enumerate(parts):
+        path = tmp_path / f"client-{i}.csv"
+        path.write_bytes(to_csv_bytes(shard.x, shard.y))
+        paths.append(str(path))
+    return paths
+
+
+def run_config(**overrides):
+    with open(f"{REPO}/pyproject.toml", "rb") as handle:
+        config = dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+    config.update(overrides)
+    return config
+
+
+def context(partition_id, config):
+    return Context(
+        run_id=7,
+        node_id=100 + partition_id,
+        node_config={"partition-id": partition_id, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=config,
+    )
+
+
+def train_message(weights, server_round):
+    arrays = ArrayRecord({name: Array(a) for name, a in weights.as_dict().items()})
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+    return Message(content, dst_node_id=100, message_type="train")
+
+
+def test_train_reply_is_local_sgd_on_the_nodes_own_shard(shards, tmp_path):
+    config = run_config(**{"data-uri": str(tmp_path / "client-{partition-id}.csv"), "local-epochs": 2})
+    w0 = lm.initial_weights(4, seed=1)
+    for partition_id in (0, 1):
+        for server_round in (1, 2):  # second call: shard, float32 copies and parsed config from the caches
+            reply = ca.train(train_message(w0, server_round), context(partition_id, dict(config)))
+            assert not reply.has_error(), reply.error
+            data = load_csv(shards[partition_id])
+            orders = [lm.batch_order(data.num_examples, 42, server_round, partition_id, e) for e in range(2)]
+            expected, loss = lm.train_numpy(
+                w0, data.x, data.y, epochs=2, batch_size=32, learning_rate=0.05, orders=orders
+            )
+            got = {name: reply.content["arrays"][name].numpy() for name in lm.WEIGHT_NAMES}
+            np.testing.assert_array_equal(got["kernel"], expected.kernel)
+            np.testing.assert_array_equal(got["bias"], expected.bias)
+            metrics = reply.content["metrics"]
+            assert metrics["num-examples"] == data.num_examples
+            assert metrics["client-key"] == partition_id
+            assert metrics["train-loss"] == pytest.approx(loss, rel=1e-6)
+    assert len(ca._CONFIGS) == 1  # one run config, parsed once
+
+
+def test_a_changed_run_config_is_parsed_again(shards, tmp_path):
+    uri = str(tmp_path / "client-{partition-id}.csv")
+    w0 = lm.initial_weights(4, seed=1)
+    slow = ca.train(train_message(w0, 1), context(0, run_config(**{"data-uri": uri, "learning-rate": 0.001})))
+    fast = ca.train(train_message(w0, 1), context(0, run_config(**{"data-uri": uri, "learning-rate": 0.1})))
+    step = [np.abs(r.content["arrays"]["kernel"].numpy() - w0.kernel).max() for r in (slow, fast)]
+    assert step[1] > 10 * step[0]
+
+
+def test_problems_become_one_line_error_replies(shards, tmp_path):
+    uri = str(tmp_path / "client-{partition-id}.csv")
+    w_wrong = lm.initial_weights(5, seed=1)
+    reply = ca.train(train_message(w_wrong, 1), context(0, run_config(**{"data-uri": uri})))
+    assert reply.has_error() and reply.error.code == ca.ERROR_CODE_USER
+    assert "shard has 4 features but the global model has 5" in reply.error.reason
+
+    reply = ca.train(train_message(lm.initial_weights(4, 1), 1), context(0, run_config(**{"data-uri": uri, "bogus": 1})))
+    assert reply.has_error() and "unknown config key 'bogus'" in reply.error.reason
+
+    missing = str(tmp_path / "nowhere-{partition-id}.csv")
+    reply = ca.train(train_message(lm.initial_weights(4, 1), 1), context(0, run_config(**{"data-uri": missing})))
+    assert reply.has_error() and "nowhere-0.csv" in reply.error.reason and "\n" not in reply.error.reason
