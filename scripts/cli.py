@@ -236,6 +236,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         node_configs=node_configs,
         run_timeout=args.timeout,
         client_cpus=args.client_cpus,
+        ray_cpus=args.ray_cpus,
         ray_address=args.ray_address,
     )
     print(f"fedlinear: {clients} clients, {args.rounds} rounds, {args.mode} mode; run dir {out}; logs {workdir}")
@@ -338,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run config key (repeatable)")
     run.add_argument("--timeout", type=float, default=3600.0, help="upper bound on the whole run, seconds")
     run.add_argument("--client-cpus", type=int, default=1, help="simulation: CPUs reserved per virtual client")
+    run.add_argument("--ray-cpus", type=int, default=None,
+                     help="simulation: CPUs the local Ray instance hands out (Flower's init-args-num-cpus; default: "
+                     "the machine's); with --client-cpus it sets how many clients run at a time")  # fmt: skip
     run.add_argument(
         "--ray-address", metavar="HOST:PORT", help="simulation: run the virtual clients on this Ray cluster (ray start)"
     )

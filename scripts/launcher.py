@@ -87,8 +87,27 @@ class LaunchSpec:
     startup_timeout: float = 60.0
     run_timeout: float = 3600.0
     client_cpus: int = 1  # simulation: CPUs reserved per virtual client (sets Ray parallelism)
+    ray_cpus: int | None = None  # simulation, local Ray: CPUs Ray hands out (default: auto_ray_cpus())
     superlink_port: int | None = None
     ray_address: str | None = None  # simulation: join this Ray cluster instead of starting a local one
+
+
+# From this many virtual clients on, a local simulation runs two clients per core (see auto_ray_cpus).
+MANY_CLIENTS = 100
+
+
+def auto_ray_cpus(num_clients: int) -> int:
+    """CPUs a local Ray instance hands out: the machine's, doubled for large federations.
+
+    In Flower's simulation engine one process (``flwr-simulation``) holds the ServerApp, the message
+    store and one dispatch thread per actor, and it is the bottleneck: with many small clients an
+    actor spends most of its time waiting for that process, not computing. Twice as many actors
+    as cores keeps two requests in flight per core (measured with 1000 clients x 100 samples on 2
+    cores: 30 % more updates/s for the no-op app and for fedlinear). With few clients the extra
+    actors only add start-up (each imports TensorFlow), so the machine's count is kept.
+    """
+    cores = os.cpu_count() or 1
+    return 2 * cores if num_clients >= MANY_CLIENTS else cores
 
 
 class ProcessGroup:
@@ -258,6 +277,8 @@ def launch(spec: LaunchSpec, on_progress: Callable[[str], None] = print) -> None
         overrides = ["--run-config", config_string(spec.run_config)] if spec.run_config else []
         if spec.mode == "simulation":
             federation = {"num-supernodes": spec.num_nodes, "client-resources-num-cpus": int(spec.client_cpus)}
+            if not spec.ray_address:
+                federation["init-args-num-cpus"] = int(spec.ray_cpus or auto_ray_cpus(spec.num_nodes))
             overrides += ["--federation-config", config_string(federation)]
         runner = group.start(
             "flwr-run",
