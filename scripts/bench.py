@@ -916,7 +916,9 @@ def plan(args: argparse.Namespace, out: str) -> tuple[list[Case], dict[str, tupl
             for system, app in (("fedlinear-numpy", None), ("floor", NOOP_APP)):
                 if system == "floor" and args.skip_floor:
                     continue
-                sets = ("engine=numpy",) if app is None else ()
+                # a round of 10000 virtual clients can outlast fedlinear's default round-timeout (600 s);
+                # the floor's FedAvg waits up to an hour per round, so give fedlinear the run's bound
+                sets = ("engine=numpy", f"round-timeout={args.timeout:g}") if app is None else ()
                 cases.append(Case("scaling", system, "simulation", count, args.scaling_rounds, per_client, data_dir,
                                   app=app, sets=sets))  # fmt: skip
     return cases, datasets
