@@ -230,6 +230,10 @@ def test_ctrl_c_stops_every_process(federation_dir, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "scripts.cli", "run", "--data", federation_dir, "--rounds", "50", "--out", str(out)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a shell running the suite in the background (`cmd &`) starts it with SIGINT ignored, which
+        # children inherit and Python then honours (no KeyboardInterrupt): give the CLI the default,
+        # as an interactive terminal would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     assert proc.stdout is not None
     for line in proc.stdout:  # wait until the federation is really running
