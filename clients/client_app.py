@@ -39,8 +39,6 @@ ERROR_CODE_INTERNAL = 4002  # anything else
 
 # Shards parsed in this process; the simulation engine keeps workers (and this cache) across rounds.
 _SHARDS: dict[tuple[str, int, str], Dataset] = {}
-# float32 copies of each shard for the training engines (made once, not on every task)
-_TRAIN_ARRAYS: dict[tuple[str, int, str], tuple[Dataset, np.ndarray, np.ndarray]] = {}
 # RunConfig (frozen) per distinct run config: every task carries the run config, parsing it each time
 # showed up in the per-message cost of 1000-client simulations
 _CONFIGS: dict[tuple, RunConfig] = {}
@@ -95,16 +93,6 @@ def load_shard(context: Context, cfg: RunConfig) -> tuple[str, Dataset]:
         data = load_csv(uri, target_column=cfg.target_column, header=cfg.header)
         _SHARDS[key] = data
     return uri, data
-
-
-def train_arrays(uri: str, cfg: RunConfig, data: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """The shard's features and targets as float32 (what both engines train in), cached."""
-    key = (uri, cfg.target_column, cfg.header)
-    entry = _TRAIN_ARRAYS.get(key)
-    if entry is None or entry[0] is not data:
-        entry = (data, data.x.astype(np.float32), data.y.astype(np.float32))
-        _TRAIN_ARRAYS[key] = entry
-    return entry[1], entry[2]
 
 
 def to_array(a: np.ndarray) -> Array:
@@ -196,7 +184,7 @@ def train(msg: Message, context: Context) -> Message:
     orders = [
         lm.batch_order(data.num_examples, cfg.seed, server_round, key, epoch) for epoch in range(cfg.local_epochs)
     ]
-    x32, y32 = train_arrays(uri, cfg, data)
+    x32, y32 = data.float32  # cached with the shard
     new_weights, loss = lm.ENGINES[cfg.engine](
         weights,
         x32,

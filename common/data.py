@@ -11,6 +11,7 @@ the file (URI) and, where there is one, the 1-based line number.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -36,6 +37,11 @@ class Dataset:
     @property
     def num_examples(self) -> int:
         return int(self.x.shape[0])
+
+    @functools.cached_property
+    def float32(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(x, y)`` as float32, what the training engines compute in; made once per Dataset."""
+        return self.x.astype(np.float32), self.y.astype(np.float32)
 
     @property
     def num_features(self) -> int:

@@ -18,7 +18,7 @@ def task_identity():
     """Messages are stamped with the running task's identity, which the runtime normally sets."""
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    ca._SHARDS.clear(), ca._TRAIN_ARRAYS.clear(), ca._CONFIGS.clear()
+    ca._SHARDS.clear(), ca._CONFIGS.clear()
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
