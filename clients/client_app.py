@@ -5,10 +5,12 @@ the run config's ``data-uri`` template formatted with the node's ``partition-id`
 
 Three message handlers:
 
-* ``query``: report the shard's feature count, size and fingerprint, plus its sufficient
-  statistics (XᵀX, Xᵀy, n) when the server asks for the least-squares reference;
-* ``train``: local mini-batch SGD (``numpy`` or ``keras`` engine) from the received weights;
-* ``evaluate``: MSE of the received weights on the local shard.
+* ``query``: in stage ``describe``, report the shard's feature count, size and fingerprint, plus
+  ``n`` and ``Σ[x y]`` when asked; in stage ``scatter``, ``Σ(z − μ)(z − μ)ᵀ`` (or its diagonal)
+  around the pooled mean ``μ`` the server sends (see :mod:`common.scaling`);
+* ``train``: local mini-batch SGD (``numpy`` or ``keras`` engine) from the received weights, in the
+  standardized variables the server's transform defines, with the step size the server sends;
+* ``evaluate``: MSE, in the target's own units, of the received weights on the local shard.
 
 A problem with the shard or the config is answered with a one-line error reply: it fails this
 node's task, never the run. TensorFlow is imported only by the ``keras`` engine.
@@ -27,6 +29,7 @@ from flwr.common.constant import SType
 
 from common import model as lm
 from common import npy
+from common import scaling
 from common.config import RunConfig
 from common.data import Dataset, load_csv
 from common.errors import FedLinearError, one_line
@@ -95,6 +98,36 @@ def load_shard(context: Context, cfg: RunConfig) -> tuple[str, Dataset]:
     return uri, data
 
 
+# Transformed float32 copies of a shard, per (shard, transform digest); the newest few only.
+_TRANSFORMED: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_MAX_TRANSFORMED = 64
+
+
+def transform_of(msg: Message, num_features: int) -> scaling.Transform | None:
+    """The standardization transform a train/evaluate message carries (None: raw variables)."""
+    record = msg.content.array_records.get("transform")
+    if record is None:
+        return None
+    return scaling.Transform.from_arrays({name: to_numpy(record[name]) for name in record}, num_features)
+
+
+def training_data(
+    uri: str, cfg: RunConfig, data: Dataset, transform: scaling.Transform | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(z, t)`` float32 for the engines: the shard in the transform's variables (cached)."""
+    if transform is None:
+        return data.float32  # cached with the shard
+    key = (uri, cfg.target_column, cfg.header, transform.digest())
+    cached = _TRANSFORMED.get(key)
+    if cached is None:
+        z, t = transform.apply(data.x, data.y)  # float64: offsets removed before rounding to float32
+        cached = (z.astype(np.float32), t.astype(np.float32))
+        if len(_TRANSFORMED) >= _MAX_TRANSFORMED:
+            _TRANSFORMED.clear()
+        _TRANSFORMED[key] = cached
+    return cached
+
+
 def to_array(a: np.ndarray) -> Array:
     """Flower's Array of ``a`` (the same bytes as ``Array(a)``, with the .npy header cached)."""
     return Array(dtype=str(a.dtype), shape=tuple(a.shape), stype=SType.NUMPY, data=npy.dumps(a))
@@ -143,9 +176,21 @@ def _guarded(handler):
 @app.query()
 @_guarded
 def query(msg: Message, context: Context) -> Message:
-    """Describe the shard (and, if asked, send its sufficient statistics)."""
+    """Describe the shard (stage ``describe``) or send its centred scatter (stage ``scatter``)."""
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
+    request = msg.content.config_records.get("config", ConfigRecord())
+    if str(request.get("stage", "describe")) == "scatter":
+        record = msg.content.array_records.get("centre")
+        if record is None or "centre" not in record:
+            raise FedLinearError("scatter query without the pooled centre")
+        centre = to_numpy(record["centre"]).astype(np.float64).ravel()
+        if centre.shape != (data.num_features + 1,) or not np.isfinite(centre).all():
+            raise FedLinearError(
+                f"{uri}: the server's centre has {centre.shape[0]} values, the shard has {data.num_features + 1} columns"
+            )
+        scatter = scaling.Scatter.of(data.x, data.y, centre, full=bool(request.get("full", False)))
+        return Message(RecordDict({"scatter": ArrayRecord({"scatter": Array(scatter.matrix)})}), reply_to=msg)
     pid = partition_id(context)
     info = {
         "data-uri": uri,
@@ -157,12 +202,8 @@ def query(msg: Message, context: Context) -> Message:
     if pid is not None:
         info["partition-id"] = pid
     content = RecordDict({"shard": ConfigRecord(info)})
-    request = msg.content.config_records.get("config", ConfigRecord())
-    if bool(request.get("want-stats", False)):
-        stats = lm.SufficientStats.of(data.x, data.y)
-        content["stats"] = ArrayRecord(
-            {"gram": Array(stats.gram), "moment": Array(stats.moment), "yty": Array(np.array([stats.yty]))}
-        )
+    if bool(request.get("want-moments", False)):
+        content["moments"] = ArrayRecord({"total": Array(scaling.Moments.of(data.x, data.y).total)})
     return Message(content, reply_to=msg)
 
 
@@ -179,24 +220,30 @@ def train(msg: Message, context: Context) -> Message:
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
     weights = from_record(msg.content["arrays"], data.num_features, uri)
-    server_round = int(msg.content["config"]["server-round"])
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    learning_rate = float(config.get("learning-rate", 0.0)) or cfg.learning_rate
+    if learning_rate == "auto" or not 0 < learning_rate < 10:
+        raise FedLinearError(f"no usable learning rate in the task ({learning_rate!r})")
+    transform = transform_of(msg, data.num_features)
     key = lm.client_key(partition_id(context), uri)
     orders = [
         lm.batch_order(data.num_examples, cfg.seed, server_round, key, epoch) for epoch in range(cfg.local_epochs)
     ]
-    x32, y32 = data.float32  # cached with the shard
+    x32, y32 = training_data(uri, cfg, data, transform)
     new_weights, loss = lm.ENGINES[cfg.engine](
         weights,
         x32,
         y32,
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
+        learning_rate=learning_rate,
         orders=orders,
     )
     if not np.isfinite(new_weights.vector()).all():
         raise FedLinearError(
-            f"{uri}: local training diverged (non-finite weights); lower 'learning-rate' (now {cfg.learning_rate})"
+            f"{uri}: local training diverged (non-finite weights); lower 'learning-rate' (now {learning_rate:g}) "
+            "or set 'standardize' to auto"
         )
     metrics = MetricRecord({"num-examples": data.num_examples, "train-loss": loss, "client-key": key})
     return Message(RecordDict({"arrays": to_record(new_weights), "metrics": metrics}), reply_to=msg)
@@ -205,9 +252,15 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @_guarded
 def evaluate(msg: Message, context: Context) -> Message:
-    """MSE of the global weights on this node's shard."""
+    """MSE of the global weights on this node's shard, in the target's own units."""
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
     weights = from_record(msg.content["arrays"], data.num_features, uri)
-    metrics = MetricRecord({"num-examples": data.num_examples, "eval-mse": lm.mse(weights, data.x, data.y)})
+    transform = transform_of(msg, data.num_features)
+    if transform is None:
+        residual = weights.predict(data.x) - data.y
+    else:
+        kernel, bias = transform.to_raw(weights.kernel, float(weights.bias[0]))
+        residual = data.x @ kernel + bias - data.y
+    metrics = MetricRecord({"num-examples": data.num_examples, "eval-mse": float(np.mean(residual * residual))})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -18,6 +18,8 @@ from common.errors import FedLinearError
 ENGINES = ("numpy", "keras")
 HEADER_MODES = ("auto", "yes", "no")
 REFERENCE_MODES = ("auto", "none")
+STANDARDIZE_MODES = ("auto", "whiten", "scale", "none")
+AUTO = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +34,9 @@ class RunConfig:
         Passes over the local shard per round (``local-epochs``).
     batch_size : int (default: 32)
         Mini-batch size of local SGD (``batch-size``).
-    learning_rate : float (default: 0.05)
-        Step size of local SGD (``learning-rate``).
+    learning_rate : float or "auto" (default: "auto")
+        Step size of local SGD in the standardized space (``learning-rate``); ``auto`` derives it from
+        the pooled statistics (stability, SGD noise floor, rounds): see :mod:`common.scaling`.
     fraction_train : float (default: 1.0)
         Fraction of connected nodes sampled for training each round (``fraction-train``).
     fraction_evaluate : float (default: 0.0)
@@ -57,10 +60,20 @@ class RunConfig:
         Which CSV column is the target; negative counts from the end (``target-column``).
     header : str (default: "auto")
         ``auto`` detects a non-numeric first line, ``yes``/``no`` force it (``header``).
+    standardize : str (default: "auto")
+        The change of variables the clients train in, learned from pooled additive sums before
+        round 1 and folded back into the exported model (``standardize``): ``whiten`` (centre and
+        decorrelate the features, scale the target), ``scale`` (centre and scale each feature and
+        the target), ``none`` (raw data); ``auto`` whitens when the pooled cross-products are known
+        (``reference = auto``) and scales otherwise.
+    max_failed_rounds : int (default: 3)
+        Consecutive rounds without any aggregated client update after which the run stops as
+        failed (``max-failed-rounds``).
     reference : str (default: "auto")
-        ``auto`` asks each node for its sufficient statistics (XᵀX, Xᵀy, n) before round 1 so the
-        server knows the pooled least-squares optimum and reports the gap to it; ``none`` keeps
-        those statistics on the nodes (``reference``).
+        ``auto`` asks each node for its centred second moments (n, Σ[x y], Σ(z−μ)(z−μ)ᵀ) before
+        round 1 so the server knows the pooled least-squares optimum and reports the gap to it;
+        ``none`` keeps the cross-products on the nodes (only per-column sums for ``standardize``)
+        (``reference``).
     node_wait_timeout : float (default: 120)
         Seconds the server waits for ``min-available-nodes`` before giving up (``node-wait-timeout``).
     round_timeout : float (default: 600)
@@ -70,7 +83,7 @@ class RunConfig:
     num_server_rounds: int = 20
     local_epochs: int = 1
     batch_size: int = 32
-    learning_rate: float = 0.05
+    learning_rate: float | str = AUTO
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
     min_available_nodes: int = 2
@@ -81,6 +94,8 @@ class RunConfig:
     engine: str = "numpy"
     target_column: int = -1
     header: str = "auto"
+    standardize: str = "auto"
+    max_failed_rounds: int = 3
     reference: str = "auto"
     node_wait_timeout: float = 120.0
     round_timeout: float = 600.0
@@ -101,7 +116,7 @@ class RunConfig:
                 raise FedLinearError(
                     f"unknown config key '{key}'; known keys: {', '.join(cls.keys())}"
                 )
-            values[name] = _coerce(key, raw, type(getattr(cls, name)))
+            values[name] = _coerce(key, raw, _kind(name))
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -113,11 +128,12 @@ class RunConfig:
             "local-epochs": self.local_epochs,
             "batch-size": self.batch_size,
             "min-available-nodes": self.min_available_nodes,
+            "max-failed-rounds": self.max_failed_rounds,
         }
         for key, value in positive.items():
             if value < 1:
                 raise FedLinearError(f"config key '{key}' must be >= 1, got {value}")
-        if not 0 < self.learning_rate < 10:
+        if self.learning_rate != AUTO and not 0 < self.learning_rate < 10:
             raise FedLinearError(f"config key 'learning-rate' must be in (0, 10), got {self.learning_rate}")
         if not 0 < self.fraction_train <= 1:
             raise FedLinearError(f"config key 'fraction-train' must be in (0, 1], got {self.fraction_train}")
@@ -129,12 +145,13 @@ class RunConfig:
             ("engine", self.engine, ENGINES),
             ("header", self.header, HEADER_MODES),
             ("reference", self.reference, REFERENCE_MODES),
+            ("standardize", self.standardize, STANDARDIZE_MODES),
         ):
             if value not in choices:
                 raise FedLinearError(f"config key '{key}' must be one of {', '.join(choices)}, got '{value}'")
         for key, value in (("node-wait-timeout", self.node_wait_timeout), ("round-timeout", self.round_timeout)):
-            if value <= 0:
-                raise FedLinearError(f"config key '{key}' must be > 0 seconds, got {value}")
+            if not value > 0 or value == float("inf"):  # also refuses NaN
+                raise FedLinearError(f"config key '{key}' must be a finite number of seconds > 0, got {value}")
         if self.seed < 0:
             raise FedLinearError(f"config key 'seed' must be >= 0, got {self.seed}")
         if self.run_dir and not (self.run_dir.startswith("s3://") or os.path.isabs(self.run_dir)):
@@ -153,8 +170,15 @@ class RunConfig:
         return os.path.join(os.path.expanduser("~"), "fedlinear-runs", f"run-{run_id}")
 
 
+def _kind(name: str) -> type:
+    """The type a field's values are coerced to (``learning-rate`` takes a number or "auto")."""
+    return float if name == "learning_rate" else type(getattr(RunConfig, name))
+
+
 def _coerce(key: str, raw: Any, kind: type) -> Any:
     """Convert a TOML/CLI value to the field's type, or raise naming the key."""
+    if key == "learning-rate" and isinstance(raw, str) and raw.strip().lower() == AUTO:
+        return AUTO
     if isinstance(raw, bool) and kind is not bool:
         raise FedLinearError(f"config key '{key}' must be a {kind.__name__}, got a boolean")
     try:
@@ -163,7 +187,10 @@ def _coerce(key: str, raw: Any, kind: type) -> Any:
                 raise ValueError
             return int(raw)
         if kind is float:
-            return float(raw)
+            value = float(raw)
+            if value != value:
+                raise ValueError
+            return value
         if kind is str:
             return str(raw)
     except (TypeError, ValueError):
@@ -183,5 +210,5 @@ def parse_assignments(items: list[str] | None) -> dict[str, Any]:
         name = key.replace("-", "_")
         if not hasattr(defaults, name):
             raise FedLinearError(f"unknown config key '{key}'; known keys: {', '.join(RunConfig.keys())}")
-        out[key] = _coerce(key, value.strip(), type(getattr(defaults, name)))
+        out[key] = _coerce(key, value.strip(), _kind(name))
     return out

@@ -104,10 +104,17 @@ def train_numpy(
     kernel = weights.kernel.astype(np.float32, copy=True).reshape(-1, 1)
     bias = weights.bias.astype(np.float32, copy=True).reshape(1)
     lr = np.float32(learning_rate)
-    two = np.float32(2.0)
-    epoch_loss = 0.0
     # Per-batch work is a few tiny BLAS calls, so Python overhead dominates: in-place updates and
     # plain-float loss bookkeeping keep it low (the float32 arithmetic is the same as Keras').
+    with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by the caller
+        kernel, bias, epoch_loss = _sgd_epochs(x32, y32, kernel, bias, lr, batch_size, orders, epochs)
+    return LinearWeights(kernel=kernel, bias=bias), epoch_loss
+
+
+def _sgd_epochs(x32, y32, kernel, bias, lr, batch_size, orders, epochs):
+    """The epochs of :func:`train_numpy`, updating ``kernel`` and ``bias`` in place."""
+    two = np.float32(2.0)
+    epoch_loss = 0.0
     for epoch in range(epochs):
         order = orders[epoch]
         xs, ys = x32[order], y32[order]
@@ -131,7 +138,7 @@ def train_numpy(
             grad_bias *= lr
             bias -= grad_bias
         epoch_loss = weighted_loss / seen if seen else 0.0
-    return LinearWeights(kernel=kernel, bias=bias), epoch_loss
+    return kernel, bias, epoch_loss
 
 
 _KERAS_MODELS: dict[int, object] = {}
@@ -184,45 +191,8 @@ ENGINES = {"numpy": train_numpy, "keras": train_keras}
 
 
 # --------------------------------------------------------------------------------------------
-# The closed-form reference
+# The closed-form reference on one machine's data (the federated one is common.scaling.PooledStats)
 # --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class SufficientStats:
-    """All that pooled least squares needs, summed over samples.
-
-    With the design matrix ``D = [x, 1]``: ``gram = DᵀD``, ``moment = Dᵀy``, ``yty = yᵀy`` and
-    ``count = n``. Sums of clients' statistics are the pooled statistics, so the server can solve
-    the pooled problem exactly and compute the pooled training MSE of any weights without data.
-    """
-
-    gram: np.ndarray  # (d+1, d+1)
-    moment: np.ndarray  # (d+1,)
-    yty: float
-    count: int
-
-    @classmethod
-    def of(cls, x: np.ndarray, y: np.ndarray) -> SufficientStats:
-        design = np.column_stack([np.asarray(x, np.float64), np.ones(len(x))])
-        y64 = np.asarray(y, np.float64)
-        return cls(gram=design.T @ design, moment=design.T @ y64, yty=float(y64 @ y64), count=len(x))
-
-    def __add__(self, other: SufficientStats) -> SufficientStats:
-        return SufficientStats(
-            self.gram + other.gram, self.moment + other.moment, self.yty + other.yty, self.count + other.count
-        )
-
-    def solve(self) -> LinearWeights:
-        """The exact least-squares weights (minimum-norm if the system is singular)."""
-        theta, *_ = np.linalg.lstsq(self.gram, self.moment, rcond=None)
-        return _weights_from_theta(theta)
-
-    def mse(self, weights: LinearWeights) -> float:
-        """Pooled training MSE of ``weights``: (θᵀAθ − 2θᵀc + yᵀy) / n."""
-        theta = weights.vector()
-        value = (theta @ self.gram @ theta - 2.0 * theta @ self.moment + self.yty) / self.count
-        return float(max(value, 0.0))
 
 
 def _weights_from_theta(theta: np.ndarray) -> LinearWeights:

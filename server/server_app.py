@@ -18,6 +18,7 @@ Progress lines start with ``[fedlinear]`` so a launcher can pick them out of Flo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import platform
@@ -31,6 +32,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 
 from common import model as lm
+from common import scaling
 from common.config import RunConfig
 from common.data import Dataset, load_csv
 from common.errors import FedLinearError, one_line
@@ -71,12 +73,34 @@ def wait_for_nodes(grid: Grid, cfg: RunConfig) -> list[int]:
         time.sleep(0.2)
 
 
-def query_nodes(grid: Grid, cfg: RunConfig, nodes: list[int]) -> tuple[dict[int, dict], list[dict], lm.SufficientStats | None]:
-    """Ask each node about its shard; return (healthy node -> info, failures, pooled stats)."""
-    want_stats = cfg.reference == "auto"
+def _valid_vector(record: ArrayRecord | None, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The named float array of a reply if it has the expected shape and finite values, else None."""
+    if record is None or name not in record:
+        return None
+    try:
+        value = np.asarray(record[name].numpy(), dtype=np.float64)
+    except Exception:  # noqa: BLE001 - a malformed array is a bad reply, not a server error
+        return None
+    if value.shape != shape or not np.isfinite(value).all():
+        return None
+    return value
+
+
+def query_nodes(
+    grid: Grid, cfg: RunConfig, nodes: list[int]
+) -> tuple[dict[int, dict], list[dict], scaling.PooledStats | None]:
+    """Ask each node about its shard, then for the pooled statistics; return (healthy node -> info,
+    failures, pooled statistics or None).
+
+    Stage ``describe``: shard description and, when standardization or the reference needs them,
+    ``n`` and ``Σ[x y]``. Stage ``scatter``: the pooled mean goes back to the nodes, each returns its
+    scatter about it (full when ``reference = auto``, the diagonal otherwise). Both are sums, added
+    in client-key order so the result does not depend on reply order.
+    """
+    want_moments = cfg.reference == "auto" or cfg.standardize != "none"
     messages = [
         Message(
-            RecordDict({"config": ConfigRecord({"want-stats": want_stats})}),
+            RecordDict({"config": ConfigRecord({"stage": "describe", "want-moments": want_moments})}),
             dst_node_id=nid,
             message_type=MessageType.QUERY,
         )
@@ -86,7 +110,7 @@ def query_nodes(grid: Grid, cfg: RunConfig, nodes: list[int]) -> tuple[dict[int,
     answered = {msg.metadata.src_node_id for msg in replies}
     healthy: dict[int, dict] = {}
     failures = [{"node-id": nid, "reason": "no reply to the shard query"} for nid in nodes if nid not in answered]
-    stats_by_node: dict[int, lm.SufficientStats] = {}
+    totals: dict[int, np.ndarray] = {}
     for msg in replies:
         nid = msg.metadata.src_node_id
         if msg.has_error():
@@ -95,14 +119,13 @@ def query_nodes(grid: Grid, cfg: RunConfig, nodes: list[int]) -> tuple[dict[int,
         info = dict(msg.content["shard"])
         info["fingerprints"] = [json.loads(fp) for fp in info.get("fingerprints", [])]
         healthy[nid] = info
-        if want_stats and "stats" in msg.content:
-            arrays = msg.content["stats"]
-            stats_by_node[nid] = lm.SufficientStats(
-                gram=arrays["gram"].numpy(),
-                moment=arrays["moment"].numpy(),
-                yty=float(arrays["yty"].numpy()[0]),
-                count=int(info["num-examples"]),
-            )
+        if want_moments:
+            total = _valid_vector(msg.content.array_records.get("moments"), "total", (int(info["num-features"]) + 1,))
+            if total is None:
+                del healthy[nid]
+                failures.append({"node-id": nid, "reason": "malformed or non-finite column sums in the shard query"})
+            else:
+                totals[nid] = total
     for failure in failures:
         say(f"node {failure['node-id']} left out: {failure['reason']}")
     if not healthy:
@@ -115,43 +138,120 @@ def query_nodes(grid: Grid, cfg: RunConfig, nodes: list[int]) -> tuple[dict[int,
             f"node {nid} ({info['data-uri']}): {info['num-features']}" for nid, info in sorted(healthy.items())
         )
         raise FedLinearError(f"shards disagree on the number of features: {detail}")
-    pooled = None
-    if want_stats and len(stats_by_node) == len(healthy):
-        pooled = None
-        for nid in sorted(stats_by_node, key=lambda n: healthy[n]["client-key"]):
-            pooled = stats_by_node[nid] if pooled is None else pooled + stats_by_node[nid]
-    return healthy, failures, pooled
+    if not want_moments:
+        return healthy, failures, None
+    return healthy, failures, pooled_statistics(grid, cfg, healthy, totals, failures)
+
+
+def _in_key_order(healthy: dict[int, dict]) -> list[int]:
+    return sorted(healthy, key=lambda n: (int(healthy[n]["client-key"]), n))
+
+
+def pooled_statistics(
+    grid: Grid, cfg: RunConfig, healthy: dict[int, dict], totals: dict[int, np.ndarray], failures: list[dict]
+) -> scaling.PooledStats:
+    """Second pass: the scatter of every healthy node about the pooled mean (nodes failing it are left out)."""
+    d = int(next(iter(healthy.values()))["num-features"])
+    order = _in_key_order(healthy)
+    moments = None
+    for nid in order:
+        part = scaling.Moments(int(healthy[nid]["num-examples"]), totals[nid])
+        moments = part if moments is None else moments + part
+    centre = moments.mean
+    full = cfg.reference == "auto"
+    messages = [
+        Message(
+            RecordDict(
+                {
+                    "config": ConfigRecord({"stage": "scatter", "full": full}),
+                    "centre": ArrayRecord({"centre": Array(np.ascontiguousarray(centre))}),
+                }
+            ),
+            dst_node_id=nid,
+            message_type=MessageType.QUERY,
+        )
+        for nid in order
+    ]
+    replies = {msg.metadata.src_node_id: msg for msg in grid.send_and_receive(messages, timeout=cfg.round_timeout)}
+    shape = (d + 1, d + 1) if full else (d + 1,)
+    parts: dict[int, np.ndarray] = {}
+    for nid in order:
+        msg = replies.get(nid)
+        if msg is None:
+            reason = "no reply to the statistics query"
+        elif msg.has_error():
+            reason = msg.error.reason
+        else:
+            matrix = _valid_vector(msg.content.array_records.get("scatter"), "scatter", shape)
+            if matrix is not None:
+                parts[nid] = matrix
+                continue
+            reason = "malformed or non-finite scatter in the statistics query"
+        failures.append({"node-id": nid, "reason": reason})
+        say(f"node {nid} left out: {reason}")
+        del healthy[nid]
+    if not healthy:
+        raise FedLinearError("no node answered the statistics query")
+    moments = scatter = None
+    for nid in _in_key_order(healthy):
+        m = scaling.Moments(int(healthy[nid]["num-examples"]), totals[nid])
+        sc = scaling.Scatter(m.count, parts[nid])
+        moments = m if moments is None else moments + m
+        scatter = sc if scatter is None else scatter + sc
+    return scaling.PooledStats.combine(moments, scatter, centre)
 
 
 class Evaluator:
-    """Centralized evaluation of the global model: test MSE and the gap to least squares."""
+    """Centralized evaluation of the global model in raw units: test MSE and the gap to least squares.
 
-    def __init__(self, test: Dataset | None, pooled: lm.SufficientStats | None) -> None:
+    The global weights live in the standardized variables of ``transform``; every figure here is for
+    the raw-space model they fold into (what the SavedModel computes).
+    """
+
+    def __init__(self, test: Dataset | None, pooled: scaling.PooledStats | None, transform: scaling.Transform) -> None:
         self.test = test
-        self.pooled = pooled
-        self.optimum = pooled.solve() if pooled is not None else None
+        self.pooled = pooled if pooled is not None and pooled.full else None
+        self.transform = transform
+        self.optimum: tuple[np.ndarray, float] | None = None
         self.reference: dict[str, Any] = {}
-        if self.optimum is not None:
-            self.reference["train-mse"] = pooled.mse(self.optimum)
-            self.reference["weights"] = self.optimum.vector().tolist()
-            self.reference["num-examples"] = pooled.count
+        if self.pooled is not None:
+            kernel, bias = self.pooled.solve()
+            self.optimum = (kernel, bias)
+            self.reference["train-mse"] = self.pooled.optimum_sse(kernel) / self.pooled.count
+            self.reference["weights"] = [*kernel.tolist(), bias]
+            self.reference["num-examples"] = self.pooled.count
+            self.reference["source"] = (
+                "pooled least squares from centred additive sums (n, Σ[x y], Σ(z−μ)(z−μ)ᵀ) of every node"
+            )
             if test is not None:
-                self.reference["test-mse"] = lm.mse(self.optimum, test.x, test.y)
+                self.reference["test-mse"] = _mse(kernel, bias, test)
+
+    def raw(self, weights: lm.LinearWeights) -> tuple[np.ndarray, float]:
+        return self.transform.to_raw(weights.kernel, float(weights.bias[0]))
 
     def __call__(self, weights: lm.LinearWeights) -> dict[str, float]:
+        kernel, bias = self.raw(weights)
         out: dict[str, float] = {}
         if self.test is not None:
-            out["test-mse"] = lm.mse(weights, self.test.x, self.test.y)
+            out["test-mse"] = _mse(kernel, bias, self.test)
         if self.optimum is not None:
-            out["train-mse"] = self.pooled.mse(weights)
-            out["excess-train-mse"] = out["train-mse"] - self.reference["train-mse"]
-            out["weight-distance"] = float(np.linalg.norm(weights.vector() - self.optimum.vector()))
+            opt_kernel, opt_bias = self.optimum
+            excess = self.pooled.excess_mse(kernel, bias, opt_kernel, opt_bias)
+            out["train-mse"] = self.reference["train-mse"] + excess
+            out["excess-train-mse"] = excess
+            out["weight-distance"] = float(np.linalg.norm(np.r_[kernel - opt_kernel, bias - opt_bias]))
             if "test-mse" in out:
                 ref = self.reference["test-mse"]
                 out["reference-test-mse"] = ref
                 out["excess-test-mse"] = out["test-mse"] - ref
                 out["test-mse-ratio"] = out["test-mse"] / ref if ref > 0 else float("nan")
         return out
+
+
+def _mse(kernel: np.ndarray, bias: float, data: Dataset) -> float:
+    with np.errstate(over="ignore", invalid="ignore"):
+        residual = data.x @ kernel + bias - data.y
+        return float(np.mean(residual * residual))
 
 
 def progress_line(row: dict[str, Any]) -> str:
@@ -181,7 +281,11 @@ def versions() -> dict[str, str]:
 
 
 # What must match for a checkpoint to continue the same trajectory (num-server-rounds may grow).
-TRAJECTORY_KEYS = ("seed", "learning-rate", "batch-size", "local-epochs", "fraction-train", "engine")
+TRAJECTORY_KEYS = (
+    "seed", "learning-rate", "batch-size", "local-epochs", "fraction-train", "engine", "standardize",
+)  # fmt: skip
+# A global model whose error grows past this multiple of the initial model's has diverged.
+DIVERGENCE_FACTOR = 1e4
 
 
 def trajectory_key(cfg: RunConfig, num_features: int) -> dict[str, Any]:
@@ -189,15 +293,27 @@ def trajectory_key(cfg: RunConfig, num_features: int) -> dict[str, Any]:
     return {"num-features": num_features, **{key: settings[key] for key in TRAJECTORY_KEYS}}
 
 
-def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int) -> tuple[lm.LinearWeights, int, dict]:
+@dataclasses.dataclass
+class Start:
+    """Where the rounds start: weights (standardized space), first round, history, transform, step size."""
+
+    weights: lm.LinearWeights
+    first_round: int
+    history: dict
+    transform: scaling.Transform | None  # None: not in the checkpoint, derive it
+    learning_rate: float | None
+
+
+def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int) -> Start:
     """The weights and first round to run: from the last checkpoint if the run dir has one.
 
     Sampling and batch order are functions of (seed, round, client), not of RNG state carried
-    across rounds, so a resumed run continues exactly as the uninterrupted run would have.
+    across rounds, and the checkpoint holds the standardization transform and the step size the
+    run started with, so a resumed run continues exactly as the uninterrupted run would have.
     """
     latest = store.read_latest_checkpoint()
     if latest is None:
-        return lm.initial_weights(num_features, cfg.seed), 1, {}
+        return Start(lm.initial_weights(num_features, cfg.seed), 1, {}, None, None)
     pointer, weights = latest
     expected = trajectory_key(cfg, num_features)
     changed = [key for key, value in expected.items() if pointer.get(key) != value]
@@ -210,16 +326,48 @@ def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int) -> tuple
     done = int(pointer["round"])
     history = store.read_history()
     history["rounds"] = [row for row in history["rounds"] if row["round"] <= done]
-    return weights, done + 1, history
+    transform = scaling.Transform.from_json(pointer["transform"]) if "transform" in pointer else None
+    rate = float(pointer["resolved-learning-rate"]) if "resolved-learning-rate" in pointer else None
+    return Start(weights, done + 1, history, transform, rate)
+
+
+def initial_weights(num_features: int, seed: int, transform: scaling.Transform) -> lm.LinearWeights:
+    """Keras' Glorot-uniform start, with the coordinates the transform leaves out at zero."""
+    weights = lm.initial_weights(num_features, seed)
+    weights.kernel[transform.unused, 0] = 0.0
+    return weights
+
+
+def divergence(row: dict[str, Any], baseline: dict[str, Any]) -> str | None:
+    """Why the global model after this round counts as diverged, or None."""
+    for key, label in (("test-mse", "test MSE"), ("train-mse", "pooled train MSE"), ("train-loss", "train loss")):
+        value, base = row.get(key), baseline.get(key)
+        if value is None:
+            continue
+        if not np.isfinite(value):
+            return f"its {label} is not finite"
+        if base is not None and np.isfinite(base) and value > DIVERGENCE_FACTOR * max(base, 1e-300):
+            return f"its {label} {value:.4g} is more than {DIVERGENCE_FACTOR:g} x the initial {base:.4g}"
+        return None
+    return None
+
+
+def resolve_learning_rate(
+    cfg: RunConfig, pooled: scaling.PooledStats | None, transform: scaling.Transform, sizes: list[int]
+) -> tuple[float, str]:
+    if cfg.learning_rate != "auto":
+        return float(cfg.learning_rate), f"learning rate {float(cfg.learning_rate):g} (set in the config)"
+    return scaling.auto_learning_rate(
+        scaling.design_second_moment(pooled, transform),
+        sizes,
+        cfg.batch_size,
+        cfg.local_epochs,
+        cfg.num_server_rounds,
+    )
 
 
 def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
     started = time.monotonic()
-    previous = store.read_status()
-    if previous is not None and previous.get("status") == "completed":
-        raise FedLinearError(
-            f"{store.run_dir} already holds a completed run (status.json); choose another run-dir or remove it"
-        )
     store.write_status("running", run_id=context.run_id)
     nodes = wait_for_nodes(grid, cfg)
     say(f"{len(nodes)} nodes connected; querying shards")
@@ -230,29 +378,54 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
         raise FedLinearError(
             f"{cfg.test_uri}: test set has {test.num_features} features but the shards have {num_features}"
         )
-    evaluate = Evaluator(test, pooled)
+    start = resume_or_start(store, cfg, num_features)
+    if start.transform is not None:
+        transform = start.transform  # a resumed run keeps the transform it trained in
+    else:
+        transform = scaling.build_transform(cfg.standardize, pooled, num_features)
+    for note in transform.notes:
+        say(f"standardization: {note}")
+    sizes = [int(info["num-examples"]) for info in healthy.values()]
+    if start.learning_rate is not None:
+        learning_rate, rate_note = start.learning_rate, f"learning rate {start.learning_rate:.4g} (from the checkpoint)"
+    else:
+        learning_rate, rate_note = resolve_learning_rate(cfg, pooled, transform, sizes)
+    evaluate = Evaluator(test, pooled, transform)
     say(
-        f"{len(healthy)} shards, {num_features} features, "
-        f"{sum(i['num-examples'] for i in healthy.values())} samples"
+        f"{len(healthy)} shards, {num_features} features, {sum(sizes)} samples; "
+        f"standardize = {transform.kind}; {rate_note}"
         + (f"; pooled least-squares test MSE {evaluate.reference['test-mse']:.6g}" if "test-mse" in evaluate.reference else "")
     )
 
     strategy = build_strategy(cfg, {nid: int(info["client-key"]) for nid, info in healthy.items()})
-    weights, start_round, history = resume_or_start(store, cfg, num_features)
+    strategy.train_config = {"learning-rate": learning_rate}
+    if transform.kind != "none":
+        strategy.extra_records = {"transform": to_record_arrays(transform.arrays())}
+    weights, start_round, history = start.weights, start.first_round, start.history
     if start_round > 1:
         say(f"resuming after round {start_round - 1} from {store.uri('checkpoints', 'latest.json')}")
     else:
+        weights = initial_weights(num_features, cfg.seed, transform)
         history = {"run-id": context.run_id, "rounds": []}
         row = {"round": 0, "elapsed-s": time.monotonic() - started, "clients-ok": 0, "clients-failed": 0}
         row.update(evaluate(weights))
         history["rounds"].append(row)
     history["reference"] = evaluate.reference
+    history["standardization"] = transform.to_json()
+    history["learning-rate"] = {"value": learning_rate, "how": rate_note}
     history["query-failures"] = query_failures
     history.setdefault("resumed-at", [])
     if start_round > 1:
         history["resumed-at"].append(start_round - 1)
     store.write_history(history)
     arrays = to_record(weights)
+    checkpoint_state = {
+        **trajectory_key(cfg, num_features),
+        "transform": transform.to_json(),
+        "resolved-learning-rate": learning_rate,
+    }
+    baseline = dict(history["rounds"][0])
+    failed_in_a_row = 0
 
     for server_round in range(start_round, cfg.num_server_rounds + 1):
         replies = grid.send_and_receive(
@@ -270,13 +443,16 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
         for failure in failures:
             say(f"round {server_round}: node {failure['node-id']} failed: {failure['reason']}")
         if new_arrays is None:
+            failed_in_a_row += 1
             say(f"round {server_round}: no client update; the global model is unchanged")
         else:
+            failed_in_a_row = 0
             arrays = new_arrays
             weights = from_record(arrays)
         if train_metrics is not None:
             row["train-loss"] = float(train_metrics["train-loss"])
-        if cfg.fraction_evaluate > 0:
+            baseline.setdefault("train-loss", row["train-loss"])
+        if cfg.fraction_evaluate > 0 and new_arrays is not None:
             eval_replies = grid.send_and_receive(
                 strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout
             )
@@ -286,12 +462,34 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
         row.update(evaluate(weights))
         row["elapsed-s"] = time.monotonic() - started
         history["rounds"].append(row)
+        diverged = "its weights are not finite" if not np.isfinite(weights.vector()).all() else divergence(row, baseline)
+        if diverged:
+            history["stopped"] = {"round": server_round, "reason": f"diverged: {diverged}"}
+            store.write_history(history)
+            say(progress_line(row))
+            raise FedLinearError(
+                f"training diverged in round {server_round}: the global model {diverged}; no model was exported. "
+                f"Lower 'learning-rate' (now {learning_rate:.4g}) or set 'standardize' = auto"
+                + (" (now none)" if transform.kind == "none" else "")
+                + ", and start again in a new run-dir"
+            )
         store.write_history(history)  # history first: a checkpoint never runs ahead of the history
-        store.write_checkpoint(server_round, weights, trajectory_key(cfg, num_features))
+        store.write_checkpoint(server_round, weights, checkpoint_state)
         say(progress_line(row))
+        if failed_in_a_row >= cfg.max_failed_rounds:
+            last = failures[-1]["reason"] if failures else "no replies within 'round-timeout'"
+            raise FedLinearError(
+                f"no client update was aggregated in {failed_in_a_row} consecutive rounds "
+                f"(config key 'max-failed-rounds' = {cfg.max_failed_rounds}); last failure: {last}. "
+                f"Fix the cause and run the same command again to resume after round {server_round}"
+            )
 
+    raw_kernel, raw_bias = transform.to_raw(weights.kernel, float(weights.bias[0]))
+    exported = lm.LinearWeights(
+        kernel=raw_kernel.astype(np.float32).reshape(-1, 1), bias=np.array([raw_bias], dtype=np.float32)
+    )
     model_uri = store.uri("model")
-    export_savedmodel(weights, model_uri)
+    export_savedmodel(exported, model_uri)
     final = {k: v for k, v in history["rounds"][-1].items() if k not in ("failures",)}
     manifest = {
         "run-id": context.run_id,
@@ -299,7 +497,11 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
         "seed": cfg.seed,
         "versions": versions(),
         "num-features": num_features,
-        "weights": {"kernel": weights.kernel.ravel().tolist(), "bias": float(weights.bias[0])},
+        "weights": {"kernel": raw_kernel.tolist(), "bias": raw_bias},
+        "exported-weights": {"kernel": exported.kernel.ravel().tolist(), "bias": float(exported.bias[0])},
+        "standardized-weights": {"kernel": weights.kernel.ravel().tolist(), "bias": float(weights.bias[0])},
+        "standardization": transform.to_json(),
+        "learning-rate": {"value": learning_rate, "how": rate_note},
         "model": model_uri,
         "shards": [
             {k: healthy[nid][k] for k in ("data-uri", "num-examples", "fingerprints", "partition-id") if k in healthy[nid]}
@@ -316,6 +518,10 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
     say(f"done: model exported to {model_uri}")
 
 
+def to_record_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Flower entry point: errors a user can fix end the run with one line in status.json."""
@@ -323,6 +529,12 @@ def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_run_config(context.run_config)
         store = RunStore(cfg.resolved_run_dir(context.run_id), background=True)
         say(f"run {context.run_id}: writing to {store.run_dir}")
+        previous = store.read_status()
+        if previous is not None and previous.get("status") == "completed":
+            # refused before anything is written: the completed run's files stay as they are
+            raise FedLinearError(
+                f"{store.run_dir} already holds a completed run (status.json); choose another run-dir or remove it"
+            )
     except FedLinearError as exc:
         say(f"error: {one_line(exc)}")
         raise SystemExit(1) from None

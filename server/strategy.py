@@ -29,6 +29,10 @@ class DeterministicMixin:
     # node id -> stable client key, set by the server after the pre-round query
     eligible: dict[int, int]
     last_failures: list[dict]
+    # config values added to every train message (the resolved learning rate)
+    train_config: dict
+    # records added to every train and evaluate message (the standardization transform)
+    extra_records: dict
 
     def _sample(self, grid: Grid, server_round: int, fraction: float, minimum: int, stream: int) -> list[int]:
         connected = set(grid.get_node_ids())
@@ -49,7 +53,12 @@ class DeterministicMixin:
         minimum = self.min_train_nodes if train else self.min_evaluate_nodes
         node_ids = self._sample(grid, server_round, fraction, minimum, 1 if train else 2)
         config["server-round"] = server_round
+        if train:
+            for key, value in getattr(self, "train_config", {}).items():
+                config[key] = value
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        for name, extra in getattr(self, "extra_records", {}).items():
+            record[name] = extra  # e.g. the standardization transform, for train and evaluate alike
         return self._construct_messages(record, node_ids, MessageType.TRAIN if train else MessageType.EVALUATE)
 
     def configure_train(
@@ -104,4 +113,6 @@ def build_strategy(cfg: RunConfig, eligible: dict[int, int]):
     strategy.seed = cfg.seed
     strategy.eligible = dict(eligible)
     strategy.last_failures = []
+    strategy.train_config = {}
+    strategy.extra_records = {}
     return strategy

@@ -53,9 +53,13 @@ def context(partition_id, config):
     )
 
 
-def train_message(weights, server_round):
+def train_message(weights, server_round, learning_rate=None):
+    """A train task as the server sends it (the server resolves learning-rate = auto and sends it)."""
     arrays = ArrayRecord({name: Array(a) for name, a in weights.as_dict().items()})
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+    config = {"server-round": server_round}
+    if learning_rate is not None:
+        config["learning-rate"] = learning_rate
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
     return Message(content, dst_node_id=100, message_type="train")
 
 
@@ -64,7 +68,7 @@ def test_train_reply_is_local_sgd_on_the_nodes_own_shard(shards, tmp_path):
     w0 = lm.initial_weights(4, seed=1)
     for partition_id in (0, 1):
         for server_round in (1, 2):  # second call: shard, float32 copies and parsed config from the caches
-            reply = ca.train(train_message(w0, server_round), context(partition_id, dict(config)))
+            reply = ca.train(train_message(w0, server_round, 0.05), context(partition_id, dict(config)))
             assert not reply.has_error(), reply.error
             data = load_csv(shards[partition_id])
             orders = [lm.batch_order(data.num_examples, 42, server_round, partition_id, e) for e in range(2)]
@@ -97,9 +101,9 @@ def test_problems_become_one_line_error_replies(shards, tmp_path):
     assert reply.has_error() and reply.error.code == ca.ERROR_CODE_USER
     assert "shard has 4 features but the global model has 5" in reply.error.reason
 
-    reply = ca.train(train_message(lm.initial_weights(4, 1), 1), context(0, run_config(**{"data-uri": uri, "bogus": 1})))
+    reply = ca.train(train_message(lm.initial_weights(4, 1), 1, 0.05), context(0, run_config(**{"data-uri": uri, "bogus": 1})))
     assert reply.has_error() and "unknown config key 'bogus'" in reply.error.reason
 
     missing = str(tmp_path / "nowhere-{partition-id}.csv")
-    reply = ca.train(train_message(lm.initial_weights(4, 1), 1), context(0, run_config(**{"data-uri": missing})))
+    reply = ca.train(train_message(lm.initial_weights(4, 1), 1, 0.05), context(0, run_config(**{"data-uri": missing})))
     assert reply.has_error() and "nowhere-0.csv" in reply.error.reason and "\n" not in reply.error.reason

@@ -27,18 +27,6 @@ def test_lstsq_matches_normal_equations(problem):
     assert fit.kernel.shape == (6, 1) and fit.bias.shape == (1,)
 
 
-def test_sufficient_statistics_give_the_pooled_solution(problem):
-    x, y = problem
-    parts = np.array_split(np.arange(len(x)), 4)
-    pooled = lm.SufficientStats.of(x[parts[0]], y[parts[0]])
-    for idx in parts[1:]:
-        pooled = pooled + lm.SufficientStats.of(x[idx], y[idx])
-    assert pooled.count == len(x)
-    np.testing.assert_allclose(pooled.solve().vector(), lm.lstsq_theta(x, y), rtol=1e-9, atol=1e-11)
-    some = lm.initial_weights(6, 0)
-    assert pooled.mse(some) == pytest.approx(lm.mse(some, x, y), rel=1e-9)
-
-
 def test_mse_has_no_broadcasting_bug():
     weights = lm.LinearWeights(kernel=np.array([[2.0]], np.float32), bias=np.array([1.0], np.float32))
     x = np.array([[0.0], [1.0], [2.0]])

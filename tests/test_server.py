@@ -8,6 +8,7 @@ from flwr.app import Array, ArrayRecord, Error, Metadata, MetricRecord, RecordDi
 from flwr.app.message.message import make_message
 
 from common import model as lm
+from common import scaling
 from common.config import RunConfig
 from common.data import Dataset
 from common.errors import FedLinearError
@@ -27,19 +28,22 @@ class FakeGrid:
 def test_resume_continues_only_the_same_trajectory(tmp_path):
     store = RunStore(str(tmp_path / "run"))
     cfg = RunConfig(seed=3, num_server_rounds=5)
-    weights, start, _ = resume_or_start(store, cfg, 4)
-    assert start == 1
-    np.testing.assert_array_equal(weights.kernel, lm.initial_weights(4, 3).kernel)
+    first = resume_or_start(store, cfg, 4)
+    assert first.first_round == 1 and first.transform is None and first.learning_rate is None
 
     store.write_history({"rounds": [{"round": r} for r in range(4)]})
     saved = lm.LinearWeights(kernel=np.full((4, 1), 0.5, np.float32), bias=np.array([2.0], np.float32))
-    store.write_checkpoint(2, saved, trajectory_key(cfg, 4))
-    weights, start, history = resume_or_start(store, cfg, 4)
-    assert start == 3 and [row["round"] for row in history["rounds"]] == [0, 1, 2]
-    np.testing.assert_array_equal(weights.kernel, saved.kernel)
+    transform = scaling.build_transform("whiten", scaling.PooledStats.of(np.eye(5)[:, :4] + 1, np.arange(5.0)), 4)
+    state = {**trajectory_key(cfg, 4), "transform": transform.to_json(), "resolved-learning-rate": 0.125}
+    store.write_checkpoint(2, saved, state)
+    resumed = resume_or_start(store, cfg, 4)
+    assert resumed.first_round == 3 and [row["round"] for row in resumed.history["rounds"]] == [0, 1, 2]
+    np.testing.assert_array_equal(resumed.weights.kernel, saved.kernel)
+    # the recorded transform and step size come back exactly
+    assert resumed.learning_rate == 0.125 and resumed.transform.digest() == transform.digest()
     # more rounds than before is fine; a different trajectory is refused, naming what changed
-    assert resume_or_start(store, RunConfig(seed=3, num_server_rounds=9), 4)[1] == 3
-    with pytest.raises(FedLinearError, match=r"learning-rate 0.05 -> 0.1"):
+    assert resume_or_start(store, RunConfig(seed=3, num_server_rounds=9), 4).first_round == 3
+    with pytest.raises(FedLinearError, match=r"learning-rate 'auto' -> 0.1"):
         resume_or_start(store, RunConfig(seed=3, learning_rate=0.1), 4)
     with pytest.raises(FedLinearError, match=r"num-features 4 -> 6"):
         resume_or_start(store, cfg, 6)
@@ -50,7 +54,7 @@ def test_evaluator_reports_the_gap_to_least_squares():
     x = rng.normal(size=(400, 3))
     y = x @ np.array([1.0, -2.0, 0.5]) + 0.3 + 0.1 * rng.normal(size=400)
     test = Dataset(x=x[300:], y=y[300:])
-    evaluate = Evaluator(test, lm.SufficientStats.of(x[:300], y[:300]))
+    evaluate = Evaluator(test, scaling.PooledStats.of(x[:300], y[:300]), scaling.Transform.identity(3))
     optimum = lm.lstsq_fit(x[:300], y[:300])
     at_optimum = evaluate(optimum)
     assert at_optimum["weight-distance"] == pytest.approx(0.0, abs=1e-12)
@@ -61,7 +65,26 @@ def test_evaluator_reports_the_gap_to_least_squares():
     assert away["test-mse"] == pytest.approx(lm.mse(start, test.x, test.y))
     assert away["train-mse"] == pytest.approx(lm.mse(start, x[:300], y[:300]))
     assert away["weight-distance"] == pytest.approx(np.linalg.norm(start.vector() - optimum.vector()))
-    assert Evaluator(None, None)(start) == {}
+    assert Evaluator(None, None, scaling.Transform.identity(3))(start) == {}
+
+
+def test_evaluator_reports_raw_space_figures_for_standardized_weights():
+    """Weights in whitened variables are judged as the raw-space model they fold into."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 3)) * [1e-3, 1.0, 1e4] + [5.0, -3.0, 1e6]
+    y = x @ np.array([2e3, 1.0, 3e-4]) + 1e5 + rng.normal(size=500)
+    pooled = scaling.PooledStats.of(x[:400], y[:400])
+    transform = scaling.build_transform("whiten", pooled, 3)
+    test = Dataset(x=x[400:], y=y[400:])
+    evaluate = Evaluator(test, pooled, transform)
+    some = lm.initial_weights(3, 7)
+    kernel, bias = transform.to_raw(some.kernel, float(some.bias[0]))
+    got = evaluate(some)
+    direct = np.mean((x[:400] @ kernel + bias - y[:400]) ** 2)
+    assert got["train-mse"] == pytest.approx(direct, rel=1e-9)
+    assert got["test-mse"] == pytest.approx(np.mean((test.x @ kernel + bias - test.y) ** 2), rel=1e-12)
+    theta = lm.lstsq_theta(x[:400] / x[:400].std(0), y[:400])  # a well-scaled independent solve
+    assert evaluate.reference["weights"] == pytest.approx([*(theta[:-1] / x[:400].std(0)), theta[-1]], rel=1e-7)
 
 
 def test_sampling_is_seeded_and_independent_of_node_ids():

@@ -1,0 +1,77 @@
+"""A whole fedlinear run in one process: the real ServerApp ``run`` driving the real ClientApp
+handlers through a grid that delivers each message by calling the handler (no SuperLink, no Ray).
+
+Fast enough to check accuracy on many data sets; the federations in test_e2e.py check the same app
+over Flower's real runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients import client_app as ca
+from common.config import RunConfig
+from common.runstore import RunStore
+from server import server_app
+
+HANDLERS = {"query": ca.query, "train": ca.train, "evaluate": ca.evaluate}
+
+
+class InProcessGrid:
+    """``get_node_ids`` / ``send_and_receive`` over in-process nodes, one per shard URI.
+
+    ``sabotage(node_id, message)`` may return a reply to use instead of the node's (fault injection).
+    """
+
+    def __init__(self, shard_uris: list[str], run_config: dict, sabotage=None) -> None:
+        self.nodes = {1000 + i: {"partition-id": i, "num-partitions": len(shard_uris), "data-uri": uri}
+                      for i, uri in enumerate(shard_uris)}  # fmt: skip
+        self.run_config = run_config
+        self.sabotage = sabotage
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            nid = msg.metadata.dst_node_id
+            context = Context(
+                run_id=1, node_id=nid, node_config=dict(self.nodes[nid]), state=RecordDict(), run_config=self.run_config
+            )
+            TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, nid, len(self.sent)
+            reply = self.sabotage(nid, msg) if self.sabotage else None
+            if reply is None:
+                reply = HANDLERS[msg.metadata.message_type](msg, context)
+            replies.append(reply)
+        return replies
+
+
+def run_in_process(shard_uris: list[str], run_dir: str, sabotage=None, **config) -> tuple[str, dict | None]:
+    """Run fedlinear in-process; return (status, manifest or None)."""
+    run_config = {"run-dir": run_dir, "min-available-nodes": len(shard_uris), **config}
+    cfg = RunConfig.from_run_config(run_config)
+    grid = InProcessGrid(shard_uris, run_config, sabotage)
+    store = RunStore(run_dir)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    try:
+        with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115 - progress lines
+            try:
+                server_app.run(grid, context, store, cfg)
+            except Exception as exc:  # the ServerApp's main() turns this into status failed
+                store.write_status("failed", str(exc))
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+        ca._SHARDS.clear()
+        ca._TRANSFORMED.clear()
+    status = store.read_status()
+    manifest = store.read_manifest() if status["status"] == "completed" else None
+    return status, manifest
