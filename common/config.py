@@ -59,7 +59,8 @@ class RunConfig:
     target_column : int (default: -1)
         Which CSV column is the target; negative counts from the end (``target-column``).
     header : str (default: "auto")
-        ``auto`` detects a non-numeric first line, ``yes``/``no`` force it (``header``).
+        ``auto`` takes the first non-blank row as a header only when none of its fields is a
+        number and none is empty; ``yes``/``no`` force it (``header``).
     standardize : str (default: "auto")
         The change of variables the clients train in, learned from pooled additive sums before
         round 1 and folded back into the exported model (``standardize``): ``whiten`` (centre and

@@ -1,8 +1,13 @@
 """CSV shards: loading with validation, synthetic data with known weights, IID partitioning.
 
 The format is comma-separated numbers, one sample a line, the target in the last column unless
-``target_column`` says otherwise, an optional header line (detected when its fields are not all
-numbers), blank lines (such as a trailing newline) ignored. The seed format ``x,y`` is the d=1 case.
+``target_column`` says otherwise, an optional header line, blank and whitespace-only lines (such as
+a trailing newline) ignored. The seed format ``x,y`` is the d=1 case. Files are UTF-8 (a leading
+byte-order mark is dropped; any other bad byte is an error naming its line); lines end in LF,
+CRLF or an old-Mac CR, and line numbers count physical lines whichever it is. With
+``header="auto"`` the first non-blank row is a header only when none of its fields is a number and
+none is empty: a first row such as ``1,n/a,3`` or ``1,,3`` is a data row with a bad value (an error
+naming line and column), never silently dropped as a header.
 
 Validation happens here, once, at the boundary: every problem raises :class:`FedLinearError` with
 the file (URI) and, where there is one, the 1-based line number.
@@ -10,6 +15,7 @@ the file (URI) and, where there is one, the 1-based line number.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -48,34 +54,94 @@ class Dataset:
         return int(self.x.shape[1])
 
 
-def _is_number(field: str) -> bool:
+_HEADER_HINT = "(a first row is a header only when no field is a number or empty: set header to 'yes' or 'no')"
+
+
+def _number(field: str) -> float | None:
+    """The value of a (stripped) field if it is a number as numpy's parser reads one, else None.
+
+    That is ``float()`` restricted to ASCII without underscores (``PyOS_string_to_double``: digits,
+    sign, point, exponent, inf/infinity/nan in any case), not ``float()``'s superset (``1_000``,
+    non-ASCII digits), so the line-by-line scan accepts exactly what the fast path does.
+    """
+    if not field.isascii() or "_" in field:
+        return None
     try:
-        float(field)
+        return float(field)
     except ValueError:
-        return False
-    return True
+        return None
 
 
-def _decoded(lines: Iterable[bytes]) -> Iterator[str]:
-    for raw in lines:
-        yield raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+def _is_number(field: str) -> bool:
+    return _number(field) is not None
+
+
+def _fields(line: str) -> list[str]:
+    return [f.strip() for f in line.strip().split(",")]
+
+
+def _is_header(fields: list[str], header: str) -> bool:
+    """``yes``: always; ``auto``: only when no field is a number and none is empty; ``no``: never."""
+    if header == "yes":
+        return True
+    return header == "auto" and all(fields) and not any(map(_is_number, fields))
+
+
+def _shown(field: str) -> str:
+    """A field quoted for a message, cut to 40 characters, control characters escaped (one line)."""
+    text = field[:40]
+    return f"'{text}'" if text.isprintable() else repr(text)
+
+
+@contextlib.contextmanager
+def _text_lines(uri: str, errors: str) -> Iterator[io.TextIOWrapper]:
+    """The file/object as text lines, one per physical line.
+
+    Universal newlines (LF, CRLF and old-Mac CR each end one line, also across read
+    buffers) and ``utf-8-sig`` (a leading byte-order mark is dropped), streamed: S3 objects are
+    not read whole.
+    """
+    with storage.open_binary(uri) as stream:
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors=errors, newline=None)
+        try:
+            yield text
+        finally:
+            text.detach()  # the stream is closed by open_binary
+
+
+def _check_utf8(uri: str, lineno: int, line: str) -> None:
+    """Raise if the line held bytes that are not UTF-8 (decoded with ``surrogateescape``)."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = ord(line[exc.start]) - 0xDC00
+        hint = "save it as UTF-8"
+        if lineno == 1 and line.startswith(("\udcff\udcfe", "\udcfe\udcff")):
+            hint = "it looks like UTF-16: save it as UTF-8"
+        raise FedLinearError(
+            f"{uri}: line {lineno}: not valid UTF-8 (byte 0x{byte:02x} at character {exc.start + 1}); {hint}"
+        ) from None
 
 
 def _scan(uri: str, lines: Iterable[str], header: str) -> tuple[list[str] | None, int]:
     """Validate line by line; return (header fields or None, number of data rows).
 
     This is the slow path that finds the exact line of a problem; the fast path is numpy's parser.
+    ``lines`` are physical lines (decoded with ``surrogateescape``, so bad bytes are found here).
     """
     columns: list[str] | None = None
     width = None
     rows = 0
     for lineno, line in enumerate(lines, start=1):
+        ascii_only = line.isascii()
+        if not ascii_only:
+            _check_utf8(uri, lineno, line)
         text = line.strip()
         if not text:
             continue
         fields = [f.strip() for f in text.split(",")]
-        first = width is None and columns is None
-        if first and (header == "yes" or (header == "auto" and not all(map(_is_number, fields)))):
+        first = width is None
+        if first and _is_header(fields, header):
             columns = fields
             width = len(fields)
             continue
@@ -85,51 +151,53 @@ def _scan(uri: str, lines: Iterable[str], header: str) -> tuple[list[str] | None
             raise FedLinearError(
                 f"{uri}: line {lineno}: expected {width} comma-separated columns, found {len(fields)}"
             )
-        for col, field in enumerate(fields, start=1):
+        if ascii_only and "_" not in text:  # the common case, checked in bulk: float() is then numpy's reading
             try:
-                value = float(field)
+                if all(map(math.isfinite, map(float, fields))):
+                    rows += 1
+                    continue
             except ValueError:
-                raise FedLinearError(
-                    f"{uri}: line {lineno}: column {col}: '{field[:40]}' is not a number"
-                ) from None
+                pass
+        hint = f" {_HEADER_HINT}" if first and header == "auto" else ""
+        for col, field in enumerate(fields, start=1):
+            value = _number(field)
+            if value is None:
+                what = "empty value" if not field else f"{_shown(field)} is not a number"
+                raise FedLinearError(f"{uri}: line {lineno}: column {col}: {what}{hint}")
             if not math.isfinite(value):
                 raise FedLinearError(f"{uri}: line {lineno}: column {col}: value '{field}' is not finite")
         rows += 1
     return columns, rows
 
 
-def _first_nonblank(lines: Iterator[str]) -> tuple[str | None, list[str]]:
-    consumed = []
-    for line in lines:
-        consumed.append(line)
-        if line.strip():
-            return line, consumed
-    return None, consumed
-
-
 def _parse_one(uri: str, header: str) -> tuple[np.ndarray, list[str] | None]:
-    """Parse one CSV file/object into a float64 matrix (rows, columns)."""
-    with storage.open_binary(uri) as stream:
-        lines = _decoded(stream)
-        first, consumed = _first_nonblank(lines)
-        if first is None:
-            raise FedLinearError(f"{uri}: empty file, expected comma-separated numbers one sample a line")
-        fields = [f.strip() for f in first.strip().split(",")]
-        has_header = header == "yes" or (header == "auto" and not all(map(_is_number, fields)))
-        columns = fields if has_header else None
-        body = lines if has_header else itertools.chain(consumed, lines)
+    """Parse one CSV file/object into a float64 matrix (rows, columns).
+
+    Fast path: strict UTF-8 text lines, whitespace-only lines dropped, straight into numpy's
+    parser. Anything it does not take (a bad byte, a bad value, a ragged row, a non-finite
+    number) sends the file through :func:`_scan`, which names the line.
+    """
+    columns = None
+    with _text_lines(uri, "strict") as text:
         try:
+            lines = itertools.filterfalse(str.isspace, text)
+            first = next(lines, None)
+            if first is None:
+                raise FedLinearError(f"{uri}: empty file, expected comma-separated numbers one sample a line")
+            fields = _fields(first)
+            columns = fields if _is_header(fields, header) else None
+            body = lines if columns is not None else itertools.chain([first], lines)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "input contained no data": reported below
                 matrix = np.loadtxt(body, delimiter=",", dtype=np.float64, ndmin=2, comments=None)
             ok = matrix.size > 0 and bool(np.isfinite(matrix).all())
-        except ValueError:
+        except ValueError:  # numpy's parse errors and UnicodeDecodeError
             ok = False
     if ok and (columns is None or matrix.shape[1] == len(columns)):
         return matrix, columns
     # Something is off: re-read line by line to name the line (raises), or report no data rows.
-    with storage.open_binary(uri) as stream:
-        columns, rows = _scan(uri, _decoded(stream), header)
+    with _text_lines(uri, "surrogateescape") as text:
+        columns, rows = _scan(uri, text, header)
     if rows == 0:
         raise FedLinearError(f"{uri}: no data rows (only a header line)")
     raise FedLinearError(f"{uri}: could not parse as comma-separated numbers")  # pragma: no cover
@@ -163,7 +231,8 @@ def load_csv(uri: str, target_column: int = -1, header: str = "auto") -> Dataset
     target_column : int (default: -1)
         Index of the target column; negative counts from the end.
     header : str (default: "auto")
-        ``auto`` treats a first line with a non-numeric field as a header; ``yes``/``no`` force it.
+        ``auto`` treats the first non-blank line as a header when none of its fields is a number
+        and none is empty; ``yes``/``no`` force it.
     """
     matrix, columns, uris = load_matrix(uri, header)
     width = matrix.shape[1]
@@ -197,25 +266,167 @@ def to_csv_bytes(x: np.ndarray, y: np.ndarray | None = None) -> bytes:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticTruth:
-    """The generating model: ``y = x @ weights + bias + noise * N(0, 1)``."""
+    """The generating model in raw space: ``y = x @ weights + bias + noise * N(0, 1)``.
+
+    Hard data (any option of :func:`make_synthetic` on) also records the ``options`` used, the
+    per-feature ``feature_scales`` and ``feature_offsets``, the ``latent_weights`` (``beta``: the
+    weights of ``y`` on ``z = (x - offset) / scale``) and ``condition_number``, the realised
+    condition number of the sample correlation matrix of the pooled training features.
+    Fields that are ``None`` are left out of the JSON, so plain data keeps its old ``truth.json``.
+    """
 
     weights: list[float]
     bias: float
     noise: float
     seed: int
+    options: dict | None = None
+    feature_scales: list[float] | None = None
+    feature_offsets: list[float] | None = None
+    latent_weights: list[float] | None = None
+    condition_number: float | None = None
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if v is not None}, indent=2)
+
+
+MAX_CONDITION_NUMBER = 1e12  # beyond this a float64 sample cannot show the asked-for spectrum
+
+
+def parse_range(value: str | tuple[float, float], name: str, positive: bool = False) -> tuple[float, float]:
+    """``"LO:HI"`` (or one number, ``"V"`` = ``"V:V"``) or a pair -> ``(lo, hi)``, finite, ``lo <= hi``.
+
+    ``positive`` also requires ``lo > 0``. Errors are one-line :class:`FedLinearError` naming ``name``.
+    """
+    what = f"a range LO:HI with {'0 < ' if positive else ''}LO <= HI, both finite"
+    try:
+        parts = value.split(":") if isinstance(value, str) else list(value)
+        if len(parts) == 1:
+            parts = parts * 2
+        if len(parts) != 2:
+            raise ValueError
+        lo, hi = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise FedLinearError(f"{name}: {value!r} is not {what}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi or (positive and lo <= 0):
+        raise FedLinearError(f"{name}: {value!r} is not {what}")
+    return lo, hi
+
+
+def _givens_to_1(aii: float, ajj: float, aij: float) -> tuple[float, float]:
+    """(c, s) of the rotation that makes ``a_ii`` exactly 1 (Davies & Higham 2000, eq. 3.1)."""
+    aiid, ajjd = aii - 1.0, ajj - 1.0
+    if ajjd == 0.0:
+        return 0.0, 1.0  # swap i and j
+    dd = math.sqrt(max(aij * aij - aiid * ajjd, 0.0))
+    t = (aij + math.copysign(dd, aij)) / ajjd  # the root without cancellation
+    c = 1.0 / math.sqrt(1.0 + t * t)
+    return (c, c * t) if c > 0 else (0.0, 1.0)
+
+
+def correlation_matrix(num_features: int, condition_number: float, rng: np.random.Generator) -> np.ndarray:
+    """A random correlation matrix whose eigenvalues are geometrically spaced, max / min = ``condition_number``.
+
+    ``Q diag(lambda) Q^T`` with a Haar-random orthogonal ``Q`` from ``rng`` and ``sum(lambda) = d``,
+    then Givens rotations (Bendel & Mickey 1978; Davies & Higham 2000) bring each diagonal entry to
+    1 without changing the spectrum; a last rescaling makes the diagonal exactly 1.
+    """
+    d = num_features
+    if d == 1:
+        return np.ones((1, 1))
+    eig = float(condition_number) ** (-np.arange(d) / (d - 1))
+    eig *= d / eig.sum()
+    q, r = np.linalg.qr(rng.normal(0.0, 1.0, size=(d, d)))
+    q *= np.where(np.diag(r) < 0, -1.0, 1.0)
+    m = (q * eig) @ q.T
+    m = (m + m.T) / 2
+    for i in range(d - 1):
+        if m[i, i] == 1.0:
+            continue
+        above = m[i, i] > 1.0
+        j = next((j for j in range(i + 1, d) if (m[j, j] < 1.0 if above else m[j, j] > 1.0)), None)
+        if j is None:  # the rest is 1 up to rounding (the trace is d)
+            break
+        c, s = _givens_to_1(m[i, i], m[j, j], m[i, j])
+        ri, rj = m[i].copy(), m[j].copy()
+        m[i], m[j] = c * ri - s * rj, s * ri + c * rj
+        ci, cj = m[:, i].copy(), m[:, j].copy()
+        m[:, i], m[:, j] = c * ci - s * cj, s * ci + c * cj
+    root = 1.0 / np.sqrt(np.diag(m))
+    m = (m * root[:, None]) * root[None, :]
+    m = (m + m.T) / 2
+    np.fill_diagonal(m, 1.0)
+    return m
+
+
+def correlation_condition_number(x: np.ndarray) -> float:
+    """max / min eigenvalue of the sample correlation matrix of the columns of ``x``."""
+    if x.shape[1] == 1:
+        return 1.0
+    eig = np.linalg.eigvalsh(np.corrcoef(x, rowvar=False))
+    return float(eig[-1] / eig[0]) if eig[0] > 0 else math.inf
 
 
 def make_synthetic(
-    num_clients: int, samples_per_client: int, num_features: int, noise: float, seed: int, test_samples: int
+    num_clients: int,
+    samples_per_client: int,
+    num_features: int,
+    noise: float,
+    seed: int,
+    test_samples: int,
+    *,
+    feature_scales: str | tuple[float, float] | None = None,
+    feature_offsets: str | tuple[float, float] | None = None,
+    condition_number: float | None = None,
+    target_offset: float | None = None,
 ) -> tuple[list[Dataset], Dataset, SyntheticTruth]:
-    """IID Gaussian features, known true weights; one shard per client and a held-out test set."""
+    """Gaussian features, known true weights; one shard per client and a held-out test set.
+
+    With every option off (``None``, or its neutral value: scales ``1:1``, offsets ``0:0``,
+    condition number 1, target offset 0): IID standard normal features, ``weights`` and ``bias``
+    drawn from N(0, 1), exactly the data of earlier versions for the same seed.
+
+    Hard data, on purpose (any option on): ``beta ~ N(0, I)``, ``z ~ N(0, C)`` with ``C`` a
+    correlation matrix whose eigenvalues are geometrically spaced with max / min =
+    ``condition_number`` (identity if not given), ``x = offset + scale * z`` with per-feature
+    ``scale`` log-spaced over ``feature_scales`` (``"LO:HI"``, first feature LO, last HI) and
+    ``offset`` evenly spaced over ``feature_offsets``, and ``y = target_offset + z @ beta +
+    noise * N(0, 1)``. The raw-space truth is then ``weights = beta / scale`` and ``bias =
+    target_offset - sum(offset * weights)``.
+    """
     if num_clients < 1 or samples_per_client < 1 or num_features < 1 or test_samples < 1:
         raise FedLinearError("clients, samples per client, features and test samples must all be >= 1")
-    if noise < 0:
-        raise FedLinearError(f"noise must be >= 0, got {noise}")
+    if not noise >= 0 or not math.isfinite(noise):
+        raise FedLinearError(f"noise must be a finite number >= 0, got {noise}")
+    scales = parse_range(feature_scales, "feature-scales", positive=True) if feature_scales is not None else None
+    offsets = parse_range(feature_offsets, "feature-offsets") if feature_offsets is not None else None
+    if condition_number is not None:
+        try:
+            condition_number = float(condition_number)
+        except (TypeError, ValueError):
+            raise FedLinearError(f"condition-number: {condition_number!r} is not a number") from None
+        if not 1.0 <= condition_number <= MAX_CONDITION_NUMBER:  # also NaN
+            raise FedLinearError(
+                f"condition-number must be between 1 and {MAX_CONDITION_NUMBER:g}, got {condition_number}"
+            )
+        if condition_number > 1.0 and num_features < 2:
+            raise FedLinearError(f"condition-number {condition_number:g} needs at least 2 features, got 1")
+    if target_offset is not None:
+        try:
+            target_offset = float(target_offset)
+        except (TypeError, ValueError):
+            raise FedLinearError(f"target-offset: {target_offset!r} is not a number") from None
+        if not math.isfinite(target_offset):
+            raise FedLinearError(f"target-offset must be a finite number, got {target_offset}")
+    options = {
+        "feature_scales": list(scales) if scales is not None and scales != (1.0, 1.0) else None,
+        "feature_offsets": list(offsets) if offsets is not None and offsets != (0.0, 0.0) else None,
+        "condition_number": condition_number if condition_number not in (None, 1.0) else None,
+        "target_offset": target_offset if target_offset not in (None, 0.0) else None,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    if options:
+        return _make_hard(num_clients, samples_per_client, num_features, noise, seed, test_samples, options)
+
     rng = np.random.default_rng(seed)
     weights = rng.normal(0.0, 1.0, size=num_features)
     bias = float(rng.normal(0.0, 1.0))
@@ -228,6 +439,45 @@ def make_synthetic(
     shards = [draw(samples_per_client) for _ in range(num_clients)]
     test = draw(test_samples)
     truth = SyntheticTruth(weights=[float(w) for w in weights], bias=bias, noise=noise, seed=seed)
+    return shards, test, truth
+
+
+def _make_hard(
+    num_clients: int, samples_per_client: int, d: int, noise: float, seed: int, test_samples: int, options: dict
+) -> tuple[list[Dataset], Dataset, SyntheticTruth]:
+    """The hard-data generator of :func:`make_synthetic` (``options`` validated, only those on)."""
+    rng = np.random.default_rng(seed)
+    beta = rng.normal(0.0, 1.0, size=d)
+    scale = np.geomspace(*options["feature_scales"], num=d) if "feature_scales" in options else np.ones(d)
+    offset = np.linspace(*options["feature_offsets"], num=d) if "feature_offsets" in options else np.zeros(d)
+    target_offset = options.get("target_offset", 0.0)
+    factor = None
+    if "condition_number" in options:
+        eig, vec = np.linalg.eigh(correlation_matrix(d, options["condition_number"], rng))
+        factor = vec * np.sqrt(np.clip(eig, 0.0, None))  # factor @ factor.T = C
+
+    def draw(n: int) -> Dataset:
+        z = rng.normal(0.0, 1.0, size=(n, d))
+        if factor is not None:
+            z = z @ factor.T
+        x = offset + scale * z
+        y = target_offset + z @ beta + noise * rng.normal(0.0, 1.0, size=n)
+        return Dataset(x=x, y=y)
+
+    shards = [draw(samples_per_client) for _ in range(num_clients)]
+    test = draw(test_samples)
+    weights = beta / scale
+    truth = SyntheticTruth(
+        weights=[float(w) for w in weights],
+        bias=float(target_offset - np.sum(offset * weights)),
+        noise=noise,
+        seed=seed,
+        options=options,
+        feature_scales=[float(v) for v in scale],
+        feature_offsets=[float(v) for v in offset],
+        latent_weights=[float(v) for v in beta],
+        condition_number=correlation_condition_number(np.concatenate([s.x for s in shards])),
+    )
     return shards, test, truth
 
 
