@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                              "--condition-number", "1e4", "--target-offset", "1e5", "--test-samples", "1000")  # fmt: skip
         else:
             csv = os.path.join(out, name, f"{name}.csv")
+            os.makedirs(os.path.dirname(csv), exist_ok=True)
             write_table(name, csv)
             made = fedlinear("data", "split", csv, "--clients", str(args.clients), "--out", data)
         if made.returncode:
