@@ -25,17 +25,24 @@ import traceback
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.constant import SType
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from clients import secure  # secure aggregation hook
+from clients import flower_fixes
 from common import model as lm
 from common import npy
-from common import scaling
+from common import privacy, scaling
 from common.config import RunConfig
 from common.data import Dataset, load_csv
 from common.errors import FedLinearError, one_line
 from common.storage import fingerprint
 
 app = ClientApp()
+flower_fixes.apply()  # Flower 1.42's fixedclipping_mod divides by a zero update norm
+
+UNIT_WEIGHT = "unit-weight"  # every train reply weighs 1 under DP (server/strategy.py UNIT_WEIGHT)
 
 ERROR_CODE_USER = 4001  # a FedLinearError: bad shard, bad config
 ERROR_CODE_INTERNAL = 4002  # anything else
@@ -103,12 +110,27 @@ _TRANSFORMED: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 _MAX_TRANSFORMED = 64
 
 
+TRANSFORM_KEYS = ("x-shift", "x-matrix", "y-shift-scale")
+
+
 def transform_of(msg: Message, num_features: int) -> scaling.Transform | None:
-    """The standardization transform a train/evaluate message carries (None: raw variables)."""
+    """The standardization transform a train/evaluate task carries (None: raw variables).
+
+    It travels as ``transform-*`` float lists in the task's one ConfigRecord (Flower's
+    ``fixedclipping_mod`` refuses a task with more than one ArrayRecord), or as a ``transform``
+    ArrayRecord.
+    """
     record = msg.content.array_records.get("transform")
-    if record is None:
+    if record is not None:
+        return scaling.Transform.from_arrays({name: to_numpy(record[name]) for name in record}, num_features)
+    config = msg.content.config_records.get("config", ConfigRecord())
+    if f"transform-{TRANSFORM_KEYS[0]}" not in config:
         return None
-    return scaling.Transform.from_arrays({name: to_numpy(record[name]) for name in record}, num_features)
+    try:
+        arrays = {name: np.asarray(config[f"transform-{name}"], dtype=np.float64) for name in TRANSFORM_KEYS}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FedLinearError(f"malformed standardization transform in the task: {exc}") from None
+    return scaling.Transform.from_arrays(arrays, num_features)
 
 
 def training_data(
@@ -193,12 +215,13 @@ def query(msg: Message, context: Context) -> Message:
         return Message(RecordDict({"scatter": ArrayRecord({"scatter": Array(scatter.matrix)})}), reply_to=msg)
     pid = partition_id(context)
     info = {
-        "data-uri": uri,
         "num-features": data.num_features,
         "num-examples": data.num_examples,
         "client-key": lm.client_key(pid, uri),
-        "fingerprints": [str(fp) for fp in map(_fingerprint_json, data.sources)],
     }
+    if not bool(request.get("private", False)):  # under privacy the shard's path and hash stay here
+        info["data-uri"] = uri
+        info["fingerprints"] = [str(fp) for fp in map(_fingerprint_json, data.sources)]
     if pid is not None:
         info["partition-id"] = pid
     content = RecordDict({"shard": ConfigRecord(info)})
@@ -213,10 +236,35 @@ def _fingerprint_json(uri: str) -> str:
     return json.dumps(fingerprint(uri), sort_keys=True)
 
 
-@app.train()
-@_guarded
-def train(msg: Message, context: Context) -> Message:
-    """Local mini-batch SGD from the global weights; reply with new weights and the train loss."""
+def local_dp(
+    old: lm.LinearWeights, new: lm.LinearWeights, config: ConfigRecord, cfg: RunConfig, server_round: int, key: int
+) -> lm.LinearWeights:
+    """``dp = local``: clip this node's update and add Gaussian noise before it leaves (common/privacy.py)."""
+    rng = privacy.noise_rng(str(config["dp-noise-seed"]), cfg.seed, server_round, key, privacy.LOCAL_DP_STREAM)
+    (kernel, bias), _ = privacy.local_dp_release(
+        [new.kernel, new.bias],
+        [old.kernel, old.bias],
+        float(config["local-dp-clipping-norm"]),
+        float(config["local-dp-noise-multiplier"]),
+        rng,
+    )
+    return lm.LinearWeights(kernel=kernel, bias=bias)
+
+
+def clip_when_asked(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``fixedclipping_mod``, for tasks that carry a clipping norm (``dp = central-client-clip``).
+
+    Attached to the train handler only: Flower's mods do not check the message type.
+    """
+    config = msg.content.config_records.get("config")
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]:
+    """Local mini-batch SGD from the global weights: the new weights and the metrics (shared by
+    ``train`` and the secure aggregation path, clients/secure.py)."""
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
     weights = from_record(msg.content["arrays"], data.num_features, uri)
@@ -245,8 +293,26 @@ def train(msg: Message, context: Context) -> Message:
             f"{uri}: local training diverged (non-finite weights); lower 'learning-rate' (now {learning_rate:g}) "
             "or set 'standardize' to auto"
         )
-    metrics = MetricRecord({"num-examples": data.num_examples, "train-loss": loss, "client-key": key})
+    if "local-dp-clipping-norm" in config:
+        new_weights = local_dp(weights, new_weights, config, cfg, server_round, key)
+    metrics = MetricRecord(
+        {"num-examples": data.num_examples, "train-loss": loss, "client-key": key, UNIT_WEIGHT: 1}
+    )
+    return new_weights, metrics
+
+
+@app.train(mods=[clip_when_asked])
+@_guarded
+def train(msg: Message, context: Context) -> Message:
+    """Local mini-batch SGD from the global weights; reply with new weights and the train loss."""
+    new_weights, metrics = fit(msg, context)
     return Message(RecordDict({"arrays": to_record(new_weights), "metrics": metrics}), reply_to=msg)
+
+
+@app.train(secure.ACTION, mods=secure.MODS)  # secure aggregation hook: SecAgg+ on this handler only
+def train_secure(msg: Message, context: Context) -> Message:
+    """SecAgg+ rounds (``train.secagg``): the same local training, only the masked update leaves."""
+    return secure.masked_update(msg, context, fit)
 
 
 @app.evaluate()

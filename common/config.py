@@ -19,6 +19,9 @@ ENGINES = ("numpy", "keras")
 HEADER_MODES = ("auto", "yes", "no")
 REFERENCE_MODES = ("auto", "none")
 STANDARDIZE_MODES = ("auto", "whiten", "scale", "none")
+DP_MODES = ("none", "central-server-clip", "central-client-clip", "local")
+NOISE_SEED_MODES = ("seed", "secure")
+CLIPPING_MODES = ("fixed", "adaptive")
 AUTO = "auto"
 
 
@@ -70,6 +73,45 @@ class RunConfig:
     max_failed_rounds : int (default: 3)
         Consecutive rounds without any aggregated client update after which the run stops as
         failed (``max-failed-rounds``).
+    dp : str (default: "none")
+        Differential privacy (``dp``): ``central-server-clip`` (the server clips each update to
+        ``dp-clipping-norm`` and adds Gaussian noise to the mean; Flower's
+        ``DifferentialPrivacyServerSideFixedClipping``), ``central-client-clip`` (clients clip with
+        Flower's ``fixedclipping_mod``, the server adds the noise), ``local`` (each client clips its
+        update and adds the noise itself), ``none``.
+    dp_noise_multiplier : float (default: 1.0)
+        Noise standard deviation over sensitivity, z (``dp-noise-multiplier``).
+    dp_clipping_norm : float (default: 1.0)
+        L2 bound on a client's update, in the standardized variables (``dp-clipping-norm``).
+    dp_clipping : str (default: "fixed")
+        ``fixed`` clips to ``dp-clipping-norm``; ``adaptive`` (``central-server-clip`` only) starts
+        there and moves the norm toward the ``dp-target-quantile`` of the update norms each round by
+        Andrew et al.'s geometric rule, with a noised clipped count whose ε share is accounted
+        (``dp-clipping``).
+    dp_target_quantile : float (default: 0.5)
+        Adaptive clipping: the fraction of updates that should fall within the norm (``dp-target-quantile``).
+    dp_clip_learning_rate : float (default: 0.2)
+        Adaptive clipping: the geometric step η of the norm (``dp-clip-learning-rate``).
+    dp_clipped_count_stddev : float (default: 0)
+        Adaptive clipping: standard deviation σ_b of the noise on the count of unclipped updates;
+        0 means Andrew et al.'s default, sampled clients / 20 (``dp-clipped-count-stddev``).
+    dp_delta : float (default: 1e-5)
+        The δ at which ε is reported (``dp-delta``).
+    dp_max_epsilon : float (default: 0)
+        Privacy budget: training stops before the round whose release would exceed it; 0 means no
+        budget (``dp-max-epsilon``).
+    dp_noise_seed : str (default: "seed")
+        ``seed`` draws DP noise from ``seed`` (reproducible experiments: anyone who knows the seed can
+        remove the noise); ``secure`` draws it from the operating system's entropy (``dp-noise-seed``).
+    dp_public_statistics : bool (default: false)
+        Under privacy, nodes send no statistics; with ``true`` the pooled statistics in
+        ``statistics-uri`` are declared public and used for standardization (not covered by ε)
+        (``dp-public-statistics``).
+    statistics_uri : str (default: "")
+        Pooled statistics (``.npz``: count, mean, scatter) computed outside the federation;
+        ``fedlinear run`` writes them from the shards on its machine when privacy is on. Used for the
+        least-squares yardstick, and for standardization when not private or declared public
+        (``statistics-uri``).
     reference : str (default: "auto")
         ``auto`` asks each node for its centred second moments (n, Σ[x y], Σ(z−μ)(z−μ)ᵀ) before
         round 1 so the server knows the pooled least-squares optimum and reports the gap to it;
@@ -79,6 +121,27 @@ class RunConfig:
         Seconds the server waits for ``min-available-nodes`` before giving up (``node-wait-timeout``).
     round_timeout : float (default: 600)
         Seconds the server waits for replies in one round (``round-timeout``).
+    secure_aggregation : bool (default: false)
+        Aggregate each round's updates with Flower's SecAgg+ so the server learns only their
+        weighted mean (``secure-aggregation``); see :mod:`server.secure`.
+    secagg_num_shares : float (default: 1.0)
+        SecAgg+ neighbours of each party, itself included (``secagg-num-shares``): <= 1 a fraction
+        of the parties sampled in the round (1.0: everyone), > 1 a count (an integer >= 3).
+    secagg_reconstruction_threshold : float (default: 0.7)
+        Key shares needed to recover a party's secrets (``secagg-reconstruction-threshold``): <= 1
+        a fraction of the shares, > 1 a count (an integer >= 2, below an integer
+        ``secagg-num-shares``). Higher resists more colluding parties; each party tolerates
+        ``shares - threshold`` dropped neighbours.
+    secagg_clipping_range : float (default: 8.0)
+        Every update coordinate must lie in ``±`` this (``secagg-clipping-range``); a client whose
+        update does not fails the round's task rather than be silently clipped. Quantization
+        error per coordinate is below ``2 * range / quantization-range``.
+    secagg_quantization_range : int (default: 4194304 = 2**22)
+        Integer levels an update coordinate is quantized to (``secagg-quantization-range``); the
+        number of parties in a round times this must stay below 2**32.
+    secagg_timeout : float (default: 120)
+        Seconds each of the four SecAgg+ stages waits for replies; a party that has not answered
+        by then is dropped from the round (``secagg-timeout``).
     """
 
     num_server_rounds: int = 20
@@ -97,9 +160,27 @@ class RunConfig:
     header: str = "auto"
     standardize: str = "auto"
     max_failed_rounds: int = 3
+    dp: str = "none"
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0
+    dp_clipping: str = "fixed"
+    dp_target_quantile: float = 0.5
+    dp_clip_learning_rate: float = 0.2
+    dp_clipped_count_stddev: float = 0.0
+    dp_delta: float = 1e-5
+    dp_max_epsilon: float = 0.0
+    dp_noise_seed: str = "seed"
+    dp_public_statistics: bool = False
+    statistics_uri: str = ""
     reference: str = "auto"
     node_wait_timeout: float = 120.0
     round_timeout: float = 600.0
+    secure_aggregation: bool = False
+    secagg_num_shares: float = 1.0
+    secagg_reconstruction_threshold: float = 0.7
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
+    secagg_timeout: float = 120.0
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -147,18 +228,75 @@ class RunConfig:
             ("header", self.header, HEADER_MODES),
             ("reference", self.reference, REFERENCE_MODES),
             ("standardize", self.standardize, STANDARDIZE_MODES),
+            ("dp", self.dp, DP_MODES),
+            ("dp-noise-seed", self.dp_noise_seed, NOISE_SEED_MODES),
+            ("dp-clipping", self.dp_clipping, CLIPPING_MODES),
         ):
             if value not in choices:
                 raise FedLinearError(f"config key '{key}' must be one of {', '.join(choices)}, got '{value}'")
         for key, value in (("node-wait-timeout", self.node_wait_timeout), ("round-timeout", self.round_timeout)):
             if not value > 0 or value == float("inf"):  # also refuses NaN
                 raise FedLinearError(f"config key '{key}' must be a finite number of seconds > 0, got {value}")
+        if not self.dp_noise_multiplier >= 0 or self.dp_noise_multiplier == float("inf"):
+            raise FedLinearError(f"config key 'dp-noise-multiplier' must be >= 0, got {self.dp_noise_multiplier}")
+        if self.dp != "none" and self.dp_noise_multiplier == 0:
+            raise FedLinearError("config key 'dp-noise-multiplier' must be > 0 when 'dp' is not none")
+        if not 0 < self.dp_clipping_norm < float("inf"):
+            raise FedLinearError(f"config key 'dp-clipping-norm' must be > 0, got {self.dp_clipping_norm}")
+        if self.dp_clipping == "adaptive" and self.dp not in ("central-server-clip", "none"):
+            raise FedLinearError(
+                f"config key 'dp-clipping' = adaptive works with 'dp' = central-server-clip (the server must see "
+                f"each update's norm), got dp = {self.dp}"
+            )
+        if not 0 < self.dp_target_quantile < 1:
+            raise FedLinearError(f"config key 'dp-target-quantile' must be in (0, 1), got {self.dp_target_quantile}")
+        if not 0 < self.dp_clip_learning_rate < float("inf"):
+            raise FedLinearError(f"config key 'dp-clip-learning-rate' must be > 0, got {self.dp_clip_learning_rate}")
+        if not 0 <= self.dp_clipped_count_stddev < float("inf"):
+            raise FedLinearError(
+                f"config key 'dp-clipped-count-stddev' must be >= 0 (0: clients / 20), got {self.dp_clipped_count_stddev}"
+            )
+        if not 0 < self.dp_delta < 1:
+            raise FedLinearError(f"config key 'dp-delta' must be in (0, 1), got {self.dp_delta}")
+        if not 0 <= self.dp_max_epsilon < float("inf"):
+            raise FedLinearError(f"config key 'dp-max-epsilon' must be >= 0 (0: no budget), got {self.dp_max_epsilon}")
         if self.seed < 0:
             raise FedLinearError(f"config key 'seed' must be >= 0, got {self.seed}")
+        self._validate_secure_aggregation()
         if self.run_dir and not (self.run_dir.startswith("s3://") or os.path.isabs(self.run_dir)):
             raise FedLinearError(
                 f"config key 'run-dir' must be an absolute path or an s3:// URI, got '{self.run_dir}'"
             )
+
+    @property
+    def private(self) -> bool:
+        """Whether a privacy mechanism is on (then no node sends statistics in the clear)."""
+        return self.dp != "none" or bool(getattr(self, "secure_aggregation", False))
+
+    def _validate_secure_aggregation(self) -> None:
+        """The ``secagg-*`` keys (checked whether or not ``secure-aggregation`` is on)."""
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        if not 0 < shares < float("inf") or (shares > 1 and (not float(shares).is_integer() or shares < 3)):
+            raise FedLinearError(
+                f"config key 'secagg-num-shares' must be a fraction in (0, 1] or an integer >= 3, got {shares}"
+            )
+        if not 0 < threshold < float("inf") or (threshold > 1 and (not float(threshold).is_integer() or threshold < 2)):
+            raise FedLinearError(
+                "config key 'secagg-reconstruction-threshold' must be a fraction in (0, 1] or an integer >= 2, "
+                f"got {threshold}"
+            )
+        if shares > 1 and threshold > 1 and threshold >= shares:
+            raise FedLinearError(
+                f"config key 'secagg-reconstruction-threshold' ({threshold:g}) must be below 'secagg-num-shares' ({shares:g})"
+            )
+        if not 0 < self.secagg_clipping_range < float("inf"):
+            raise FedLinearError(f"config key 'secagg-clipping-range' must be > 0, got {self.secagg_clipping_range}")
+        if not 2 <= self.secagg_quantization_range < 2**31:
+            raise FedLinearError(
+                f"config key 'secagg-quantization-range' must be in [2, 2**31), got {self.secagg_quantization_range}"
+            )
+        if not 0 < self.secagg_timeout < float("inf"):
+            raise FedLinearError(f"config key 'secagg-timeout' must be a finite number of seconds > 0, got {self.secagg_timeout}")
 
     def as_dict(self) -> dict[str, Any]:
         """The resolved config with kebab-case keys (for the manifest)."""
@@ -183,6 +321,12 @@ def _coerce(key: str, raw: Any, kind: type) -> Any:
     if isinstance(raw, bool) and kind is not bool:
         raise FedLinearError(f"config key '{key}' must be a {kind.__name__}, got a boolean")
     try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+                return raw.strip().lower() == "true"
+            raise ValueError
         if kind is int:
             if isinstance(raw, float) and not raw.is_integer():
                 raise ValueError

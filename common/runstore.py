@@ -42,6 +42,7 @@ METRIC_COLUMNS = (
     "excess-train-mse",
     "weight-distance",
     "eval-mse",
+    "epsilon",
 )
 
 

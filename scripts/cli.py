@@ -6,7 +6,7 @@
     fedlinear data split  INPUT.csv --clients N --out DIR --seed S [--test-fraction f]
     fedlinear data upload DIR s3://bucket/prefix/
     fedlinear run         [--data DIR] [--clients N] [--rounds R] --out RUN_DIR [--mode processes|simulation]
-                          [--set key=value ...]
+                          [--set key=value ...] [--isolation auto|netns|none]
     fedlinear predict     --model RUN_DIR/model --input FILE.csv [--output FILE]
     fedlinear bench       [--quick] [--only ...] [--out DIR]   (see docs/benchmarks.md)
 
@@ -137,6 +137,7 @@ def summary_table(history: dict[str, Any]) -> str:
         ("test-mse-ratio", "MSE / LS", "{:>9.5f}"),
         ("excess-train-mse", "excess MSE", "{:>11.4g}"),
         ("weight-distance", "|w - w*|", "{:>10.4g}"),
+        ("epsilon", "epsilon", "{:>9.4g}"),
         ("clients-ok", "clients", "{:>7d}"),
         ("elapsed-s", "elapsed s", "{:>9.1f}"),
     ]
@@ -201,6 +202,25 @@ def resolve_data(args: argparse.Namespace, out: str, overrides: dict[str, Any]) 
     return shards, storage.join(data, "client-{partition-id}.csv"), test_uri
 
 
+def write_local_statistics(shards: list[str], uri: str, cfg: RunConfig) -> str:
+    """Pooled statistics of the shards this machine holds (two additive passes, as the nodes do)."""
+    from common import scaling
+    from common.data import load_csv
+    from server.server_app import save_statistics
+
+    parts = [load_csv(shard, cfg.target_column, cfg.header) for shard in shards]
+    moments = None
+    for part in parts:
+        m = scaling.Moments.of(part.x, part.y)
+        moments = m if moments is None else moments + m
+    scatter = None
+    for part in parts:
+        sc = scaling.Scatter.of(part.x, part.y, moments.mean, full=True)
+        scatter = sc if scatter is None else scatter + sc
+    save_statistics(uri, scaling.PooledStats.combine(moments, scatter, moments.mean))
+    return uri
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from common.runstore import RunStore
     from scripts.launcher import LaunchSpec, launch
@@ -241,6 +261,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise FedLinearError(
             f"{out} already holds a completed run (status.json); choose another --out or remove it"
         )
+    if cfg.private and not cfg.statistics_uri and shards:
+        # Under privacy no node sends statistics: this machine holds every shard, so it computes the
+        # pooled statistics itself, for the yardstick (and for standardization if declared public).
+        run_config["statistics-uri"] = write_local_statistics(shards[:clients], store.uri("statistics.npz"), cfg)
+        print(f"privacy on: pooled statistics for the yardstick computed here from the shards -> {run_config['statistics-uri']}")
     workdir = os.path.join(out, "logs") if not storage.is_s3(out) else tempfile.mkdtemp(prefix="fedlinear-logs-")
     spec = LaunchSpec(
         app_dir=_abs(args.app) if args.app else APP_DIR,
@@ -253,6 +278,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         client_cpus=args.client_cpus,
         ray_cpus=args.ray_cpus,
         ray_address=args.ray_address,
+        isolation=args.isolation,
     )
     print(f"fedlinear: {clients} clients, {args.rounds} rounds, {args.mode} mode; run dir {out}; logs {workdir}")
     started = time.monotonic()
@@ -371,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--ray-address", metavar="HOST:PORT", help="simulation: run the virtual clients on this Ray cluster (ray start)"
     )
+    run.add_argument(
+        "--isolation", choices=("auto", "netns", "none"), default="auto",
+        help="netns: run the federation in a private network namespace (loopback only), so no other user or "
+        "program on this machine can reach its SuperLink; auto (default): netns where the platform allows it "
+        "and the run needs no outside network (no s3:// URI, no --ray-address), else none with a warning",
+    )  # fmt: skip
     run.add_argument("--app", help=argparse.SUPPRESS)  # another Flower app dir (benchmarks)
     run.set_defaults(func=cmd_run)
 
@@ -388,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     from scripts import deploy
 
     deploy.add_parser(sub)
+
+    from scripts import sweep
+
+    sweep.add_parser(sub)
     return parser
 
 

@@ -8,18 +8,30 @@ the run is submitted with stock ``flwr run APP CONNECTION --stream``, against a 
 
 Every wait is bounded, and every process this module started is stopped (the whole process tree,
 by PID) on success, failure and Ctrl-C. Nothing here binds to anything but 127.0.0.1.
+
+Isolation (``LaunchSpec.isolation``): Flower 1.42's Control API has no caller authentication, so on a
+shared machine any local user or program that reaches the SuperLink's loopback port could submit a
+run (code that every SuperNode executes) or join as a SuperNode. With ``netns`` (``auto`` where the
+platform allows it) the whole federation runs in a private network namespace whose only interface
+is its own loopback, plus a private PID namespace, made by ``unshare`` (as root ``unshare --net``,
+otherwise an unprivileged user namespace ``unshare --user --map-root-user --net``): no process
+outside can reach its ports, and when the namespace's first process ends the kernel ends every
+other one in it and the network namespace goes with them. Runs that need the network outside
+(data on ``s3://``, ``--ray-address``) are not isolated (``auto`` says so in a one-line warning).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -90,6 +102,7 @@ class LaunchSpec:
     ray_cpus: int | None = None  # simulation, local Ray: CPUs Ray hands out (default: auto_ray_cpus())
     superlink_port: int | None = None
     ray_address: str | None = None  # simulation: join this Ray cluster instead of starting a local one
+    isolation: str = "auto"  # "auto" | "netns" | "none" (see the module docstring)
 
 
 # From this many virtual clients on, a local simulation runs two clients per core (see auto_ray_cpus).
@@ -234,22 +247,43 @@ def launch(spec: LaunchSpec, on_progress: Callable[[str], None] = print) -> None
 
     ``on_progress`` receives the ServerApp's ``[fedlinear]`` lines as they arrive.
     """
+    _check(spec)
+    if resolve_isolation(spec) == "netns":
+        _launch_isolated(spec, on_progress)
+    else:
+        _launch(spec, on_progress)
+
+
+def _check(spec: LaunchSpec) -> None:
     if spec.mode not in ("processes", "simulation"):
         raise FedLinearError(f"--mode must be 'processes' or 'simulation', got '{spec.mode}'")
     if spec.num_nodes < 1:
         raise FedLinearError("--clients must be >= 1")
     if spec.mode == "processes" and (spec.node_configs is None or len(spec.node_configs) != spec.num_nodes):
         raise FedLinearError("processes mode needs one node config per client")
+    if spec.ray_address and spec.mode != "simulation":
+        raise FedLinearError("--ray-address applies to --mode simulation only")
+    if spec.isolation not in ISOLATION_MODES:
+        raise FedLinearError(f"--isolation must be one of {', '.join(ISOLATION_MODES)}, got '{spec.isolation}'")
+
+
+def _launch(spec: LaunchSpec, on_progress: Callable[[str], None]) -> None:
+    """The federation itself, in whatever network namespace this process is in."""
     os.makedirs(spec.workdir, exist_ok=True)
     flwr_home = os.path.join(spec.workdir, "flwr-home")
     env = flower_env(flwr_home)
-    if spec.ray_address and spec.mode != "simulation":
-        raise FedLinearError("--ray-address applies to --mode simulation only")
     if spec.mode == "simulation":
         # ray.init() inside flwr-simulation joins the cluster named here. Without --ray-address it is
         # "local": a fresh private Ray, never whatever cluster `ray start` last left behind in
         # /tmp/ray (a stale address there made ray.init() wait forever).
         env["RAY_ADDRESS"] = spec.ray_address or "local"
+    ray_tmp = None
+    if spec.mode == "simulation" and not spec.ray_address:
+        # The local Ray's session files (its unix sockets among them: those are not confined by a network
+        # namespace) go to a directory only this user can enter, not the world-writable /tmp/ray where
+        # another user could swap a socket. Short: unix socket paths must fit in 107 bytes.
+        ray_tmp = tempfile.mkdtemp(prefix="fl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        env["RAY_TMPDIR"] = ray_tmp
     group = ProcessGroup()
     port = spec.superlink_port or free_port()
     connection = write_connection(flwr_home, spec, port)
@@ -294,6 +328,8 @@ def launch(spec: LaunchSpec, on_progress: Callable[[str], None] = print) -> None
             raise FedLinearError(f"flwr run exited with code {runner.returncode}; log {run_log}:\n{tail(run_log)}")
     finally:
         group.stop()
+        if ray_tmp:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _follow(
@@ -323,3 +359,205 @@ def _follow(
     runner.wait()
     if timed_out.is_set():
         raise FedLinearError(f"the run did not finish within {timeout:g} s (--timeout); log {log_path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# isolation: the whole federation in a private network (and PID) namespace
+# ----------------------------------------------------------------------------------------------
+
+ISOLATION_MODES = ("auto", "netns", "none")
+WARNING_PREFIX = "fedlinear: warning: "
+# How long the namespace's processes get to stop on their own before everything in it is killed.
+ISOLATED_STOP_GRACE = 15.0
+
+
+def isolation_blockers(spec: LaunchSpec) -> list[str]:
+    """Why this run needs the network outside a private namespace (empty: it does not)."""
+    reasons = []
+    if spec.ray_address:
+        reasons.append(f"--ray-address {spec.ray_address} is a Ray cluster outside this machine's private namespace")
+    values = [*spec.run_config.values(), *(v for node in spec.node_configs or [] for v in node.values())]
+    s3 = sorted({v for v in values if isinstance(v, str) and v.startswith("s3://")})
+    if s3:
+        reasons.append(f"{s3[0]} is on S3, which a namespace with nothing but a loopback interface cannot reach")
+    return reasons
+
+
+def unshare_argv(euid: int | None = None) -> list[str]:
+    """``unshare`` for a new network + PID namespace; unprivileged callers get a user namespace too."""
+    argv = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
+    if (os.geteuid() if euid is None else euid) != 0:
+        argv[1:1] = ["--user", "--map-root-user"]
+    return argv
+
+
+def namespace_unavailable() -> str | None:
+    """Why a private network namespace cannot be made here (None: it can; tried, bounded)."""
+    if not sys.platform.startswith("linux"):
+        return f"network namespaces are Linux-only (this is {sys.platform})"
+    if shutil.which("unshare") is None:
+        return "util-linux 'unshare' is not installed"
+    argv = [*unshare_argv(), sys.executable, "-m", "scripts.launcher", "--probe"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"'{' '.join(argv[:-4])}' failed: {exc}"
+    if done.returncode != 0:
+        detail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        how = "as root" if os.geteuid() == 0 else "unprivileged (user namespaces)"
+        return f"cannot create a network namespace {how}: {detail}"
+    return None
+
+
+def resolve_isolation(spec: LaunchSpec, warn: Callable[[str], None] | None = None) -> str:
+    """``netns`` or ``none`` for this run; ``auto`` falls back to ``none`` with a one-line warning."""
+    if spec.isolation == "none":
+        return "none"
+    why = isolation_blockers(spec) or [namespace_unavailable()]
+    why = [w for w in why if w]
+    if not why:
+        return "netns"
+    if spec.isolation == "netns":
+        raise FedLinearError(f"--isolation netns: {why[0]}")
+    (warn or _warn)(
+        f"federation not isolated: {why[0]}; other users and programs on this machine can reach its "
+        "SuperLink on 127.0.0.1 while it runs (README: Local federations on shared machines)"
+    )
+    return "none"
+
+
+def _warn(text: str) -> None:
+    print(WARNING_PREFIX + text, file=sys.stderr, flush=True)
+
+
+def bring_loopback_up() -> None:
+    """``ip link set lo up`` by ioctl (a fresh network namespace starts with lo down); refuse any other
+    interface, so what runs here really can reach nothing but itself."""
+    import fcntl
+    import struct
+
+    others = [name for _, name in socket.if_nameindex() if name != "lo"]
+    if others:
+        raise FedLinearError(f"the private network namespace has interfaces besides lo: {', '.join(others)}")
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifreq = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(sock, siocgifflags, ifreq))[1]
+        fcntl.ioctl(sock, siocsifflags, struct.pack("16sH22x", b"lo", flags | iff_up))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+
+
+def _die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGKILL if the launcher dies, even by SIGKILL (unshare's
+    --kill-child then kills the namespace's init, and the kernel everything else in the namespace)."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: nothing imported after it
+
+    def preexec() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    return preexec
+
+
+def _launch_isolated(spec: LaunchSpec, on_progress: Callable[[str], None]) -> None:
+    """Run ``_launch`` in a private network + PID namespace (``python -m scripts.launcher --inner``)."""
+    os.makedirs(spec.workdir, exist_ok=True)
+    spec_path = os.path.join(spec.workdir, "isolated-spec.json")
+    error_path = os.path.join(spec.workdir, "isolated-error.txt")
+    log_path = os.path.join(spec.workdir, "isolated.log")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(error_path)
+    with open(spec_path, "w", encoding="utf-8") as handle:
+        json.dump(dataclasses.asdict(dataclasses.replace(spec, isolation="none")), handle)
+    on_progress("isolation: the federation runs in a private network namespace (loopback only)")
+    group = ProcessGroup()
+    proc = None
+    try:
+        proc = group.start(
+            "isolated",
+            [*unshare_argv(), sys.executable, "-m", "scripts.launcher", "--inner", spec_path, error_path],
+            dict(os.environ), None, stdout=subprocess.PIPE, preexec_fn=_die_with_parent(),
+        )  # fmt: skip
+        # the inner launcher bounds start-up and the run itself; this bound is the backstop
+        _follow(proc, log_path, on_progress, spec.run_timeout + 3 * spec.startup_timeout + 60)
+        if proc.returncode == 0:
+            return
+        with contextlib.suppress(OSError), open(error_path, encoding="utf-8") as handle:
+            raise FedLinearError(handle.read().rstrip())
+        if proc.returncode == 130:
+            raise KeyboardInterrupt
+        raise FedLinearError(
+            f"the isolated federation exited with code {proc.returncode}; log {log_path}:\n{tail(log_path)}"
+        )
+    finally:
+        if proc is not None and proc.poll() is None:
+            # SIGTERM to the namespace's init, which hands it to the inner launcher: it stops its
+            # processes as it would outside (bounded); whatever is left is then killed
+            with contextlib.suppress(psutil.Error):
+                for init in psutil.Process(proc.pid).children():
+                    init.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=ISOLATED_STOP_GRACE)
+        group.stop()
+
+
+def _inner(spec_path: str, error_path: str) -> int:
+    """PID 1 of the namespaces: bring lo up, run the launcher in a child, reap every orphan, forward
+    signals; when this returns, the kernel ends whatever is still running in the namespace."""
+    try:
+        bring_loopback_up()
+    except (OSError, FedLinearError) as exc:
+        with open(error_path, "w", encoding="utf-8") as handle:
+            handle.write(f"cannot set up the private network namespace: {exc}\n")
+        return 1
+    with open(spec_path, encoding="utf-8") as handle:
+        spec = LaunchSpec(**json.load(handle))
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+
+            def stop(signum, _frame):
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGTERM, stop)
+            signal.signal(signal.SIGHUP, stop)
+            _launch(spec, lambda line: print(PROGRESS_MARK + line, flush=True))
+            code = 0
+        except FedLinearError as exc:
+            with open(error_path, "w", encoding="utf-8") as handle:
+                handle.write(str(exc) + "\n")
+        except KeyboardInterrupt:
+            code = 130
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def forward(signum, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            return 1
+        if pid == child:
+            return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--probe"]:
+        try:
+            bring_loopback_up()
+        except (OSError, FedLinearError) as exc:
+            sys.exit(f"cannot set up the private network namespace: {exc}")
+        sys.exit(0)
+    if sys.argv[1:2] == ["--inner"] and len(sys.argv) == 4:
+        sys.exit(_inner(sys.argv[2], sys.argv[3]))
+    sys.exit("usage: python -m scripts.launcher --probe | --inner SPEC.json ERROR.txt")

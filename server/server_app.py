@@ -39,7 +39,13 @@ from common.errors import FedLinearError, one_line
 from common.export import export_savedmodel
 from common.runstore import RunStore
 from common.storage import fingerprint
-from server.strategy import build_strategy
+from flwr.serverapp.exception import PrivacyBudgetExhausted
+
+from common import privacy as private_noise
+from common import storage
+from server import privacy
+from server.strategy import build_strategy, fixed_order
+from server import secure  # secure aggregation hook
 
 app = ServerApp()
 log = logging.getLogger("fedlinear")
@@ -97,10 +103,12 @@ def query_nodes(
     scatter about it (full when ``reference = auto``, the diagonal otherwise). Both are sums, added
     in client-key order so the result does not depend on reply order.
     """
-    want_moments = cfg.reference == "auto" or cfg.standardize != "none"
+    # under any privacy mechanism no node sends statistics (nor its shard's path and hash) in the clear
+    want_moments = not cfg.private and (cfg.reference == "auto" or cfg.standardize != "none")
+    describe = {"stage": "describe", "want-moments": want_moments, "private": cfg.private}
     messages = [
         Message(
-            RecordDict({"config": ConfigRecord({"stage": "describe", "want-moments": want_moments})}),
+            RecordDict({"config": ConfigRecord(describe)}),
             dst_node_id=nid,
             message_type=MessageType.QUERY,
         )
@@ -135,7 +143,8 @@ def query_nodes(
     widths = {info["num-features"] for info in healthy.values()}
     if len(widths) > 1:
         detail = ", ".join(
-            f"node {nid} ({info['data-uri']}): {info['num-features']}" for nid, info in sorted(healthy.items())
+            f"node {nid} ({info.get('data-uri') or 'shard withheld'}): {info['num-features']}"
+            for nid, info in sorted(healthy.items())
         )
         raise FedLinearError(f"shards disagree on the number of features: {detail}")
     if not want_moments:
@@ -262,6 +271,7 @@ def progress_line(row: dict[str, Any]) -> str:
         ("test-mse-ratio", "/ LS"),
         ("excess-train-mse", "excess train MSE"),
         ("weight-distance", "|w - w*|"),
+        ("epsilon", "ε"),
     ):
         if row.get(key) is not None:
             parts.append(f"{label} {row[key]:.6g}")
@@ -302,6 +312,8 @@ class Start:
     history: dict
     transform: scaling.Transform | None  # None: not in the checkpoint, derive it
     learning_rate: float | None
+    accountant_state: dict | None = None
+    clipping_state: dict | None = None
 
 
 def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int) -> Start:
@@ -328,7 +340,89 @@ def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int) -> Start
     history["rounds"] = [row for row in history["rounds"] if row["round"] <= done]
     transform = scaling.Transform.from_json(pointer["transform"]) if "transform" in pointer else None
     rate = float(pointer["resolved-learning-rate"]) if "resolved-learning-rate" in pointer else None
-    return Start(weights, done + 1, history, transform, rate)
+    return Start(weights, done + 1, history, transform, rate, pointer.get("accountant"), pointer.get("clipping"))
+
+
+def load_statistics(uri: str, num_features: int) -> scaling.PooledStats:
+    """Pooled statistics from an ``.npz`` with ``count``, ``mean`` (d+1) and ``scatter`` ((d+1)², or d+1)."""
+    import io
+
+    try:
+        with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as arrays:
+            count, mean, scatter = int(arrays["count"]), arrays["mean"].astype(np.float64), arrays["scatter"].astype(np.float64)
+    except (KeyError, ValueError, OSError) as exc:
+        raise FedLinearError(f"{uri} (config key 'statistics-uri'): not a statistics file: {one_line(exc)}") from None
+    d = num_features
+    if count < 1 or mean.shape != (d + 1,) or scatter.shape not in ((d + 1, d + 1), (d + 1,)):
+        raise FedLinearError(f"{uri} (config key 'statistics-uri'): statistics for another shape than {d} features + target")
+    return scaling.PooledStats(count=count, mean=mean, scatter=scatter)
+
+
+def save_statistics(uri: str, pooled: scaling.PooledStats) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, count=np.array(pooled.count), mean=pooled.mean, scatter=pooled.scatter)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def choose_statistics(
+    cfg: RunConfig, from_nodes: scaling.PooledStats | None, num_features: int
+) -> tuple[scaling.PooledStats | None, str, scaling.PooledStats | None]:
+    """(statistics for the yardstick, where they came from, statistics the training may use).
+
+    Without privacy the nodes' sums serve both. Under privacy the nodes send none: the yardstick comes
+    from ``statistics-uri`` if given (``fedlinear run`` computes it from the shards on its machine; it
+    never reaches the model), and training uses those statistics only when they are declared public.
+    """
+    if not cfg.private:
+        return from_nodes, "pooled least squares from centred additive sums (n, Σ[x y], Σ(z−μ)(z−μ)ᵀ) of every node", from_nodes
+    if not cfg.statistics_uri:
+        return None, "none: privacy is on and no statistics-uri was given", None
+    local = load_statistics(cfg.statistics_uri, num_features)
+    source = (
+        f"pooled least squares from {cfg.statistics_uri}, computed outside the federation (by fedlinear run from the "
+        "shards on its machine); no node sent statistics"
+    )
+    return local, source, local if cfg.dp_public_statistics else None
+
+
+def build_transform(cfg: RunConfig, stats: scaling.PooledStats | None, num_features: int) -> scaling.Transform:
+    """The standardization transform; under privacy only from statistics declared public."""
+    if cfg.private and stats is None and cfg.standardize != "none":
+        if cfg.standardize != "auto":
+            raise FedLinearError(
+                f"standardize = {cfg.standardize} needs pooled statistics, which no node sends under privacy: "
+                "declare statistics public with 'dp-public-statistics' = true and 'statistics-uri', or set 'standardize' = none"
+            )
+        transform = scaling.Transform.identity(num_features)
+        transform.notes = (
+            "standardize = auto trains on raw data under privacy: the statistics would leak; declare them public "
+            "('dp-public-statistics' = true with 'statistics-uri') to standardize",
+        )
+        return transform
+    transform = scaling.build_transform(cfg.standardize, stats, num_features)
+    if cfg.private and stats is not None and transform.kind != "none":
+        transform.notes = (*transform.notes, f"standardization statistics declared public ({cfg.statistics_uri}); not covered by ε")
+    return transform
+
+
+def transform_config(transform: scaling.Transform) -> dict[str, Any]:
+    """The transform as train/evaluate config values (one ConfigRecord: Flower's fixedclipping_mod
+    refuses a task with a second ArrayRecord)."""
+    if transform.kind == "none":
+        return {}
+    return {f"transform-{name}": value.ravel().tolist() for name, value in transform.arrays().items()}
+
+
+def local_dp_config(cfg: RunConfig) -> dict[str, Any]:
+    if cfg.dp != "local":
+        return {}
+    return {
+        "local-dp-clipping-norm": cfg.dp_clipping_norm,
+        "local-dp-noise-multiplier": cfg.dp_noise_multiplier,
+        "dp-noise-seed": cfg.dp_noise_seed,
+    }
 
 
 def initial_weights(num_features: int, seed: int, transform: scaling.Transform) -> lm.LinearWeights:
@@ -345,9 +439,9 @@ def divergence(row: dict[str, Any], baseline: dict[str, Any]) -> str | None:
         if value is None:
             continue
         if not np.isfinite(value):
-            return f"its {label} is not finite"
+            return f"has a non-finite {label}"
         if base is not None and np.isfinite(base) and value > DIVERGENCE_FACTOR * max(base, 1e-300):
-            return f"its {label} {value:.4g} is more than {DIVERGENCE_FACTOR:g} x the initial {base:.4g}"
+            return f"has a {label} of {value:.4g}, more than {DIVERGENCE_FACTOR:g} x the initial model's {base:.4g}"
         return None
     return None
 
@@ -379,28 +473,38 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
             f"{cfg.test_uri}: test set has {test.num_features} features but the shards have {num_features}"
         )
     start = resume_or_start(store, cfg, num_features)
+    pooled, reference_source, training_stats = choose_statistics(cfg, pooled, num_features)
     if start.transform is not None:
         transform = start.transform  # a resumed run keeps the transform it trained in
     else:
-        transform = scaling.build_transform(cfg.standardize, pooled, num_features)
+        transform = build_transform(cfg, training_stats, num_features)
     for note in transform.notes:
         say(f"standardization: {note}")
     sizes = [int(info["num-examples"]) for info in healthy.values()]
     if start.learning_rate is not None:
         learning_rate, rate_note = start.learning_rate, f"learning rate {start.learning_rate:.4g} (from the checkpoint)"
     else:
-        learning_rate, rate_note = resolve_learning_rate(cfg, pooled, transform, sizes)
+        learning_rate, rate_note = resolve_learning_rate(cfg, training_stats, transform, sizes)
     evaluate = Evaluator(test, pooled, transform)
+    if evaluate.optimum is not None:
+        evaluate.reference["source"] = reference_source
     say(
         f"{len(healthy)} shards, {num_features} features, {sum(sizes)} samples; "
         f"standardize = {transform.kind}; {rate_note}"
         + (f"; pooled least-squares test MSE {evaluate.reference['test-mse']:.6g}" if "test-mse" in evaluate.reference else "")
     )
 
-    strategy = build_strategy(cfg, {nid: int(info["client-key"]) for nid, info in healthy.items()})
-    strategy.train_config = {"learning-rate": learning_rate}
-    if transform.kind != "none":
-        strategy.extra_records = {"transform": to_record_arrays(transform.arrays())}
+    eligible = {nid: int(info["client-key"]) for nid, info in healthy.items()}
+    built = build_strategy(cfg, eligible)
+    strategy, accountant = built.strategy, built.accountant
+    built.base.task_config = transform_config(transform)  # train and evaluate tasks
+    built.base.train_config = {"learning-rate": learning_rate, **local_dp_config(cfg)}
+    if cfg.secure_aggregation:  # secure aggregation hook
+        say(secure.describe(cfg))
+    if cfg.dp != "none":
+        say(f"privacy: {privacy.MECHANISMS[cfg.dp]}; z = {cfg.dp_noise_multiplier:g}, C = {cfg.dp_clipping_norm:g}, "
+            f"δ = {cfg.dp_delta:g}, {built.num_sampled} of {len(eligible)} clients a round"
+            + (f", budget ε <= {cfg.dp_max_epsilon:g}" if cfg.dp_max_epsilon else ""))  # fmt: skip
     weights, start_round, history = start.weights, start.first_round, start.history
     if start_round > 1:
         say(f"resuming after round {start_round - 1} from {store.uri('checkpoints', 'latest.json')}")
@@ -409,10 +513,16 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
         history = {"run-id": context.run_id, "rounds": []}
         row = {"round": 0, "elapsed-s": time.monotonic() - started, "clients-ok": 0, "clients-failed": 0}
         row.update(evaluate(weights))
+        if accountant is not None:
+            row["epsilon"] = 0.0
         history["rounds"].append(row)
     history["reference"] = evaluate.reference
     history["standardization"] = transform.to_json()
     history["learning-rate"] = {"value": learning_rate, "how": rate_note}
+    if accountant is not None and start.accountant_state is not None:
+        accountant.load_state_dict(start.accountant_state)  # a resumed run never resets ε
+    if start.clipping_state is not None and hasattr(strategy, "load_state_dict"):
+        strategy.load_state_dict(start.clipping_state)  # adaptive clipping: the norm it had reached
     history["query-failures"] = query_failures
     history.setdefault("resumed-at", [])
     if start_round > 1:
@@ -426,20 +536,61 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
     }
     baseline = dict(history["rounds"][0])
     failed_in_a_row = 0
+    stopped = None
 
     for server_round in range(start_round, cfg.num_server_rounds + 1):
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout
-        )
-        replies = list(replies)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        failures = strategy.last_failures
+        try:
+            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+            if cfg.dp == "local" and accountant.config.max_epsilon is not None:
+                event = privacy.release_event(cfg, len(messages), len(eligible))
+                if messages and accountant.would_exceed(event):
+                    raise PrivacyBudgetExhausted("the next release would exceed max_epsilon")
+        except PrivacyBudgetExhausted:
+            stopped = (
+                f"training stopped before round {server_round}: its release would take ε past the budget "
+                f"dp-max-epsilon = {cfg.dp_max_epsilon:g} (ε spent {privacy.epsilon(accountant, cfg.dp_delta):.4g} "
+                f"at δ = {cfg.dp_delta:g}); the model of round {server_round - 1} is the result"
+            )
+            say(stopped)
+            history["stopped"] = {"round": server_round - 1, "reason": stopped}
+            break
+        except ValueError as exc:  # Flower's DP wrapper: fewer nodes connected than the accounted sample
+            messages = []
+            say(f"round {server_round}: not configured: {one_line(exc)}")
+        secured = None
+        if cfg.secure_aggregation and messages:  # secure aggregation hook: SecAgg+ instead of clear replies
+            sizes_by_node = {nid: int(info["num-examples"]) for nid, info in healthy.items()}
+            secured = secure.train_round(grid, cfg, server_round, messages, sizes_by_node)
+            replies, ordered, failures = [], [], secured.failures
+        else:
+            replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else []
+            ordered, failures = fixed_order(replies, eligible)
+            answered = {msg.metadata.src_node_id for msg in replies}
+            failures += [
+                {"node-id": msg.metadata.dst_node_id, "client-key": eligible.get(msg.metadata.dst_node_id),
+                 "reason": f"no reply within 'round-timeout' ({cfg.round_timeout:g} s)"}
+                for msg in messages if msg.metadata.dst_node_id not in answered
+            ]  # fmt: skip
+        if cfg.dp != "none":
+            # Flower's wrappers draw noise from NumPy's global RNG: seed it per round (dp-noise-seed)
+            private_noise.seed_global_numpy(cfg.dp_noise_seed, cfg.seed, server_round, private_noise.CENTRAL_DP_STREAM)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, ordered) if ordered else (None, None)
+        if secured is not None:  # secure aggregation hook: the aggregate (central DP noise goes on secured.update)
+            new_arrays, train_metrics = secured.arrays, secured.metrics
+        if cfg.dp == "local" and any(not msg.has_error() for msg in ordered):
+            accountant.compose(privacy.release_event(cfg, len(messages), len(eligible)))
         row = {
             "round": server_round,
-            "clients-ok": len(replies) - len(failures),
+            "clients-ok": len(replies) - sum(1 for msg in replies if msg.has_error())
+            + (secured.num_aggregated if secured is not None else 0),  # secure aggregation hook
             "clients-failed": len(failures),
             "failures": failures,
         }
+        if accountant is not None:
+            row["epsilon"] = privacy.epsilon(accountant, cfg.dp_delta)
+        if hasattr(strategy, "clipping_norm") and cfg.dp_clipping == "adaptive":
+            row["clipping-norm"] = strategy.clipping_norm  # for the next round
+            row["unclipped-fraction"] = strategy.last_unclipped_fraction
         for failure in failures:
             say(f"round {server_round}: node {failure['node-id']} failed: {failure['reason']}")
         if new_arrays is None:
@@ -462,7 +613,7 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
         row.update(evaluate(weights))
         row["elapsed-s"] = time.monotonic() - started
         history["rounds"].append(row)
-        diverged = "its weights are not finite" if not np.isfinite(weights.vector()).all() else divergence(row, baseline)
+        diverged = "has non-finite weights" if not np.isfinite(weights.vector()).all() else divergence(row, baseline)
         if diverged:
             history["stopped"] = {"round": server_round, "reason": f"diverged: {diverged}"}
             store.write_history(history)
@@ -474,6 +625,10 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
                 + ", and start again in a new run-dir"
             )
         store.write_history(history)  # history first: a checkpoint never runs ahead of the history
+        if accountant is not None:
+            checkpoint_state["accountant"] = accountant.state_dict()
+        if hasattr(strategy, "state_dict"):
+            checkpoint_state["clipping"] = strategy.state_dict()
         store.write_checkpoint(server_round, weights, checkpoint_state)
         say(progress_line(row))
         if failed_in_a_row >= cfg.max_failed_rounds:
@@ -502,9 +657,11 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
         "standardized-weights": {"kernel": weights.kernel.ravel().tolist(), "bias": float(weights.bias[0])},
         "standardization": transform.to_json(),
         "learning-rate": {"value": learning_rate, "how": rate_note},
+        "privacy": privacy.summary(cfg, accountant, stopped),
         "model": model_uri,
         "shards": [
             {k: healthy[nid][k] for k in ("data-uri", "num-examples", "fingerprints", "partition-id") if k in healthy[nid]}
+            | ({} if "data-uri" in healthy[nid] else {"data-uri": "withheld by the node (privacy on)"})
             for nid in sorted(healthy, key=lambda n: healthy[n]["client-key"])
         ],
         "test-set": [fingerprint(uri) for uri in test.sources] if test is not None else [],
@@ -514,12 +671,8 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
         "wall-time-s": time.monotonic() - started,
     }
     store.write_manifest(manifest)
-    store.write_status("completed", run_id=context.run_id)
+    store.write_status("completed", stopped or "", run_id=context.run_id)
     say(f"done: model exported to {model_uri}")
-
-
-def to_record_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
 
 
 @app.main()

@@ -18,13 +18,12 @@ from common.config import RunConfig
 from common.runstore import RunStore
 from server import server_app
 
-HANDLERS = {"query": ca.query, "train": ca.train, "evaluate": ca.evaluate}
-
 
 class InProcessGrid:
     """``get_node_ids`` / ``send_and_receive`` over in-process nodes, one per shard URI.
 
     ``sabotage(node_id, message)`` may return a reply to use instead of the node's (fault injection).
+    ``received`` holds every reply the ServerApp got, in the order of ``sent`` (what crossed the wire).
     """
 
     def __init__(self, shard_uris: list[str], run_config: dict, sabotage=None) -> None:
@@ -33,6 +32,7 @@ class InProcessGrid:
         self.run_config = run_config
         self.sabotage = sabotage
         self.sent: list[Message] = []
+        self.received: list[Message] = []
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -48,16 +48,21 @@ class InProcessGrid:
             TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, nid, len(self.sent)
             reply = self.sabotage(nid, msg) if self.sabotage else None
             if reply is None:
-                reply = HANDLERS[msg.metadata.message_type](msg, context)
+                reply = ca.app(msg, context)  # dispatch as Flower does, with each handler's mods
+            self.received.append(reply)
             replies.append(reply)
         return replies
 
 
-def run_in_process(shard_uris: list[str], run_dir: str, sabotage=None, **config) -> tuple[str, dict | None]:
-    """Run fedlinear in-process; return (status, manifest or None)."""
+def run_in_process(
+    shard_uris: list[str], run_dir: str, sabotage=None, grids: list | None = None, **config
+) -> tuple[str, dict | None]:
+    """Run fedlinear in-process; return (status, manifest or None). ``grids``, if given, receives the grid."""
     run_config = {"run-dir": run_dir, "min-available-nodes": len(shard_uris), **config}
     cfg = RunConfig.from_run_config(run_config)
     grid = InProcessGrid(shard_uris, run_config, sabotage)
+    if grids is not None:
+        grids.append(grid)
     store = RunStore(run_dir)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)

@@ -14,7 +14,7 @@ from common.data import Dataset
 from common.errors import FedLinearError
 from common.runstore import RunStore
 from server.server_app import Evaluator, resume_or_start, trajectory_key
-from server.strategy import build_strategy
+from server.strategy import build_strategy, fixed_order
 
 
 class FakeGrid:
@@ -90,8 +90,8 @@ def test_evaluator_reports_raw_space_figures_for_standardized_weights():
 def test_sampling_is_seeded_and_independent_of_node_ids():
     cfg = RunConfig(seed=9, fraction_train=0.5)
     # the same 6 partitions behind two different sets of node ids
-    a = build_strategy(cfg, {100 + k: k for k in range(6)})
-    b = build_strategy(cfg, {9000 - 7 * k: k for k in range(6)})
+    a = build_strategy(cfg, {100 + k: k for k in range(6)}).base
+    b = build_strategy(cfg, {9000 - 7 * k: k for k in range(6)}).base
     for server_round in (1, 2, 3):
         ids_a = a._sample(FakeGrid(a.eligible), server_round, 0.5, 1, 1)
         ids_b = b._sample(FakeGrid(b.eligible), server_round, 0.5, 1, 1)
@@ -122,21 +122,25 @@ def reply(node_id, value, n):
 
 
 def test_aggregation_order_does_not_depend_on_reply_order():
-    strategy = build_strategy(RunConfig(), {1: 2, 2: 0, 3: 1})
+    eligible = {1: 2, 2: 0, 3: 1}
+    strategy = build_strategy(RunConfig(), eligible).strategy
     values = {1: 0.1, 2: 0.7, 3: 1e-8}
     replies = [reply(nid, v, 10 + nid) for nid, v in values.items()]
-    first, _ = strategy.aggregate_train(1, replies)
-    second, _ = strategy.aggregate_train(1, list(reversed(replies)))
+    ordered, failures = fixed_order(replies, eligible)
+    assert [m.metadata.src_node_id for m in ordered] == [2, 3, 1] and failures == []
+    first, _ = strategy.aggregate_train(1, ordered)
+    second, _ = strategy.aggregate_train(1, fixed_order(list(reversed(replies)), eligible)[0])
     assert first["kernel"].numpy().tobytes() == second["kernel"].numpy().tobytes()
     expected = sum(v * (10 + nid) for nid, v in values.items()) / sum(10 + nid for nid in values)
     assert first["kernel"].numpy()[0, 0] == pytest.approx(expected, rel=1e-6)
 
 
 def test_failed_replies_are_recorded_not_fatal():
-    strategy = build_strategy(RunConfig(), {1: 0, 2: 1})
+    strategy = build_strategy(RunConfig(), {1: 0, 2: 1}).strategy
     ok = reply(1, 0.5, 10)
     bad = make_message(metadata(2), error=Error(code=4001, reason="s3://b/k: no such key"))
-    arrays, metrics = strategy.aggregate_train(1, [bad, ok])
+    ordered, failures = fixed_order([bad, ok], {1: 0, 2: 1})
+    arrays, metrics = strategy.aggregate_train(1, ordered)
     assert arrays["kernel"].numpy()[0, 0] == pytest.approx(0.5)
-    assert strategy.last_failures == [{"node-id": 2, "client-key": 1, "reason": "s3://b/k: no such key"}]
+    assert failures == [{"node-id": 2, "client-key": 1, "reason": "s3://b/k: no such key"}]
     assert metrics["train-loss"] == pytest.approx(0.5)

@@ -1,0 +1,29 @@
+"""Work-arounds for defects found in Flower 1.42, applied by the code that needs them.
+
+* ``flwr.supercore.differential_privacy.clip_inputs_inplace`` computes
+  ``min(1, clipping_norm / input_norm)`` and raises ``ZeroDivisionError`` for an update whose norm is
+  exactly 0 (a client whose weights did not move: an empty learning step, a sabotaged or lazy
+  party). Server-side clipping then takes the whole run down, client-side clipping fails that client.
+  The replacement scales by 1 when the norm is 0 and is otherwise the same FlatClip. Both
+  ``compute_clip_model_update`` (server wrapper and ``fixedclipping_mod``) look the function up in
+  that module's globals, so replacing it there fixes every caller. Tested in tests/test_privacy.py
+  (a zero-update client under both clipping modes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.supercore import differential_privacy as _dp
+
+
+def _clip_inputs_inplace(input_arrays, clipping_norm: float) -> None:
+    input_norm = _dp.get_norm(input_arrays)
+    scaling_factor = min(1.0, clipping_norm / input_norm) if input_norm > 0 else 1.0
+    for array in input_arrays:
+        array *= np.asarray(scaling_factor, dtype=np.asarray(array).dtype)
+
+
+def apply() -> None:
+    """Install the fixes (idempotent)."""
+    if _dp.clip_inputs_inplace is not _clip_inputs_inplace:
+        _dp.clip_inputs_inplace = _clip_inputs_inplace

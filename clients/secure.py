@@ -1,0 +1,152 @@
+"""Client side of secure aggregation: the ``train.secagg`` handler and the mods around it.
+
+The server's SecAgg+ rounds (server/secure.py) arrive as message type ``train.secagg``, four
+messages a round (setup, share keys, collect masked vectors, unmask). Flower's ``secaggplus_mod``
+runs the protocol; it is attached to this one handler through :data:`MODS` and never app-wide (it
+would read every other task as a protocol message). At the "collect masked vectors" stage the mod
+calls :func:`masked_update`, which trains with the same local training as the clear path
+(``clients.client_app.fit``, passed in) and hands the mod the **update** (new weights minus the
+received global weights) in the legacy ``fitres.*`` format it expects; the mod quantizes and masks
+it, and only the masked vector leaves the node.
+
+Before the update is released it is
+
+* clipped to L2 norm ``C`` when the task carries Flower's DP clipping norm
+  (``flwr.supercore.differential_privacy.KEY_CLIPPING_NORM``): under secure aggregation the server
+  cannot clip individual updates, so the clients must (``dp = central-client-clip``);
+* checked against the protocol's clipping range: SecAgg+ would silently clip a coordinate outside
+  ``±secagg-clipping-range`` and bias the aggregate, so the node fails the task instead (it then
+  drops out of the round, which the protocol survives).
+
+Stochastic rounding in Flower's quantizer draws from NumPy's global RNG. :func:`_as_train` seeds
+it from (seed, round, partition id or node id) for the task, so a secure run is reproducible like a clear one,
+and restores the previous RNG state afterwards, so nothing else in the process sees a predictable
+stream. The masks themselves come from ``os.urandom`` and key agreement, not from that RNG, expanded
+by :func:`common.secagg_prg.pseudo_rand_gen` (Flower's own folds each seed to 32 bits).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Context, Error, Message, MessageType, MetricRecord
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from common import model as lm
+from common import secagg_prg
+from common.errors import FedLinearError, one_line
+
+# Flower 1.42 expands mask seeds through a 32-bit seed: use full-strength masks (common/secagg_prg.py),
+# as server/secure.py does on the other side
+# (the module's global, which the mod function reads; ``flwr.client.mod.secure_aggregation.secaggplus_mod``
+# as an attribute is the function itself)
+secaggplus_mod.__globals__["pseudo_rand_gen"] = secagg_prg.pseudo_rand_gen
+
+ACTION = "secagg"  # server/secure.py ACTION: the message type is "train.secagg"
+KEY_WEIGHTING = "secagg-weighting"  # server/secure.py KEY_WEIGHTING
+ERROR_CODE_USER = 4001  # as clients/client_app.py
+ERROR_CODE_INTERNAL = 4002
+
+Fit = Callable[[Message, Context], "tuple[lm.LinearWeights, MetricRecord]"]
+
+
+def _guard(msg: Message, context: Context, call_next) -> Message:
+    """Outermost mod: any failure becomes an error reply with a one-line reason (the node drops out
+    of this round's protocol; the run goes on)."""
+    try:
+        return call_next(msg, context)
+    except FedLinearError as exc:
+        return Message(Error(code=ERROR_CODE_USER, reason=one_line(exc)), reply_to=msg)
+    except Exception as exc:  # noqa: BLE001 - reported to the server, logged here
+        logging.getLogger("fedlinear").error("secure aggregation task failed:\n%s", traceback.format_exc())
+        return Message(Error(code=ERROR_CODE_INTERNAL, reason=one_line(exc)), reply_to=msg)
+
+
+def _as_train(msg: Message, context: Context, call_next) -> Message:
+    """Present the task to ``secaggplus_mod`` as a plain ``train`` message (the only type it acts
+    on), with NumPy's global RNG seeded for reproducible stochastic rounding; undo both afterwards."""
+    original = msg.metadata.message_type
+    saved = np.random.get_state()
+    np.random.seed(_rounding_seed(msg, context))
+    msg.metadata.message_type = MessageType.TRAIN
+    try:
+        reply = call_next(msg, context)
+    finally:
+        msg.metadata.message_type = original
+        np.random.set_state(saved)
+    reply.metadata.message_type = original
+    return reply
+
+
+def _rounding_seed(msg: Message, context: Context) -> int:
+    """A 32-bit seed from (run seed, group id = round, node): quantization noise only, not a secret."""
+    seed = int(context.run_config.get("seed", 0))
+    group = msg.metadata.group_id
+    round_id = int(group) if str(group).isdigit() else 0
+    node = int(context.node_config.get("partition-id", msg.metadata.dst_node_id))
+    return int(np.random.SeedSequence([seed, round_id, node, 0x5ECA66]).generate_state(1)[0])
+
+
+# The mods of the ``train.secagg`` handler, outermost first.
+MODS = [_guard, _as_train, secaggplus_mod]
+
+
+def masked_update(msg: Message, context: Context, fit: Fit) -> Message:
+    """Train locally (``fit``) and reply with the update in the ``fitres`` format ``secaggplus_mod``
+    quantizes and masks. Raises FedLinearError when the update cannot be sent faithfully."""
+    arrays = msg.content["arrays"]
+    config = msg.content["config"]
+    names = list(arrays.keys())
+    received = {name: np.asarray(arrays[name].numpy(), dtype=np.float64) for name in names}
+    new_weights, metrics = fit(msg, context)
+    trained = new_weights.as_dict()
+    update = [np.asarray(trained[name], dtype=np.float64).reshape(received[name].shape) - received[name] for name in names]
+    if KEY_CLIPPING_NORM in config:
+        update = clip_update(update, float(config[KEY_CLIPPING_NORM]))
+    weight = 1 if str(config.get(KEY_WEIGHTING, "equal")) == "equal" else int(metrics["num-examples"])
+    check_fits(update, weight, context)
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="Success"),
+        parameters=ndarrays_to_parameters(update),
+        num_examples=weight,
+        metrics={},  # nothing per node in the clear: no train loss, no client key
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def clip_update(update: list[np.ndarray], clipping_norm: float) -> list[np.ndarray]:
+    """Scale the update to L2 norm at most ``clipping_norm`` (a zero update stays zero)."""
+    norm = float(np.sqrt(sum(float(np.sum(a * a)) for a in update)))
+    if norm <= clipping_norm or norm == 0.0:
+        return update
+    return [a * (clipping_norm / norm) for a in update]
+
+
+def check_fits(update: list[np.ndarray], weight: int, context: Context) -> None:
+    """Refuse an update SecAgg+ would silently distort or that voids the error bound of
+    server/secure.py: a coordinate outside the clipping range, or a weight above the protocol's
+    maximum (the mod scales the update by ``weight / max_weight`` before it clips)."""
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    if state is None or "clipping_range" not in state:
+        raise FedLinearError("secure aggregation: training task without a protocol setup")
+    clipping_range = float(state["clipping_range"])
+    max_weight = float(state["max_weight"])
+    if not 0 < weight <= max_weight:
+        raise FedLinearError(
+            f"secure aggregation: this node's weight {weight} exceeds the round's maximum {max_weight:g}"
+        )
+    largest = max((float(np.max(np.abs(a))) if a.size else 0.0) for a in update)
+    if not np.isfinite(largest):
+        raise FedLinearError("secure aggregation: the local update is not finite")
+    if largest > clipping_range:
+        raise FedLinearError(
+            f"secure aggregation: the local update has a coordinate outside ±{clipping_range:g}, which "
+            "SecAgg+ would clip silently; raise 'secagg-clipping-range' (or standardize the data)"
+        )

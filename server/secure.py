@@ -1,0 +1,419 @@
+"""Secure aggregation of one training round with Flower's SecAgg+ (``secure-aggregation = true``).
+
+The server learns the weighted mean of the sampled clients' **updates** (new weights minus the
+global weights) and nothing about any single update: each client quantizes its update to integers,
+adds pairwise masks that cancel in the sum and a private mask whose seed it secret-shares with its
+neighbours, and sends only that masked vector. Flower 1.42 has SecAgg+ only on its legacy path
+(``SecAggPlusWorkflow`` driving a ``LegacyContext`` and a legacy ``Strategy``; ``secaggplus_mod``
+expecting legacy ``fitres.*`` replies). This module keeps that path in one place: the rest of the
+ServerApp stays on the Message API and calls :func:`train_round` with the train tasks its strategy
+configured, instead of sending them in the clear.
+
+How one round runs
+------------------
+The four SecAgg+ stages (setup, share keys, collect masked vectors, unmask) each send one message to
+every party still in the protocol, as message type ``train.secagg``: the clients register SecAgg+ on
+that handler alone (``clients/secure.py``), never app-wide. The train task's own content (weights,
+config, standardization) travels with stage 3, where the client trains exactly as in the clear path.
+Every stage waits at most ``secagg-timeout`` seconds; a party that has not answered by then, or
+answers with an error, is dropped from the round.
+
+Dropouts. SecAgg+ recovers a party that drops after sharing its keys (stage 2 or later): the round
+gives the mean over the parties whose masked vectors arrived. Flower 1.42 halts the whole round when a
+party drops *before* sharing its keys (it counts that party as "dead" and asks the others for key
+shares they never received). :class:`_Workflow` removes such parties from the protocol after the
+setup and share-keys stages instead, which is what the protocol would do had they never been sampled
+(no masks involving them were ever added), so those dropouts cost only the stage's timeout.
+
+Weighting
+---------
+SecAgg+ returns ``Σ wᵢ·δᵢ / Σ wᵢ`` for per-party weights ``wᵢ`` that travel inside the masked vector.
+Without DP the weight is the shard size ``nᵢ`` (as FedAvg weights, so the result is FedAvg's);
+under DP (``dp`` not ``none``) every party weighs 1: the noise is calibrated to a mean of equally
+weighted, clipped updates. The weight is sent to the server in the clear as ``num_examples`` by
+Flower's protocol; the server already knows every shard size from the shard query.
+
+Quantization error
+------------------
+Flower's ``secaggplus_mod`` sends ``clip(rᵢ·δᵢ, ±c)`` quantized by stochastic rounding to the grid
+of step ``s = 2c/Q`` (``c`` = ``secagg-clipping-range``, ``Q`` = ``secagg-quantization-range``),
+together with ``rᵢ = round(Q·wᵢ/w_max)/Q``, the party's weight as the protocol carries it
+(``w_max`` = the largest weight among the round's sampled parties, so ``rᵢ ≤ 1``); the server divides
+the unmasked sum by ``Σ rᵢ``. Clients refuse to send an update with a coordinate outside ``±c``
+(clients/secure.py), so nothing is clipped and every rounding error is below one step. Per
+coordinate, the secure aggregate then differs from the exact weighted mean ``Σ wᵢδᵢ / Σ wᵢ`` of the
+aggregated parties' updates by less than
+
+    s · w_max / mean(w)          rounding of the values (k errors < s each, divided by Σ rᵢ)
+  + s · w_max / mean(w) / 2      rounding of the weights (|rᵢ − wᵢ/w_max| ≤ 1/(2Q), |δᵢ − mean| ≤ 2c)
+
+where the second term vanishes for equal weights. Equal weights (DP): ``s = 2c/Q``; shard-size
+weights: ``1.5·s·w_max/mean(w)``. :func:`quantization_bound` computes it. The new global weights
+differ by as much (plus float32 rounding when stored). With the defaults ``c = 8``, ``Q = 2²²``:
+``s = 3.81e-6`` per coordinate, i.e. at most 1.3e-5 relative to the default data's weight vector
+(11 coordinates of norm ~1), well inside the 1e-4 asked of it; tests/test_secure.py measures the
+error every round. Larger ``Q`` shrinks the step, but the integer sums live modulo 2³²: at most
+``2³²/Q − 1`` parties (1023 at the default) can take part in one round, and more is refused.
+
+What the server still sees: who was sampled and who answered each stage, every party's weight
+(shard size, or 1 under DP), the aggregate itself, and the round's timing. Per-node train losses are
+not sent under secure aggregation (they would be per-node statistics in the clear), so the round has
+no ``train-loss``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import FitIns, Parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.server import ServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+
+from common import secagg_prg
+from common.config import RunConfig
+from common.errors import FedLinearError
+
+# Flower 1.42 expands mask seeds through a 32-bit seed: use full-strength masks (common/secagg_prg.py),
+# as clients/secure.py does on the other side
+SecAggPlusWorkflow.unmask_stage.__globals__["pseudo_rand_gen"] = secagg_prg.pseudo_rand_gen
+
+# The clients' SecAgg+ handler: ``@app.train(ACTION)`` (clients/secure.py), message type ``train.secagg``.
+ACTION = "secagg"
+MESSAGE_TYPE = f"{MessageType.TRAIN}.{ACTION}"
+# Train-config key telling the clients which weight to report: "equal" (1) or "num-examples" (nᵢ).
+KEY_WEIGHTING = "secagg-weighting"
+# Masks and sums live modulo 2**32 (Flower's default; its pseudo-random masks are drawn below it).
+MODULUS_RANGE = 2**32
+STAGE_NAMES = {
+    "setup": "setup",
+    "share_keys": "share keys",
+    "collect_masked_vectors": "collect masked vectors",
+    "unmask": "unmask",
+}
+
+
+@dataclasses.dataclass
+class SecureRound:
+    """The outcome of one securely aggregated training round.
+
+    Attributes
+    ----------
+    sampled : list[int]
+        Node ids of the parties the round started with.
+    aggregated : list[int]
+        Parties whose update is in the aggregate (their masked vector arrived).
+    arrays : ArrayRecord or None
+        The new global weights, ``global + update``; None if the round produced no aggregate.
+    update : ArrayRecord or None
+        The securely aggregated update itself (weighted mean of the parties' updates, float64),
+        before anything else touches it: central DP adds its noise to this and calls
+        :func:`apply_update`.
+    weighting : str
+        ``equal`` or ``num-examples`` (see the module docstring).
+    failures : list[dict]
+        ``{"node-id", "reason"}`` for every sampled party whose update is not in the aggregate.
+    metrics : MetricRecord or None
+        Always None: per-node train losses are not sent under secure aggregation.
+    """
+
+    sampled: list[int]
+    aggregated: list[int]
+    arrays: ArrayRecord | None
+    update: ArrayRecord | None
+    weighting: str
+    failures: list[dict]
+    metrics: MetricRecord | None = None
+
+    @property
+    def num_aggregated(self) -> int:
+        return len(self.aggregated)
+
+
+def quantization_bound(cfg: RunConfig, weights: Iterable[float] | None = None, max_weight: float | None = None) -> float:
+    """Upper bound on any coordinate's difference between the secure aggregate and the exact
+    (float64) weighted mean of the aggregated parties' updates.
+
+    ``weights``: those parties' weights (None: equal weights); ``max_weight``: the largest weight
+    among the parties sampled for the round (default: the largest of ``weights``). See the module
+    docstring for the derivation.
+    """
+    step = 2.0 * cfg.secagg_clipping_range / cfg.secagg_quantization_range
+    values = [float(w) for w in weights] if weights is not None else [1.0]
+    largest = float(max_weight) if max_weight is not None else max(values)
+    factor = 1.0 if len(set(values)) == 1 else 1.5
+    return factor * step * largest / (sum(values) / len(values))
+
+
+def apply_update(arrays: ArrayRecord, update: ArrayRecord) -> ArrayRecord:
+    """``arrays + update``, name by name, in the dtype of ``arrays``."""
+    out = {}
+    for name in arrays:
+        base = arrays[name].numpy()
+        out[name] = Array(np.ascontiguousarray((base.astype(np.float64) + update[name].numpy()).astype(base.dtype)))
+    return ArrayRecord(out)
+
+
+def train_round(
+    grid: Grid,
+    cfg: RunConfig,
+    server_round: int,
+    messages: Iterable[Message],
+    num_examples: Mapping[int, int] | None = None,
+) -> SecureRound:
+    """Run the train tasks ``messages`` (as the strategy configured them for the clear path) through
+    SecAgg+ and return the securely aggregated result.
+
+    Parameters
+    ----------
+    grid : Grid
+        The ServerApp's grid.
+    cfg : RunConfig
+        The run config (``secagg-*`` keys; ``dp`` decides the weighting).
+    server_round : int
+        The round number (the protocol's group id).
+    messages : iterable of Message
+        One train task per sampled node, each with the global weights in ``arrays`` and the task
+        config in ``config`` (learning rate, standardization, a DP clipping norm if any).
+    num_examples : mapping node id -> shard size, optional
+        Needed for shard-size weighting (no DP); without it every party weighs 1.
+    """
+    messages = list(messages)
+    sampled = [msg.metadata.dst_node_id for msg in messages]
+    weighting = "equal" if cfg.dp != "none" or num_examples is None else "num-examples"
+    if len(messages) < 2:
+        reason = (
+            f"secure aggregation needs at least 2 parties, {len(messages)} sampled "
+            "(one party's sum is its update in the clear)"
+        )
+        return SecureRound(sampled, [], None, None, weighting, [{"node-id": n, "reason": reason} for n in sampled])
+    if len(messages) * cfg.secagg_quantization_range >= MODULUS_RANGE:
+        raise FedLinearError(
+            f"secure aggregation of {len(messages)} parties overflows the 32-bit sums at "
+            f"'secagg-quantization-range' = {cfg.secagg_quantization_range}: it must be below "
+            f"{MODULUS_RANGE // len(messages)} for this many parties (lower it, or sample fewer with 'fraction-train')"
+        )
+    if weighting == "num-examples":
+        unknown = [nid for nid in sampled if nid not in num_examples]
+        if unknown:
+            raise FedLinearError(f"secure aggregation: shard sizes of nodes {unknown} are unknown")
+        max_weight = float(max(int(num_examples[nid]) for nid in sampled))
+    else:
+        max_weight = 1.0
+    clipping_range = float(cfg.secagg_clipping_range)
+    contents: dict[int, RecordDict] = {}
+    for msg in messages:
+        content = RecordDict(dict(msg.content.items()))  # one RecordDict per party: the workflow writes into it
+        config = ConfigRecord(dict(content.config_records.get("config", ConfigRecord()).items()))
+        config[KEY_WEIGHTING] = weighting
+        content["config"] = config
+        contents[msg.metadata.dst_node_id] = content
+
+    stage_grid = _StageGrid(grid)
+    strategy = _Capture(sampled, stage_grid)
+    context = LegacyContext(
+        Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+        config=ServerConfig(num_rounds=server_round),
+        strategy=strategy,
+        client_manager=SimpleClientManager(),
+    )
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+    workflow = _Workflow(
+        num_shares=_share_setting(cfg.secagg_num_shares),
+        reconstruction_threshold=_share_setting(cfg.secagg_reconstruction_threshold),
+        max_weight=max_weight,
+        clipping_range=clipping_range,
+        quantization_range=int(cfg.secagg_quantization_range),
+        modulus_range=MODULUS_RANGE,
+        timeout=float(cfg.secagg_timeout),
+    )
+    halted = workflow.run_round(stage_grid, context, contents)
+
+    failures = stage_grid.failures(cfg.secagg_timeout)
+    aggregated = sorted(workflow.aggregated)
+    lost = {f["node-id"] for f in failures}
+    failures = [f for f in failures if f["node-id"] not in aggregated]  # an unmask-stage dropout is still summed
+    update = arrays = None
+    if halted is None and strategy.aggregate is not None:
+        # a mean of values within ±c lies within ±c: anything else means the masks did not cancel
+        # (e.g. parties running mask generators that differ), not an aggregate
+        largest = max(float(np.max(np.abs(a))) if a.size else 0.0 for a in strategy.aggregate)
+        if not largest <= clipping_range * (1 + 1e-9) + 2 * clipping_range / cfg.secagg_quantization_range:
+            halted = f"secure aggregation: the unmasked aggregate has a coordinate of {largest:.3g}, outside ±{clipping_range:g}: the masks did not cancel"
+    if halted is None and strategy.aggregate is not None:
+        template = messages[0].content["arrays"]
+        update = _named(strategy.aggregate, template)
+        arrays = apply_update(template, update)
+    else:
+        aggregated = []
+        why = halted or "secure aggregation produced no aggregate"
+        failures += [{"node-id": nid, "reason": why} for nid in sampled if nid not in {f["node-id"] for f in failures}]
+    for nid in sorted(lost & set(aggregated)):
+        _say(f"round {server_round}: node {nid} dropped out during unmasking; its update is in the aggregate")
+    return SecureRound(sampled, aggregated, arrays, update, weighting, failures)
+
+
+def _share_setting(value: float) -> int | float:
+    """A config value as Flower's ``num_shares`` / ``reconstruction_threshold``: <= 1 a fraction, else a count."""
+    return float(value) if value <= 1 else int(value)
+
+
+def _named(ndarrays: list[np.ndarray], template: ArrayRecord) -> ArrayRecord:
+    """The aggregated arrays under the names (and shapes) of the global weights they update."""
+    names = list(template.keys())
+    if len(ndarrays) != len(names):
+        raise FedLinearError(f"secure aggregate has {len(ndarrays)} arrays, the model {len(names)}")
+    out = {}
+    for name, value in zip(names, ndarrays, strict=True):
+        shape = tuple(template[name].shape)
+        if int(np.prod(value.shape)) != int(np.prod(shape)):
+            raise FedLinearError(f"secure aggregate: '{name}' has shape {value.shape}, the model {shape}")
+        out[name] = Array(np.ascontiguousarray(np.asarray(value, dtype=np.float64).reshape(shape)))
+    return ArrayRecord(out)
+
+
+def _say(text: str) -> None:
+    print(f"[fedlinear] {text}", flush=True)
+
+
+class _StageGrid:
+    """The run's grid as the SecAgg+ workflow sees it: its train messages go out as ``train.secagg``
+    (so only the clients' SecAgg+ handler gets them), and every stage's replies are recorded."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.stages: list[tuple[str, list[int], list[Message]]] = []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        stage = "?"
+        for msg in messages:
+            msg.metadata.message_type = MESSAGE_TYPE
+            stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, stage))
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout)) if messages else []
+        self.stages.append((STAGE_NAMES.get(stage, stage), [m.metadata.dst_node_id for m in messages], replies))
+        return replies
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def failures(self, timeout: float) -> list[dict]:
+        """The first stage at which each party failed, and why."""
+        failed: dict[int, str] = {}
+        for stage, sent, replies in self.stages:
+            by_node = {msg.metadata.src_node_id: msg for msg in replies}
+            for nid in sent:
+                if nid in failed:
+                    continue
+                reply = by_node.get(nid)
+                if reply is None:
+                    failed[nid] = (
+                        f"secure aggregation, stage '{stage}': no reply within {timeout:g} s (config key 'secagg-timeout')"
+                    )
+                elif reply.has_error():
+                    failed[nid] = f"secure aggregation, stage '{stage}': {reply.error.reason}"
+        return [{"node-id": nid, "reason": reason} for nid, reason in failed.items()]
+
+
+class _Capture(Strategy):
+    """The legacy strategy SecAgg+ needs: it names the sampled parties and keeps the aggregate.
+
+    ``unmask_stage`` hands every result the same, already averaged, parameters; they are kept as
+    they are (no second averaging)."""
+
+    def __init__(self, node_ids: list[int], grid) -> None:
+        self.node_ids = list(node_ids)
+        self.grid = grid
+        self.aggregate: list[np.ndarray] | None = None
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        # the content is replaced by the real train task after setup (see _Workflow.run_round)
+        return [(GridClientProxy(nid, self.grid, 0), FitIns(Parameters([], ""), {})) for nid in self.node_ids]
+
+    def aggregate_fit(self, server_round, results, failures):
+        if results:
+            self.aggregate = [np.asarray(a, dtype=np.float64) for a in parameters_to_ndarrays(results[0][1].parameters)]
+        return None, {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+class _Workflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ stages, driven one round at a time, with parties that drop out before they
+    shared their keys removed from the protocol instead of halting it."""
+
+    aggregated: set[int]
+
+    def run_round(self, grid: _StageGrid, context: LegacyContext, contents: dict[int, RecordDict]) -> str | None:
+        """Run the four stages; None when an aggregate was computed, else why the round halted."""
+        from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+
+        state = WorkflowState()
+        self.aggregated = set()
+        try:
+            self.setup_stage(grid, context, state)  # its threshold verdict still counts silent parties
+            for nid in state.nid_to_fitins:
+                state.nid_to_fitins[nid] = contents[nid]  # the real train task, carried by stage 3
+            if not self._keep_responsive(state):
+                return self._halt("setup", state)
+            self.share_keys_stage(grid, context, state)
+            if not self._keep_responsive(state):
+                return self._halt("share keys", state)
+            if not self.collect_masked_vectors_stage(grid, context, state):
+                return self._halt("collect masked vectors", state)
+            self.aggregated = set(state.active_node_ids)
+            if not self.unmask_stage(grid, context, state):
+                return self._halt("unmask", state)
+        except Exception as exc:  # noqa: BLE001 - a protocol failure fails this round, not the run
+            return f"secure aggregation failed: {type(exc).__name__}: {exc}"
+        return None
+
+    def _keep_responsive(self, state) -> bool:
+        """Forget the parties that did not answer the last stage (before any mask involved them)."""
+        alive = set(state.active_node_ids)
+        state.sampled_node_ids = set(alive)
+        state.nid_to_neighbours = {
+            nid: neighbours & alive for nid, neighbours in state.nid_to_neighbours.items() if nid in alive
+        }
+        return len(alive) >= 2 and self._check_threshold(state)
+
+    def _halt(self, stage: str, state) -> str:
+        return (
+            f"secure aggregation halted at stage '{stage}': {len(state.active_node_ids)} parties left, "
+            f"fewer than the reconstruction threshold {state.threshold} of some party's neighbours "
+            "(config keys 'secagg-reconstruction-threshold', 'secagg-num-shares')"
+        )
+
+
+def describe(cfg: RunConfig) -> str:
+    """One line for the run's log: the protocol's settings and its error bound."""
+    bound = 2.0 * cfg.secagg_clipping_range / cfg.secagg_quantization_range
+    return (
+        f"secure aggregation (SecAgg+): clipping range ±{cfg.secagg_clipping_range:g}, quantization range "
+        f"{cfg.secagg_quantization_range} (step {bound:.3g}), shares {cfg.secagg_num_shares:g}, "
+        f"threshold {cfg.secagg_reconstruction_threshold:g}, {cfg.secagg_timeout:g} s a stage at most"
+    )
+
+
+__all__ = ["ACTION", "KEY_WEIGHTING", "MESSAGE_TYPE", "SecureRound", "apply_update", "describe", "quantization_bound", "train_round"]
