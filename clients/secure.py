@@ -54,7 +54,7 @@ KEY_WEIGHTING = "secagg-weighting"  # server/secure.py KEY_WEIGHTING
 ERROR_CODE_USER = 4001  # as clients/client_app.py
 ERROR_CODE_INTERNAL = 4002
 
-Fit = Callable[[Message, Context], "tuple[lm.LinearWeights, MetricRecord]"]
+Fit = Callable[[Message, Context], tuple[lm.LinearWeights, MetricRecord]]
 
 
 def _guard(msg: Message, context: Context, call_next) -> Message:

@@ -248,6 +248,11 @@ class RunConfig:
                 f"config key 'dp-clipping' = adaptive works with 'dp' = central-server-clip (the server must see "
                 f"each update's norm), got dp = {self.dp}"
             )
+        if getattr(self, "secure_aggregation", False) and self.dp == "central-server-clip":
+            raise FedLinearError(
+                "config key 'dp' = central-server-clip cannot work with 'secure-aggregation' = true: the server "
+                "never sees an individual update to clip; use 'dp' = central-client-clip"
+            )
         if not 0 < self.dp_target_quantile < 1:
             raise FedLinearError(f"config key 'dp-target-quantile' must be in (0, 1), got {self.dp_target_quantile}")
         if not 0 < self.dp_clip_learning_rate < float("inf"):
@@ -297,6 +302,11 @@ class RunConfig:
             )
         if not 0 < self.secagg_timeout < float("inf"):
             raise FedLinearError(f"config key 'secagg-timeout' must be a finite number of seconds > 0, got {self.secagg_timeout}")
+        if self.secure_aggregation and self.fraction_evaluate > 0:
+            raise FedLinearError(
+                "config key 'fraction-evaluate' must be 0 with 'secure-aggregation' = true: federated evaluation "
+                "sends each node's loss in the clear (the server evaluates centrally on 'test-uri')"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         """The resolved config with kebab-case keys (for the manifest)."""

@@ -125,6 +125,13 @@ def auto_ray_cpus(num_clients: int) -> int:
     return 2 * cores if num_clients >= MANY_CLIENTS else cores
 
 
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 class ProcessGroup:
     """Processes this launcher started; ``stop()`` ends each one and all of its descendants."""
 
@@ -145,21 +152,42 @@ class ProcessGroup:
         self.procs.append((name, proc))
         return proc
 
-    def stop(self, grace: float = 5.0) -> None:
-        victims: list[psutil.Process] = []
+    def _members(self) -> list[psutil.Process]:
+        """Every live process started here, its descendants, and anything left in their process
+        groups (each was started in its own session: a child reparented to init when its parent
+        died, or spawned while we were stopping, is still in the group)."""
+        found: dict[int, psutil.Process] = {}
+        groups = set()
         for _, proc in reversed(self.procs):
+            groups.add(proc.pid)
             with contextlib.suppress(psutil.Error):
                 parent = psutil.Process(proc.pid)
-                victims.extend(parent.children(recursive=True))
-                victims.append(parent)
+                for child in parent.children(recursive=True):
+                    found[child.pid] = child
+                found[parent.pid] = parent
+        for candidate in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if candidate.pid != os.getpid() and os.getpgid(candidate.pid) in groups:
+                    found.setdefault(candidate.pid, candidate)
+        return list(found.values())
+
+    def stop(self, grace: float = 5.0) -> None:
+        victims = self._members()
         for victim in victims:
             with contextlib.suppress(psutil.Error):
                 victim.send_signal(signal.SIGTERM)
         _, alive = psutil.wait_procs(victims, timeout=grace)
-        for victim in alive:
-            with contextlib.suppress(psutil.Error):
-                victim.kill()
-        psutil.wait_procs(alive, timeout=grace)
+        # then SIGKILL whatever is left, again and again until nothing of ours runs (bounded): a
+        # SuperNode can spawn a flwr-clientapp between one sweep and the next
+        deadline = time.monotonic() + 6 * grace
+        while time.monotonic() < deadline:
+            alive = [p for p in self._members() if _running(p)]
+            if not alive:
+                break
+            for victim in alive:
+                with contextlib.suppress(psutil.Error):
+                    victim.kill()
+            psutil.wait_procs(alive, timeout=grace)
         for _, proc in self.procs:
             with contextlib.suppress(Exception):
                 proc.wait(timeout=1)
@@ -375,7 +403,7 @@ def isolation_blockers(spec: LaunchSpec) -> list[str]:
     """Why this run needs the network outside a private namespace (empty: it does not)."""
     reasons = []
     if spec.ray_address:
-        reasons.append(f"--ray-address {spec.ray_address} is a Ray cluster outside this machine's private namespace")
+        reasons.append(f"--ray-address {spec.ray_address}: that Ray cluster is outside any private namespace")
     values = [*spec.run_config.values(), *(v for node in spec.node_configs or [] for v in node.values())]
     s3 = sorted({v for v in values if isinstance(v, str) and v.startswith("s3://")})
     if s3:

@@ -24,6 +24,7 @@ non-private run and the optimum as reference lines), and prints the table and th
 
 from __future__ import annotations
 
+import textwrap
 import argparse
 import concurrent.futures
 import contextlib
@@ -747,7 +748,7 @@ def plot(path: str, levels: list[dict[str, Any]], title: str = "") -> bool:
         ax.yaxis.set_minor_formatter(ticks if few else matplotlib.ticker.NullFormatter())
     ax.set_xlabel(f"final ε ({delta_label(levels)}), log scale")
     ax.set_ylabel("final test MSE / pooled least-squares test MSE")
-    ax.set_title(title or "privacy / utility", fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title or "privacy / utility", 90)), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

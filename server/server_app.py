@@ -293,6 +293,7 @@ def versions() -> dict[str, str]:
 # What must match for a checkpoint to continue the same trajectory (num-server-rounds may grow).
 TRAJECTORY_KEYS = (
     "seed", "learning-rate", "batch-size", "local-epochs", "fraction-train", "engine", "standardize",
+    "dp", "dp-noise-multiplier", "dp-clipping-norm", "dp-clipping", "secure-aggregation",
 )  # fmt: skip
 # A global model whose error grows past this multiple of the initial model's has diverged.
 DIVERGENCE_FACTOR = 1e4
@@ -423,6 +424,37 @@ def local_dp_config(cfg: RunConfig) -> dict[str, Any]:
         "local-dp-noise-multiplier": cfg.dp_noise_multiplier,
         "dp-noise-seed": cfg.dp_noise_seed,
     }
+
+
+def secure_with_dp(cfg: RunConfig, secured, arrays: ArrayRecord, built, server_round: int, population: int):
+    """The new global weights from a securely aggregated round, with central DP noise when asked.
+
+    Under ``central-client-clip`` the clients clipped their updates before masking (the server cannot
+    clip what it cannot see); the server adds ``N(0, (zC/m)²)`` to the aggregated mean and accounts
+    one Gaussian release, exactly as Flower's wrapper does in the clear, and, as there, a round in which
+    fewer than the m sampled updates were aggregated releases nothing (the noise is calibrated to m).
+    """
+    if secured.update is None:
+        return None, None
+    if cfg.dp not in ("central-client-clip", "central-server-clip"):
+        return secure.apply_update(arrays, secured.update), secured.metrics
+    strategy = built.strategy
+    getattr(strategy, "_pending_events", {}).pop(server_round, None)  # released (below) or voided here
+    if secured.num_aggregated != built.num_sampled:
+        say(
+            f"round {server_round}: {secured.num_aggregated} of {built.num_sampled} updates aggregated: "
+            "nothing released (the DP noise is calibrated to all sampled clients)"
+        )
+        return None, None
+    std = cfg.dp_noise_multiplier * cfg.dp_clipping_norm / built.num_sampled
+    noisy = ArrayRecord(
+        {
+            name: Array(value + np.random.normal(0.0, std, value.shape))
+            for name, value in ((name, secured.update[name].numpy()) for name in secured.update)
+        }
+    )
+    built.accountant.compose(privacy.release_event(cfg, built.num_sampled, population))
+    return secure.apply_update(arrays, noisy), secured.metrics
 
 
 def initial_weights(num_features: int, seed: int, transform: scaling.Transform) -> lm.LinearWeights:
@@ -576,8 +608,9 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
             private_noise.seed_global_numpy(cfg.dp_noise_seed, cfg.seed, server_round, private_noise.CENTRAL_DP_STREAM)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, ordered) if ordered else (None, None)
         if secured is not None:  # secure aggregation hook: the aggregate (central DP noise goes on secured.update)
-            new_arrays, train_metrics = secured.arrays, secured.metrics
-        if cfg.dp == "local" and any(not msg.has_error() for msg in ordered):
+            new_arrays, train_metrics = secure_with_dp(cfg, secured, arrays, built, server_round, len(eligible))
+        released = any(not msg.has_error() for msg in ordered) or (secured is not None and secured.num_aggregated > 0)
+        if cfg.dp == "local" and released:
             accountant.compose(privacy.release_event(cfg, len(messages), len(eligible)))
         row = {
             "round": server_round,

@@ -32,7 +32,7 @@ def federation_dir(tmp_path_factory):
     return str(path)
 
 
-def run_cli(*args, timeout=600, env=None):
+def run_cli(*args, timeout=1200, env=None):
     """Run ``fedlinear ARGS`` in a fresh process; return the CompletedProcess (text)."""
     full_env = dict(os.environ)
     full_env.update(env or {})

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,12 +22,13 @@ import time
 import numpy as np
 import psutil
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import bytes_to_ndarray
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients import client_app as ca
+from common import scaling
 from common.config import RunConfig
 from common.data import make_synthetic, to_csv_bytes
 from common.errors import FedLinearError
@@ -186,7 +188,7 @@ def test_secure_aggregate_equals_fedavg_within_the_stated_bound_every_round(secu
         error = np.abs(flat(result.update) - exact).max()
         assert error < bound, (server_round, error, bound)
         assert error > 0  # it is quantized: an exact match would mean the test compares the wrong things
-        # the new global weights are the old ones plus exactly that update (float32 storage)
+        # relative to the weight vector, far inside the 1e-4 asked for
         assert np.linalg.norm(flat(result.update) - exact) / np.linalg.norm(flat(result.arrays)) < 1e-4
 
 
@@ -197,11 +199,11 @@ def test_equal_weights_and_client_clipping_under_dp(shards, tmp_path, monkeypatc
     run_config = {"run-dir": str(tmp_path / "run"), **SAME_TRAINING, "secure-aggregation": True, "dp": "central-client-clip"}
     cfg = RunConfig.from_run_config(run_config)
     grid = SecureGrid(shards, run_config)
-    weights = ca.to_record(server_app.initial_weights(5, 5, _identity(5)))
+    weights = ca.to_record(server_app.initial_weights(5, 5, scaling.Transform.identity(5)))
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     messages = [
         Message(
-            RecordDict({"arrays": weights, "config": _config({"server-round": 1, "learning-rate": 0.05, KEY_CLIPPING_NORM: 0.3})}),
+            RecordDict({"arrays": weights, "config": ConfigRecord({"server-round": 1, "learning-rate": 0.05, KEY_CLIPPING_NORM: 0.3})}),
             dst_node_id=nid,
             message_type="train",
         )
@@ -218,18 +220,6 @@ def test_equal_weights_and_client_clipping_under_dp(shards, tmp_path, monkeypatc
     exact = np.mean(clipped, axis=0)
     error = np.abs(flat(result.update) - exact).max()
     assert error < secure.quantization_bound(cfg) == 2 * 8.0 / 2**22
-
-
-def _identity(d):
-    from common import scaling
-
-    return scaling.Transform.identity(d)
-
-
-def _config(values):
-    from flwr.app import ConfigRecord
-
-    return ConfigRecord(values)
 
 
 @pytest.mark.parametrize(
@@ -348,8 +338,13 @@ def leaked(replies: list[Message], spy: Spy) -> list[str]:
     ],
 )
 def test_bad_secure_aggregation_settings_are_refused_naming_the_key(key, value, message):
-    with pytest.raises(FedLinearError, match=__import__("re").escape(message)):
+    with pytest.raises(FedLinearError, match=re.escape(message)):
         RunConfig.from_run_config({key: value})
+
+
+def test_federated_evaluation_is_refused_under_secure_aggregation():
+    with pytest.raises(FedLinearError, match="'fraction-evaluate' must be 0 with 'secure-aggregation' = true"):
+        RunConfig.from_run_config({"secure-aggregation": True, "fraction-evaluate": 0.5})
 
 
 def test_threshold_must_be_below_the_number_of_shares():
@@ -547,3 +542,32 @@ def test_masks_that_do_not_cancel_fail_the_round_instead_of_corrupting_the_model
     assert result.arrays is None and history["rounds"][1]["clients-ok"] == 0
     assert all("the masks did not cancel" in failure["reason"] for failure in result.failures)
     assert len(result.failures) == len(SIZES)
+
+
+@pytest.mark.parametrize("mode", ["central-client-clip", "local"])
+def test_secure_aggregation_with_dp_adds_noise_and_accounts_every_round(shards, tmp_path, mode):
+    """Central DP under secure aggregation: clients clip before masking, the server adds N(0, (zC/m)²)
+    to the securely aggregated mean and accounts a release; local DP: clients noise before masking.
+    Either way ε after each round equals dp-accounting's own figure, and the model differs from the
+    noiseless secure run."""
+    import dp_accounting
+
+    settings = {"secure-aggregation": True, "dp": mode, "dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.3}
+    _, noisy = run_in_process(shards, str(tmp_path / "dp"), **settings)
+    eps = [row["epsilon"] for row in noisy["rounds"][1:]]
+    for r, value in enumerate(eps, start=1):
+        accountant = dp_accounting.rdp.RdpAccountant()
+        accountant.compose(dp_accounting.GaussianDpEvent(1.0), r)
+        assert value == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-6)
+    assert all(row["clients-ok"] == len(SIZES) for row in noisy["rounds"][1:])
+    run_in_process(shards, str(tmp_path / "plain"), **{"secure-aggregation": True})
+    weights = []
+    for name in ("dp", "plain"):
+        with open(tmp_path / name / "manifest.json") as handle:
+            weights.append(json.load(handle)["weights"]["kernel"])
+    assert weights[0] != weights[1]
+
+
+def test_server_side_clipping_is_refused_under_secure_aggregation():
+    with pytest.raises(FedLinearError, match="central-client-clip"):
+        RunConfig.from_run_config({"secure-aggregation": True, "dp": "central-server-clip"})
