@@ -54,6 +54,24 @@ class InProcessGrid:
         return replies
 
 
+class Crash(BaseException):
+    """A simulated crash of the server process (a BaseException: nothing in the app may catch it)."""
+
+
+def crash_after(train_tasks: int):
+    """A ``sabotage`` that crashes the run when the server sends train task number ``train_tasks + 1``."""
+    sent = []
+
+    def sabotage(node_id, msg):
+        if msg.metadata.message_type == "train":
+            sent.append(node_id)
+            if len(sent) > train_tasks:
+                raise Crash
+        return None
+
+    return sabotage
+
+
 def run_in_process(
     shard_uris: list[str], run_dir: str, sabotage=None, grids: list | None = None, **config
 ) -> tuple[str, dict | None]:

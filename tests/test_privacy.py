@@ -22,7 +22,7 @@ from common import privacy as private_noise
 from common.config import RunConfig
 from common.data import make_synthetic, to_csv_bytes
 from server.strategy import build_strategy
-from tests.inprocess import run_in_process
+from tests.inprocess import Crash, crash_after, run_in_process
 
 DELTA = 1e-5
 
@@ -225,19 +225,8 @@ def test_a_resumed_run_reports_the_same_epsilon(shards, tmp_path):
     settings = {"num-server-rounds": 5, "test-uri": test, "dp": "central-server-clip"}
     _, whole = run_in_process(uris, str(tmp_path / "whole"), **settings)
 
-    class Crash(BaseException):
-        pass
-
-    trains = []
-
-    def crash_in_round_3(node_id, msg):
-        if msg.metadata.message_type == "train":
-            trains.append(node_id)
-            if len(trains) > 2 * len(uris):
-                raise Crash
-
-    with pytest.raises(Crash):
-        run_in_process(uris, str(tmp_path / "resumed"), sabotage=crash_in_round_3, **settings)
+    with pytest.raises(Crash):  # the server dies as round 3's tasks go out
+        run_in_process(uris, str(tmp_path / "resumed"), sabotage=crash_after(2 * len(uris)), **settings)
     status, resumed = run_in_process(uris, str(tmp_path / "resumed"), **settings)
     assert status["status"] == "completed"
     assert [r["epsilon"] for r in history(tmp_path / "resumed")["rounds"]] == [
@@ -249,27 +238,11 @@ def test_a_resumed_run_reports_the_same_epsilon(shards, tmp_path):
 
 def test_no_statistics_leave_a_node_when_privacy_is_on(shards, tmp_path):
     uris, test = shards
-    replies = []
-
-    def record(node_id, msg):
-        return None
-
-    from tests import inprocess
-
-    original = inprocess.InProcessGrid.send_and_receive
-
-    def capture(self, messages, *, timeout=None):
-        out = original(self, messages, timeout=timeout)
-        replies.extend(out)
-        return out
-
-    inprocess.InProcessGrid.send_and_receive = capture
-    try:
-        status, manifest = run_in_process(
-            uris, str(tmp_path / "run"), **{"num-server-rounds": 2, "test-uri": test, "dp": "central-server-clip"}
-        )
-    finally:
-        inprocess.InProcessGrid.send_and_receive = original
+    grids = []
+    status, manifest = run_in_process(
+        uris, str(tmp_path / "run"), grids=grids, **{"num-server-rounds": 2, "test-uri": test, "dp": "central-server-clip"}
+    )
+    replies = grids[0].received
     assert status["status"] == "completed"
     queries = [r for r in replies if r.metadata.message_type == "query"]
     assert len(queries) == len(uris)  # one describe stage, no statistics stage

@@ -19,7 +19,7 @@ import pytest
 from common import model as lm
 from scripts.cli import main as cli
 from tests.conftest import REPO
-from tests.inprocess import run_in_process
+from tests.inprocess import Crash, crash_after, run_in_process
 
 BAR = 1.05
 
@@ -159,19 +159,8 @@ def test_resume_reuses_the_recorded_transform_bit_identically(tmp_path):
     settings = {"num-server-rounds": 6, "test-uri": test}
     _, whole = run_in_process(shards, str(tmp_path / "whole"), **settings)
 
-    class Crash(BaseException):
-        pass
-
-    trains = []
-
-    def crash_in_round_4(node_id, msg):
-        if msg.metadata.message_type == "train":
-            trains.append(node_id)
-            if len(trains) > 3 * len(shards):
-                raise Crash
-
-    with pytest.raises(Crash):
-        run_in_process(shards, str(tmp_path / "resumed"), sabotage=crash_in_round_4, **settings)
+    with pytest.raises(Crash):  # the server dies as round 4's tasks go out
+        run_in_process(shards, str(tmp_path / "resumed"), sabotage=crash_after(3 * len(shards)), **settings)
     with open(tmp_path / "resumed" / "checkpoints" / "latest.json") as handle:
         pointer = json.load(handle)
     assert pointer["round"] == 3 and pointer["transform"]["kind"] == "whiten"
