@@ -109,9 +109,9 @@ class RunConfig:
         (``dp-public-statistics``).
     statistics_uri : str (default: "")
         Pooled statistics (``.npz``: count, mean, scatter) computed outside the federation;
-        ``fedlinear run`` writes them from the shards on its machine when privacy is on. Used for the
-        least-squares yardstick, and for standardization when not private or declared public
-        (``statistics-uri``).
+        ``fedlinear run`` writes them from the shards on its machine when privacy is on. Read only
+        under privacy (otherwise the nodes' own sums are used): for the least-squares yardstick, and
+        for standardization when declared public (``statistics-uri``).
     reference : str (default: "auto")
         ``auto`` asks each node for its centred second moments (n, Σ[x y], Σ(z−μ)(z−μ)ᵀ) before
         round 1 so the server knows the pooled least-squares optimum and reports the gap to it;
