@@ -484,6 +484,8 @@ def _make_hard(
 def split_iid(data: Dataset, num_clients: int, seed: int, test_fraction: float) -> tuple[list[Dataset], Dataset]:
     """Shuffle with ``seed``, hold out ``test_fraction`` as the test set, deal the rest into shards."""
     n = data.num_examples
+    if num_clients < 1:
+        raise FedLinearError(f"the number of clients must be >= 1, got {num_clients}")
     if not 0 < test_fraction < 1:
         raise FedLinearError(f"test fraction must be in (0, 1), got {test_fraction}")
     n_test = max(1, int(round(n * test_fraction)))

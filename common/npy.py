@@ -87,4 +87,6 @@ def _parse_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
     shape, fortran, dtype = reader(stream)
     if dtype.hasobject:
         raise ValueError("object arrays cannot be loaded without pickle")
+    if not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise ValueError(f".npy header has an invalid shape {tuple(shape)}")  # np.load refuses it too
     return dtype, tuple(shape), bool(fortran)

@@ -173,6 +173,8 @@ def comparison_line(history: dict[str, Any]) -> str:
 def resolve_data(args: argparse.Namespace, out: str, overrides: dict[str, Any]) -> tuple[list[str], str | None, str]:
     """(explicit shard URIs, a {partition-id} template or None, test URI or "") for ``fedlinear run``."""
     template = overrides.pop("data-uri", None)
+    if args.test and "test-uri" in overrides:
+        raise FedLinearError("give the test set one way: --test or --set test-uri, not both")
     test_uri = _abs(args.test) if args.test else overrides.pop("test-uri", "")
     if args.shard:
         if args.data or template:
@@ -222,6 +224,10 @@ def write_local_statistics(shards: list[str], uri: str, cfg: RunConfig) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.clients is not None and args.clients < 1:
+        raise FedLinearError(f"--clients must be >= 1, got {args.clients}")
+    if args.rounds < 1:
+        raise FedLinearError(f"--rounds must be >= 1, got {args.rounds}")
     from common.runstore import RunStore
     from scripts.launcher import LaunchSpec, launch
 
@@ -440,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedlinear: interrupted; every process it started has been stopped", file=sys.stderr)
         return 130
+    except OSError as exc:  # an unwritable --out, a full disk: one line, not a traceback
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"fedlinear: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from common import privacy as private_noise
 from common import storage
 from server import privacy
+from server import replies as replies_check
 from server.strategy import build_strategy, fixed_order
 from server import secure  # secure aggregation hook
 
@@ -124,8 +125,12 @@ def query_nodes(
         if msg.has_error():
             failures.append({"node-id": nid, "reason": msg.error.reason})
             continue
-        info = dict(msg.content["shard"])
-        info["fingerprints"] = [json.loads(fp) for fp in info.get("fingerprints", [])]
+        shard = msg.content.config_records.get("shard")
+        info = dict(shard) if shard is not None else {}
+        problem = replies_check.check_shard(info)
+        if problem:
+            failures.append({"node-id": nid, "reason": problem})
+            continue
         healthy[nid] = info
         if want_moments:
             total = _valid_vector(msg.content.array_records.get("moments"), "total", (int(info["num-features"]) + 1,))
@@ -426,6 +431,33 @@ def local_dp_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+# A weight vector this long is garbage or an attack: training from standardized data moves weights
+# by O(1); raw-space runs (standardize = none) by what the data's scale allows.
+WEIGHT_NORM_BOUND = 1e12
+
+
+def validated(
+    ordered: list[Message], failures: list[dict], healthy: dict[int, dict], eligible: dict[int, int],
+    num_features: int, arrays: ArrayRecord,
+) -> list[Message]:
+    """The replies that pass :mod:`server.replies`; each rejected one is added to ``failures``."""
+    kept = []
+    for msg in ordered:
+        nid = msg.metadata.src_node_id
+        if msg.has_error():
+            kept.append(msg)  # already a failure; the strategy (and Flower's DP wrappers) see it as one
+            continue
+        problem = (
+            "reply from a node that was not asked" if nid not in healthy
+            else replies_check.check_train_reply(msg, num_features, healthy[nid], WEIGHT_NORM_BOUND)
+        )  # fmt: skip
+        if problem is None:
+            kept.append(msg)
+        else:
+            failures.append({"node-id": nid, "client-key": eligible.get(nid), "reason": problem})
+    return kept
+
+
 def secure_with_dp(cfg: RunConfig, secured, arrays: ArrayRecord, built, server_round: int, population: int):
     """The new global weights from a securely aggregated round, with central DP noise when asked.
 
@@ -597,6 +629,7 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
         else:
             replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else []
             ordered, failures = fixed_order(replies, eligible)
+            ordered = validated(ordered, failures, healthy, eligible, num_features, arrays)
             answered = {msg.metadata.src_node_id for msg in replies}
             failures += [
                 {"node-id": msg.metadata.dst_node_id, "client-key": eligible.get(msg.metadata.dst_node_id),
@@ -614,7 +647,7 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
             accountant.compose(privacy.release_event(cfg, len(messages), len(eligible)))
         row = {
             "round": server_round,
-            "clients-ok": len(replies) - sum(1 for msg in replies if msg.has_error())
+            "clients-ok": sum(1 for msg in ordered if not msg.has_error())
             + (secured.num_aggregated if secured is not None else 0),  # secure aggregation hook
             "clients-failed": len(failures),
             "failures": failures,

@@ -72,3 +72,19 @@ def test_flower_array_interoperates_both_ways():
     assert ours.data == flowers.data and ours.dtype == flowers.dtype and ours.shape == flowers.shape
     np.testing.assert_array_equal(ours.numpy(), kernel)
     np.testing.assert_array_equal(npy.loads(flowers.data), kernel)
+
+
+def test_negative_dimensions_are_refused_like_np_load():
+    import io
+
+    import numpy as np
+    import pytest
+
+    from common import npy
+
+    good = npy.dumps(np.zeros((2, 3), np.float32))
+    bad = good.replace(b"(2, 3)", b"(-2, 3)")
+    with pytest.raises(ValueError):
+        np.load(io.BytesIO(bad))
+    with pytest.raises(ValueError, match="invalid shape"):
+        npy.loads(bad)

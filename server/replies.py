@@ -1,0 +1,110 @@
+"""Validation of every reply a party sends, before anything of it reaches the aggregate.
+
+A party is someone else's machine: a reply may be malformed by accident or crafted. Each check
+here returns a one-line reason (or None when the reply is acceptable); the server records a
+rejected reply as that node's failure for the round, and it never reaches aggregation. What is
+checked:
+
+* shard descriptions (the ``describe`` query): the expected keys with sane types and ranges;
+  fingerprints that parse; a feature count within limits;
+* train replies: exactly the weight arrays of the model (``kernel`` (d, 1), ``bias`` (1,)),
+  float32, finite, a plausible payload size; exactly the metrics the app sends, finite, with
+  ``num-examples`` equal to what the node declared in the shard query (FedAvg weighs by it: a
+  node claiming 1e12 examples would otherwise take the global model over) and its own client key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+from flwr.app import Message
+
+from common import model as lm
+
+MAX_FEATURES = 1_000_000
+TRAIN_METRICS = {"num-examples", "train-loss", "client-key", "unit-weight"}
+SHARD_KEYS = {"num-features", "num-examples", "client-key"}
+OPTIONAL_SHARD_KEYS = {"data-uri", "fingerprints", "partition-id"}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_shard(info: dict[str, Any]) -> str | None:
+    """Why a ``describe`` reply's shard record is unacceptable, or None. Fingerprints are parsed in place."""
+    missing = SHARD_KEYS - set(info)
+    if missing:
+        return f"malformed shard description: missing {', '.join(sorted(missing))}"
+    extra = set(info) - SHARD_KEYS - OPTIONAL_SHARD_KEYS
+    if extra:
+        return f"malformed shard description: unexpected {', '.join(sorted(extra))}"
+    for key in ("num-features", "num-examples", "client-key"):
+        if not isinstance(info[key], int) or isinstance(info[key], bool):
+            return f"malformed shard description: {key} is not an integer"
+    if not 1 <= info["num-features"] <= MAX_FEATURES:
+        return f"malformed shard description: num-features {info['num-features']}"
+    if info["num-examples"] < 1:
+        return f"malformed shard description: num-examples {info['num-examples']}"
+    if "data-uri" in info and not isinstance(info["data-uri"], str):
+        return "malformed shard description: data-uri is not text"
+    try:
+        fingerprints = [json.loads(fp) for fp in info.get("fingerprints", [])]
+    except (TypeError, ValueError):
+        return "malformed shard description: fingerprints are not JSON"
+    if not all(isinstance(fp, dict) for fp in fingerprints):
+        return "malformed shard description: fingerprints are not JSON objects"
+    info["fingerprints"] = fingerprints
+    return None
+
+
+def check_train_reply(msg: Message, num_features: int, declared: dict[str, Any], max_norm: float) -> str | None:
+    """Why a train reply is unacceptable, or None.
+
+    ``declared`` is what the node said in the shard query; ``max_norm`` bounds the weights' L2 norm
+    (far above anything training produces: a reply past it is garbage or an attack on the scale).
+    """
+    content = msg.content
+    if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
+        return (
+            "malformed train reply: records "
+            f"{sorted(content.array_records) + sorted(content.metric_records)}, expected arrays and metrics"
+        )
+    arrays = content["arrays"]
+    if set(arrays.keys()) != set(lm.WEIGHT_NAMES):
+        return f"malformed train reply: arrays {sorted(arrays.keys())}, expected {sorted(lm.WEIGHT_NAMES)}"
+    expected = {lm.KERNEL: (num_features, 1), lm.BIAS: (1,)}
+    total = 0.0
+    for name, shape in expected.items():
+        array = arrays[name]
+        if array.dtype != "float32" or tuple(array.shape) != shape:
+            return f"malformed train reply: {name} is {array.dtype} {tuple(array.shape)}, expected float32 {shape}"
+        if len(array.data) > 4 * math.prod(shape) + 4096:
+            return f"malformed train reply: {name} payload of {len(array.data)} bytes for {math.prod(shape)} values"
+        try:
+            value = array.numpy()
+        except Exception:  # noqa: BLE001 - undecodable bytes are a bad reply
+            return f"malformed train reply: {name} cannot be decoded"
+        if value.dtype != np.float32 or value.shape != shape:
+            return f"malformed train reply: {name} decodes to {value.dtype} {value.shape}"
+        if not np.isfinite(value).all():
+            return f"train reply rejected: {name} has non-finite values"
+        total += float(np.sum(value.astype(np.float64) ** 2))
+    if math.sqrt(total) > max_norm:
+        return f"train reply rejected: weights of norm {math.sqrt(total):.3g}, above the plausible bound {max_norm:.3g}"
+    metrics = content["metrics"]
+    if set(metrics.keys()) != TRAIN_METRICS:
+        return f"malformed train reply: metrics {sorted(metrics.keys())}, expected {sorted(TRAIN_METRICS)}"
+    if not all(_number(metrics[key]) for key in TRAIN_METRICS):
+        return "malformed train reply: a metric is not a finite number"
+    if metrics["num-examples"] != declared["num-examples"]:
+        return (
+            f"train reply rejected: claims {metrics['num-examples']} examples, "
+            f"the shard query said {declared['num-examples']}"
+        )
+    if metrics["client-key"] != declared["client-key"] or metrics["unit-weight"] != 1:
+        return "train reply rejected: client key or weight differs from the shard query"
+    return None
