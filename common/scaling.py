@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import math
 from typing import Any
 
 import numpy as np
 
+from common import storage
 from common.errors import FedLinearError
 
 STANDARDIZE_MODES = ("auto", "whiten", "scale", "none")
@@ -134,6 +136,28 @@ class PooledStats:
         """Statistics of one data set (two passes in one place; for tests and local references)."""
         moments = Moments.of(x, y)
         return cls.combine(moments, Scatter.of(x, y, moments.mean, full), moments.mean)
+
+    def save(self, uri: str) -> None:
+        """Write ``count``, ``mean`` and ``scatter`` as an ``.npz`` (local path or ``s3://``)."""
+        buf = io.BytesIO()
+        np.savez(buf, count=np.array(self.count), mean=self.mean, scatter=self.scatter)
+        storage.write_bytes(uri, buf.getvalue())
+
+    @classmethod
+    def load(cls, uri: str, num_features: int) -> PooledStats:
+        """Read what :meth:`save` wrote, checked against ``num_features`` (config key ``statistics-uri``)."""
+        try:
+            with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as arrays:
+                count = int(arrays["count"])
+                mean, scatter = arrays["mean"].astype(np.float64), arrays["scatter"].astype(np.float64)
+        except (KeyError, ValueError, OSError) as exc:
+            raise FedLinearError(f"{uri} (config key 'statistics-uri'): not a statistics file: {exc}") from None
+        d = num_features
+        if count < 1 or mean.shape != (d + 1,) or scatter.shape not in ((d + 1, d + 1), (d + 1,)):
+            raise FedLinearError(
+                f"{uri} (config key 'statistics-uri'): statistics for another shape than {d} features + target"
+            )
+        return cls(count=count, mean=mean, scatter=scatter)
 
     @property
     def full(self) -> bool:

@@ -205,21 +205,14 @@ def resolve_data(args: argparse.Namespace, out: str, overrides: dict[str, Any]) 
 
 
 def write_local_statistics(shards: list[str], uri: str, cfg: RunConfig) -> str:
-    """Pooled statistics of the shards this machine holds (two additive passes, as the nodes do)."""
-    from common import scaling
+    """Pooled statistics of the shards this machine holds, written to ``uri`` (the yardstick under privacy)."""
+    import numpy as np
+
     from common.data import load_csv
-    from server.server_app import save_statistics
+    from common.scaling import PooledStats
 
     parts = [load_csv(shard, cfg.target_column, cfg.header) for shard in shards]
-    moments = None
-    for part in parts:
-        m = scaling.Moments.of(part.x, part.y)
-        moments = m if moments is None else moments + m
-    scatter = None
-    for part in parts:
-        sc = scaling.Scatter.of(part.x, part.y, moments.mean, full=True)
-        scatter = sc if scatter is None else scatter + sc
-    save_statistics(uri, scaling.PooledStats.combine(moments, scatter, moments.mean))
+    PooledStats.of(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts])).save(uri)
     return uri
 
 

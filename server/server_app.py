@@ -42,7 +42,6 @@ from common.storage import fingerprint
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common import privacy as private_noise
-from common import storage
 from server import privacy
 from server import replies as replies_check
 from server.strategy import build_strategy, fixed_order
@@ -349,29 +348,6 @@ def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int) -> Start
     return Start(weights, done + 1, history, transform, rate, pointer.get("accountant"), pointer.get("clipping"))
 
 
-def load_statistics(uri: str, num_features: int) -> scaling.PooledStats:
-    """Pooled statistics from an ``.npz`` with ``count``, ``mean`` (d+1) and ``scatter`` ((d+1)², or d+1)."""
-    import io
-
-    try:
-        with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as arrays:
-            count, mean, scatter = int(arrays["count"]), arrays["mean"].astype(np.float64), arrays["scatter"].astype(np.float64)
-    except (KeyError, ValueError, OSError) as exc:
-        raise FedLinearError(f"{uri} (config key 'statistics-uri'): not a statistics file: {one_line(exc)}") from None
-    d = num_features
-    if count < 1 or mean.shape != (d + 1,) or scatter.shape not in ((d + 1, d + 1), (d + 1,)):
-        raise FedLinearError(f"{uri} (config key 'statistics-uri'): statistics for another shape than {d} features + target")
-    return scaling.PooledStats(count=count, mean=mean, scatter=scatter)
-
-
-def save_statistics(uri: str, pooled: scaling.PooledStats) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, count=np.array(pooled.count), mean=pooled.mean, scatter=pooled.scatter)
-    storage.write_bytes(uri, buf.getvalue())
-
-
 def choose_statistics(
     cfg: RunConfig, from_nodes: scaling.PooledStats | None, num_features: int
 ) -> tuple[scaling.PooledStats | None, str, scaling.PooledStats | None]:
@@ -385,7 +361,7 @@ def choose_statistics(
         return from_nodes, "pooled least squares from centred additive sums (n, Σ[x y], Σ(z−μ)(z−μ)ᵀ) of every node", from_nodes
     if not cfg.statistics_uri:
         return None, "none: privacy is on and no statistics-uri was given", None
-    local = load_statistics(cfg.statistics_uri, num_features)
+    local = scaling.PooledStats.load(cfg.statistics_uri, num_features)
     source = (
         f"pooled least squares from {cfg.statistics_uri}, computed outside the federation (by fedlinear run from the "
         "shards on its machine); no node sent statistics"

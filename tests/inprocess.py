@@ -72,29 +72,55 @@ def crash_after(train_tasks: int):
     return sabotage
 
 
-def run_in_process(
-    shard_uris: list[str], run_dir: str, sabotage=None, grids: list | None = None, **config
-) -> tuple[str, dict | None]:
-    """Run fedlinear in-process; return (status, manifest or None). ``grids``, if given, receives the grid."""
-    run_config = {"run-dir": run_dir, "min-available-nodes": len(shard_uris), **config}
+def write_synthetic_shards(root, clients: int, samples: int, features: int, seed: int, test_samples: int,
+                           sizes: list[int] | None = None) -> tuple[list[str], str]:
+    """``client-<i>.csv`` shards (the first ``sizes[i]`` rows of each, if given) and ``test.csv`` under ``root``."""
+    from common.data import make_synthetic, to_csv_bytes
+
+    parts, test, _ = make_synthetic(clients, samples, features, 0.1, seed, test_samples)
+    uris = []
+    for i, part in enumerate(parts):
+        size = sizes[i] if sizes else part.num_examples
+        uri = os.path.join(str(root), f"client-{i}.csv")
+        with open(uri, "wb") as handle:
+            handle.write(to_csv_bytes(part.x[:size], part.y[:size]))
+        uris.append(uri)
+    test_uri = os.path.join(str(root), "test.csv")
+    with open(test_uri, "wb") as handle:
+        handle.write(to_csv_bytes(test.x, test.y))
+    return uris, test_uri
+
+
+def drive(grid, run_config: dict) -> RunStore:
+    """Run the real ServerApp ``run`` over ``grid`` in this process (exceptions propagate); its store."""
     cfg = RunConfig.from_run_config(run_config)
-    grid = InProcessGrid(shard_uris, run_config, sabotage)
-    if grids is not None:
-        grids.append(grid)
-    store = RunStore(run_dir)
+    store = RunStore(cfg.run_dir)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     try:
         with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115 - progress lines
-            try:
-                server_app.run(grid, context, store, cfg)
-            except Exception as exc:  # the ServerApp's main() turns this into status failed
-                store.write_status("failed", str(exc))
+            server_app.run(grid, context, store, cfg)
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
         ca._SHARDS.clear()
         ca._TRANSFORMED.clear()
+    return store
+
+
+def run_in_process(
+    shard_uris: list[str], run_dir: str, sabotage=None, grids: list | None = None, **config
+) -> tuple[str, dict | None]:
+    """Run fedlinear in-process; return (status, manifest or None). ``grids``, if given, receives the grid."""
+    run_config = {"run-dir": run_dir, "min-available-nodes": len(shard_uris), **config}
+    grid = InProcessGrid(shard_uris, run_config, sabotage)
+    if grids is not None:
+        grids.append(grid)
+    store = RunStore(run_dir)
+    try:
+        drive(grid, run_config)
+    except Exception as exc:  # the ServerApp's main() turns this into status failed
+        store.write_status("failed", str(exc))
     status = store.read_status()
     manifest = store.read_manifest() if status["status"] == "completed" else None
     return status, manifest

@@ -20,9 +20,8 @@ from flwr.serverapp.strategy import fedavg as flower_fedavg
 
 from common import privacy as private_noise
 from common.config import RunConfig
-from common.data import make_synthetic, to_csv_bytes
 from server.strategy import build_strategy
-from tests.inprocess import Crash, crash_after, run_in_process
+from tests.inprocess import Crash, crash_after, run_in_process, write_synthetic_shards
 
 DELTA = 1e-5
 
@@ -36,14 +35,7 @@ def independent_epsilon(z: float, rounds: int, delta: float = DELTA) -> float:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dp-data")
-    parts, test, _ = make_synthetic(4, 300, 5, 0.1, 42, 500)
-    uris = []
-    for i, part in enumerate(parts):
-        (root / f"client-{i}.csv").write_bytes(to_csv_bytes(part.x, part.y))
-        uris.append(str(root / f"client-{i}.csv"))
-    (root / "test.csv").write_bytes(to_csv_bytes(test.x, test.y))
-    return uris, str(root / "test.csv")
+    return write_synthetic_shards(tmp_path_factory.mktemp("dp-data"), 4, 300, 5, 42, 500)
 
 
 def history(run_dir):
@@ -317,3 +309,32 @@ def test_flowers_adaptive_clipping_moves_the_norm_the_wrong_way():
     before = wrapper.clipping_norm
     wrapper.aggregate_train(1, list(replies))
     assert wrapper.clipping_norm < before  # wrong direction: all clipped, yet the norm shrank
+
+
+def test_the_yardstick_under_privacy_comes_from_local_statistics_never_from_the_nodes(shards, tmp_path):
+    """What `fedlinear run` does under privacy: it computes the pooled statistics from the shards it holds
+    and passes them as statistics-uri; the gap to the optimum is reported again, the nodes still send
+    nothing, and training uses the statistics only when they are declared public."""
+    from common.config import RunConfig as Config
+    from common.data import load_csv
+    from common.scaling import PooledStats
+    from scripts.cli import write_local_statistics
+
+    uris, test = shards
+    stats_uri = write_local_statistics(uris, str(tmp_path / "statistics.npz"), Config())
+    parts = [load_csv(u) for u in uris]
+    x, y = np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts])
+    loaded = PooledStats.load(stats_uri, 5)
+    assert loaded.count == len(x) and np.allclose(loaded.mean, np.r_[x.mean(0), y.mean()], rtol=1e-12)
+    settings = {"num-server-rounds": 2, "test-uri": test, "dp": "central-server-clip", "statistics-uri": stats_uri}
+    grids = []
+    status, manifest = run_in_process(uris, str(tmp_path / "run"), grids=grids, **settings)
+    assert status["status"] == "completed", status
+    assert "no node sent statistics" in manifest["reference"]["source"]
+    assert manifest["final"]["test-mse-ratio"] > 0 and manifest["standardization"]["kind"] == "none"
+    assert all(not r.content.array_records for r in grids[0].received if r.metadata.message_type == "query")
+    status, public = run_in_process(uris, str(tmp_path / "public"), **settings, **{"dp-public-statistics": True})
+    assert public["standardization"]["kind"] == "whiten"
+    assert any("declared public" in note for note in public["standardization"]["notes"])
+    with pytest.raises(Exception, match="statistics-uri"):
+        PooledStats.load(stats_uri, 7)

@@ -19,7 +19,7 @@ import pytest
 from common import model as lm
 from scripts.cli import main as cli
 from tests.conftest import REPO
-from tests.inprocess import Crash, crash_after, run_in_process
+from tests.inprocess import Crash, crash_after, run_in_process, write_synthetic_shards
 
 BAR = 1.05
 
@@ -205,14 +205,7 @@ def test_reference_matches_certified_longley_values():
 
 def test_the_ten_client_synthetic_bar_still_holds(tmp_path):
     """The foundation's bar: 10 clients x 1000 unit-scale samples, 20 rounds, defaults: <= 1.01 x LS."""
-    from common.data import make_synthetic, to_csv_bytes
-
-    shards, test, _ = make_synthetic(10, 1000, 10, 0.1, 42, 2000)
-    uris = []
-    for i, shard in enumerate(shards):
-        (tmp_path / f"client-{i}.csv").write_bytes(to_csv_bytes(shard.x, shard.y))
-        uris.append(str(tmp_path / f"client-{i}.csv"))
-    (tmp_path / "test.csv").write_bytes(to_csv_bytes(test.x, test.y))
-    status, manifest = run_in_process(uris, str(tmp_path / "run"), **{"test-uri": str(tmp_path / "test.csv")})
+    uris, test = write_synthetic_shards(tmp_path, 10, 1000, 10, 42, 2000)
+    status, manifest = run_in_process(uris, str(tmp_path / "run"), **{"test-uri": test})
     assert status["status"] == "completed", status
     assert manifest["final"]["round"] == 20 and manifest["final"]["test-mse-ratio"] <= 1.01

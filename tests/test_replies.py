@@ -14,23 +14,15 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from clients import client_app as ca
-from common.data import make_synthetic, to_csv_bytes
 from server import replies
-from tests.inprocess import run_in_process
+from tests.inprocess import run_in_process, write_synthetic_shards
 
 BAD_NODE = 1002  # partition 2
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    parts, test, _ = make_synthetic(4, 200, 3, 0.1, 42, 300)
-    uris = []
-    for i, part in enumerate(parts):
-        (root / f"client-{i}.csv").write_bytes(to_csv_bytes(part.x, part.y))
-        uris.append(str(root / f"client-{i}.csv"))
-    (root / "test.csv").write_bytes(to_csv_bytes(test.x, test.y))
-    return uris, str(root / "test.csv")
+    return write_synthetic_shards(tmp_path_factory.mktemp("hostile"), 4, 200, 3, 42, 300)
 
 
 SETTINGS = {"num-server-rounds": 3, "max-failed-rounds": 3}

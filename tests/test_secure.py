@@ -30,11 +30,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from clients import client_app as ca
 from common import scaling
 from common.config import RunConfig
-from common.data import make_synthetic, to_csv_bytes
 from common.errors import FedLinearError
-from common.runstore import RunStore
 from server import secure, server_app
 from tests.conftest import REPO, run_cli, write_federation
+from tests.inprocess import drive, write_synthetic_shards
 
 SIZES = (200, 300, 400, 500)  # unequal shards: shard-size weighting matters
 # The clear and the secure run must train in the same variables: under any privacy mechanism the
@@ -90,14 +89,7 @@ class SecureGrid:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    path = tmp_path_factory.mktemp("secure-data")
-    parts, test, _ = make_synthetic(len(SIZES), max(SIZES), 5, 0.1, 11, test_samples=300)
-    uris = []
-    for i, (part, size) in enumerate(zip(parts, SIZES, strict=True)):
-        uri = str(path / f"client-{i}.csv")
-        with open(uri, "wb") as handle:
-            handle.write(to_csv_bytes(part.x[:size], part.y[:size]))
-        uris.append(uri)
+    uris, _ = write_synthetic_shards(tmp_path_factory.mktemp("secure-data"), len(SIZES), max(SIZES), 5, 11, 300, SIZES)
     return uris
 
 
@@ -132,21 +124,8 @@ class Spy:
 
 def run_in_process(uris, run_dir, grid_options=None, **config):
     run_config = {"run-dir": run_dir, "min-available-nodes": len(uris), "num-server-rounds": 3, **SAME_TRAINING, **config}
-    cfg = RunConfig.from_run_config(run_config)
     grid = SecureGrid(uris, run_config, **(grid_options or {}))
-    store = RunStore(run_dir)
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    try:
-        with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115 - progress lines
-            server_app.run(grid, context, store, cfg)
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-        ca._SHARDS.clear()
-        ca._TRANSFORMED.clear()
-    history = store.read_history()
-    return grid, history
+    return grid, drive(grid, run_config).read_history()
 
 
 def exact_mean(spy: Spy, server_round: int, nodes, equal: bool = False) -> tuple[np.ndarray, list[int]]:
