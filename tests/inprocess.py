@@ -78,6 +78,7 @@ def write_synthetic_shards(root, clients: int, samples: int, features: int, seed
     from common.data import make_synthetic, to_csv_bytes
 
     parts, test, _ = make_synthetic(clients, samples, features, 0.1, seed, test_samples)
+    os.makedirs(str(root), exist_ok=True)
     uris = []
     for i, part in enumerate(parts):
         size = sizes[i] if sizes else part.num_examples

@@ -338,3 +338,13 @@ def test_the_yardstick_under_privacy_comes_from_local_statistics_never_from_the_
     assert any("declared public" in note for note in public["standardization"]["notes"])
     with pytest.raises(Exception, match="statistics-uri"):
         PooledStats.load(stats_uri, 7)
+
+
+def test_dp_weighs_every_client_equally_whatever_its_shard_size(tmp_path):
+    """Flower's accounted wrappers require equal client weights: unequal shards must still work."""
+    uris, test = write_synthetic_shards(tmp_path / "data", 3, 300, 4, 7, 200, sizes=[50, 120, 300])
+    status, manifest = run_in_process(
+        uris, str(tmp_path / "run"), **{"num-server-rounds": 2, "test-uri": test, "dp": "central-server-clip"}
+    )
+    assert status["status"] == "completed", status
+    assert manifest["privacy"]["releases"] == 2

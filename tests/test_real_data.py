@@ -209,3 +209,33 @@ def test_the_ten_client_synthetic_bar_still_holds(tmp_path):
     status, manifest = run_in_process(uris, str(tmp_path / "run"), **{"test-uri": test})
     assert status["status"] == "completed", status
     assert manifest["final"]["round"] == 20 and manifest["final"]["test-mse-ratio"] <= 1.01
+
+
+def test_a_global_model_that_explodes_stops_the_run_in_that_round(tmp_path):
+    """Longley on raw data with the old step size: round 1's global model is finite but enormous."""
+    shards, test = split_table(longley(), tmp_path)
+    status, manifest = run_in_process(
+        shards, str(tmp_path / "run"),
+        **{"num-server-rounds": 10, "test-uri": test, "standardize": "none", "learning-rate": 0.05},
+    )  # fmt: skip
+    assert status["status"] == "failed" and manifest is None
+    assert status["message"].startswith("training diverged in round 1: the global model has a test MSE of ")
+    assert "no model was exported" in status["message"] and "'learning-rate'" in status["message"]
+    assert not os.path.exists(tmp_path / "run" / "model")
+
+
+def test_auto_learning_rate_follows_its_three_bounds():
+    from common.scaling import auto_learning_rate
+
+    # many rows per shard: the mini-batch noise bound, 0.02 B / tr G
+    lr, how = auto_learning_rate((1.0, 11.0), [1000] * 4, 32, 1, 40)
+    assert lr == pytest.approx(0.02 * 32 / 11) and "noise" in how
+    # every shard fits in one batch: no mini-batch noise, the stability bound 0.25 / λmax
+    lr, how = auto_learning_rate((2.0, 7.0), [4] * 4, 32, 1, 40)
+    assert lr == pytest.approx(0.125) and "stability" in how
+    # few local steps over the run: enough to converge, 2.5 / steps
+    lr, how = auto_learning_rate((0.5, 101.0), [40] * 4, 32, 1, 5)
+    assert lr == pytest.approx(2.5 / 10) and "convergence" in how
+    # nothing known: the fallback, said so
+    lr, how = auto_learning_rate(None, [10], 32, 1, 5)
+    assert lr == 0.05 and "no pooled statistics" in how
