@@ -19,11 +19,9 @@ node's task, never the run. TensorFlow is imported only by the ``keras`` engine.
 from __future__ import annotations
 
 import functools
-import logging
-import traceback
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.constant import SType
@@ -31,12 +29,13 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from clients import secure  # secure aggregation hook
 from clients import flower_fixes
+from clients.errors import ERROR_CODE_INTERNAL, ERROR_CODE_USER, error_reply  # noqa: F401 - codes re-exported
 from common import model as lm
 from common import npy
 from common import privacy, scaling
 from common.config import RunConfig
 from common.data import Dataset, load_csv
-from common.errors import FedLinearError, one_line
+from common.errors import FedLinearError
 from common.storage import fingerprint
 
 app = ClientApp()
@@ -44,8 +43,6 @@ flower_fixes.apply()  # Flower 1.42's fixedclipping_mod divides by a zero update
 
 UNIT_WEIGHT = "unit-weight"  # every train reply weighs 1 under DP (server/strategy.py UNIT_WEIGHT)
 
-ERROR_CODE_USER = 4001  # a FedLinearError: bad shard, bad config
-ERROR_CODE_INTERNAL = 4002  # anything else
 
 # Shards parsed in this process; the simulation engine keeps workers (and this cache) across rounds.
 _SHARDS: dict[tuple[str, int, str], Dataset] = {}
@@ -186,11 +183,8 @@ def _guarded(handler):
     def wrapped(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
-        except FedLinearError as exc:
-            return Message(Error(code=ERROR_CODE_USER, reason=one_line(exc)), reply_to=msg)
-        except Exception as exc:  # noqa: BLE001 - reported to the server, logged here
-            logging.getLogger("fedlinear").error("client task failed:\n%s", traceback.format_exc())
-            return Message(Error(code=ERROR_CODE_INTERNAL, reason=one_line(exc)), reply_to=msg)
+        except Exception as exc:  # noqa: BLE001 - reported to the server (and logged when unexpected)
+            return error_reply(msg, exc)
 
     return wrapped
 

@@ -27,12 +27,10 @@ by :func:`common.secagg_prg.pseudo_rand_gen` (Flower's own folds each seed to 32
 
 from __future__ import annotations
 
-import logging
-import traceback
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Context, Error, Message, MessageType, MetricRecord
+from flwr.app import Context, Message, MessageType, MetricRecord
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
@@ -41,7 +39,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common import model as lm
 from common import secagg_prg
-from common.errors import FedLinearError, one_line
+from clients.errors import error_reply
+from common.errors import FedLinearError
 
 # Flower 1.42 expands mask seeds through a 32-bit seed: use full-strength masks (common/secagg_prg.py),
 # as server/secure.py does on the other side
@@ -51,8 +50,6 @@ secaggplus_mod.__globals__["pseudo_rand_gen"] = secagg_prg.pseudo_rand_gen
 
 ACTION = "secagg"  # server/secure.py ACTION: the message type is "train.secagg"
 KEY_WEIGHTING = "secagg-weighting"  # server/secure.py KEY_WEIGHTING
-ERROR_CODE_USER = 4001  # as clients/client_app.py
-ERROR_CODE_INTERNAL = 4002
 
 Fit = Callable[[Message, Context], tuple[lm.LinearWeights, MetricRecord]]
 
@@ -62,11 +59,8 @@ def _guard(msg: Message, context: Context, call_next) -> Message:
     of this round's protocol; the run goes on)."""
     try:
         return call_next(msg, context)
-    except FedLinearError as exc:
-        return Message(Error(code=ERROR_CODE_USER, reason=one_line(exc)), reply_to=msg)
-    except Exception as exc:  # noqa: BLE001 - reported to the server, logged here
-        logging.getLogger("fedlinear").error("secure aggregation task failed:\n%s", traceback.format_exc())
-        return Message(Error(code=ERROR_CODE_INTERNAL, reason=one_line(exc)), reply_to=msg)
+    except Exception as exc:  # noqa: BLE001 - reported to the server (and logged when unexpected)
+        return error_reply(msg, exc, "secure aggregation task")
 
 
 def _as_train(msg: Message, context: Context, call_next) -> Message:
