@@ -23,6 +23,7 @@ import numpy as np
 from flwr.app import Message
 
 from common import model as lm
+from common.errors import untrusted_text
 
 MAX_FEATURES = 1_000_000
 TRAIN_METRICS = {"num-examples", "train-loss", "client-key", "unit-weight"}
@@ -51,6 +52,8 @@ def check_shard(info: dict[str, Any]) -> str | None:
         return f"malformed shard description: num-examples {info['num-examples']}"
     if "data-uri" in info and not isinstance(info["data-uri"], str):
         return "malformed shard description: data-uri is not text"
+    if "data-uri" in info:  # printed and stored: one printable line, bounded
+        info["data-uri"] = untrusted_text(info["data-uri"])
     try:
         fingerprints = [json.loads(fp) for fp in info.get("fingerprints", [])]
     except (TypeError, ValueError):
@@ -107,4 +110,24 @@ def check_train_reply(msg: Message, num_features: int, declared: dict[str, Any],
         )
     if metrics["client-key"] != declared["client-key"] or metrics["unit-weight"] != 1:
         return "train reply rejected: client key or weight differs from the shard query"
+    return None
+
+
+def check_update_norm(msg: Message, global_arrays, bound: float, node_id: int) -> str | None:
+    """Why a (well-formed) train reply's update is too long for ``max-update-norm``, or None.
+
+    The update is the reply's weights minus the global weights the round sent, in the standardized
+    variables the clients train in; its L2 norm is over kernel and bias together.
+    """
+    arrays = msg.content["arrays"]
+    squared = 0.0
+    for name in lm.WEIGHT_NAMES:
+        delta = arrays[name].numpy().astype(np.float64) - global_arrays[name].numpy().astype(np.float64)
+        squared += float(np.sum(delta * delta))
+    norm = math.sqrt(squared)
+    if norm > bound:
+        return (
+            f"train reply rejected: node {node_id} sent an update of norm {norm:.4g}, "
+            f"above 'max-update-norm' = {bound:g}"
+        )
     return None

@@ -8,6 +8,25 @@ secure aggregation) plug into. The strategies are Flower's classes with one mixi
 * leaves aggregation to Flower's own FedAvg ``aggregate_train``; the server orders the replies by
   client key first (:func:`fixed_order`), so float sums, and hence the final weights, do not depend
   on which node answered first, and records the error replies, so a failing client is reported.
+
+``strategy`` picks the class (README "Strategies"): FedAvg, FedProx, FedAvgM, the adaptive server
+optimizers FedAdam / FedYogi / FedAdagrad (Reddi et al.), and the robust rules FedMedian,
+FedTrimmedAvg, Krum, MultiKrum, Bulyan, all Flower 1.42's own classes. Around them:
+
+* the mixin's ``configure_train`` does what the bypassed Flower ``configure_train`` did: FedProx's
+  ``proximal-mu`` goes into every train config, FedAvgM / FedOpt remember the global weights the
+  round starts from (their pseudo-gradient is taken against them);
+* the server optimizers' result is cast back to the model's float32 (FedAdam's bias-corrected step
+  is a NumPy float64 and would promote the global model), so a checkpoint holds exactly the live
+  model, and their state (momentum, ``m_t``, ``v_t``) goes into every checkpoint
+  (:meth:`Strategies.state_dict`) so a resumed run is bit-identical;
+* the robust rules see each reply as an update ``w_reply - w_global`` in float64 (every rule is
+  translation-equivariant, so the aggregate is the same in exact arithmetic) and weigh every party
+  the same: Flower computes Krum's squared distances as ``|a|² + |b|² - 2a·b`` in the replies'
+  float32, which cancels to noise when the weights are large next to their spread; and they get
+  copies of the replies (FedMedian / FedTrimmedAvg / Bulyan empty the replies they read);
+* Bulyan selects its θ = n − 2f candidates by Krum applied recursively, as the paper does
+  (El Mhamdi et al. 2018); Flower's default takes the θ best Krum scores of one pass.
 """
 
 from __future__ import annotations
@@ -16,14 +35,28 @@ import dataclasses
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+)
+from flwr.serverapp.strategy.fedopt import FedOpt
+from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from common.config import RunConfig
 from common.errors import FedLinearError
 
-UNIT_WEIGHT = "unit-weight"  # a metric every train reply carries, 1: equal client weights under DP
+UNIT_WEIGHT = "unit-weight"  # a metric every train reply carries, 1: equal client weights (DP, robust rules)
 
 
 class DeterministicMixin:
@@ -62,12 +95,24 @@ class DeterministicMixin:
         for key, value in getattr(self, "task_config", {}).items():
             config[key] = value
         if train:
+            self._remember_global(arrays)
+            if isinstance(self, FedProx):  # what FedProx.configure_train (bypassed here) does
+                config["proximal-mu"] = float(self.proximal_mu)
             for key, value in getattr(self, "train_config", {}).items():
                 config[key] = value
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         for name, extra in getattr(self, "extra_records", {}).items():
             record[name] = extra  # e.g. the standardization transform, for train and evaluate alike
         return self._construct_messages(record, node_ids, MessageType.TRAIN if train else MessageType.EVALUATE)
+
+    def _remember_global(self, arrays: ArrayRecord) -> None:
+        """The global weights of this round, for the server optimizers' pseudo-gradient (what
+        FedOpt.configure_train does; FedAvgM's only does it once, we do it every round, so a round
+        the server changed the model some other way, or a resumed run, starts from the model sent)."""
+        if isinstance(self, FedOpt):
+            self.current_arrays = {k: array.numpy() for k, array in arrays.items()}
+        elif isinstance(self, FedAvgM):
+            self.current_arrays = arrays
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -79,10 +124,170 @@ class DeterministicMixin:
     ) -> Iterable[Message]:
         return self._configure(server_round, arrays, config, grid, train=False)
 
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Evaluation losses weighted by the examples evaluated, whatever weighs the train replies
+        (evaluate replies carry no ``unit-weight``: Flower would refuse them under DP or a robust rule)."""
+        weighted_by, self.weighted_by_key = self.weighted_by_key, "num-examples"
+        try:
+            return super().aggregate_evaluate(server_round, replies)
+        finally:
+            self.weighted_by_key = weighted_by
+
 
 class DeterministicFedAvg(DeterministicMixin, FedAvg):
     """Flower's FedAvg with seeded sampling; ``aggregate_train`` is FedAvg's own, untouched (Flower's
     accounted DP wrappers require exactly that), so the server orders replies before calling it."""
+
+
+class DeterministicFedProx(DeterministicMixin, FedProx):
+    """Flower's FedProx: FedAvg's aggregation; ``proximal-mu`` reaches the clients' train config."""
+
+
+def as_float32(arrays: ArrayRecord | None) -> ArrayRecord | None:
+    """The aggregate in the model's dtype (float32), the same bytes a checkpoint stores."""
+    if arrays is None:
+        return None
+    return ArrayRecord({k: Array(np.ascontiguousarray(a.numpy(), dtype=np.float32)) for k, a in arrays.items()})
+
+
+def _encode(value: np.ndarray) -> dict:
+    value = np.asarray(value)
+    return {"dtype": str(value.dtype), "shape": list(value.shape), "values": value.ravel().tolist()}
+
+
+def _decode(value: dict) -> np.ndarray:
+    return np.asarray(value["values"], dtype=value["dtype"]).reshape(value["shape"])
+
+
+class ServerOptimizerMixin:
+    """FedAvgM and the FedOpt family: Flower's aggregation, its result cast to float32, and the
+    optimizer state as JSON for the checkpoint."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays = as_float32(arrays)
+        if isinstance(self, FedAvgM) and arrays is not None:
+            self.current_arrays = arrays
+        return arrays, metrics
+
+    def state_dict(self) -> dict:
+        if isinstance(self, FedOpt):
+            return {
+                name: None if moment is None else {k: _encode(v) for k, v in moment.items()}
+                for name, moment in (("m_t", self.m_t), ("v_t", self.v_t))
+            }
+        return {"momentum": None if self.momentum_vector is None else [_encode(v) for v in self.momentum_vector]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if isinstance(self, FedOpt):
+            for name in ("m_t", "v_t"):
+                moment = state.get(name)
+                setattr(self, name, None if moment is None else {k: _decode(v) for k, v in moment.items()})
+        else:
+            momentum = state.get("momentum")
+            self.momentum_vector = None if momentum is None else [_decode(v) for v in momentum]
+
+
+class DeterministicFedAvgM(DeterministicMixin, ServerOptimizerMixin, FedAvgM):
+    """Flower's FedAvgM (server SGD with momentum on the pseudo-gradient w_global - mean)."""
+
+
+class DeterministicFedAdam(DeterministicMixin, ServerOptimizerMixin, FedAdam):
+    """Flower's FedAdam."""
+
+
+class DeterministicFedYogi(DeterministicMixin, ServerOptimizerMixin, FedYogi):
+    """Flower's FedYogi."""
+
+
+class DeterministicFedAdagrad(DeterministicMixin, ServerOptimizerMixin, FedAdagrad):
+    """Flower's FedAdagrad."""
+
+
+class _Copy:
+    """A valid reply's content as Flower's aggregation reads it (``has_error()``, ``content``);
+    building a real Message needs the serving process's task identity."""
+
+    def __init__(self, content: RecordDict) -> None:
+        self.content = content
+
+    def has_error(self) -> bool:
+        return False
+
+
+class RobustMixin:
+    """The robust rules: Flower's aggregation on float64 updates (copies), equal party weights.
+
+    Each valid reply is handed over as ``w_reply - w_global`` in float64 (the difference of two
+    float32 values is exact there); the aggregate update is added back and cast to float32.
+    """
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        base = {k: a.numpy().astype(np.float64) for k, a in self.current_global.items()}
+        shadows = []
+        for msg in replies:
+            if msg.has_error():
+                shadows.append(msg)
+                continue
+            record = msg.content[self.arrayrecord_key]
+            update = ArrayRecord({k: Array(record[k].numpy().astype(np.float64) - base[k]) for k in record.keys()})
+            metrics = {name: MetricRecord(dict(m)) for name, m in msg.content.metric_records.items()}
+            shadows.append(_Copy(RecordDict({self.arrayrecord_key: update, **metrics})))
+        arrays, metrics = super().aggregate_train(server_round, shadows)
+        if arrays is None:
+            return None, metrics
+        return as_float32(ArrayRecord({k: Array(base[k] + arrays[k].numpy()) for k in arrays.keys()})), metrics
+
+    def _remember_global(self, arrays: ArrayRecord) -> None:
+        self.current_global = arrays
+
+
+class DeterministicFedMedian(RobustMixin, DeterministicMixin, FedMedian):
+    """Flower's FedMedian: the coordinatewise median."""
+
+
+class DeterministicFedTrimmedAvg(RobustMixin, DeterministicMixin, FedTrimmedAvg):
+    """Flower's FedTrimmedAvg: per coordinate, int(beta * n) values cut at each end, the rest averaged."""
+
+
+class DeterministicKrum(RobustMixin, DeterministicMixin, Krum):
+    """Flower's Krum: the reply with the smallest sum of squared distances to its n - f - 2 nearest."""
+
+
+class DeterministicMultiKrum(RobustMixin, DeterministicMixin, MultiKrum):
+    """Flower's MultiKrum: the mean of the m best Krum scores; m = 0 in the config means n - f."""
+
+    select_auto: bool = False
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        if self.select_auto:
+            valid = sum(1 for msg in replies if not msg.has_error())
+            self.num_nodes_to_select = max(1, valid - self.num_malicious_nodes)
+        return super().aggregate_train(server_round, replies)
+
+
+def recursive_krum(contents: list[RecordDict], num_malicious_nodes: int, theta: int) -> list[RecordDict]:
+    """Bulyan's selection (El Mhamdi et al. 2018, Algorithm 1): apply Krum to the replies not yet
+    chosen, move the winner to the selection, repeat until θ are chosen."""
+    remaining = list(contents)
+    selected: list[RecordDict] = []
+    while len(selected) < theta and remaining:
+        best = select_multikrum(remaining, num_malicious_nodes=num_malicious_nodes, num_nodes_to_select=1)[0]
+        index = next(i for i, content in enumerate(remaining) if content is best)
+        selected.append(remaining.pop(index))
+    return selected
+
+
+class DeterministicBulyan(RobustMixin, DeterministicMixin, Bulyan):
+    """Flower's Bulyan (n >= 4f + 3) with the paper's recursive Krum selection."""
+
+
+STATEFUL = (DeterministicFedAvgM, DeterministicFedAdam, DeterministicFedYogi, DeterministicFedAdagrad)
+ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+# Our default server step of each FedOpt strategy (config key eta = 0 means this one), measured on the
+# default synthetic data (README "Strategies"); Flower's are 0.1, 0.01, 0.1: too slow for 20 rounds here
+DEFAULT_ETA = {"fedadam": 0.5, "fedyogi": 0.3, "fedadagrad": 1.0}
 
 
 def fixed_order(replies: Iterable[Message], eligible: dict[int, int]) -> tuple[list[Message], list[dict]]:
@@ -108,33 +313,97 @@ def sample_size(num_nodes: int, fraction: float, minimum: int = 1) -> int:
 
 @dataclasses.dataclass
 class Strategies:
-    """What the server drives: ``strategy`` (FedAvg, or a DP wrapper around it), ``base`` (the FedAvg
-    that samples and carries the per-task config) and the privacy accountant, if any."""
+    """What the server drives: ``strategy`` (the configured strategy, or a DP wrapper around FedAvg),
+    ``base`` (the Flower strategy that samples and carries the per-task config) and the privacy
+    accountant, if any."""
 
     strategy: object
-    base: DeterministicFedAvg
+    base: DeterministicMixin
     accountant: object | None
     num_sampled: int
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold for a resumed run to continue exactly: the server optimizer's
+        state (FedAvgM momentum, FedAdam/FedYogi/FedAdagrad ``m_t``/``v_t``) and the adaptive
+        clipping norm, as JSON-able values."""
+        state = {}
+        if isinstance(self.base, STATEFUL):
+            state["optimizer"] = self.base.state_dict()
+        if self.strategy is not self.base and hasattr(self.strategy, "state_dict"):
+            state["clipping"] = self.strategy.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if "optimizer" in state and isinstance(self.base, STATEFUL):
+            self.base.load_state_dict(state["optimizer"])
+        if "clipping" in state and self.strategy is not self.base and hasattr(self.strategy, "load_state_dict"):
+            self.strategy.load_state_dict(state["clipping"])
+
+
+def make_base(cfg: RunConfig, num_sampled: int) -> DeterministicMixin:
+    """The Flower strategy class ``strategy`` names, with its knobs from the config."""
+    common = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_evaluate,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": 1,
+        # under DP every client counts the same (Flower's accounted wrappers require equal weights);
+        # the robust rules count parties, not examples (a party's claimed size cannot be trusted)
+        "weighted_by_key": UNIT_WEIGHT if cfg.dp != "none" or cfg.strategy in ROBUST else "num-examples",
+    }
+    name, f = cfg.strategy, cfg.num_malicious_nodes
+    need = {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(name)
+    if need is not None and num_sampled < need:
+        raise FedLinearError(
+            f"config key 'strategy' = {name} with 'num-malicious-nodes' = {f} needs at least {need} clients a round "
+            f"({'4f + 3' if name == 'bulyan' else '2f + 3'}), got {num_sampled}; "
+            "lower 'num-malicious-nodes' or add clients"
+        )
+    if name == "multikrum" and cfg.num_nodes_to_select > num_sampled:
+        raise FedLinearError(
+            f"config key 'num-nodes-to-select' ({cfg.num_nodes_to_select}) exceeds the {num_sampled} clients of a round"
+        )
+    eta = cfg.eta or DEFAULT_ETA.get(name, 0.0)
+    if name == "fedprox":
+        return DeterministicFedProx(**common, proximal_mu=cfg.proximal_mu)
+    if name == "fedavgm":
+        return DeterministicFedAvgM(
+            **common, server_learning_rate=cfg.server_learning_rate, server_momentum=cfg.server_momentum
+        )
+    if name in ("fedadam", "fedyogi"):
+        kind = DeterministicFedAdam if name == "fedadam" else DeterministicFedYogi
+        return kind(**common, eta=eta, beta_1=cfg.beta_1, beta_2=cfg.beta_2, tau=cfg.tau)
+    if name == "fedadagrad":
+        return DeterministicFedAdagrad(**common, eta=eta, tau=cfg.tau)
+    if name == "fedmedian":
+        return DeterministicFedMedian(**common)
+    if name == "fedtrimmedavg":
+        return DeterministicFedTrimmedAvg(**common, beta=cfg.trimmed_beta)
+    if name == "krum":
+        return DeterministicKrum(**common, num_malicious_nodes=f)
+    if name == "multikrum":
+        strategy = DeterministicMultiKrum(
+            **common, num_malicious_nodes=f, num_nodes_to_select=cfg.num_nodes_to_select or 1
+        )
+        strategy.select_auto = cfg.num_nodes_to_select == 0
+        return strategy
+    if name == "bulyan":
+        return DeterministicBulyan(**common, num_malicious_nodes=f, selection_rule=recursive_krum)
+    # fedavg; fedols runs its own rounds (server/fedols.py) and needs only the sampling
+    return DeterministicFedAvg(**common)
+
 
 def build_strategy(cfg: RunConfig, eligible: dict[int, int]) -> Strategies:
-    """The strategy for this run: Flower's FedAvg, wrapped by Flower's DP wrappers when asked."""
-    base = DeterministicFedAvg(
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=1,
-        min_evaluate_nodes=1,
-        min_available_nodes=1,
-        # under DP every client counts the same (Flower's accounted wrappers require equal weights)
-        weighted_by_key=UNIT_WEIGHT if cfg.dp != "none" else "num-examples",
-    )
+    """The strategy for this run (``strategy``), FedAvg wrapped by Flower's DP wrappers when asked."""
+    num_sampled = sample_size(len(eligible), cfg.fraction_train)
+    base = make_base(cfg, num_sampled)
     base.seed = cfg.seed
     base.eligible = dict(eligible)
     base.last_failures = []
     base.train_config = {}
     base.task_config = {}
     base.extra_records = {}
-    num_sampled = sample_size(len(eligible), cfg.fraction_train)
     strategy, accountant = base, None
     if cfg.dp != "none":
         from server import privacy
