@@ -1,0 +1,192 @@
+"""Exact federated least squares (``strategy = "fedols"``): what a party sends and how the server solves.
+
+The problem, over the pooled data of every party that answered (``X`` (n, d), ``y`` (n,)):
+
+    minimise  ||y − X w − b||²  +  l2 ||w||²        (``fedols-l2`` >= 0; the bias is not penalised)
+
+Two ways to combine the parties, chosen by ``fedols-method``:
+
+* ``normal``: the centred normal equations. Each party's ``n``, ``Σ[x y]`` and centred scatter
+  ``Σ(z − μ)(z − μ)ᵀ`` about the pooled mean ``μ`` are the two additive passes the server already
+  makes before training (:mod:`common.scaling`: :class:`~common.scaling.Moments`,
+  :class:`~common.scaling.Scatter`, :class:`~common.scaling.PooledStats`); the server solves
+  ``(Sxx + l2 I) w = Sxy`` with the columns scaled to unit variance. Additive, so it is the path that
+  could travel under secure aggregation; it squares the condition number of the design.
+* ``qr`` (TSQR): each party sends the ``R`` of a QR factorisation of its own block
+  ``[X − μx, 1, y − μy]`` (centred about the pooled mean, so no large offset meets the intercept
+  column); the server stacks the ``R``'s (and ``sqrt(l2) [I 0 0]`` rows for ridge), factorises
+  again and solves ``R11 [w, b'] = r12`` by back-substitution: ``XᵀX`` is never formed, the error
+  grows with the condition number, not its square. The intercept column makes the result exact
+  even when a party drops out after the pooled mean was computed (then the remaining data are
+  not centred about ``μ`` any more; with the column the solve does not care).
+
+Nothing here knows Flower: :mod:`server.fedols` sends the queries, :mod:`clients.client_app`
+answers them with :func:`local_r`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from common import scaling
+
+METHODS = ("qr", "normal")
+# A triangular factor whose column-scaled smallest singular value is below this fraction of its
+# largest is treated as rank-deficient: the minimum-norm solution (SVD of R, still no XᵀX) is used
+# instead of back-substitution. Far below what the normal equations can resolve (~1e-8).
+RANK_TOLERANCE = 1e-13
+
+
+def local_r(x: np.ndarray, y: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """One party's ``R`` (``(d+2, d+2)``, upper triangular, non-negative diagonal) of
+    ``[x − centre[:d], 1, y − centre[d]]``; zero rows pad it when the party has fewer rows."""
+    x = np.asarray(x, np.float64)
+    d = x.shape[1]
+    centre = np.asarray(centre, np.float64).ravel()
+    block = np.column_stack([x - centre[:d], np.ones(x.shape[0]), np.asarray(y, np.float64).ravel() - centre[d]])
+    r = np.linalg.qr(block, mode="r")
+    if r.shape[0] < d + 2:
+        r = np.vstack([r, np.zeros((d + 2 - r.shape[0], d + 2))])
+    signs = np.where(np.diagonal(r) < 0, -1.0, 1.0)  # a unique R: the Gram matrix RᵀR does not change
+    return np.triu(signs[:, None] * r)
+
+
+def check_r(r: np.ndarray, num_features: int, num_examples: int) -> str | None:
+    """Why a party's ``R`` is unacceptable (one line), or None.
+
+    Checked: shape, finite values, upper-triangular (nothing below the diagonal), and the intercept
+    column's norm: ``||R[:, d]||² = n`` exactly for a block with a column of ones, so a party cannot
+    weigh itself more than the rows it declared in the shard query.
+    """
+    d = num_features
+    if r.shape != (d + 2, d + 2):
+        return f"R factor of shape {r.shape}, expected {(d + 2, d + 2)}"
+    if not np.isfinite(r).all():
+        return "R factor has non-finite values"
+    below = np.tril(r, -1)
+    if np.any(below != 0):
+        return f"R factor is not upper triangular (largest entry below the diagonal {np.abs(below).max():.3g})"
+    ones = float(r[:, d] @ r[:, d])
+    if not abs(ones - num_examples) <= 1e-9 * num_examples:
+        return f"R factor's intercept column says {ones:.6g} rows, the shard query said {num_examples}"
+    return None
+
+
+@dataclasses.dataclass
+class Solution:
+    """The float64 solution and how it was obtained (the manifest's ``fedols`` block)."""
+
+    kernel: np.ndarray  # (d,)
+    bias: float
+    method: str
+    l2: float
+    condition_number: float  # 2-norm condition of the centred design with unit-norm columns
+    solver: str
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {
+            "method": self.method,
+            "l2": self.l2,
+            "kernel": self.kernel.tolist(),
+            "bias": self.bias,
+            "condition-number": self.condition_number,
+            "solver": self.solver,
+            "notes": list(self.notes),
+        }
+
+
+def _constant_notes(constant: np.ndarray, mean: np.ndarray) -> list[str]:
+    return [
+        f"feature column {j + 1} is constant ({mean[j]:.6g}) in the pooled data: its weight is 0"
+        for j in np.flatnonzero(constant)
+    ]
+
+
+def solve_qr(rs: list[np.ndarray], centre: np.ndarray, l2: float, constant: np.ndarray) -> Solution:
+    """TSQR: stack the parties' ``R`` (in a fixed order), factorise, back-substitute.
+
+    ``centre`` is the pooled mean the parties centred on; ``constant`` masks features that do not
+    vary in the pooled data (weight 0, left out of the solve).
+    """
+    centre = np.asarray(centre, np.float64)
+    d = centre.shape[0] - 1
+    live = np.flatnonzero(~constant)
+    columns = [*live, d, d + 1]  # live features, intercept, target
+    stacked = np.vstack([r[:, columns] for r in rs])
+    k = live.size
+    condition = _scaled_condition(stacked[:, :k])  # of the data's centred design, before any ridge rows
+    if l2 > 0:
+        ridge = np.zeros((k, k + 2))
+        ridge[:, :k] = np.sqrt(l2) * np.eye(k)
+        stacked = np.vstack([stacked, ridge])
+    r = np.linalg.qr(stacked, mode="r")
+    if r.shape[0] < k + 2:
+        r = np.vstack([r, np.zeros((k + 2 - r.shape[0], k + 2))])
+    r11, r12 = r[: k + 1, : k + 1], r[: k + 1, k + 1]
+    norms = np.linalg.norm(r11, axis=0)
+    norms[norms == 0] = 1.0
+    singular = np.linalg.svd(r11 / norms, compute_uv=False)
+    notes = _constant_notes(constant, centre)
+    if singular[-1] > RANK_TOLERANCE * singular[0]:
+        theta, solver = back_substitute(r11, r12), "back-substitution on the stacked R"
+    else:
+        scaled, *_ = np.linalg.lstsq(r11 / norms, r12, rcond=RANK_TOLERANCE)
+        theta, solver = scaled / norms, "minimum-norm solve of the stacked R (SVD; collinear columns)"
+        notes.append("the design's columns are collinear: the minimum-norm solution (in unit-norm columns) is given")
+    kernel = np.zeros(d)
+    kernel[live] = theta[:k]
+    bias = float(centre[d] + theta[k] - centre[:d] @ kernel)
+    return Solution(kernel, bias, "qr", float(l2), condition, solver, tuple(notes))
+
+
+def _scaled_condition(design: np.ndarray) -> float:
+    """2-norm condition number of ``design`` with its columns scaled to unit norm."""
+    if design.shape[1] == 0:
+        return 1.0
+    norms = np.linalg.norm(design, axis=0)
+    norms[norms == 0] = 1.0
+    singular = np.linalg.svd(design / norms, compute_uv=False)
+    return float(singular[0] / singular[-1]) if singular[-1] > 0 else float("inf")
+
+
+def back_substitute(r: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve ``r x = b`` for upper-triangular, non-singular ``r``."""
+    n = r.shape[0]
+    x = np.zeros(n)
+    for i in range(n - 1, -1, -1):
+        x[i] = (b[i] - r[i, i + 1 :] @ x[i + 1 :]) / r[i, i]
+    return x
+
+
+def solve_normal(pooled: scaling.PooledStats, l2: float) -> Solution:
+    """The centred normal equations from the pooled statistics, columns scaled to unit variance.
+
+    ``l2 = 0`` is exactly :meth:`common.scaling.PooledStats.solve` (the run's least-squares
+    yardstick). Ridge solves ``(C + l2 D⁻²) β = D⁻¹ Sxy``, ``w = D⁻¹ β`` with ``C`` the correlation-
+    like scaled scatter and ``D`` the column norms: the same as ``(Sxx + l2 I) w = Sxy``.
+    """
+    d = pooled.num_features
+    sxx, sxy = pooled.scatter[:d, :d], pooled.scatter[:d, d]
+    constant = pooled.constant_features()
+    live = ~constant
+    std = np.sqrt(np.maximum(np.diagonal(sxx), 0.0))
+    std[constant | (std == 0)] = 1.0
+    corr = (sxx / np.outer(std, std))[np.ix_(live, live)]
+    eigenvalues = np.linalg.eigvalsh(corr) if live.any() else np.ones(1)
+    condition = float(np.sqrt(eigenvalues[-1] / eigenvalues[0])) if eigenvalues[0] > 0 else float("inf")
+    notes = _constant_notes(constant, pooled.mean)
+    if l2 == 0:
+        kernel, bias = pooled.solve()
+        solver = "centred normal equations, unit-variance columns (SVD, cut-off 1e-10)"
+        if eigenvalues[0] <= scaling.EIGEN_TOLERANCE * eigenvalues[-1]:
+            notes.append("the design's columns are collinear: the minimum-norm solution (in unit-variance columns) is given")
+        return Solution(kernel, bias, "normal", 0.0, condition, solver, tuple(notes))
+    scaled = corr + l2 * np.diag(1.0 / std[live] ** 2)
+    beta = np.linalg.solve(scaled, (sxy / std)[live])
+    kernel = np.zeros(d)
+    kernel[live] = beta / std[live]
+    bias = float(pooled.mean[d] - pooled.mean[:d] @ kernel)
+    return Solution(kernel, bias, "normal", float(l2), condition, "centred ridge normal equations, unit-variance columns", tuple(notes))

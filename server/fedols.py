@@ -1,0 +1,182 @@
+"""``strategy = "fedols"``: the pooled least-squares (or ridge) solution in one round, exactly.
+
+Called by :func:`server.server_app.run` after the shard query (describe + scatter stages), which
+already gave every healthy party's ``n``, ``Σ[x y]`` and centred scatter and the pooled statistics:
+
+* ``fedols-method = normal`` solves from those pooled statistics (no further message);
+* ``fedols-method = qr`` sends one more query, stage ``fedols-r`` with the pooled mean, and each
+  party answers with the R factor of its centred block ``[x − μx, 1, y − μy]``. Every reply is
+  checked (:func:`common.fedols.check_r`: shape, finite, upper triangular, intercept column of
+  norm² = the rows it declared); a bad one is a failed party, left out and reported, and the solve
+  is exact for the remaining parties (the intercept column absorbs the shifted centre).
+
+The float64 solution goes into ``history.json`` and ``manifest.json`` (``fedols`` block), the model is
+exported rounded to float32 in raw units (no standardization), and one history row (round 1) carries
+the same metrics as any run (:class:`server.server_app.Evaluator`). The math is in :mod:`common.fedols`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from common import fedols
+from common import model as lm
+from common import scaling
+from common.config import RunConfig
+from common.data import Dataset
+from common.errors import FedLinearError
+from common.export import export_savedmodel
+from common.runstore import RunStore
+from common.storage import fingerprint
+from server import server_app as sa
+
+
+def collect_r(
+    grid: Grid, cfg: RunConfig, healthy: dict[int, dict], centre: np.ndarray, failures: list[dict]
+) -> dict[int, np.ndarray]:
+    """Stage ``fedols-r``: each healthy party's checked R factor (failures are appended and said)."""
+    d = int(next(iter(healthy.values()))["num-features"])
+    order = sa._in_key_order(healthy)
+    messages = [
+        Message(
+            RecordDict(
+                {
+                    "config": ConfigRecord({"stage": "fedols-r"}),
+                    "centre": ArrayRecord({"centre": Array(np.ascontiguousarray(centre, np.float64))}),
+                }
+            ),
+            dst_node_id=nid,
+            message_type=MessageType.QUERY,
+        )
+        for nid in order
+    ]
+    replies = {msg.metadata.src_node_id: msg for msg in grid.send_and_receive(messages, timeout=cfg.round_timeout)}
+    factors: dict[int, np.ndarray] = {}
+    for nid in order:
+        msg = replies.get(nid)
+        if msg is None:
+            reason = f"no reply to the R-factor query within 'round-timeout' ({cfg.round_timeout:g} s)"
+        elif msg.has_error():
+            reason = msg.error.reason
+        else:
+            reason = _check_reply(msg, d, int(healthy[nid]["num-examples"]))
+            if reason is None:
+                factors[nid] = np.asarray(msg.content["r"]["r"].numpy(), np.float64)
+                continue
+        failures.append({"node-id": nid, "client-key": healthy[nid].get("client-key"), "reason": reason})
+        sa.say(f"node {nid} left out: {reason}")
+    return factors
+
+
+def _check_reply(msg: Message, d: int, num_examples: int) -> str | None:
+    record = msg.content.array_records.get("r")
+    if set(msg.content.array_records) != {"r"} or record is None or set(record.keys()) != {"r"}:
+        return "malformed R-factor reply: expected one array 'r'"
+    array = record["r"]
+    if array.dtype != "float64" or len(array.data) > 8 * (d + 2) ** 2 + 4096:
+        return f"malformed R-factor reply: {array.dtype} array of {len(array.data)} bytes"
+    try:
+        value = array.numpy()
+    except Exception:  # noqa: BLE001 - undecodable bytes are a bad reply
+        return "malformed R-factor reply: the array cannot be decoded"
+    problem = fedols.check_r(value, d, num_examples)
+    return None if problem is None else f"R-factor reply rejected: {problem}"
+
+
+def run(
+    grid: Grid,
+    context: Context,
+    store: RunStore,
+    cfg: RunConfig,
+    healthy: dict[int, dict],
+    query_failures: list[dict],
+    pooled: scaling.PooledStats | None,
+    test: Dataset | None,
+    started: float,
+) -> None:
+    """Solve, evaluate, export and record; the run's status is ``completed`` at the end."""
+    if pooled is None or not pooled.full:  # config validation refuses privacy and reference = none
+        raise FedLinearError("strategy = fedols needs every party's centred cross-products, which were not gathered")
+    num_features = pooled.num_features
+    failures: list[dict] = []
+    parties = sa._in_key_order(healthy)
+    if cfg.fedols_method == "qr":
+        factors = collect_r(grid, cfg, healthy, pooled.mean, failures)
+        if not factors:
+            raise FedLinearError(
+                "no party sent a usable R factor: " + "; ".join(f"node {f['node-id']}: {f['reason']}" for f in failures)
+            )
+        parties = [nid for nid in parties if nid in factors]
+        solution = fedols.solve_qr([factors[nid] for nid in parties], pooled.mean, cfg.fedols_l2, pooled.constant_features())
+    else:
+        solution = fedols.solve_normal(pooled, cfg.fedols_l2)
+    kernel, bias = solution.kernel, solution.bias
+    for note in solution.notes:
+        sa.say(f"fedols: {note}")
+
+    transform = scaling.Transform.identity(num_features)
+    evaluate = sa.Evaluator(test, pooled, transform)
+    row = {
+        "round": 1,
+        "clients-ok": len(parties),
+        "clients-failed": len(failures),
+        "failures": failures,
+        **evaluate(lm.LinearWeights(kernel=kernel.reshape(-1, 1), bias=np.array([bias]))),  # float64
+        "elapsed-s": time.monotonic() - started,
+    }
+    samples = sum(int(healthy[nid]["num-examples"]) for nid in parties)
+    block = {
+        **solution.to_json(),
+        "parties": len(parties),
+        "num-examples": samples,
+        "objective": "minimise ||y - X w - b||^2 + l2 ||w||^2 over the pooled raw data (bias not penalised)",
+    }
+    history = {
+        "run-id": context.run_id,
+        "rounds": [row],
+        "reference": evaluate.reference,
+        "standardization": transform.to_json(),
+        "learning-rate": {"value": None, "how": "strategy = fedols: solved exactly, no training"},
+        "query-failures": query_failures,
+        "fedols": block,
+    }
+    store.write_history(history)
+    sa.say(
+        f"fedols ({solution.method}, l2 = {solution.l2:g}): exact solution from {len(parties)} parties, "
+        f"{samples} samples; condition number {solution.condition_number:.4g}; {solution.solver}"
+    )
+    sa.say(sa.progress_line(row))
+
+    exported = lm.LinearWeights(kernel=kernel.astype(np.float32).reshape(-1, 1), bias=np.array([bias], np.float32))
+    model_uri = store.uri("model")
+    export_savedmodel(exported, model_uri)
+    final = {k: v for k, v in row.items() if k != "failures"}
+    manifest = {
+        "run-id": context.run_id,
+        "config": cfg.as_dict(),
+        "seed": cfg.seed,
+        "versions": sa.versions(),
+        "num-features": num_features,
+        "weights": {"kernel": kernel.tolist(), "bias": bias},
+        "exported-weights": {"kernel": exported.kernel.ravel().tolist(), "bias": float(exported.bias[0])},
+        "standardization": transform.to_json(),
+        "learning-rate": history["learning-rate"],
+        "fedols": block,
+        "model": model_uri,
+        "shards": [
+            {k: healthy[nid][k] for k in ("data-uri", "num-examples", "fingerprints", "partition-id") if k in healthy[nid]}
+            for nid in sa._in_key_order(healthy)
+        ],
+        "test-set": [fingerprint(uri) for uri in test.sources] if test is not None else [],
+        "reference": evaluate.reference,
+        "final": final,
+        "query-failures": query_failures,
+        "wall-time-s": time.monotonic() - started,
+    }
+    store.write_manifest(manifest)
+    store.write_status("completed", run_id=context.run_id)
+    sa.say(f"done: model exported to {model_uri}")
