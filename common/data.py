@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from common import storage
-from common.errors import FedLinearError
+from common.errors import FedLinearError, with_reply_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +118,9 @@ def _check_utf8(uri: str, lineno: int, line: str) -> None:
         hint = "save it as UTF-8"
         if lineno == 1 and line.startswith(("\udcff\udcfe", "\udcfe\udcff")):
             hint = "it looks like UTF-16: save it as UTF-8"
-        raise FedLinearError(
-            f"{uri}: line {lineno}: not valid UTF-8 (byte 0x{byte:02x} at character {exc.start + 1}); {hint}"
+        raise with_reply_text(
+            FedLinearError(f"{uri}: line {lineno}: not valid UTF-8 (byte 0x{byte:02x} at character {exc.start + 1}); {hint}"),
+            f"{uri}: line {lineno}: not valid UTF-8",  # the reply to the server names no byte of the file
         ) from None
 
 
@@ -161,11 +162,15 @@ def _scan(uri: str, lines: Iterable[str], header: str) -> tuple[list[str] | None
         hint = f" {_HEADER_HINT}" if first and header == "auto" else ""
         for col, field in enumerate(fields, start=1):
             value = _number(field)
+            # the local message shows the value; a reply to the server only where and what (with_reply_text)
+            where = f"{uri}: line {lineno}: column {col}"
             if value is None:
                 what = "empty value" if not field else f"{_shown(field)} is not a number"
-                raise FedLinearError(f"{uri}: line {lineno}: column {col}: {what}{hint}")
+                raise with_reply_text(
+                    FedLinearError(f"{where}: {what}{hint}"), f"{where}: {'empty value' if not field else 'not a number'}"
+                )
             if not math.isfinite(value):
-                raise FedLinearError(f"{uri}: line {lineno}: column {col}: value '{field}' is not finite")
+                raise with_reply_text(FedLinearError(f"{where}: value '{field}' is not finite"), f"{where}: not finite")
         rows += 1
     return columns, rows
 
@@ -272,6 +277,10 @@ class SyntheticTruth:
     per-feature ``feature_scales`` and ``feature_offsets``, the ``latent_weights`` (``beta``: the
     weights of ``y`` on ``z = (x - offset) / scale``) and ``condition_number``, the realised
     condition number of the sample correlation matrix of the pooled training features.
+    Heterogeneous parties (:mod:`common.partition`) add each party's ``party_weights``,
+    ``party_biases`` and ``party_noise`` (party k: ``y = x @ party_weights[k] + party_biases[k] +
+    party_noise[k] * N(0, 1)``; ``weights``/``bias`` are then the global model they are drawn
+    around) and the ``heterogeneity`` summary.
     Fields that are ``None`` are left out of the JSON, so plain data keeps its old ``truth.json``.
     """
 
@@ -284,6 +293,10 @@ class SyntheticTruth:
     feature_offsets: list[float] | None = None
     latent_weights: list[float] | None = None
     condition_number: float | None = None
+    party_weights: list[list[float]] | None = None
+    party_biases: list[float] | None = None
+    party_noise: list[float] | None = None
+    heterogeneity: dict | None = None
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if v is not None}, indent=2)
@@ -378,8 +391,12 @@ def make_synthetic(
     feature_offsets: str | tuple[float, float] | None = None,
     condition_number: float | None = None,
     target_offset: float | None = None,
+    heterogeneity=None,
 ) -> tuple[list[Dataset], Dataset, SyntheticTruth]:
     """Gaussian features, known true weights; one shard per client and a held-out test set.
+
+    ``heterogeneity`` (a :class:`common.partition.Heterogeneity` with any option on) makes the
+    parties differ (sizes, feature distributions, true weights, noise): see :mod:`common.partition`.
 
     With every option off (``None``, or its neutral value: scales ``1:1``, offsets ``0:0``,
     condition number 1, target offset 0): IID standard normal features, ``weights`` and ``bias``
@@ -424,6 +441,12 @@ def make_synthetic(
         "target_offset": target_offset if target_offset not in (None, 0.0) else None,
     }
     options = {k: v for k, v in options.items() if v is not None}
+    if heterogeneity is not None and heterogeneity.active:
+        from common.partition import make_heterogeneous
+
+        return make_heterogeneous(
+            num_clients, samples_per_client, num_features, noise, seed, test_samples, heterogeneity, options
+        )
     if options:
         return _make_hard(num_clients, samples_per_client, num_features, noise, seed, test_samples, options)
 
