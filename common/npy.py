@@ -20,11 +20,18 @@ import math
 
 import numpy as np
 
+from common.errors import FedLinearError
+
 MAGIC = b"\x93NUMPY"
 _MAX_CACHED = 256  # distinct (dtype, shape) pairs kept; a model has a handful
 
 _HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
 _PARSED: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+
+
+class NpyError(FedLinearError, ValueError):
+    """Bytes that are not an array :func:`loads` accepts (a ValueError, as ``np.load`` raises, and the
+    project's one-line error)."""
 
 
 def _remember(cache: dict, key, value) -> None:
@@ -37,7 +44,7 @@ def dumps(array: np.ndarray) -> bytes:
     """The ``.npy`` bytes of ``array`` (as ``np.save`` writes them)."""
     array = np.asarray(array)
     if array.dtype.hasobject:
-        raise ValueError("object arrays cannot be saved without pickle")
+        raise NpyError("object arrays cannot be saved without pickle")
     if not array.flags.c_contiguous:  # np.save would write Fortran order or a C copy; keep it simple
         return _np_save(array)
     key = (array.dtype.str, array.shape)
@@ -53,14 +60,14 @@ def loads(data: bytes) -> np.ndarray:
     """The array in ``.npy`` bytes (as ``np.load(..., allow_pickle=False)`` reads them)."""
     view = memoryview(data)
     if bytes(view[:6]) != MAGIC or len(view) < 10:
-        raise ValueError("not .npy data (bad magic string)")
+        raise NpyError("not .npy data (bad magic string)")
     major = view[6]
     if major == 1:
         end = 10 + int.from_bytes(view[8:10], "little")
     elif major in (2, 3):
         end = 12 + int.from_bytes(view[8:12], "little")
     else:
-        raise ValueError(f"unsupported .npy format version {major}.{view[7]}")
+        raise NpyError(f"unsupported .npy format version {major}.{view[7]}")
     header = bytes(view[:end])
     parsed = _PARSED.get(header)
     if parsed is None:
@@ -69,9 +76,14 @@ def loads(data: bytes) -> np.ndarray:
     dtype, shape, fortran = parsed
     count = math.prod(shape)
     if len(view) - end < count * dtype.itemsize:
-        raise ValueError(f".npy data truncated: {len(view) - end} bytes for {count} x {dtype}")
-    flat = np.frombuffer(data, dtype=dtype, count=count, offset=end)
-    return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+        raise NpyError(f".npy data truncated: {len(view) - end} bytes for {count} x {dtype}")
+    try:
+        if dtype.itemsize == 0:  # "|V0", "|S0", "<U0": nothing to read (np.load gives empty items too)
+            return np.ndarray(shape, dtype=dtype, order="F" if fortran else "C")  # np.zeros would widen "S0"
+        flat = np.frombuffer(data, dtype=dtype, count=count, offset=end)
+        return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+    except ValueError as exc:  # e.g. shape (0, 2**31, 2**31): no data, but more elements than numpy can index
+        raise NpyError(f".npy header describes an impossible array {shape} x {dtype}: {exc}") from None
 
 
 def _np_save(array: np.ndarray) -> bytes:
@@ -82,11 +94,14 @@ def _np_save(array: np.ndarray) -> bytes:
 
 def _parse_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
     stream = io.BytesIO(header)
-    version = np.lib.format.read_magic(stream)
-    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = reader(stream)
+    try:
+        version = np.lib.format.read_magic(stream)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(stream)
+    except Exception as exc:  # noqa: BLE001 - numpy's parser raises ValueError, SyntaxError, TokenError, ...
+        raise NpyError(f".npy header is not valid: {' '.join(str(exc).split())}"[:300]) from None
     if dtype.hasobject:
-        raise ValueError("object arrays cannot be loaded without pickle")
+        raise NpyError("object arrays cannot be loaded without pickle")
     if not all(isinstance(n, int) and n >= 0 for n in shape):
-        raise ValueError(f".npy header has an invalid shape {tuple(shape)}")  # np.load refuses it too
+        raise NpyError(f".npy header has an invalid shape {tuple(shape)}")  # np.load refuses it too
     return dtype, tuple(shape), bool(fortran)

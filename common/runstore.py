@@ -19,14 +19,17 @@ import csv
 import io
 import json
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+import os
+import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
 
 from common import storage
-from common.errors import FedLinearError
+from common.errors import FedLinearError, one_line
 from common.model import BIAS, KERNEL, LinearWeights
+from common.tboard import ScalarLog
 
 METRIC_COLUMNS = (
     "round",
@@ -74,30 +77,56 @@ class RunStore:
         self.run_dir = run_dir
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstore") if background else None
         self._pending: list[Future] = []
+        self._scalars = ScalarLog(run_dir, METRIC_COLUMNS)  # RUN_DIR/tensorboard, kept in step with the history
+        self._error: BaseException | None = None  # the first failed background write; later ones are skipped
 
     def uri(self, *parts: str) -> str:
         return storage.join(self.run_dir, *parts)
 
     def _write(self, blobs: list[tuple[str, bytes]]) -> None:
+        """Write ``blobs`` in order (each atomically); in the background, after every earlier write.
+
+        Once a background write has failed, nothing queued behind it is written (a checkpoint queued
+        after a failed history write would be a round the history lacks), and every later call
+        raises that first error.
+        """
         if self._executor is None:
             for uri, data in blobs:
                 storage.write_bytes(uri, data)
             return
-        done = [f for f in self._pending if f.done()]
         self._pending = [f for f in self._pending if not f.done()]
-        for future in done:
-            future.result()  # surface a failed write now, not at the end
-        self._pending.append(self._executor.submit(lambda: [storage.write_bytes(u, d) for u, d in blobs]))
+        if self._error is not None:
+            raise self._error  # surface a failed write now, not at the end
+
+        def job() -> None:
+            if self._error is not None:
+                return  # an earlier write failed: write nothing after it
+            try:
+                for uri, data in blobs:
+                    storage.write_bytes(uri, data)
+            except BaseException as exc:
+                self._error = exc
+                raise
+
+        self._pending.append(self._executor.submit(job))
 
     def flush(self) -> None:
-        """Wait for every pending background write; re-raise the first failure."""
+        """Wait for every pending background write, then re-raise the first failure (if any)."""
+        self._wait()
+        if self._error is not None:
+            raise self._error
+
+    def _wait(self) -> None:
         pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
+        if pending:
+            wait(pending)
 
     # status -----------------------------------------------------------------------------
     def write_status(self, status: str, message: str = "", **extra: Any) -> None:
-        self.flush()  # a status never overtakes the files it speaks for
+        if status == "failed":
+            self._wait()  # a run that failed says so even when the failure was a write in the background
+        else:
+            self.flush()  # a status never overtakes the files it speaks for
         storage.write_text(self.uri("status.json"), dumps({"status": status, "message": message, **extra}))
 
     def read_status(self) -> dict[str, Any] | None:
@@ -116,6 +145,7 @@ class RunStore:
                 (self.uri("history.json"), dumps(history).encode()),
                 (self.uri("metrics.csv"), buf.getvalue().encode()),
             ]
+            + self._scalars.update(history)  # TensorBoard scalars, same names as metrics.csv
         )
 
     def read_history(self) -> dict[str, Any]:
@@ -141,9 +171,16 @@ class RunStore:
         pointer_uri = self.uri("checkpoints", "latest.json")
         if not storage.exists(pointer_uri):
             return None
-        pointer = json.loads(storage.read_text(pointer_uri))
-        with np.load(io.BytesIO(storage.read_bytes(self.uri("checkpoints", pointer["file"])))) as arrays:
-            weights = LinearWeights.from_dict({KERNEL: arrays[KERNEL], BIAS: arrays[BIAS]})
+        try:  # written atomically, so damage means someone else's hand: say which file, no traceback
+            pointer = json.loads(storage.read_text(pointer_uri))
+            checkpoint_uri = self.uri("checkpoints", os.path.basename(str(pointer["file"])))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FedLinearError(f"{pointer_uri}: not a checkpoint pointer ({one_line(exc)})") from None
+        try:
+            with np.load(io.BytesIO(storage.read_bytes(checkpoint_uri)), allow_pickle=False) as arrays:
+                weights = LinearWeights.from_dict({KERNEL: arrays[KERNEL], BIAS: arrays[BIAS]})
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise FedLinearError(f"{checkpoint_uri}: not a readable checkpoint ({one_line(exc)})") from None
         return pointer, weights
 
     # manifest ---------------------------------------------------------------------------

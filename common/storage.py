@@ -11,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
+import socket
 import tempfile
+import zlib
 from collections.abc import Iterator
 from typing import IO
 
@@ -82,25 +85,104 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write atomically: readers see the old content or the new, never a partial file."""
+TEMP_PREFIX = ".tmp-"  # temporary files of an unfinished write: hidden from list_uris, never read
+
+
+def write_bytes(uri: str, data: bytes, private: bool = False) -> None:
+    """Write atomically and durably: readers see the old content or the new, never a partial file.
+
+    Locally: a temporary file in the same directory, written and fsync'd, renamed over ``uri``, then
+    the directory fsync'd, so once this returns the new content survives a power cut, and a crash at
+    any point before the rename leaves the previous file as it was. The file's mode follows the
+    umask as ``open()`` would (``0666 & ~umask``); ``private=True`` makes it 0600. A failed write
+    (full disk, permissions) is a :class:`FedLinearError` naming ``uri``. Temporary files left by a
+    process that died mid-write are removed by the next write to the same file.
+    """
     if is_s3(uri):
         _s3().write_bytes(uri, data)
         return
     path = _local(uri)
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = _create_temp(directory, os.path.basename(path), 0o600 if private else 0o666)
+    except OSError as exc:
+        raise FedLinearError(f"{uri}: cannot write ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise FedLinearError(f"{uri}: cannot write ({exc.strerror or exc})") from None
         raise
+    _fsync_dir(directory)
+    _remove_stale_temps(directory, os.path.basename(path))
+
+
+def temp_owner(pid: int | None = None) -> str:
+    """``<pid>.<host>.<pid namespace>``: who wrote a temporary file. Only a file of this host and PID
+    namespace whose pid is dead is known to be abandoned (fedlinear also runs in private namespaces)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    host = zlib.crc32(socket.gethostname().encode("utf-8", "replace"))
+    return f"{os.getpid() if pid is None else pid}.{host:08x}.{namespace:x}"
+
+
+def _create_temp(directory: str, name: str, mode: int) -> tuple[int, str]:
+    """A new file ``.tmp-<owner>-<random>-<name>`` opened for writing, created with ``mode`` (the
+    kernel applies the umask, as for ``open()``; ``tempfile.mkstemp`` would always give 0600)."""
+    for _ in range(100):
+        tmp = os.path.join(directory, f"{TEMP_PREFIX}{temp_owner()}-{secrets.token_hex(6)}-{name}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {directory}")
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):  # some filesystems refuse fsync on a directory
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # someone else's process: leave its file alone
+    return True
+
+
+def _remove_stale_temps(directory: str, name: str) -> None:
+    """Delete temporary files for ``name`` whose writing process (on this host, in this PID
+    namespace) no longer exists: it crashed mid-write."""
+    suffix = f"-{name}"
+    ours = temp_owner(0).split(".", 1)[1]
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(directory):
+            if not (entry.startswith(TEMP_PREFIX) and entry.endswith(suffix)):
+                continue
+            pid, _, owner = entry[len(TEMP_PREFIX) :].split("-", 1)[0].partition(".")
+            if owner == ours and pid.isdigit() and int(pid) > 0 and not _pid_alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, entry))
 
 
 def write_text(uri: str, text: str) -> None:

@@ -79,20 +79,77 @@ def test_numpy_engine_matches_keras(problem, epochs, batch_size):
     assert lm.keras_model(6) is lm.keras_model(6)
 
 
+def _train_reply(node_id: int, key: int, new: lm.LinearWeights, n: int, loss: float):
+    """A train reply as the ClientApp sends it (weights, num-examples, loss, client key, unit weight)."""
+    from flwr.app import Array, ArrayRecord, Metadata, MetricRecord, RecordDict
+    from flwr.app.message.message import make_message
+
+    from server.strategy import UNIT_WEIGHT
+
+    meta = Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=1, reply_to_message_id="q",
+                    group_id="1", created_at=0.0, ttl=60.0, message_type="train")  # fmt: skip
+    arrays = ArrayRecord({"kernel": Array(new.kernel), "bias": Array(new.bias)})
+    metrics = MetricRecord({"num-examples": n, "train-loss": loss, "client-key": key, UNIT_WEIGHT: 1})
+    return make_message(meta, content=RecordDict({"arrays": arrays, "metrics": metrics}))
+
+
+def federated_rounds(shards, rounds: int, batch_size: int, learning_rate: float, seed: int) -> lm.LinearWeights:
+    """FedAvg as the server runs it: local numpy SGD on each shard, replies put in client-key order
+    (fixed_order) and aggregated by the strategy build_strategy makes (Flower's FedAvg, by num-examples)."""
+    from common.config import RunConfig
+    from server.strategy import build_strategy, fixed_order
+    from server.server_app import from_record, to_record
+
+    eligible = {100 + key: key for key in range(len(shards))}
+    strategy = build_strategy(RunConfig(seed=seed), eligible).strategy
+    weights = lm.initial_weights(shards[0].x.shape[1], seed)
+    for server_round in range(1, rounds + 1):
+        replies = []
+        for nid, key in reversed(eligible.items()):  # arrival order is not client-key order
+            shard = shards[key]
+            orders = [lm.batch_order(shard.num_examples, seed, server_round, key, 0)]
+            new, loss = lm.train_numpy(weights, shard.x, shard.y, epochs=1, batch_size=batch_size,
+                                       learning_rate=learning_rate, orders=orders)  # fmt: skip
+            replies.append(_train_reply(nid, key, new, shard.num_examples, loss))
+        arrays, _ = strategy.aggregate_train(server_round, fixed_order(replies, eligible)[0])
+        weights = from_record(arrays)
+        assert to_record(weights)["kernel"].numpy().dtype == np.float32
+    return weights
+
+
 def test_fedavg_of_local_sgd_reaches_least_squares():
-    """The acceptance problem (10 x 1000, d=10, noise 0.1, 20 rounds, defaults) in-process."""
-    shards, test, _ = make_synthetic(10, 1000, 10, 0.1, 42, 2000)
-    x = np.concatenate([s.x for s in shards])
-    y = np.concatenate([s.y for s in shards])
-    ref = lm.lstsq_fit(x, y)
-    weights = lm.initial_weights(10, 42)
-    for server_round in range(1, 21):
-        updates = []
-        for key, shard in enumerate(shards):
-            orders = [lm.batch_order(1000, 42, server_round, key, 0)]
-            new, _ = lm.train_numpy(weights, shard.x, shard.y, epochs=1, batch_size=32, learning_rate=0.05, orders=orders)
-            updates.append(new)
-        weights = lm.LinearWeights(
-            kernel=np.mean([u.kernel for u in updates], axis=0), bias=np.mean([u.bias for u in updates], axis=0)
-        )
+    """The acceptance problem (d=10, noise 0.1, 20 rounds, defaults) with unequal shards (100 to 1000
+    rows) through the real strategy aggregation: test MSE within 1% of pooled least squares."""
+    from common.data import Dataset
+
+    parts, test, _ = make_synthetic(10, 1000, 10, 0.1, 42, 2000)
+    sizes = np.linspace(100, 1000, 10).astype(int)
+    shards = [Dataset(x=p.x[:n], y=p.y[:n]) for p, n in zip(parts, sizes, strict=True)]
+    ref = lm.lstsq_fit(np.concatenate([s.x for s in shards]), np.concatenate([s.y for s in shards]))
+    weights = federated_rounds(shards, rounds=20, batch_size=32, learning_rate=0.05, seed=42)
     assert lm.mse(weights, test.x, test.y) <= 1.01 * lm.mse(ref, test.x, test.y)
+
+
+def test_fedavg_weights_clients_by_their_examples():
+    """Clients that disagree (each its own true weights) and hold 60, 300 and 1500 rows. With one
+    full-batch local step, FedAvg weighted by num-examples is gradient descent on the pooled MSE, so it
+    must reach the pooled least-squares fit; equal client weights would reach the fit of the
+    equally-weighted client objectives instead, far from it (this test fails if the strategy's
+    weighting is lost)."""
+    from common.data import Dataset
+
+    rng = np.random.default_rng(8)
+    shards = []
+    for key, n in enumerate((60, 300, 1500)):
+        x = rng.normal(size=(n, 3)) + 0.3 * key
+        y = x @ (np.array([1.0, -2.0, 0.5]) + 1.5 * key) + 0.7 * key + 0.05 * rng.normal(size=n)
+        shards.append(Dataset(x=x, y=y))
+    x_all = np.concatenate([s.x for s in shards])
+    y_all = np.concatenate([s.y for s in shards])
+    pooled = lm.lstsq_theta(x_all, y_all)
+    scale = np.sqrt(np.concatenate([np.full(s.num_examples, 1.0 / s.num_examples) for s in shards]))
+    design = np.column_stack([x_all, np.ones(len(x_all))])
+    equal = np.linalg.lstsq(design * scale[:, None], y_all * scale, rcond=None)[0]  # equal client weights
+    assert np.linalg.norm(pooled - equal) > 1.0  # the two answers are far apart
+    weights = federated_rounds(shards, rounds=300, batch_size=1500, learning_rate=0.05, seed=3)
+    assert np.linalg.norm(weights.vector() - pooled) < 1e-3 * np.linalg.norm(pooled)

@@ -121,18 +121,40 @@ def reply(node_id, value, n):
     return make_message(metadata(node_id), content=content)
 
 
+def vector_reply(node_id, kernel, n):
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"kernel": Array(kernel), "bias": Array(np.zeros(1, np.float32))}),
+            "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5}),
+        }
+    )
+    return make_message(metadata(node_id), content=content)
+
+
 def test_aggregation_order_does_not_depend_on_reply_order():
-    eligible = {1: 2, 2: 0, 3: 1}
+    """Every arrival order of the same replies gives bitwise-identical weights through the server's
+    path (fixed_order, then Flower's FedAvg), while Flower's FedAvg on the arrival order does not:
+    float32 sums depend on their order, so this test fails if fixed_order is bypassed."""
+    import itertools
+
+    rng = np.random.default_rng(5)
+    eligible = {11: 3, 7: 0, 30: 2, 4: 1, 25: 4}  # node id -> client key; arrival order is neither
+    kernels = {nid: (rng.normal(size=(64, 1)) * 10.0 ** rng.integers(-4, 5, size=(64, 1))).astype(np.float32)
+               for nid in eligible}  # fmt: skip
+    sizes = {nid: int(n) for nid, n in zip(eligible, rng.integers(10, 1000, size=len(eligible)), strict=True)}
+    replies = {nid: vector_reply(nid, kernels[nid], sizes[nid]) for nid in eligible}
     strategy = build_strategy(RunConfig(), eligible).strategy
-    values = {1: 0.1, 2: 0.7, 3: 1e-8}
-    replies = [reply(nid, v, 10 + nid) for nid, v in values.items()]
-    ordered, failures = fixed_order(replies, eligible)
-    assert [m.metadata.src_node_id for m in ordered] == [2, 3, 1] and failures == []
-    first, _ = strategy.aggregate_train(1, ordered)
-    second, _ = strategy.aggregate_train(1, fixed_order(list(reversed(replies)), eligible)[0])
-    assert first["kernel"].numpy().tobytes() == second["kernel"].numpy().tobytes()
-    expected = sum(v * (10 + nid) for nid, v in values.items()) / sum(10 + nid for nid in values)
-    assert first["kernel"].numpy()[0, 0] == pytest.approx(expected, rel=1e-6)
+    served, plain = set(), set()
+    for arrival in itertools.permutations(eligible):
+        received = [replies[nid] for nid in arrival]
+        ordered, failures = fixed_order(received, eligible)
+        assert [eligible[m.metadata.src_node_id] for m in ordered] == [0, 1, 2, 3, 4] and failures == []
+        served.add(strategy.aggregate_train(1, ordered)[0]["kernel"].numpy().tobytes())
+        plain.add(strategy.aggregate_train(1, received)[0]["kernel"].numpy().tobytes())
+    assert len(served) == 1  # 120 arrival orders, one result, bit for bit
+    assert len(plain) > 1  # without the ordering the result depends on who answered first
+    expected = sum(kernels[nid].astype(np.float64) * sizes[nid] for nid in eligible) / sum(sizes.values())
+    np.testing.assert_allclose(np.frombuffer(served.pop(), np.float32).reshape(64, 1), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_failed_replies_are_recorded_not_fatal():
