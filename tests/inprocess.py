@@ -40,6 +40,8 @@ class InProcessGrid:
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for msg in messages:
+            if not msg.metadata.message_id:  # as Flower's grid does when it pushes a message
+                msg.metadata.__dict__["_message_id"] = msg.object_id
             self.sent.append(msg)
             nid = msg.metadata.dst_node_id
             context = Context(

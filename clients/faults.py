@@ -1,0 +1,69 @@
+"""A TEST HOOK: inject a fault into this ClientApp's train task. Inert unless the environment variable
+``FEDLINEAR_TEST_FAULTS`` is set (tests/test_faults.py sets it for a local federation).
+
+A SuperNode passes its environment on to the ``flower-superexec`` it starts and that to every
+``flwr-clientapp`` process, so a variable set for ``fedlinear run`` reaches the ClientApp of each
+task. The value is a comma-separated list of ``PARTY:ACTION@ROUND``; ``PARTY`` is the node's
+``partition-id`` (or its ``party-id``), ``ROUND`` the server round, ``ACTION`` one of
+
+* ``raise``: the task raises (an unexpected error: the server gets an error reply);
+* ``sleep=SECONDS``: the task sleeps that long, then trains and replies as usual (a straggler);
+* ``kill-supernode``: SIGKILL to this task's SuperNode, then to this process (a node dying mid-round).
+
+Example: ``FEDLINEAR_TEST_FAULTS="1:raise@2,2:sleep=60@2,3:kill-supernode@3"``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from flwr.app import Context
+
+ENV = "FEDLINEAR_TEST_FAULTS"
+
+
+class InjectedFault(RuntimeError):
+    """The failure ``raise`` injects."""
+
+
+def inject(context: Context, server_round: int) -> None:
+    """Apply the fault ``FEDLINEAR_TEST_FAULTS`` names for this party and round, if any (no-op when unset)."""
+    spec = os.environ.get(ENV, "")
+    if not spec:
+        return
+    node = context.node_config
+    party = str(node.get("partition-id", node.get("party-id", "")))
+    for item in spec.split(","):
+        who, _, rest = item.strip().partition(":")
+        action, _, when = rest.partition("@")
+        if who != party or not when.strip().isdigit() or int(when) != server_round:
+            continue
+        if action == "raise":
+            raise InjectedFault(f"injected by {ENV} in round {server_round}")
+        if action.startswith("sleep="):
+            time.sleep(float(action.split("=", 1)[1]))
+        elif action == "kill-supernode":
+            supernode = _ancestor("flower-supernode")
+            if supernode is not None:
+                os.kill(supernode, signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _ancestor(marker: str) -> int | None:
+    """The nearest ancestor process whose command line contains ``marker`` (read from /proc)."""
+    pid = os.getppid()
+    for _ in range(16):
+        if pid <= 1:
+            return None
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if marker.encode() in handle.read():
+                    return pid
+            with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+                stat = handle.read()
+            pid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        except (OSError, ValueError):
+            return None
+    return None
