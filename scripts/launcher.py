@@ -7,7 +7,9 @@ the run is submitted with stock ``flwr run APP CONNECTION --stream``, against a 
 ``FLWR_HOME`` (a user's ``~/.flwr`` is never touched), with runtime dependency installation off.
 
 Every wait is bounded, and every process this module started is stopped (the whole process tree,
-by PID) on success, failure and Ctrl-C. Nothing here binds to anything but 127.0.0.1.
+by PID) on success, failure and Ctrl-C, and within seconds when the launcher itself is killed, by
+SIGKILL too (the parent-death signal on its children, and a :class:`Watchdog` for the rest, Ray
+included). Nothing here binds to anything but 127.0.0.1.
 
 Isolation (``LaunchSpec.isolation``): Flower 1.42's Control API has no caller authentication, so on a
 shared machine any local user or program that reaches the SuperLink's loopback port could submit a
@@ -26,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -37,7 +40,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 import psutil
@@ -45,6 +48,14 @@ import psutil
 from common.errors import FedLinearError
 
 PROGRESS_MARK = "[fedlinear] "
+
+
+class RunInterrupted(FedLinearError):
+    """The launcher stopped the run before the ServerApp finished (a process it needs died, the time
+    bound passed): the run directory keeps its checkpoints, and the same command resumes."""
+
+
+INTERRUPTED_MARK = "interrupted: "  # how the launcher in a private namespace tells the outer one it was a RunInterrupted
 
 
 def free_port() -> int:
@@ -72,9 +83,12 @@ def config_string(values: dict[str, Any]) -> str:
     return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
 
 
-def flower_env(flwr_home: str) -> dict[str, str]:
-    """Environment for Flower's processes: this venv's bin first, private FLWR_HOME, offline."""
+def flower_env(flwr_home: str, token: str | None = None) -> dict[str, str]:
+    """Environment for Flower's processes: this venv's bin first, private FLWR_HOME, offline (and the
+    launch's :data:`TREE_ENV` token, when given)."""
     env = dict(os.environ)
+    if token is not None:
+        env[TREE_ENV] = token
     bindir = os.path.dirname(os.path.abspath(sys.executable))
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env["FLWR_HOME"] = flwr_home
@@ -132,17 +146,148 @@ def _running(proc: psutil.Process) -> bool:
         return False
 
 
-class ProcessGroup:
-    """Processes this launcher started; ``stop()`` ends each one and all of its descendants."""
+# Every process one launch starts carries this variable (a fresh token per launch) in its environment,
+# and every descendant inherits it: even one reparented to init or in a session of its own (Ray's
+# workers, a `flwr-serverapp` whose SuperLink died) is found by it, and nothing else is.
+TREE_ENV = "FEDLINEAR_TREE"
 
-    def __init__(self) -> None:
+
+def tree_token() -> str:
+    return f"{os.getpid()}-{secrets.token_hex(8)}"
+
+
+class Tree:
+    """The processes of one launch, found however they got away from the process tree.
+
+    A process belongs to the launch if its environment carries the launch's ``token``, if it is a
+    descendant of a member (or of ``root``), or if it is in a process group or session a member was
+    seen in. Each ``scan()`` learns the groups and sessions of what it finds: Ray's agents and
+    workers rewrite their command line and environment (setproctitle), and when their parent dies
+    they are reparented to init; only the session they were started in still ties them to the run.
+    The caller's own group and session (a shell's, a terminal's) are never learnt.
+    """
+
+    def __init__(
+        self, token: str | None, root: int | None = None, exclude: Iterable[int] = (), learn: bool = True
+    ) -> None:
+        self.token = token
+        self.root = root
+        self.learn = learn  # False: only the groups and sessions given (a tree this launch did not start)
+        # never this process nor its ancestors (inside a private namespace the launcher's parent, the
+        # namespace's first process, carries the token too)
+        self.exclude = {os.getpid(), *exclude}
+        with contextlib.suppress(psutil.Error):
+            self.exclude |= {parent.pid for parent in psutil.Process().parents()}
+        self.groups: set[int] = set()
+        self.sessions: set[int] = set()
+        self._token_cache: dict[tuple[int, float], bool] = {}
+        self.forbidden = {0, 1, os.getpgrp(), os.getsid(0)}
+        if root is not None:
+            with contextlib.suppress(OSError):
+                self.forbidden |= {os.getpgid(root), os.getsid(root)}
+
+    def add_group(self, pgid: int) -> None:
+        if pgid not in self.forbidden:
+            self.groups.add(pgid)
+
+    def add_session(self, sid: int) -> None:
+        if sid not in self.forbidden:
+            self.sessions.add(sid)
+
+    def _carries_token(self, proc: psutil.Process, created: float) -> bool:
+        key = (proc.pid, created)
+        if key not in self._token_cache:
+            try:
+                self._token_cache[key] = self.token is not None and proc.environ().get(TREE_ENV) == self.token
+            except (psutil.Error, OSError):
+                return False  # not cached: it may be readable next time
+        return self._token_cache[key]
+
+    def scan(self) -> list[psutil.Process]:
+        """Every live (non-zombie) process of the launch now (one pass over the process table)."""
+        table: dict[int, tuple[psutil.Process, int, int, int]] = {}
+        kids: dict[int, list[int]] = {}
+        tokened: set[int] = set()
+        for proc in psutil.process_iter(["ppid", "status", "create_time"]):
+            info = proc.info
+            if proc.pid in self.exclude or info["status"] == psutil.STATUS_ZOMBIE or info["ppid"] is None:
+                continue
+            try:
+                table[proc.pid] = (proc, info["ppid"], os.getpgid(proc.pid), os.getsid(proc.pid))
+            except OSError:
+                continue
+            kids.setdefault(info["ppid"], []).append(proc.pid)
+            if self._carries_token(proc, info["create_time"] or 0.0):
+                tokened.add(proc.pid)
+        self._token_cache = {k: v for k, v in self._token_cache.items() if k[0] in table}
+        found: set[int] = set()
+        while True:  # members -> their descendants, groups and sessions -> more members, to a fixed point
+            seeds = {pid for pid, (_, _, pgid, sid) in table.items() if pgid in self.groups or sid in self.sessions}
+            seeds |= tokened
+            if self.root is not None:
+                seeds |= set(kids.get(self.root, []))
+            stack = list(seeds - found)
+            grown = set(found)
+            while stack:
+                pid = stack.pop()
+                if pid in grown or pid not in table:
+                    continue
+                grown.add(pid)
+                stack.extend(kids.get(pid, []))
+            for pid in grown - found:
+                self._learn(table[pid])
+            if grown == found:
+                break
+            found = grown
+        return [table[pid][0] for pid in found]
+
+    def _learn(self, entry: tuple[psutil.Process, int, int, int]) -> None:
+        _, _, pgid, sid = entry
+        if not self.learn:
+            return
+        if pgid not in self.forbidden:
+            self.groups.add(pgid)
+        if sid not in self.forbidden:
+            self.sessions.add(sid)
+
+    def kill_until_gone(self, timeout: float = 60.0) -> list[int]:
+        """SIGKILL every process of the launch, again and again (a dying parent may still spawn),
+        until none is left or ``timeout`` passes; the pids still alive then (normally none)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            alive = self.scan()
+            if not alive or time.monotonic() > deadline:
+                return [p.pid for p in alive]
+            for victim in alive:
+                with contextlib.suppress(psutil.Error):
+                    victim.kill()
+            psutil.wait_procs(alive, timeout=2.0)
+
+
+class ProcessGroup:
+    """Processes this launcher started; ``stop()`` ends each one and all of its descendants.
+
+    With ``die_with_parent`` each child gets the parent-death signal (SIGKILL when this process dies,
+    however: it must start them from the thread that lives as long as they should). With ``token``
+    (see :data:`TREE_ENV`) ``stop()`` also finds descendants that left the process tree and groups.
+    ``on_start(pid)`` is told each new child's pid (its process group: each starts a session).
+    """
+
+    def __init__(
+        self, die_with_parent: bool = False, token: str | None = None, on_start: Callable[[int], None] | None = None
+    ) -> None:
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self._logs: list[IO] = []
+        self.die_with_parent = die_with_parent
+        self.tree = Tree(token)
+        self.on_start = on_start
 
     def start(self, name: str, argv: list[str], env: dict[str, str], log_path: str | None, **kw) -> subprocess.Popen:
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
         if log_path:
             self._logs.append(out)
+        if self.die_with_parent and "preexec_fn" not in kw:
+            kw["preexec_fn"] = _die_with_parent()
         try:
             proc = subprocess.Popen(
                 argv, env=env, stdout=kw.pop("stdout", out), stderr=subprocess.STDOUT, start_new_session=True, **kw
@@ -150,26 +295,18 @@ class ProcessGroup:
         except FileNotFoundError:
             raise FedLinearError(f"cannot start {argv[0]}: not found on PATH (is the venv's bin/ on PATH?)") from None
         self.procs.append((name, proc))
+        self.tree.add_group(proc.pid)  # each child starts a session: its pid is its group's and session's id
+        self.tree.add_session(proc.pid)
+        if self.on_start is not None:
+            self.on_start(proc.pid)
         return proc
 
     def _members(self) -> list[psutil.Process]:
         """Every live process started here, its descendants, and anything left in their process
-        groups (each was started in its own session: a child reparented to init when its parent
-        died, or spawned while we were stopping, is still in the group)."""
-        found: dict[int, psutil.Process] = {}
-        groups = set()
-        for _, proc in reversed(self.procs):
-            groups.add(proc.pid)
-            with contextlib.suppress(psutil.Error):
-                parent = psutil.Process(proc.pid)
-                for child in parent.children(recursive=True):
-                    found[child.pid] = child
-                found[parent.pid] = parent
-        for candidate in psutil.process_iter():
-            with contextlib.suppress(psutil.Error, OSError):
-                if candidate.pid != os.getpid() and os.getpgid(candidate.pid) in groups:
-                    found.setdefault(candidate.pid, candidate)
-        return list(found.values())
+        groups and sessions (each was started in a session of its own: a child reparented to init
+        when its parent died, or spawned while we were stopping, is still in it) or carrying the
+        token (see :class:`Tree`)."""
+        return self.tree.scan()
 
     def stop(self, grace: float = 5.0) -> None:
         victims = self._members()
@@ -197,6 +334,153 @@ class ProcessGroup:
 
     def dead(self, prefix: str) -> list[tuple[str, int]]:
         return [(n, p.returncode) for n, p in self.procs if n.startswith(prefix) and p.poll() is not None]
+
+
+# How long the watchdog keeps killing a launch's processes before it gives up and names the survivors.
+WATCHDOG_TIMEOUT = 60.0
+
+
+class Watchdog:
+    """A small process (``python -m scripts.launcher --watchdog TOKEN``) that outlives the launcher.
+
+    It reads a pipe whose only writer is the launcher, and looks at the launch every few seconds
+    meanwhile: at EOF (the launcher closed it after its own orderly stop, or died, by SIGKILL too) it
+    SIGKILLs every process of the launch (see :class:`Tree`: the token, descendants, the sessions and
+    groups seen), again and again until none is left, and exits. The
+    launcher waits for that exit, so ``fedlinear run`` returns only when its whole tree is gone.
+    ``keep_open`` file descriptors (the run directory's lock) are inherited and held by it until then,
+    so a rerun cannot start while the remains of a killed run are still being stopped.
+    """
+
+    def __init__(self, token: str, keep_open: Iterable[int] = ()) -> None:
+        self.token = token
+        self.tree = Tree(token)  # the launcher's view, for finish()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "scripts.launcher", "--watchdog", token, str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True, pass_fds=tuple(keep_open),
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )  # fmt: skip
+
+    def watch_group(self, pgid: int) -> None:
+        """Tell the watchdog about a process group to sweep as well."""
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(f"group {pgid}\n".encode())
+            self.proc.stdin.flush()
+
+    def finish(self, timeout: float = WATCHDOG_TIMEOUT + 30) -> list[int]:
+        """Close the pipe and wait (bounded) until the watchdog has swept; the pids it could not kill."""
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            code = 1
+        return [] if code == 0 else [p.pid for p in self.tree.scan()] or [-1]
+
+
+# How often the watchdog looks at the launch while the launcher lives (to learn its groups and sessions).
+WATCHDOG_SCAN_INTERVAL = 2.0
+
+
+def _watchdog(token: str, launcher_pid: int) -> int:
+    """The watchdog's body (see :class:`Watchdog`): 0 when nothing of the launch is left.
+
+    While the launcher lives it looks at the launch every few seconds (so it knows the process
+    groups and sessions of processes that later lose their parent); at EOF it kills it all.
+    """
+    import select
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # Ctrl-C or a closed terminal must not stop the clean-up
+    tree = Tree(token, root=launcher_pid, exclude=(launcher_pid,))
+    fd = sys.stdin.fileno()
+    pending = b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], WATCHDOG_SCAN_INTERVAL)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                chunk = b""
+            if not chunk:  # EOF: the launcher closed the pipe or died
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == b"group" and parts[1].isdigit():
+                    tree.add_group(int(parts[1]))
+                    tree.add_session(int(parts[1]))
+        tree.scan()
+    tree.root = None  # the launcher is gone (or going): its other children are not the run's
+    left = tree.kill_until_gone(WATCHDOG_TIMEOUT)
+    if left:
+        with contextlib.suppress(OSError):
+            print(f"fedlinear: warning: processes of the run survive SIGKILL: {left}", file=sys.stderr, flush=True)
+    return 1 if left else 0
+
+
+def listener(port: int, host: str = "127.0.0.1") -> psutil.Process | None:
+    """The process listening on ``host:port`` (TCP), if any this user may see."""
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.laddr.ip in (host, "0.0.0.0", "::"):
+            if conn.pid is not None:
+                with contextlib.suppress(psutil.Error):
+                    return psutil.Process(conn.pid)
+    return None
+
+
+def stop_superlink(port: int, grace: float = 10.0) -> str:
+    """Stop the ``flower-superlink`` listening on 127.0.0.1:``port`` and every process it spawned
+    (SuperExec, ServerApp/simulation, Ray), by PID; the one-line report. Refuses anything that is
+    not a flower-superlink or not this user's."""
+    proc = listener(port)
+    if proc is None:
+        return f"no process listens on 127.0.0.1:{port}: nothing to stop"
+    try:
+        cmdline = proc.cmdline()
+        owner = proc.uids().real
+    except psutil.Error as exc:
+        raise FedLinearError(
+            f"127.0.0.1:{port} is served by pid {proc.pid}, which cannot be inspected: {exc}"
+        ) from None
+    if not any(os.path.basename(part) == "flower-superlink" for part in cmdline[:3]):
+        raise FedLinearError(
+            f"127.0.0.1:{port} is served by pid {proc.pid} ({' '.join(cmdline)[:80]}), "
+            "not a flower-superlink: not stopping it"
+        )
+    if owner != os.getuid() and os.getuid() != 0:
+        raise FedLinearError(
+            f"the flower-superlink on 127.0.0.1:{port} (pid {proc.pid}) belongs to uid {owner}, not you"
+        )
+    tree = Tree(None, root=proc.pid, learn=False)  # its descendants, and its session if it leads one
+    with contextlib.suppress(OSError):  # Flower starts its managed SuperLink in a session of its own
+        if os.getsid(proc.pid) == proc.pid:
+            tree.add_session(proc.pid)
+        if os.getpgid(proc.pid) == proc.pid:
+            tree.add_group(proc.pid)
+    victims = [proc, *(p for p in tree.scan() if p.pid != proc.pid)]
+    for victim in victims:
+        with contextlib.suppress(psutil.Error):
+            victim.send_signal(signal.SIGTERM)
+    psutil.wait_procs(victims, timeout=grace)
+    tree.root = None
+    tree.kill_until_gone(timeout=grace)  # what is left in its session (and anything spawned meanwhile)
+    for victim in victims:
+        with contextlib.suppress(psutil.Error):
+            victim.kill()
+    psutil.wait_procs(victims, timeout=grace)
+    left = [p.pid for p in victims if _running(p)]
+    if left:
+        raise FedLinearError(f"processes of the flower-superlink on 127.0.0.1:{port} survive SIGKILL: {left}")
+    return (
+        f"stopped the flower-superlink on 127.0.0.1:{port} (pid {proc.pid}) "
+        f"and the {len(victims) - 1} processes it had started"
+    )
 
 
 def tail(path: str, lines: int = 15) -> str:
@@ -270,16 +554,28 @@ def write_connection(flwr_home: str, spec: LaunchSpec, port: int) -> str:
     return "fedlinear"
 
 
-def launch(spec: LaunchSpec, on_progress: Callable[[str], None] = print) -> None:
+def launch(spec: LaunchSpec, on_progress: Callable[[str], None] = print, keep_open: Iterable[int] = ()) -> None:
     """Run one federation to completion; raise FedLinearError (one line + log paths) if it fails.
 
     ``on_progress`` receives the ServerApp's ``[fedlinear]`` lines as they arrive.
+
+    Whatever ends it (success, an error, Ctrl-C, or this process being killed, SIGKILL included), no
+    process it started outlives it by more than a few seconds, Ray's included: its children get the
+    parent-death signal and a :class:`Watchdog` sweeps the rest; on return every one of them is gone.
+    ``keep_open``: file descriptors (the run directory's lock) held until the last one is gone.
     """
     _check(spec)
-    if resolve_isolation(spec) == "netns":
-        _launch_isolated(spec, on_progress)
-    else:
-        _launch(spec, on_progress)
+    isolated = resolve_isolation(spec) == "netns"
+    watchdog = Watchdog(tree_token(), keep_open)
+    try:
+        if isolated:
+            _launch_isolated(spec, on_progress, watchdog)
+        else:
+            _launch(spec, on_progress, watchdog)
+    finally:
+        left = watchdog.finish()
+        if left:
+            _warn(f"processes of this run could not be stopped (pids {left}); they survived SIGKILL for {WATCHDOG_TIMEOUT:g} s")
 
 
 def _check(spec: LaunchSpec) -> None:
@@ -295,11 +591,14 @@ def _check(spec: LaunchSpec) -> None:
         raise FedLinearError(f"--isolation must be one of {', '.join(ISOLATION_MODES)}, got '{spec.isolation}'")
 
 
-def _launch(spec: LaunchSpec, on_progress: Callable[[str], None]) -> None:
-    """The federation itself, in whatever network namespace this process is in."""
+def _launch(spec: LaunchSpec, on_progress: Callable[[str], None], watchdog: Watchdog | None = None) -> None:
+    """The federation itself, in whatever network namespace this process is in (inside a private
+    one there is no watchdog here: the token came with the environment, and the namespace ends with
+    its first process)."""
     os.makedirs(spec.workdir, exist_ok=True)
     flwr_home = os.path.join(spec.workdir, "flwr-home")
-    env = flower_env(flwr_home)
+    token = watchdog.token if watchdog is not None else os.environ.get(TREE_ENV)
+    env = flower_env(flwr_home, token)
     if spec.mode == "simulation":
         # ray.init() inside flwr-simulation joins the cluster named here. Without --ray-address it is
         # "local": a fresh private Ray, never whatever cluster `ray start` last left behind in
@@ -312,7 +611,7 @@ def _launch(spec: LaunchSpec, on_progress: Callable[[str], None]) -> None:
         # another user could swap a socket. Short: unix socket paths must fit in 107 bytes.
         ray_tmp = tempfile.mkdtemp(prefix="fl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
         env["RAY_TMPDIR"] = ray_tmp
-    group = ProcessGroup()
+    group = ProcessGroup(die_with_parent=True, token=token, on_start=watchdog.watch_group if watchdog else None)
     port = spec.superlink_port or free_port()
     connection = write_connection(flwr_home, spec, port)
     superlink_log = os.path.join(spec.workdir, "superlink.log")
@@ -351,7 +650,7 @@ def _launch(spec: LaunchSpec, on_progress: Callable[[str], None]) -> None:
             None,
             stdout=subprocess.PIPE,
         )
-        _follow(runner, run_log, on_progress, spec.run_timeout)
+        _follow(runner, run_log, on_progress, spec.run_timeout, essential=[("flower-superlink", superlink)])
         if runner.returncode != 0:
             raise FedLinearError(f"flwr run exited with code {runner.returncode}; log {run_log}:\n{tail(run_log)}")
     finally:
@@ -361,18 +660,47 @@ def _launch(spec: LaunchSpec, on_progress: Callable[[str], None]) -> None:
 
 
 def _follow(
-    runner: subprocess.Popen, log_path: str, on_progress: Callable[[str], None], timeout: float
+    runner: subprocess.Popen,
+    log_path: str,
+    on_progress: Callable[[str], None],
+    timeout: float,
+    essential: Iterable[tuple[str, subprocess.Popen]] = (),
 ) -> None:
-    """Copy ``flwr run --stream`` output to the log, pass progress lines on, bound the run's time."""
+    """Copy ``flwr run --stream`` output to the log, pass progress lines on, bound the run's time.
+
+    If one of the ``essential`` processes (the SuperLink) dies first, ``flwr run`` is stopped rather
+    than left to wait for a server that is gone, and the error says the run can be resumed.
+    """
     timed_out = threading.Event()
+    died: list[tuple[str, subprocess.Popen]] = []
+    essential = list(essential)
+
+    def end_runner() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(runner.pid, signal.SIGTERM)
+        try:
+            runner.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(runner.pid, signal.SIGKILL)
 
     def watchdog() -> None:
-        try:
-            runner.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out.set()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(runner.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                runner.wait(timeout=0.5)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+            gone = [(name, proc) for name, proc in essential if proc.poll() is not None]
+            if gone:
+                died.extend(gone)
+                end_runner()
+                return
+            if time.monotonic() > deadline:
+                timed_out.set()
+                end_runner()
+                return
 
     threading.Thread(target=watchdog, daemon=True).start()
     assert runner.stdout is not None
@@ -385,8 +713,16 @@ def _follow(
             if idx >= 0:
                 on_progress(line[idx + len(PROGRESS_MARK) :])
     runner.wait()
+    if died:
+        name, proc = died[0]
+        code = proc.returncode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        raise RunInterrupted(
+            f"{name} (pid {proc.pid}) died during the run ({how}); every process of the run was stopped. "
+            "The run directory keeps its checkpoints: run the same command again to resume from the last one"
+        )
     if timed_out.is_set():
-        raise FedLinearError(f"the run did not finish within {timeout:g} s (--timeout); log {log_path}")
+        raise RunInterrupted(f"the run did not finish within {timeout:g} s (--timeout); log {log_path}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,7 +825,7 @@ def _die_with_parent() -> Callable[[], None]:
     return preexec
 
 
-def _launch_isolated(spec: LaunchSpec, on_progress: Callable[[str], None]) -> None:
+def _launch_isolated(spec: LaunchSpec, on_progress: Callable[[str], None], watchdog: Watchdog) -> None:
     """Run ``_launch`` in a private network + PID namespace (``python -m scripts.launcher --inner``)."""
     os.makedirs(spec.workdir, exist_ok=True)
     spec_path = os.path.join(spec.workdir, "isolated-spec.json")
@@ -500,20 +836,23 @@ def _launch_isolated(spec: LaunchSpec, on_progress: Callable[[str], None]) -> No
     with open(spec_path, "w", encoding="utf-8") as handle:
         json.dump(dataclasses.asdict(dataclasses.replace(spec, isolation="none")), handle)
     on_progress("isolation: the federation runs in a private network namespace (loopback only)")
-    group = ProcessGroup()
+    group = ProcessGroup(die_with_parent=True, token=watchdog.token, on_start=watchdog.watch_group)
     proc = None
     try:
         proc = group.start(
             "isolated",
             [*unshare_argv(), sys.executable, "-m", "scripts.launcher", "--inner", spec_path, error_path],
-            dict(os.environ), None, stdout=subprocess.PIPE, preexec_fn=_die_with_parent(),
+            {**os.environ, TREE_ENV: watchdog.token}, None, stdout=subprocess.PIPE,
         )  # fmt: skip
         # the inner launcher bounds start-up and the run itself; this bound is the backstop
         _follow(proc, log_path, on_progress, spec.run_timeout + 3 * spec.startup_timeout + 60)
         if proc.returncode == 0:
             return
         with contextlib.suppress(OSError), open(error_path, encoding="utf-8") as handle:
-            raise FedLinearError(handle.read().rstrip())
+            text = handle.read().rstrip()
+            if text.startswith(INTERRUPTED_MARK):
+                raise RunInterrupted(text[len(INTERRUPTED_MARK) :])
+            raise FedLinearError(text)
         if proc.returncode == 130:
             raise KeyboardInterrupt
         raise FedLinearError(
@@ -556,7 +895,7 @@ def _inner(spec_path: str, error_path: str) -> int:
             code = 0
         except FedLinearError as exc:
             with open(error_path, "w", encoding="utf-8") as handle:
-                handle.write(str(exc) + "\n")
+                handle.write((INTERRUPTED_MARK if isinstance(exc, RunInterrupted) else "") + str(exc) + "\n")
         except KeyboardInterrupt:
             code = 130
         finally:
@@ -588,4 +927,6 @@ if __name__ == "__main__":
         sys.exit(0)
     if sys.argv[1:2] == ["--inner"] and len(sys.argv) == 4:
         sys.exit(_inner(sys.argv[2], sys.argv[3]))
-    sys.exit("usage: python -m scripts.launcher --probe | --inner SPEC.json ERROR.txt")
+    if sys.argv[1:2] == ["--watchdog"] and len(sys.argv) == 4:
+        sys.exit(_watchdog(sys.argv[2], int(sys.argv[3])))
+    sys.exit("usage: python -m scripts.launcher --probe | --inner SPEC.json ERROR.txt | --watchdog TOKEN PID")
