@@ -28,11 +28,11 @@ from flwr.common.constant import SType
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from clients import secure  # secure aggregation hook
-from clients import flower_fixes
+from clients import faults, flower_fixes
 from clients.errors import ERROR_CODE_INTERNAL, ERROR_CODE_USER, error_reply  # noqa: F401 - codes re-exported
 from common import model as lm
 from common import npy
-from common import privacy, scaling
+from common import fedols, privacy, scaling
 from common.config import RunConfig
 from common.data import Dataset, load_csv
 from common.errors import FedLinearError
@@ -90,6 +90,26 @@ def shard_uri(context: Context, cfg: RunConfig) -> str:
 def partition_id(context: Context) -> int | None:
     value = context.node_config.get("partition-id")
     return None if value is None else int(value)
+
+
+# Content digests of the shards parsed in this process (common.model.shard_digest), as _SHARDS.
+_DIGESTS: dict[tuple[str, int, str], bytes] = {}
+
+
+def client_key(context: Context, cfg: RunConfig, uri: str, data: Dataset) -> int:
+    """This party's key (common.model.client_key): ``partition-id`` when the node has one, else the
+    node config's ``party-id``, else the shard's path with a digest of its content."""
+    pid = partition_id(context)
+    if pid is not None:
+        return int(pid)
+    party = str(context.node_config.get("party-id", "") or "")
+    if party:
+        return lm.client_key(None, uri, party_id=party)
+    cache = (uri, cfg.target_column, cfg.header)
+    digest = _DIGESTS.get(cache)
+    if digest is None or _SHARDS.get(cache) is not data:
+        digest = _DIGESTS[cache] = lm.shard_digest(data.x, data.y)
+    return lm.client_key(None, uri, content=digest)
 
 
 def load_shard(context: Context, cfg: RunConfig) -> tuple[str, Dataset]:
@@ -192,26 +212,24 @@ def _guarded(handler):
 @app.query()
 @_guarded
 def query(msg: Message, context: Context) -> Message:
-    """Describe the shard (stage ``describe``) or send its centred scatter (stage ``scatter``)."""
+    """Describe the shard (stage ``describe``), send its centred scatter (stage ``scatter``) or the R
+    factor of its centred block (stage ``fedols-r``, :mod:`common.fedols`)."""
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
     request = msg.content.config_records.get("config", ConfigRecord())
-    if str(request.get("stage", "describe")) == "scatter":
-        record = msg.content.array_records.get("centre")
-        if record is None or "centre" not in record:
-            raise FedLinearError("scatter query without the pooled centre")
-        centre = to_numpy(record["centre"]).astype(np.float64).ravel()
-        if centre.shape != (data.num_features + 1,) or not np.isfinite(centre).all():
-            raise FedLinearError(
-                f"{uri}: the server's centre has {centre.shape[0]} values, the shard has {data.num_features + 1} columns"
-            )
+    stage = str(request.get("stage", "describe"))
+    if stage == "fedols-r":  # strategy = fedols, method qr
+        r = fedols.local_r(data.x, data.y, _centre(msg, stage, uri, data))
+        return Message(RecordDict({"r": ArrayRecord({"r": Array(r)})}), reply_to=msg)
+    if stage == "scatter":
+        centre = _centre(msg, stage, uri, data)
         scatter = scaling.Scatter.of(data.x, data.y, centre, full=bool(request.get("full", False)))
         return Message(RecordDict({"scatter": ArrayRecord({"scatter": Array(scatter.matrix)})}), reply_to=msg)
     pid = partition_id(context)
     info = {
         "num-features": data.num_features,
         "num-examples": data.num_examples,
-        "client-key": lm.client_key(pid, uri),
+        "client-key": client_key(context, cfg, uri, data),
     }
     if not bool(request.get("private", False)):  # under privacy the shard's path and hash stay here
         info["data-uri"] = uri
@@ -222,6 +240,19 @@ def query(msg: Message, context: Context) -> Message:
     if bool(request.get("want-moments", False)):
         content["moments"] = ArrayRecord({"total": Array(scaling.Moments.of(data.x, data.y).total)})
     return Message(content, reply_to=msg)
+
+
+def _centre(msg: Message, stage: str, uri: str, data: Dataset) -> np.ndarray:
+    """The pooled mean of ``[x, y]`` a ``scatter`` or ``fedols-r`` query carries, checked."""
+    record = msg.content.array_records.get("centre")
+    if record is None or "centre" not in record:
+        raise FedLinearError(f"{stage} query without the pooled centre")
+    centre = to_numpy(record["centre"]).astype(np.float64).ravel()
+    if centre.shape != (data.num_features + 1,) or not np.isfinite(centre).all():
+        raise FedLinearError(
+            f"{uri}: the server's centre has {centre.shape[0]} values, the shard has {data.num_features + 1} columns"
+        )
+    return centre
 
 
 def _fingerprint_json(uri: str) -> str:
@@ -256,6 +287,18 @@ def clip_when_asked(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
+def proximal_mu(config: ConfigRecord) -> float:
+    """FedProx's ``proximal-mu`` from the task (Flower's FedProx sends it), 0 when absent."""
+    raw = config.get("proximal-mu", 0.0)
+    try:
+        mu = float(raw)
+    except (TypeError, ValueError):
+        mu = float("nan")
+    if isinstance(raw, bool) or not (0 <= mu < float("inf")):
+        raise FedLinearError(f"the task's 'proximal-mu' must be a finite number >= 0, got {raw!r}")
+    return mu
+
+
 def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]:
     """Local mini-batch SGD from the global weights: the new weights and the metrics (shared by
     ``train`` and the secure aggregation path, clients/secure.py)."""
@@ -264,11 +307,12 @@ def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]
     weights = from_record(msg.content["arrays"], data.num_features, uri)
     config = msg.content["config"]
     server_round = int(config["server-round"])
+    faults.inject(context, server_round)  # a test hook, inert unless FEDLINEAR_TEST_FAULTS is set
     learning_rate = float(config.get("learning-rate", 0.0)) or cfg.learning_rate
     if learning_rate == "auto" or not 0 < learning_rate < 10:
         raise FedLinearError(f"no usable learning rate in the task ({learning_rate!r})")
     transform = transform_of(msg, data.num_features)
-    key = lm.client_key(partition_id(context), uri)
+    key = client_key(context, cfg, uri, data)
     orders = [
         lm.batch_order(data.num_examples, cfg.seed, server_round, key, epoch) for epoch in range(cfg.local_epochs)
     ]
@@ -281,6 +325,7 @@ def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]
         batch_size=cfg.batch_size,
         learning_rate=learning_rate,
         orders=orders,
+        proximal_mu=proximal_mu(config),
     )
     if not np.isfinite(new_weights.vector()).all():
         raise FedLinearError(

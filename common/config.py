@@ -9,6 +9,7 @@ for anything not given in ``pyproject.toml``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +23,11 @@ STANDARDIZE_MODES = ("auto", "whiten", "scale", "none")
 DP_MODES = ("none", "central-server-clip", "central-client-clip", "local")
 NOISE_SEED_MODES = ("seed", "secure")
 CLIPPING_MODES = ("fixed", "adaptive")
+FEDOLS_METHODS = ("qr", "normal")  # common/fedols.py METHODS
+STRATEGIES = (
+    "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+    "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "fedols",
+)  # fmt: skip
 AUTO = "auto"
 
 
@@ -73,6 +79,11 @@ class RunConfig:
     max_failed_rounds : int (default: 3)
         Consecutive rounds without any aggregated client update after which the run stops as
         failed (``max-failed-rounds``).
+    min_train_nodes : float (default: 1)
+        Valid train replies a round needs to be aggregated (``min-train-nodes``): a number >= 1 is a
+        count (an integer), one in (0, 1) a fraction of the eligible parties (those that passed the
+        shard query), rounded up. A round with fewer is not aggregated (the model stays) and counts
+        toward ``max-failed-rounds``.
     dp : str (default: "none")
         Differential privacy (``dp``): ``central-server-clip`` (the server clips each update to
         ``dp-clipping-norm`` and adds Gaussian noise to the mean; Flower's
@@ -142,6 +153,39 @@ class RunConfig:
     secagg_timeout : float (default: 120)
         Seconds each of the four SecAgg+ stages waits for replies; a party that has not answered
         by then is dropped from the round (``secagg-timeout``).
+    strategy : str (default: "fedavg")
+        The server's aggregation, Flower's class of that name (``strategy``): ``fedavg``,
+        ``fedprox``, ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedadagrad``, ``fedmedian``,
+        ``fedtrimmedavg``, ``krum``, ``multikrum``, ``bulyan``, or ``fedols`` (server/fedols.py).
+        With ``dp`` or ``secure-aggregation`` only ``fedavg`` (and ``fedols``). See server/strategy.py.
+    proximal_mu : float (default: 0.01)
+        FedProx's μ, sent to the clients in every train task (``proximal-mu``).
+    server_learning_rate : float (default: 1.0)
+        FedAvgM's server step (``server-learning-rate``).
+    server_momentum : float (default: 0.5)
+        FedAvgM's server momentum, in [0, 1) (``server-momentum``).
+    eta : float (default: 0)
+        FedAdam / FedYogi / FedAdagrad server step; 0 means the strategy's default in
+        ``server.strategy.DEFAULT_ETA`` (``eta``).
+    beta_1, beta_2 : float (default: 0.5, 0.99)
+        FedAdam / FedYogi moment decays (``beta-1``, ``beta-2``).
+    tau : float (default: 0.1)
+        FedAdam / FedYogi / FedAdagrad adaptivity, > 0 (``tau``).
+    trimmed_beta : float (default: 0.2)
+        FedTrimmedAvg's fraction cut at each end, in [0, 0.5) (``trimmed-beta``).
+    num_malicious_nodes : int (default: 1)
+        f for Krum / MultiKrum / Bulyan (``num-malicious-nodes``).
+    num_nodes_to_select : int (default: 0)
+        MultiKrum's m; 0 means n - f of the round's valid replies (``num-nodes-to-select``).
+    max_update_norm : float (default: 0)
+        A train reply whose update (reply - global weights, standardized variables) has an L2 norm
+        above this is rejected as that node's failure; 0 = off (``max-update-norm``).
+    fedols_method : str (default: "qr")
+        ``strategy = fedols``: ``qr`` (each party sends the R of its centred block, TSQR; never forms
+        XᵀX) or ``normal`` (the centred, additive normal equations) (``fedols-method``).
+    fedols_l2 : float (default: 0)
+        ``strategy = fedols``: ridge penalty, minimise ``||y − Xw − b||² + l2 ||w||²`` over the pooled
+        raw data; the bias is not penalised (``fedols-l2``).
     """
 
     num_server_rounds: int = 20
@@ -160,6 +204,7 @@ class RunConfig:
     header: str = "auto"
     standardize: str = "auto"
     max_failed_rounds: int = 3
+    min_train_nodes: float = 1.0
     dp: str = "none"
     dp_noise_multiplier: float = 1.0
     dp_clipping_norm: float = 1.0
@@ -181,6 +226,20 @@ class RunConfig:
     secagg_clipping_range: float = 8.0
     secagg_quantization_range: int = 4194304
     secagg_timeout: float = 120.0
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.5
+    eta: float = 0.0
+    beta_1: float = 0.5
+    beta_2: float = 0.99
+    tau: float = 0.1
+    trimmed_beta: float = 0.2
+    num_malicious_nodes: int = 1
+    num_nodes_to_select: int = 0
+    max_update_norm: float = 0.0
+    fedols_method: str = "qr"
+    fedols_l2: float = 0.0
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -196,7 +255,7 @@ class RunConfig:
             name = key.replace("-", "_")
             if name not in fields:
                 raise FedLinearError(
-                    f"unknown config key '{key}'; known keys: {', '.join(cls.keys())}"
+                    f"unknown config key {_shown(key)}; known keys: {', '.join(cls.keys())}"
                 )
             values[name] = _coerce(key, raw, _kind(name))
         cfg = cls(**values)
@@ -268,10 +327,90 @@ class RunConfig:
         if self.seed < 0:
             raise FedLinearError(f"config key 'seed' must be >= 0, got {self.seed}")
         self._validate_secure_aggregation()
+        self._validate_participation()
+        self._validate_strategy()
+        self._validate_fedols()
         if self.run_dir and not (self.run_dir.startswith("s3://") or os.path.isabs(self.run_dir)):
             raise FedLinearError(
                 f"config key 'run-dir' must be an absolute path or an s3:// URI, got '{self.run_dir}'"
             )
+
+    def _validate_strategy(self) -> None:
+        """``strategy`` and its knobs (server/strategy.py), and ``max-update-norm``."""
+        if self.strategy not in STRATEGIES:
+            raise FedLinearError(f"config key 'strategy' must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
+        inf = float("inf")
+        for key, value, low, high, closed in (
+            ("proximal-mu", self.proximal_mu, 0.0, inf, True),
+            ("server-momentum", self.server_momentum, 0.0, 1.0, True),
+            ("eta", self.eta, 0.0, inf, True),
+            ("beta-1", self.beta_1, 0.0, 1.0, True),
+            ("beta-2", self.beta_2, 0.0, 1.0, True),
+            ("trimmed-beta", self.trimmed_beta, 0.0, 0.5, True),
+            ("max-update-norm", self.max_update_norm, 0.0, inf, True),
+            ("server-learning-rate", self.server_learning_rate, 0.0, inf, False),
+            ("tau", self.tau, 0.0, inf, False),
+        ):
+            if not (low <= value < high if closed else low < value < high):
+                raise FedLinearError(
+                    f"config key '{key}' must be in {'[' if closed else '('}{low:g}, {high:g}), got {value}"
+                )
+        for key, value in (("num-malicious-nodes", self.num_malicious_nodes), ("num-nodes-to-select", self.num_nodes_to_select)):
+            if value < 0:
+                raise FedLinearError(f"config key '{key}' must be >= 0, got {value}")
+        # fedols (server/fedols.py) is not a FedAvg-style strategy: its own module decides what it works with
+        if self.strategy not in ("fedavg", "fedols"):
+            if self.dp != "none":
+                raise FedLinearError(
+                    f"config key 'strategy' = {self.strategy} cannot work with 'dp' = {self.dp}: Flower's DP wrappers "
+                    "and the accountant assume FedAvg's aggregation; use 'strategy' = fedavg"
+                )
+            if self.secure_aggregation:
+                raise FedLinearError(
+                    f"config key 'strategy' = {self.strategy} cannot work with 'secure-aggregation' = true: the server "
+                    "only learns the sum of the updates, which is FedAvg; use 'strategy' = fedavg"
+                )
+        if self.max_update_norm > 0 and self.secure_aggregation:
+            raise FedLinearError(
+                "config key 'max-update-norm' must be 0 with 'secure-aggregation' = true: the server never sees an "
+                "individual update to measure"
+            )
+
+    def _validate_fedols(self) -> None:
+        """``fedols-method`` / ``fedols-l2``, and what ``strategy`` = fedols cannot work with (server/fedols.py)."""
+        if self.fedols_method not in FEDOLS_METHODS:
+            raise FedLinearError(
+                f"config key 'fedols-method' must be one of {', '.join(FEDOLS_METHODS)}, got '{self.fedols_method}'"
+            )
+        if not 0 <= self.fedols_l2 < float("inf"):
+            raise FedLinearError(f"config key 'fedols-l2' must be a finite number >= 0, got {self.fedols_l2}")
+        if self.strategy != "fedols":
+            return
+        if self.dp != "none" or self.secure_aggregation:
+            what = f"'dp' = {self.dp}" if self.dp != "none" else "'secure-aggregation' = true"
+            raise FedLinearError(
+                f"config key 'strategy' = fedols cannot work with {what}: every party's statistics (scatter matrix "
+                "or R factor) would be released in the clear; use 'strategy' = fedavg"
+            )
+        if self.reference == "none":
+            raise FedLinearError(
+                "config key 'strategy' = fedols needs the parties' cross-products, which 'reference' = none keeps "
+                "on the nodes; set 'reference' = auto"
+            )
+
+    def _validate_participation(self) -> None:
+        """``min-train-nodes``: an integer count >= 1 or a fraction in (0, 1)."""
+        value = self.min_train_nodes
+        if not 0 < value < float("inf") or (value >= 1 and not float(value).is_integer()):
+            raise FedLinearError(
+                f"config key 'min-train-nodes' must be an integer count >= 1 or a fraction in (0, 1), got {value:g}"
+            )
+
+    def min_train_count(self, eligible: int) -> int:
+        """``min-train-nodes`` as a count of valid replies, for ``eligible`` parties."""
+        if self.min_train_nodes >= 1:
+            return int(self.min_train_nodes)
+        return max(1, math.ceil(self.min_train_nodes * eligible - 1e-9))
 
     @property
     def private(self) -> bool:
@@ -330,6 +469,10 @@ def _coerce(key: str, raw: Any, kind: type) -> Any:
         return AUTO
     if isinstance(raw, bool) and kind is not bool:
         raise FedLinearError(f"config key '{key}' must be a {kind.__name__}, got a boolean")
+    if not isinstance(raw, bool | int | float | str):  # what TOML scalars and --set give
+        raise FedLinearError(f"config key '{key}' must be a {kind.__name__}, got a {type(raw).__name__}")
+    if isinstance(raw, str) and not raw.isprintable():  # messages that show it stay one printable line
+        raise FedLinearError(f"config key '{key}' must be printable text, got {_shown(raw)}")
     try:
         if kind is bool:
             if isinstance(raw, bool):
@@ -340,7 +483,10 @@ def _coerce(key: str, raw: Any, kind: type) -> Any:
         if kind is int:
             if isinstance(raw, float) and not raw.is_integer():
                 raise ValueError
-            return int(raw)
+            value = int(raw)
+            if not -(2**63) <= value < 2**63:  # beyond any count, seed or size; and messages must show it
+                raise FedLinearError(f"config key '{key}' must be an int in [-2**63, 2**63), got {_shown(raw)}")
+            return value
         if kind is float:
             value = float(raw)
             if value != value:
@@ -348,9 +494,17 @@ def _coerce(key: str, raw: Any, kind: type) -> Any:
             return value
         if kind is str:
             return str(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400)
         pass
-    raise FedLinearError(f"config key '{key}' must be a {kind.__name__}, got {raw!r}")
+    raise FedLinearError(f"config key '{key}' must be a {kind.__name__}, got {_shown(raw)}")
+
+
+def _shown(raw: Any) -> str:
+    """A value as shown in a message: its repr, shortened (an int of 5000 digits has no repr)."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and abs(raw) >= 10**30:
+        return f"an integer of {len(format(raw, 'x')) * 4} bits"
+    text = repr(raw)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def parse_assignments(items: list[str] | None) -> dict[str, Any]:

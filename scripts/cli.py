@@ -6,9 +6,13 @@
     fedlinear data split  INPUT.csv --clients N --out DIR --seed S [--test-fraction f]
     fedlinear data upload DIR s3://bucket/prefix/
     fedlinear run         [--data DIR] [--clients N] [--rounds R] --out RUN_DIR [--mode processes|simulation]
-                          [--set key=value ...] [--isolation auto|netns|none]
+                          [--set key=value ...] [--isolation auto|netns|none] [--allow-missing-parties]
+    fedlinear stop-superlink [--port 39091]   (the SuperLink `flwr run` starts for a :local: connection)
     fedlinear predict     --model RUN_DIR/model --input FILE.csv [--output FILE]
     fedlinear bench       [--quick] [--only ...] [--out DIR]   (see docs/benchmarks.md)
+    fedlinear report      RUN_DIR [--out FILE]        one self-contained HTML report (plots, failures, config)
+    fedlinear compare     RUN_DIR... [--out FILE]     several runs overlaid in one HTML page
+    fedlinear soak        [--nodes N] [--rounds R] [--out DIR] [--threshold X]   (RSS of a long run)
 
 ``DIR``/``RUN_DIR`` may be local paths or ``s3://`` URIs. Errors a user can fix print one line
 (``fedlinear: error: ...``) and exit with status 1; Ctrl-C stops every process the command started.
@@ -17,6 +21,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import re
 import sys
@@ -29,6 +35,7 @@ from common.config import RunConfig, parse_assignments
 from common.errors import FedLinearError, one_line
 
 CLIENT_FILE = "client-{i}.csv"
+SPLIT_SUMMARY = "split.json"  # written by a non-IID `data split`; truth.json's "heterogeneity" for `data synth`
 CLIENT_PATTERN = re.compile(r"client-(\d+)\.csv$")
 APP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,14 +49,20 @@ def _abs(uri: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def write_shards(out: str, shards, test) -> list[str]:
+def write_shards(out: str, shards, test, digests: list[dict] | None = None) -> list[str]:
+    """Write ``client-<i>.csv`` and ``test.csv``; ``digests`` (if given) gets each shard's file and SHA-256."""
+    import hashlib
+
     from common.data import to_csv_bytes
 
     written = []
     for i, shard in enumerate(shards):
         uri = storage.join(out, CLIENT_FILE.format(i=i))
-        storage.write_bytes(uri, to_csv_bytes(shard.x, shard.y))
+        blob = to_csv_bytes(shard.x, shard.y)
+        storage.write_bytes(uri, blob)
         written.append(uri)
+        if digests is not None:
+            digests.append({"file": CLIENT_FILE.format(i=i), "sha256": hashlib.sha256(blob).hexdigest()})
     storage.write_bytes(storage.join(out, "test.csv"), to_csv_bytes(test.x, test.y))
     return written
 
@@ -64,33 +77,140 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         "condition_number": getattr(args, "condition_number", None),
         "target_offset": getattr(args, "target_offset", None),
     }
+    het = heterogeneity_of(args)
     shards, test, truth = make_synthetic(
-        args.clients, args.samples_per_client, args.features, args.noise, args.seed, args.test_samples, **hard
-    )
-    write_shards(out, shards, test)
+        args.clients, args.samples_per_client, args.features, args.noise, args.seed, args.test_samples, **hard,
+        heterogeneity=het,
+    )  # fmt: skip
+    digests = [] if truth.heterogeneity is not None else None
+    write_shards(out, shards, test, digests)
+    if digests is not None:
+        truth.heterogeneity["shards"] = digests
     storage.write_text(storage.join(out, "truth.json"), truth.to_json() + "\n")
+    per_client = (
+        f"x {args.samples_per_client} samples"
+        if truth.heterogeneity is None or "quantity" not in truth.heterogeneity
+        else f"({min(s.num_examples for s in shards)}-{max(s.num_examples for s in shards)} samples each)"
+    )
     print(
-        f"wrote {args.clients} shards x {args.samples_per_client} samples, d={args.features}, "
+        f"wrote {args.clients} shards {per_client}, d={args.features}, "
         f"test.csv ({args.test_samples}) and truth.json to {out}"
     )
     if truth.options:
         shown = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in truth.options.items())
         print(f"hard data: {shown}; realised correlation condition number {truth.condition_number:.4g}")
+    if truth.heterogeneity is not None:
+        print(f"heterogeneous parties: {heterogeneity_line(truth.heterogeneity)} (details in truth.json)")
     return 0
+
+
+# Heterogeneous parties (common/partition.py): options of `data synth` and `run`, and the summary line.
+HETEROGENEITY_OPTIONS = (
+    "quantity_alpha", "min_samples", "covariate_shift", "concept_spread", "noise_skew",
+    "quantity_seed", "covariate_seed", "concept_seed", "noise_skew_seed",
+)  # fmt: skip
+
+
+def add_heterogeneity_args(parser: argparse.ArgumentParser, synth: bool = True) -> None:
+    group = parser.add_argument_group("heterogeneous parties (all off by default: IID; see README)")
+    group.add_argument("--quantity-alpha", metavar="A", help="shard sizes ~ Dirichlet(A) over the total (A > 0; small A: skewed)")
+    group.add_argument("--min-samples", metavar="M", help="with --quantity-alpha: every shard has at least M rows (default 10)"
+                       + ("" if synth else "; with --by-column: every value's shard (default 1)"))
+    group.add_argument("--quantity-seed", metavar="S", help="seed of the shard sizes (default: the data seed)")
+    if not synth:
+        return
+    group.add_argument("--covariate-shift", metavar="S[:T]",
+                       help="party feature means ~ N(0, S^2), scales ~ lognormal(0, T^2) (T default S/2)")
+    group.add_argument("--concept-spread", metavar="s", help="party true weights w_k = w + N(0, s^2)")
+    group.add_argument("--noise-skew", metavar="t", help="party label noise = noise * exp(t N(0, 1))")
+    group.add_argument("--covariate-seed", metavar="S", help="seed of the party means and scales (default: the data seed)")
+    group.add_argument("--concept-seed", metavar="S", help="seed of the party weights (default: the data seed)")
+    group.add_argument("--noise-skew-seed", metavar="S", help="seed of the party noise levels (default: the data seed)")  # fmt: skip
+
+
+def heterogeneity_of(args: argparse.Namespace):
+    """The validated :class:`common.partition.Heterogeneity` of parsed arguments (missing ones: off)."""
+    from common.partition import Heterogeneity
+
+    values = {name: getattr(args, name, None) for name in HETEROGENEITY_OPTIONS}
+    values["noise_seed"] = values.pop("noise_skew_seed")
+    if values["min_samples"] is not None and values["quantity_alpha"] is None and getattr(args, "by_column", None) is None:
+        raise FedLinearError("--min-samples goes with --quantity-alpha" + (" or --by-column" if "by_column" in args else ""))
+    return Heterogeneity.parse(**values)
+
+
+def heterogeneity_line(summary: dict) -> str:
+    """One line: how heterogeneous the shards are (from a truth.json / split.json summary)."""
+    parts = [f"sizes {min(summary['sizes'])}-{max(summary['sizes'])} (CV {summary['sizes_cv']:.3g})"]
+    if "quantity" in summary or summary.get("method") == "quantity":
+        parts.append(f"alpha {summary.get('quantity', summary).get('alpha')}")
+    if "covariate" in summary:
+        c = summary["covariate"]
+        parts.append(f"covariate shift {c['shift']:g} (log-scale {c['log_scale']:g}; party means spread {c['spread_of_means']:.3g})")
+    if "concept" in summary:
+        c = summary["concept"]
+        parts.append(f"concept spread {c['spread']:g} (realised {c['realised_spread']:.3g})")
+    if "noise" in summary and summary["noise"].get("skew"):
+        n = summary["noise"]
+        parts.append(f"noise {min(n['levels']):.3g}-{max(n['levels']):.3g} (skew {n['skew']:g})")
+    if summary.get("method") == "by-column":
+        parts.append(f"{len(summary['sizes'])} values of column {summary['column']}")
+    return ", ".join(parts)
 
 
 def cmd_data_split(args: argparse.Namespace) -> int:
     from common.data import load_csv, split_iid
+    from common.partition import split_by_column, split_quantity
 
+    by_column = getattr(args, "by_column", None)
+    alpha = getattr(args, "quantity_alpha", None)
+    if by_column is None and (args.bins is not None or args.drop_by_column):
+        raise FedLinearError("--bins and --drop-by-column go with --by-column K")
+    if by_column is not None and alpha is not None:
+        raise FedLinearError("--quantity-alpha and --by-column are two different splits: give one")
+    if alpha is None and args.quantity_seed is not None:
+        raise FedLinearError("--quantity-seed goes with --quantity-alpha")
+    if by_column is None and args.clients is None:
+        raise FedLinearError("data split needs --clients N (or --by-column K: one shard per value)")
+    het = heterogeneity_of(args)  # validates --quantity-alpha, --min-samples, --quantity-seed
     data = load_csv(args.input, target_column=args.target_column, header=args.header)
-    shards, test = split_iid(data, args.clients, args.seed, args.test_fraction)
+    summary = None
+    if by_column is not None:
+        width = data.num_features + 1
+        target = args.target_column % width
+        names = None
+        if data.columns is not None:
+            names = list(data.columns[:-1])
+            names.insert(target, data.columns[-1])
+        minimum = het.min_samples if args.min_samples is not None else 1
+        shards, test, summary = split_by_column(
+            data, by_column, width, target, args.seed, args.test_fraction,
+            bins=args.bins, drop=args.drop_by_column, min_samples=minimum, names=names,
+        )  # fmt: skip
+        if args.clients is not None and args.clients != len(shards):
+            raise FedLinearError(
+                f"--by-column {by_column} gives {len(shards)} shards (one per value), but --clients is {args.clients}"
+            )
+    elif alpha is not None:
+        shards, test, summary = split_quantity(
+            data, args.clients, args.seed, args.test_fraction, het.quantity_alpha, het.min_samples, het.quantity_seed
+        )
+    else:
+        shards, test = split_iid(data, args.clients, args.seed, args.test_fraction)
     out = _abs(args.out)
-    write_shards(out, shards, test)
+    digests = [] if summary is not None else None
+    write_shards(out, shards, test, digests)
     sizes = [s.num_examples for s in shards]
     print(
-        f"split {data.num_examples} samples ({data.num_features} features) into {args.clients} shards "
+        f"split {data.num_examples} samples ({data.num_features} features) into {len(shards)} shards "
         f"({min(sizes)}-{max(sizes)} each) and test.csv ({test.num_examples}) in {out}"
     )
+    if summary is not None:
+        summary = {"input": args.input if storage.is_s3(args.input) else _abs(args.input), **summary, "shards": digests}
+        for entry, label in zip(digests, summary.get("values", []), strict=False):
+            entry["value"] = label
+        storage.write_text(storage.join(out, SPLIT_SUMMARY), json.dumps(summary, indent=2) + "\n")
+        print(f"heterogeneous parties: {heterogeneity_line(summary)} (details in {SPLIT_SUMMARY})")
     return 0
 
 
@@ -170,8 +290,11 @@ def comparison_line(history: dict[str, Any]) -> str:
     return "no evaluation configured (no test set, reference = none)"
 
 
-def resolve_data(args: argparse.Namespace, out: str, overrides: dict[str, Any]) -> tuple[list[str], str | None, str]:
-    """(explicit shard URIs, a {partition-id} template or None, test URI or "") for ``fedlinear run``."""
+def resolve_data(
+    args: argparse.Namespace, out: str, overrides: dict[str, Any], before_writing=lambda: None
+) -> tuple[list[str], str | None, str]:
+    """(explicit shard URIs, a {partition-id} template or None, test URI or "") for ``fedlinear run``;
+    ``before_writing()`` is called before synthetic data is written into ``out``."""
     template = overrides.pop("data-uri", None)
     if args.test and "test-uri" in overrides:
         raise FedLinearError("give the test set one way: --test or --set test-uri, not both")
@@ -191,11 +314,13 @@ def resolve_data(args: argparse.Namespace, out: str, overrides: dict[str, Any]) 
         data = _abs(args.data)
     else:
         data = storage.join(out, "data")
+        before_writing()
         print(f"no --data given: writing synthetic data (d=10, 1000 samples per client, noise 0.1) to {data}")
         cmd_data_synth(
             argparse.Namespace(
                 out=data, clients=args.clients or 10, samples_per_client=1000, features=10, noise=0.1,
                 seed=int(overrides.get("seed", RunConfig.seed)), test_samples=2000,
+                **{name: getattr(args, name, None) for name in HETEROGENEITY_OPTIONS},
             )
         )  # fmt: skip
     shards = find_shards(data)
@@ -216,17 +341,160 @@ def write_local_statistics(shards: list[str], uri: str, cfg: RunConfig) -> str:
     return uri
 
 
+LOCK_FILE = ".lock"
+# A lock whose holder has died is still held while its watchdog stops what the dead run left running
+# (bounded by the launcher's WATCHDOG_TIMEOUT); a new run waits that long for it, no longer.
+LOCK_CLEANUP_WAIT = 75.0
+
+
+def lock_path(out: str) -> str:
+    """``RUN_DIR/.lock`` for a local run directory. An ``s3://`` one cannot be locked across machines
+    (S3 has no lock that its holder's death releases), so its lock is a local file named after the
+    URI: two runs on one machine are kept apart, runs on two machines are not."""
+    if not storage.is_s3(out):
+        return os.path.join(out, LOCK_FILE)
+    import hashlib
+
+    digest = hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:32]
+    return os.path.join(os.path.expanduser("~"), ".cache", "fedlinear", "locks", f"s3-{digest}.lock")
+
+
+def _lock_holder(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def lock_run_dir(out: str, cleanup_wait: float = LOCK_CLEANUP_WAIT) -> int:
+    """Take the run directory's lock (``fcntl.flock``, released by the kernel when its holders die,
+    SIGKILL included) and return its file descriptor, kept open for the life of this process.
+
+    A live holder: refused at once, naming its pid. A holder that has died: its watchdog is still
+    stopping what it left running; wait for that (bounded), then go on (the run resumes).
+    """
+    import fcntl
+
+    path = lock_path(out)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + cleanup_wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            alive = holder is not None and _pid_alive(holder)
+            if alive or time.monotonic() > deadline:
+                os.close(fd)
+                what = f"pid {holder}" if alive else f"the clean-up after pid {holder}, which has ended"
+                raise FedLinearError(
+                    f"{out} is in use by another fedlinear run ({what}; lock {path}); "
+                    "wait for it to finish, or stop it, then run the same command again"
+                ) from None
+            time.sleep(0.2)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def last_round_text(store) -> str:
+    pointer = store.uri("checkpoints", "latest.json")
+    if not storage.exists(pointer):
+        return "no round was checkpointed"
+    return f"last checkpoint: round {json.loads(storage.read_text(pointer))['round']}"
+
+
+def mark_interrupted(store, exc: BaseException) -> FedLinearError:
+    """After a run that ended without finishing (status.json still ``running``): record ``failed`` with
+    the reason and how to resume, and return that as the error to report."""
+    text = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)
+    first, _, detail = text.partition("\n")
+    reason = one_line(FedLinearError(first))
+    try:
+        status = store.read_status()
+    except Exception:  # noqa: BLE001 - an unreadable status must not hide the real error
+        status = None
+    from scripts.launcher import RunInterrupted
+
+    # the ServerApp may have noted the stop this CLI caused (as a KeyboardInterrupt): the cause is ours
+    stopped_by_us = isinstance(exc, PartyLeftOut | RunInterrupted | KeyboardInterrupt)
+    state = (status or {}).get("status")
+    if state is None or state == "completed" or (state != "running" and not stopped_by_us):
+        return exc if isinstance(exc, FedLinearError) else FedLinearError(text)
+    hint = "run the same command again to resume"
+    if not isinstance(exc, PartyLeftOut) and hint not in reason:
+        reason = f"{reason}; {last_round_text(store)}: {hint}"
+    with contextlib.suppress(Exception):
+        store.write_status("failed", reason, run_id=status.get("run_id"))
+    return FedLinearError(reason + (f"\n{detail}" if detail.strip() else ""))
+
+
+# The ServerApp's progress line for a party it could not use (server/server_app.py query_nodes).
+LEFT_OUT = re.compile(r"^node (\S+) left out: (.*)$")
+
+
+class PartyLeftOut(FedLinearError):
+    """A local run lost a party (its shard could not be read): every shard is the user's, so it is an error."""
+
+
+class Progress:
+    """Prints the ServerApp's progress lines; in a local run a party left out ends the run at once
+    (``--allow-missing-parties`` lets it go on without it)."""
+
+    def __init__(self, allow_missing: bool) -> None:
+        self.allow_missing = allow_missing
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        match = LEFT_OUT.match(line)
+        if match and not self.allow_missing:
+            raise PartyLeftOut(
+                f"{match.group(2)} (node {match.group(1)}: a local run needs every party; "
+                "--allow-missing-parties goes on without it)"
+            )
+
+
+def parties_line(history: dict[str, Any], clients: int) -> str:
+    """``parties: 9 of 10 took part; node 7 left out: ...`` (from the shard query's failures)."""
+    failures = history.get("query-failures") or []
+    line = f"parties: {clients - len(failures)} of {clients} took part"
+    return "; ".join([line, *(f"node {f.get('node-id')} left out: {f.get('reason')}" for f in failures)])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if args.clients is not None and args.clients < 1:
         raise FedLinearError(f"--clients must be >= 1, got {args.clients}")
     if args.rounds < 1:
         raise FedLinearError(f"--rounds must be >= 1, got {args.rounds}")
+    heterogeneity_of(args).check(args.clients or 10, 1000, 0.1)  # the synthetic options, before anything is written
     from common.runstore import RunStore
     from scripts.launcher import LaunchSpec, launch
 
     out = _abs(args.out)
     overrides = parse_assignments(args.set)
-    shards, template, test_uri = resolve_data(args, out, overrides)
+    given = [f"--{name.replace('_', '-')}" for name in HETEROGENEITY_OPTIONS if getattr(args, name, None) is not None]
+    if given and (args.shard or args.data or "data-uri" in overrides):
+        raise FedLinearError(f"{given[0]} shapes the synthesised data: it cannot be used with --data, --shard or data-uri")
+    locked: list[int] = []  # the run directory's lock, taken before anything is written into it
+
+    def lock() -> None:
+        if not locked:
+            locked.append(lock_run_dir(out))
+
+    shards, template, test_uri = resolve_data(args, out, overrides, before_writing=lock)
+    lock()
     clients = args.clients or len(shards)
     if shards and clients > len(shards):
         raise FedLinearError(f"--clients {clients} but only {len(shards)} shards were given")
@@ -260,6 +528,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise FedLinearError(
             f"{out} already holds a completed run (status.json); choose another --out or remove it"
         )
+    if previous is not None and previous.get("status") == "running":
+        # nobody holds the lock, so the run that wrote this was killed before it could say so
+        print(f"fedlinear: the last run in {out} was interrupted ({last_round_text(store)}); it resumes from there")
     if cfg.private and not cfg.statistics_uri and shards:
         # Under privacy no node sends statistics: this machine holds every shard, so it computes the
         # pooled statistics itself, for the yardstick (and for standardization if declared public).
@@ -281,9 +552,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     print(f"fedlinear: {clients} clients, {args.rounds} rounds, {args.mode} mode; run dir {out}; logs {workdir}")
     started = time.monotonic()
-    launch(spec, on_progress=lambda line: print(line, flush=True))
+    progress = Progress(allow_missing=args.allow_missing_parties or bool(args.app))
+    try:
+        launch(spec, on_progress=progress, keep_open=locked)
+    except FedLinearError as exc:
+        raise mark_interrupted(store, exc) from None
+    except BaseException as exc:  # Ctrl-C: status.json must not say "running" for a run that is not
+        mark_interrupted(store, exc)
+        raise
     wall = time.monotonic() - started
     status = store.read_status() if not args.app else {"status": "completed"}
+    if status is not None and status.get("status") == "running":
+        raise mark_interrupted(store, FedLinearError("the ServerApp ended without finishing the run"))
     if status is None or status.get("status") != "completed":
         reason = (status or {}).get("message") or f"the run did not complete; see {workdir}/flwr-run.log"
         raise FedLinearError(reason)
@@ -293,14 +573,64 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(summary_table(history))
         print()
         print(comparison_line(history))
+        print(parties_line(history, clients))
         print(f"model: {store.uri('model')}  (serving_default: x float32 [None, d] -> y [None, 1])")
+        if template is not None and template.endswith("/" + CLIENT_FILE.format(i="{partition-id}")):
+            attach_heterogeneity(store, template.rsplit("/", 1)[0])
     print(f"wall time {wall:.1f} s")
     return 0
+
+
+def data_heterogeneity(data_dir: str) -> dict | None:
+    """The heterogeneity summary of a data directory: ``split.json``, else truth.json's, else None (IID)."""
+    split_uri = storage.join(data_dir, SPLIT_SUMMARY)
+    if storage.exists(split_uri):
+        return {"source": split_uri, **json.loads(storage.read_text(split_uri))}
+    truth_uri = storage.join(data_dir, "truth.json")
+    if storage.exists(truth_uri):
+        summary = json.loads(storage.read_text(truth_uri)).get("heterogeneity")
+        if summary is not None:
+            return {"source": truth_uri, **summary}
+    return None
+
+
+def attach_heterogeneity(store, data_dir: str) -> None:
+    """Copy the data directory's heterogeneity summary into the run's manifest.json ("data-heterogeneity").
+
+    ``shards_match`` says whether the SHA-256 the summary recorded for each shard file equals the
+    server's fingerprint of the shard it trained on (None where the manifest has no SHA-256: S3, privacy).
+    """
+    summary = data_heterogeneity(data_dir)
+    if summary is None or not storage.exists(store.uri("manifest.json")):
+        return
+    manifest = store.read_manifest()
+    recorded = {entry["file"]: entry["sha256"] for entry in summary.get("shards", [])}
+    seen = []
+    for shard in manifest.get("shards", []):
+        for fp in shard.get("fingerprints", []):
+            fp = json.loads(fp) if isinstance(fp, str) else fp
+            if not isinstance(fp, dict) or "sha256" not in fp:
+                continue
+            name = str(fp["uri"]).rsplit("/", 1)[-1] if "uri" in fp else CLIENT_FILE.format(i=shard.get("partition-id"))
+            seen.append(recorded.get(name) == fp["sha256"])
+    summary["shards_match"] = all(seen) if seen else None
+    manifest["data-heterogeneity"] = summary
+    store.write_manifest(manifest)
+    note = "" if summary["shards_match"] is not False else " (WARNING: it does not match the shards trained on)"
+    print(f"data heterogeneity: {heterogeneity_line(summary)}; in manifest.json{note}")
 
 
 # ----------------------------------------------------------------------------------------------
 # predict
 # ----------------------------------------------------------------------------------------------
+
+
+def cmd_stop_superlink(args: argparse.Namespace) -> int:
+    """Stop the SuperLink ``flwr run`` started for a ``:local:`` connection, and what it spawned, by PID."""
+    from scripts.launcher import stop_superlink
+
+    print(stop_superlink(args.port))
+    return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -362,17 +692,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--condition-number", metavar="K", help="correlated features: correlation eigenvalues geometric, max/min = K"
     )
     hard.add_argument("--target-offset", metavar="B", help="add B to every target, e.g. 1e5")
+    add_heterogeneity_args(synth)
     synth.set_defaults(func=cmd_data_synth)
 
     split = data.add_parser("split", help="shard an existing CSV (IID) and hold out a test split")
     split.add_argument("input", help="CSV file or s3:// object")
-    split.add_argument("--clients", type=int, required=True)
+    split.add_argument("--clients", type=int, help="number of shards (required unless --by-column)")
     split.add_argument("--out", required=True)
     split.add_argument("--seed", type=int, default=42)
     split.add_argument("--test-fraction", type=float, default=0.2)
     split.add_argument("--target-column", type=int, default=-1)
     split.add_argument("--header", choices=("auto", "yes", "no"), default="auto")
-    split.set_defaults(func=cmd_data_split)
+    add_heterogeneity_args(split, synth=False)
+    split.add_argument("--by-column", type=int, metavar="K",
+                       help="one shard per distinct value of CSV column K (0-based, negative from the end)")
+    split.add_argument("--bins", type=int, metavar="B", help="with --by-column: B equal-width bins of the column")
+    split.add_argument("--drop-by-column", action="store_true", help="with --by-column: leave column K out of the shards")
+    split.set_defaults(func=cmd_data_split)  # fmt: skip
 
     upload = data.add_parser("upload", help="put local shards into a bucket, one object per file")
     upload.add_argument("source", help="local directory of shards")
@@ -402,8 +738,23 @@ def build_parser() -> argparse.ArgumentParser:
         "program on this machine can reach its SuperLink; auto (default): netns where the platform allows it "
         "and the run needs no outside network (no s3:// URI, no --ray-address), else none with a warning",
     )  # fmt: skip
+    add_heterogeneity_args(run)  # for the synthesised default data only
+    run.add_argument(
+        "--allow-missing-parties", action="store_true",
+        help="go on without a party whose shard cannot be read (default: a local run stops with that error)",
+    )  # fmt: skip
     run.add_argument("--app", help=argparse.SUPPRESS)  # another Flower app dir (benchmarks)
     run.set_defaults(func=cmd_run)
+
+    stop = sub.add_parser(
+        "stop-superlink",
+        help="stop the SuperLink `flwr run` starts for a :local: connection (and everything it spawned), by PID",
+    )
+    stop.add_argument(
+        "--port", type=int, default=int(os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")),
+        help="its port on 127.0.0.1 (default: Flower's, 39091, or $FLWR_LOCAL_SUPERLINK_HTTP_API_PORT)",
+    )  # fmt: skip
+    stop.set_defaults(func=cmd_stop_superlink)
 
     predict = sub.add_parser("predict", help="predict with an exported SavedModel")
     predict.add_argument("--model", required=True, help="RUN_DIR/model (local or s3://)")
@@ -423,6 +774,14 @@ def build_parser() -> argparse.ArgumentParser:
     from scripts import sweep
 
     sweep.add_parser(sub)
+
+    from scripts import soak
+
+    soak.add_parser(sub)
+
+    from scripts import report
+
+    report.add_parsers(sub)  # fedlinear report RUN_DIR, fedlinear compare RUN_DIR...
     return parser
 
 

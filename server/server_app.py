@@ -29,13 +29,14 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 
 from common import model as lm
 from common import scaling
 from common.config import RunConfig
 from common.data import Dataset, load_csv
-from common.errors import FedLinearError, one_line
+from common.errors import FedLinearError, one_line, untrusted_text
 from common.export import export_savedmodel
 from common.runstore import RunStore
 from common.storage import fingerprint
@@ -122,7 +123,7 @@ def query_nodes(
     for msg in replies:
         nid = msg.metadata.src_node_id
         if msg.has_error():
-            failures.append({"node-id": nid, "reason": msg.error.reason})
+            failures.append({"node-id": nid, "reason": untrusted_text(msg.error.reason)})
             continue
         shard = msg.content.config_records.get("shard")
         info = dict(shard) if shard is not None else {}
@@ -138,6 +139,7 @@ def query_nodes(
                 failures.append({"node-id": nid, "reason": "malformed or non-finite column sums in the shard query"})
             else:
                 totals[nid] = total
+    failures += colliding_keys(healthy)
     for failure in failures:
         say(f"node {failure['node-id']} left out: {failure['reason']}")
     if not healthy:
@@ -154,6 +156,31 @@ def query_nodes(
     if not want_moments:
         return healthy, failures, None
     return healthy, failures, pooled_statistics(grid, cfg, healthy, totals, failures)
+
+
+def colliding_keys(healthy: dict[int, dict]) -> list[dict]:
+    """Leave out every node whose client key another node also reports; a failure for each.
+
+    The client key fixes a party's sampling and batch order and the aggregation order. Two nodes
+    with one key (the same partition-id or party-id, or identical shards at the same path) are
+    both left out, whichever connected first, so the outcome does not depend on node ids.
+    """
+    by_key: dict[int, list[int]] = {}
+    for nid, info in healthy.items():
+        by_key.setdefault(int(info["client-key"]), []).append(nid)
+    out = []
+    for key, nids in sorted(by_key.items()):
+        if len(nids) < 2:
+            continue
+        for nid in sorted(nids):
+            del healthy[nid]
+            others = ", ".join(str(n) for n in sorted(nids) if n != nid)
+            out.append({
+                "node-id": nid,
+                "reason": f"client key {key} is also reported by node {others} (the same partition-id or party-id, "
+                "or identical shards at the same path): give each SuperNode its own --node-config party-id",
+            })  # fmt: skip
+    return out
 
 
 def _in_key_order(healthy: dict[int, dict]) -> list[int]:
@@ -193,7 +220,7 @@ def pooled_statistics(
         if msg is None:
             reason = "no reply to the statistics query"
         elif msg.has_error():
-            reason = msg.error.reason
+            reason = untrusted_text(msg.error.reason)
         else:
             matrix = _valid_vector(msg.content.array_records.get("scatter"), "scatter", shape)
             if matrix is not None:
@@ -294,10 +321,16 @@ def versions() -> dict[str, str]:
     return out
 
 
-# What must match for a checkpoint to continue the same trajectory (num-server-rounds may grow).
+# What must match for a checkpoint to continue the same trajectory (num-server-rounds may grow, down
+# to the checkpointed round); the data itself is compared by data_identity.
 TRAJECTORY_KEYS = (
     "seed", "learning-rate", "batch-size", "local-epochs", "fraction-train", "engine", "standardize",
-    "dp", "dp-noise-multiplier", "dp-clipping-norm", "dp-clipping", "secure-aggregation",
+    "target-column", "header", "reference",
+    "dp", "dp-noise-multiplier", "dp-clipping-norm", "dp-clipping", "dp-target-quantile", "dp-clip-learning-rate",
+    "dp-clipped-count-stddev", "dp-noise-seed", "dp-public-statistics",
+    "secure-aggregation", "secagg-clipping-range", "secagg-quantization-range",
+    "strategy", "proximal-mu", "server-learning-rate", "server-momentum", "eta", "beta-1", "beta-2", "tau",
+    "trimmed-beta", "num-malicious-nodes", "num-nodes-to-select", "max-update-norm",
 )  # fmt: skip
 # A global model whose error grows past this multiple of the initial model's has diverged.
 DIVERGENCE_FACTOR = 1e4
@@ -306,6 +339,48 @@ DIVERGENCE_FACTOR = 1e4
 def trajectory_key(cfg: RunConfig, num_features: int) -> dict[str, Any]:
     settings = cfg.as_dict()
     return {"num-features": num_features, **{key: settings[key] for key in TRAJECTORY_KEYS}}
+
+
+def _content(fp: dict | str) -> dict:
+    """A data fingerprint without its path (the same bytes moved elsewhere are the same data)."""
+    fp = json.loads(fp) if isinstance(fp, str) else dict(fp)
+    return {k: v for k, v in sorted(fp.items()) if k != "uri"}
+
+
+def data_identity(healthy: dict[int, dict], test: Dataset | None) -> dict[str, Any]:
+    """What the run trains and tests on, as recorded in every checkpoint and compared on resume.
+
+    Per shard (by client key): its size and, unless the node withholds them (privacy on), the
+    content fingerprints of its files (SHA-256 and size, or S3 ETag and size); the test set's
+    fingerprints.
+    """
+    shards = []
+    for info in sorted(healthy.values(), key=lambda info: int(info["client-key"])):
+        shard = {"client-key": int(info["client-key"]), "num-examples": int(info["num-examples"])}
+        if info.get("fingerprints"):  # none under privacy
+            shard["fingerprints"] = [_content(fp) for fp in info["fingerprints"]]
+        shards.append(shard)
+    return {"shards": shards, "test-set": [_content(fingerprint(uri)) for uri in test.sources] if test else []}
+
+
+def data_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between the data a checkpoint was trained on and the data there now."""
+    changes = []
+    before = {s["client-key"]: s for s in recorded.get("shards", [])}
+    now = {s["client-key"]: s for s in current["shards"]}
+    if set(before) - set(now):
+        changes.append(f"shards of client keys {sorted(set(before) - set(now))} are missing")
+    if set(now) - set(before):
+        changes.append(f"shards of client keys {sorted(set(now) - set(before))} are new")
+    for key in sorted(set(before) & set(now)):
+        old, new = before[key], now[key]
+        if old["num-examples"] != new["num-examples"]:
+            changes.append(f"the shard of client key {key} has {new['num-examples']} rows, was {old['num-examples']}")
+        elif "fingerprints" in old and "fingerprints" in new and old["fingerprints"] != new["fingerprints"]:
+            changes.append(f"the shard of client key {key} has different content (fingerprint)")
+    if recorded.get("test-set", []) != current["test-set"]:
+        changes.append("the test set ('test-uri') has different content (fingerprint)")
+    return changes
 
 
 @dataclasses.dataclass
@@ -318,15 +393,18 @@ class Start:
     transform: scaling.Transform | None  # None: not in the checkpoint, derive it
     learning_rate: float | None
     accountant_state: dict | None = None
-    clipping_state: dict | None = None
+    strategy_state: dict | None = None  # Strategies.state_dict(): optimizer state, adaptive clipping norm
 
 
-def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int) -> Start:
+def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int, data: dict[str, Any] | None = None) -> Start:
     """The weights and first round to run: from the last checkpoint if the run dir has one.
 
     Sampling and batch order are functions of (seed, round, client), not of RNG state carried
     across rounds, and the checkpoint holds the standardization transform and the step size the
     run started with, so a resumed run continues exactly as the uninterrupted run would have.
+    Refused, naming what changed: a different trajectory (TRAJECTORY_KEYS), different data
+    (``data``, see :func:`data_identity`; compared when the checkpoint recorded it), or fewer
+    ``num-server-rounds`` than the checkpoint already has.
     """
     latest = store.read_latest_checkpoint()
     if latest is None:
@@ -341,11 +419,24 @@ def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int) -> Start
             "resume with the same settings or choose another run-dir"
         )
     done = int(pointer["round"])
+    if data is not None and "data" in pointer:
+        moved = data_changes(pointer["data"], data)
+        if moved:
+            raise FedLinearError(
+                f"{store.run_dir} holds checkpoints trained on other data: {'; '.join(moved)}; "
+                "resume with the same data or choose another run-dir"
+            )
+    if cfg.num_server_rounds < done:
+        raise FedLinearError(
+            f"{store.run_dir} holds a checkpoint after round {done} but 'num-server-rounds' is {cfg.num_server_rounds}; "
+            f"set it to {done} or more to resume, or choose another run-dir"
+        )
     history = store.read_history()
     history["rounds"] = [row for row in history["rounds"] if row["round"] <= done]
     transform = scaling.Transform.from_json(pointer["transform"]) if "transform" in pointer else None
     rate = float(pointer["resolved-learning-rate"]) if "resolved-learning-rate" in pointer else None
-    return Start(weights, done + 1, history, transform, rate, pointer.get("accountant"), pointer.get("clipping"))
+    return Start(weights, done + 1, history, transform, rate, pointer.get("accountant"),
+                 pointer.get("strategy-state", {"clipping": pointer["clipping"]} if "clipping" in pointer else None))
 
 
 def choose_statistics(
@@ -414,9 +505,10 @@ WEIGHT_NORM_BOUND = 1e12
 
 def validated(
     ordered: list[Message], failures: list[dict], healthy: dict[int, dict], eligible: dict[int, int],
-    num_features: int, arrays: ArrayRecord,
+    num_features: int, arrays: ArrayRecord, max_update_norm: float = 0.0,
 ) -> list[Message]:
-    """The replies that pass :mod:`server.replies`; each rejected one is added to ``failures``."""
+    """The replies that pass :mod:`server.replies` (and, if > 0, ``max-update-norm`` on their update
+    from ``arrays``); each rejected one is added to ``failures``."""
     kept = []
     for msg in ordered:
         nid = msg.metadata.src_node_id
@@ -427,11 +519,62 @@ def validated(
             "reply from a node that was not asked" if nid not in healthy
             else replies_check.check_train_reply(msg, num_features, healthy[nid], WEIGHT_NORM_BOUND)
         )  # fmt: skip
+        if problem is None and max_update_norm > 0:
+            problem = replies_check.check_update_norm(msg, arrays, max_update_norm, nid)
         if problem is None:
             kept.append(msg)
         else:
             failures.append({"node-id": nid, "client-key": eligible.get(nid), "reason": problem})
     return kept
+
+
+def participation_floor(cfg: RunConfig, num_eligible: int, num_sampled: int) -> int:
+    """``min-train-nodes`` as a count of valid replies; an error when no round could ever reach it."""
+    floor = cfg.min_train_count(num_eligible)
+    if floor > num_sampled:
+        raise FedLinearError(
+            f"config key 'min-train-nodes' = {cfg.min_train_nodes:g} asks for {floor} valid updates a round, but only "
+            f"{num_sampled} of the {num_eligible} eligible nodes are sampled a round ('fraction-train' = "
+            f"{cfg.fraction_train:g}): no round could be aggregated"
+        )
+    return floor
+
+
+def answers_to(
+    messages: list[Message], replies: list[Message], eligible: dict[int, int]
+) -> tuple[list[Message], list[dict]]:
+    """(the replies that answer one of this round's ``messages``, a failure for each that does not).
+
+    A reply must name one of the messages sent in this call (``reply_to_message_id``; Flower's grid sets
+    each message id when it pushes it), come from the node that message went to, and carry the round's
+    group id, at most once per message. Flower 1.42's grid pulls only the ids it pushed in the same
+    ``send_and_receive``, so a straggler's late reply of round r never comes back in round r+1; this
+    check holds whatever grid (or SuperLink) the ServerApp runs over.
+    """
+    by_id = all(msg.metadata.message_id for msg in messages)  # a grid that sets no ids: match by node
+    sent = {(msg.metadata.message_id if by_id else msg.metadata.dst_node_id): msg for msg in messages}
+    kept, rejected, seen = [], [], set()
+    for reply in replies:
+        meta = reply.metadata
+        key = meta.reply_to_message_id if by_id else meta.src_node_id
+        asked = sent.get(key)
+        if asked is not None and by_id and reply.has_error() and meta.src_node_id == SUPERLINK_NODE_ID:
+            # the SuperLink's own error reply for a node (unavailable, reply lost): that node's failure
+            node = asked.metadata.dst_node_id
+            reason = f"the SuperLink reports: {reply.error.reason}"
+            rejected.append({"node-id": node, "client-key": eligible.get(node), "reason": reason})
+            seen.add(key)
+            continue
+        if asked is None or asked.metadata.dst_node_id != meta.src_node_id or asked.metadata.group_id != meta.group_id:
+            reason = "reply rejected: it does not answer a message of this round (a late reply of an earlier round?)"
+        elif key in seen:
+            reason = "reply rejected: a second reply to the same message"
+        else:
+            seen.add(key)
+            kept.append(reply)
+            continue
+        rejected.append({"node-id": meta.src_node_id, "client-key": eligible.get(meta.src_node_id), "reason": reason})
+    return kept, rejected
 
 
 def secure_with_dp(cfg: RunConfig, secured, arrays: ArrayRecord, built, server_round: int, population: int):
@@ -512,7 +655,12 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
         raise FedLinearError(
             f"{cfg.test_uri}: test set has {test.num_features} features but the shards have {num_features}"
         )
-    start = resume_or_start(store, cfg, num_features)
+    if cfg.strategy == "fedols":  # exact least squares in one round: no training rounds, no checkpoints
+        from server import fedols
+
+        return fedols.run(grid, context, store, cfg, healthy, query_failures, pooled, test, started)
+    data = data_identity(healthy, test)
+    start = resume_or_start(store, cfg, num_features, data)
     pooled, reference_source, training_stats = choose_statistics(cfg, pooled, num_features)
     if start.transform is not None:
         transform = start.transform  # a resumed run keeps the transform it trained in
@@ -561,9 +709,13 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
     history["learning-rate"] = {"value": learning_rate, "how": rate_note}
     if accountant is not None and start.accountant_state is not None:
         accountant.load_state_dict(start.accountant_state)  # a resumed run never resets ε
-    if start.clipping_state is not None and hasattr(strategy, "load_state_dict"):
-        strategy.load_state_dict(start.clipping_state)  # adaptive clipping: the norm it had reached
+    if start.strategy_state is not None:
+        built.load_state_dict(start.strategy_state)  # momentum / moments, the adaptive clipping norm reached
     history["query-failures"] = query_failures
+    history["parties"] = [  # the report: who took part, by node id
+        {"node-id": nid} | {k: healthy[nid][k] for k in ("client-key", "partition-id", "num-examples") if k in healthy[nid]}
+        for nid in _in_key_order(healthy)
+    ]
     history.setdefault("resumed-at", [])
     if start_round > 1:
         history["resumed-at"].append(start_round - 1)
@@ -571,12 +723,14 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
     arrays = to_record(weights)
     checkpoint_state = {
         **trajectory_key(cfg, num_features),
+        "data": data,
         "transform": transform.to_json(),
         "resolved-learning-rate": learning_rate,
     }
     baseline = dict(history["rounds"][0])
     failed_in_a_row = 0
     stopped = None
+    min_train = participation_floor(cfg, len(eligible), built.num_sampled)  # min-train-nodes as a count
 
     for server_round in range(start_round, cfg.num_server_rounds + 1):
         try:
@@ -604,9 +758,11 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
             replies, ordered, failures = [], [], secured.failures
         else:
             replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else []
+            replies, stale = answers_to(messages, replies, eligible)  # a late reply of an earlier round is not one
             ordered, failures = fixed_order(replies, eligible)
-            ordered = validated(ordered, failures, healthy, eligible, num_features, arrays)
-            answered = {msg.metadata.src_node_id for msg in replies}
+            failures += stale
+            ordered = validated(ordered, failures, healthy, eligible, num_features, arrays, cfg.max_update_norm)
+            answered = {msg.metadata.src_node_id for msg in replies} | {f["node-id"] for f in stale}
             failures += [
                 {"node-id": msg.metadata.dst_node_id, "client-key": eligible.get(msg.metadata.dst_node_id),
                  "reason": f"no reply within 'round-timeout' ({cfg.round_timeout:g} s)"}
@@ -615,8 +771,14 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
         if cfg.dp != "none":
             # Flower's wrappers draw noise from NumPy's global RNG: seed it per round (dp-noise-seed)
             private_noise.seed_global_numpy(cfg.dp_noise_seed, cfg.seed, server_round, private_noise.CENTRAL_DP_STREAM)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, ordered) if ordered else (None, None)
-        if secured is not None:  # secure aggregation hook: the aggregate (central DP noise goes on secured.update)
+        valid = secured.num_aggregated if secured is not None else sum(1 for msg in ordered if not msg.has_error())
+        too_few = valid < min_train  # min-train-nodes: not aggregated (nor noised, nor accounted centrally)
+        if too_few:
+            getattr(strategy, "_pending_events", {}).pop(server_round, None)  # Flower's DP wrapper: nothing released
+            new_arrays, train_metrics = None, None
+        else:
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, ordered) if ordered else (None, None)
+        if secured is not None and not too_few:  # secure aggregation hook: the aggregate (central DP noise goes on secured.update)
             new_arrays, train_metrics = secure_with_dp(cfg, secured, arrays, built, server_round, len(eligible))
         released = any(not msg.has_error() for msg in ordered) or (secured is not None and secured.num_aggregated > 0)
         if cfg.dp == "local" and released:
@@ -628,6 +790,11 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
             "clients-failed": len(failures),
             "failures": failures,
         }
+        if len(messages) != len(eligible):  # the report's party x round grid: who was asked (absent: everyone)
+            row["sampled"] = sorted(msg.metadata.dst_node_id for msg in messages)
+        for failure in failures:  # party-supplied text: one printable line, bounded (common.errors)
+            failure["round"] = server_round
+            failure["reason"] = untrusted_text(failure["reason"])
         if accountant is not None:
             row["epsilon"] = privacy.epsilon(accountant, cfg.dp_delta)
         if hasattr(strategy, "clipping_norm") and cfg.dp_clipping == "adaptive":
@@ -637,7 +804,14 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
             say(f"round {server_round}: node {failure['node-id']} failed: {failure['reason']}")
         if new_arrays is None:
             failed_in_a_row += 1
-            say(f"round {server_round}: no client update; the global model is unchanged")
+            if too_few:
+                row["not-aggregated"] = (
+                    f"{valid} valid update(s), fewer than 'min-train-nodes' = {cfg.min_train_nodes:g} ({min_train})"
+                )
+                say(f"round {server_round}: not aggregated: {row['not-aggregated']}; the global model is unchanged")
+            else:
+                row["not-aggregated"] = "no client update"
+                say(f"round {server_round}: no client update; the global model is unchanged")
         else:
             failed_in_a_row = 0
             arrays = new_arrays
@@ -669,12 +843,11 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
         store.write_history(history)  # history first: a checkpoint never runs ahead of the history
         if accountant is not None:
             checkpoint_state["accountant"] = accountant.state_dict()
-        if hasattr(strategy, "state_dict"):
-            checkpoint_state["clipping"] = strategy.state_dict()
+        checkpoint_state["strategy-state"] = built.state_dict()
         store.write_checkpoint(server_round, weights, checkpoint_state)
         say(progress_line(row))
         if failed_in_a_row >= cfg.max_failed_rounds:
-            last = failures[-1]["reason"] if failures else "no replies within 'round-timeout'"
+            last = failures[-1]["reason"] if failures else row.get("not-aggregated", "no replies within 'round-timeout'")
             raise FedLinearError(
                 f"no client update was aggregated in {failed_in_a_row} consecutive rounds "
                 f"(config key 'max-failed-rounds' = {cfg.max_failed_rounds}); last failure: {last}. "
@@ -687,7 +860,7 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
     )
     model_uri = store.uri("model")
     export_savedmodel(exported, model_uri)
-    final = {k: v for k, v in history["rounds"][-1].items() if k not in ("failures",)}
+    final = {k: v for k, v in history["rounds"][-1].items() if k not in ("failures", "sampled")}
     manifest = {
         "run-id": context.run_id,
         "config": cfg.as_dict(),
