@@ -183,6 +183,22 @@ def colliding_keys(healthy: dict[int, dict]) -> list[dict]:
     return out
 
 
+def scatter_problem(matrix: np.ndarray) -> str | None:
+    """Why a party's scatter Σ(z − μ)(z − μ)ᵀ (or its diagonal) cannot be one, else None.
+
+    A sum of outer products is symmetric and positive semidefinite, a diagonal non-negative: anything
+    else would bend the pooled optimum (and the standardization) at one party's will.
+    """
+    if matrix.ndim == 1:
+        return "negative entries in the scatter diagonal of the statistics query" if (matrix < 0).any() else None
+    scale = max(float(np.abs(matrix).max()), np.finfo(float).tiny)
+    if not np.allclose(matrix, matrix.T, rtol=0.0, atol=1e-12 * scale):
+        return "an asymmetric scatter matrix in the statistics query"
+    if float(np.linalg.eigvalsh(matrix).min()) < -1e-9 * scale * len(matrix):
+        return "a scatter matrix that is not positive semidefinite in the statistics query"
+    return None
+
+
 def _in_key_order(healthy: dict[int, dict]) -> list[int]:
     return sorted(healthy, key=lambda n: (int(healthy[n]["client-key"]), n))
 
@@ -223,10 +239,11 @@ def pooled_statistics(
             reason = untrusted_text(msg.error.reason)
         else:
             matrix = _valid_vector(msg.content.array_records.get("scatter"), "scatter", shape)
-            if matrix is not None:
+            problem = "malformed or non-finite scatter in the statistics query" if matrix is None else scatter_problem(matrix)
+            if problem is None:
                 parts[nid] = matrix
                 continue
-            reason = "malformed or non-finite scatter in the statistics query"
+            reason = problem
         failures.append({"node-id": nid, "reason": reason})
         say(f"node {nid} left out: {reason}")
         del healthy[nid]

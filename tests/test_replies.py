@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from clients import client_app as ca
 from server import replies
@@ -133,3 +133,38 @@ def test_malformed_shard_descriptions_leave_the_node_out(data, tmp_path):
 )
 def test_shard_description_checks(info, reason):
     assert reason in replies.check_shard(dict(info))
+
+
+@pytest.mark.parametrize("kind", ["asymmetric", "indefinite"])
+def test_a_scatter_that_no_data_can_produce_leaves_the_node_out(kind, data, tmp_path):
+    """A party's scatter Σ(z − μ)(z − μ)ᵀ must be symmetric positive semidefinite, or it bends the yardstick."""
+    uris, test = data
+
+    def bad_scatter(node_id, msg):
+        if node_id != BAD_NODE or msg.metadata.message_type != "query":
+            return None
+        if msg.content.config_records["config"].get("stage") != "scatter":
+            return None
+        context = Context(run_id=1, node_id=node_id, node_config={"partition-id": 2, "num-partitions": 4,
+                          "data-uri": uris[2]}, state=RecordDict(), run_config={})  # fmt: skip
+        honest = ca.app(msg, context)
+        matrix = honest.content["scatter"]["scatter"].numpy().copy()
+        if kind == "asymmetric":
+            matrix[0, 1] += 0.5 * abs(matrix[0, 0])
+        else:
+            matrix -= 1.01 * np.linalg.eigvalsh(matrix).max() * np.eye(len(matrix))
+        return Message(RecordDict({"scatter": ArrayRecord({"scatter": Array(matrix)})}), reply_to=msg)
+
+    status, manifest = run_in_process(uris, str(tmp_path / "run"), sabotage=bad_scatter, **{"test-uri": test, **SETTINGS})
+    assert status["status"] == "completed", status
+    [failure] = manifest["query-failures"]
+    expected = "asymmetric" if kind == "asymmetric" else "not positive semidefinite"
+    assert failure["node-id"] == BAD_NODE and expected in failure["reason"]
+    # the yardstick is the pooled least squares of the three honest shards
+    from common.data import load_csv
+
+    honest = [load_csv(u, -1, "auto") for i, u in enumerate(uris) if i != 2]
+    x = np.vstack([d.x for d in honest])
+    y = np.concatenate([d.y for d in honest])
+    solution = np.linalg.lstsq(np.c_[x, np.ones(len(x))], y, rcond=None)[0]
+    np.testing.assert_allclose(manifest["reference"]["weights"], solution, rtol=1e-8, atol=1e-10)
