@@ -32,9 +32,10 @@ def test_federated_run_with_shards_and_run_dir_on_s3(s3env, bucket, tmp_path):
 
     done = run_cli(
         "run", "--shard", uris[0], "--shard", uris[1], "--shard", missing, "--test", f"s3://{bucket}/test/data.txt",
-        "--rounds", 2, "--out", run_dir, "--set", "min-available-nodes=3",
-    )  # fmt: skip
+        "--rounds", 2, "--out", run_dir, "--set", "min-available-nodes=3", "--allow-missing-parties",
+    )  # fmt: skip  (a local run fails fast on an unreadable shard unless told to go on without the party)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "parties: 2 of 3 took part; node " in done.stdout
     # the failing read failed that client only, with a message naming bucket and key
     assert "left out" in done.stdout and f"{bucket}" in done.stdout and "party-9/data.txt" in done.stdout
 
