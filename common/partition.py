@@ -59,16 +59,18 @@ def _number(value, name: str, *, positive: bool = False, nonnegative: bool = Fal
     return number
 
 
-def _seed(value, name: str) -> int | None:
-    if value is None:
-        return None
+def _integer(value, name: str, minimum: int) -> int:
     try:
-        seed = int(value)
+        number = int(value)
     except (TypeError, ValueError):
         raise FedLinearError(f"{name}: {value!r} is not an integer") from None
-    if seed < 0:
-        raise FedLinearError(f"{name} must be >= 0, got {seed}")
-    return seed
+    if number < minimum:
+        raise FedLinearError(f"{name} must be >= {minimum}, got {value}")
+    return number
+
+
+def _seed(value, name: str) -> int | None:
+    return None if value is None else _integer(value, name, 0)
 
 
 def coefficient_of_variation(sizes) -> float:
@@ -137,15 +139,7 @@ class Heterogeneity:
         Neutral values (a shift, spread or skew of 0) are off, so they give IID data.
         """
         alpha = None if quantity_alpha is None else _number(quantity_alpha, "--quantity-alpha", positive=True)
-        if min_samples is None:
-            minimum = DEFAULT_MIN_SAMPLES
-        else:
-            try:
-                minimum = int(min_samples)
-            except (TypeError, ValueError):
-                raise FedLinearError(f"--min-samples: {min_samples!r} is not an integer") from None
-            if minimum < 1:
-                raise FedLinearError(f"--min-samples must be >= 1, got {min_samples}")
+        minimum = DEFAULT_MIN_SAMPLES if min_samples is None else _integer(min_samples, "--min-samples", 1)
         shift = log_scale = None
         if covariate_shift is not None:
             parts = str(covariate_shift).split(":")

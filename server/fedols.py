@@ -31,7 +31,6 @@ from common.data import Dataset
 from common.errors import FedLinearError
 from common.export import export_savedmodel
 from common.runstore import RunStore
-from common.storage import fingerprint
 from server import server_app as sa
 
 
@@ -167,11 +166,7 @@ def run(
         "learning-rate": history["learning-rate"],
         "fedols": block,
         "model": model_uri,
-        "shards": [
-            {k: healthy[nid][k] for k in ("data-uri", "num-examples", "fingerprints", "partition-id") if k in healthy[nid]}
-            for nid in sa._in_key_order(healthy)
-        ],
-        "test-set": [fingerprint(uri) for uri in test.sources] if test is not None else [],
+        **sa.manifest_data(healthy, test),
         "reference": evaluate.reference,
         "final": final,
         "query-failures": query_failures,

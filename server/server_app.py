@@ -199,6 +199,18 @@ def scatter_problem(matrix: np.ndarray) -> str | None:
     return None
 
 
+def manifest_data(healthy: dict[int, dict], test: Dataset | None) -> dict[str, list]:
+    """The manifest's ``shards`` (in client-key order; paths withheld under privacy) and ``test-set``."""
+    return {
+        "shards": [
+            {k: healthy[nid][k] for k in ("data-uri", "num-examples", "fingerprints", "partition-id") if k in healthy[nid]}
+            | ({} if "data-uri" in healthy[nid] else {"data-uri": "withheld by the node (privacy on)"})
+            for nid in _in_key_order(healthy)
+        ],
+        "test-set": [fingerprint(uri) for uri in test.sources] if test is not None else [],
+    }
+
+
 def _in_key_order(healthy: dict[int, dict]) -> list[int]:
     return sorted(healthy, key=lambda n: (int(healthy[n]["client-key"]), n))
 
@@ -891,12 +903,7 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
         "learning-rate": {"value": learning_rate, "how": rate_note},
         "privacy": privacy.summary(cfg, accountant, stopped),
         "model": model_uri,
-        "shards": [
-            {k: healthy[nid][k] for k in ("data-uri", "num-examples", "fingerprints", "partition-id") if k in healthy[nid]}
-            | ({} if "data-uri" in healthy[nid] else {"data-uri": "withheld by the node (privacy on)"})
-            for nid in sorted(healthy, key=lambda n: healthy[n]["client-key"])
-        ],
-        "test-set": [fingerprint(uri) for uri in test.sources] if test is not None else [],
+        **manifest_data(healthy, test),
         "reference": evaluate.reference,
         "final": final,
         "query-failures": query_failures,

@@ -8,6 +8,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -404,16 +405,19 @@ def test_resume_refuses_changed_settings_naming_them(shards, tmp_path):
     assert status["status"] == "completed"
 
 
+def copy_files(uris, directory):
+    """Copies of the shard files in ``directory`` (same bytes, another path)."""
+    directory.mkdir()
+    copies = [str(directory / os.path.basename(uri)) for uri in uris]
+    for uri, copy in zip(uris, copies, strict=True):
+        shutil.copyfile(uri, copy)
+    return copies
+
+
 def test_resume_refuses_changed_data(shards, tmp_path):
     uris, test = shards
-    data = tmp_path / "data"
-    data.mkdir()
-    copies = []
-    for uri in uris:
-        copies.append(str(data / os.path.basename(uri)))
-        with open(uri, "rb") as src, open(copies[-1], "wb") as dst:
-            dst.write(src.read())
-    test_copy = str(data / "test.csv")
+    copies = copy_files(uris, tmp_path / "data")
+    test_copy = str(tmp_path / "data" / "test.csv")
     with open(test, "rb") as src, open(test_copy, "wb") as dst:
         dst.write(src.read())
     run_dir = str(tmp_path / "run")
@@ -447,13 +451,7 @@ def test_resume_refuses_changed_data(shards, tmp_path):
 def test_under_privacy_resume_compares_what_the_nodes_reveal(shards, tmp_path):
     """Nodes withhold fingerprints under privacy: a changed row count is caught, changed values are not."""
     uris, _ = shards
-    data = tmp_path / "data"
-    data.mkdir()
-    copies = []
-    for uri in uris:
-        copies.append(str(data / os.path.basename(uri)))
-        with open(uri, "rb") as src, open(copies[-1], "wb") as dst:
-            dst.write(src.read())
+    copies = copy_files(uris, tmp_path / "data")
     private = {"dp": "central-server-clip", "standardize": "none"}
     run_dir = str(tmp_path / "run")
     crashed_run(copies, run_dir, **private)
