@@ -659,6 +659,10 @@ def _launch(spec: LaunchSpec, on_progress: Callable[[str], None], watchdog: Watc
             shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+# How long a failed `flwr run` waits to learn whether the SuperLink died under it.
+ESSENTIAL_DEATH_GRACE = 3.0
+
+
 def _follow(
     runner: subprocess.Popen,
     log_path: str,
@@ -713,6 +717,15 @@ def _follow(
             if idx >= 0:
                 on_progress(line[idx + len(PROGRESS_MARK) :])
     runner.wait()
+    if not died and runner.returncode != 0 and essential:
+        # `flwr run` may see the SuperLink's connection drop and exit before the watchdog thread's
+        # next look: a failed runner is first put down to a dead essential process, if one died
+        # (bounded wait: the kernel reaps a SIGKILLed process at once, a loaded machine reports late).
+        grace = time.monotonic() + ESSENTIAL_DEATH_GRACE
+        while not died and time.monotonic() < grace:
+            died.extend((name, proc) for name, proc in essential if proc.poll() is not None)
+            if not died:
+                time.sleep(0.1)
     if died:
         name, proc = died[0]
         code = proc.returncode

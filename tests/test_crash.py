@@ -382,3 +382,25 @@ def test_the_watchdog_kills_the_whole_tree_when_the_launcher_is_sigkilled():
             with contextlib.suppress(psutil.Error, OSError):
                 proc.kill()
         launcher.wait()
+
+
+def test_a_runner_that_fails_after_the_superlink_died_is_reported_as_the_superlink_dying(tmp_path):
+    """The race CI once lost: `flwr run` saw the SuperLink's connection drop and exited (code 1) before
+    the follower's next look at the SuperLink, and the user got "flwr run exited with code 1" and a log
+    tail instead of the one-line "died during the run ... run the same command again". Here the runner
+    exits at once after the "SuperLink" is SIGKILLed, so the follower's poll never sees it die first."""
+    from scripts.launcher import RunInterrupted, _follow
+
+    superlink = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    runner = subprocess.Popen(
+        [sys.executable, "-c", "import os, signal, sys; os.kill(int(sys.argv[1]), signal.SIGKILL); sys.exit(1)",
+         str(superlink.pid)],
+        stdout=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        with pytest.raises(RunInterrupted, match=r"flower-superlink \(pid \d+\) died during the run \(killed by SIGKILL\)"):
+            _follow(runner, str(tmp_path / "run.log"), lambda _line: None, 600, essential=[("flower-superlink", superlink)])
+    finally:
+        superlink.kill()
+        superlink.wait()
+    assert runner.returncode == 1
