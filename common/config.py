@@ -180,12 +180,23 @@ class RunConfig:
     max_update_norm : float (default: 0)
         A train reply whose update (reply - global weights, standardized variables) has an L2 norm
         above this is rejected as that node's failure; 0 = off (``max-update-norm``).
+    max_update_norm_factor : float (default: 0)
+        Each round, a train reply whose update norm is above this multiple of the median update norm
+        of the replies that passed every other check (at least 3 of them) is rejected as that node's
+        failure; 0 = off, else finite and > 1 (``max-update-norm-factor``).
     fedols_method : str (default: "qr")
         ``strategy = fedols``: ``qr`` (each party sends the R of its centred block, TSQR; never forms
         XᵀX) or ``normal`` (the centred, additive normal equations) (``fedols-method``).
     fedols_l2 : float (default: 0)
         ``strategy = fedols``: ridge penalty, minimise ``||y − Xw − b||² + l2 ||w||²`` over the pooled
         raw data; the bias is not penalised (``fedols-l2``).
+    target_mse_ratio : float (default: 0)
+        A target for the gap to the optimum: test MSE / the pooled least-squares optimum's test MSE
+        (``target-mse-ratio``); 0 = none, else a finite number >= 1. Needs that ratio: a test set
+        (``test-uri``) and ``reference`` = auto. Reported after the run (common/target.py).
+    stop_at_target : bool (default: false)
+        End the run after the first round that reaches ``target-mse-ratio``; that round's model is the
+        result (``stop-at-target``). Without it the run goes on and only reports.
     """
 
     num_server_rounds: int = 20
@@ -238,8 +249,11 @@ class RunConfig:
     num_malicious_nodes: int = 1
     num_nodes_to_select: int = 0
     max_update_norm: float = 0.0
+    max_update_norm_factor: float = 0.0
     fedols_method: str = "qr"
     fedols_l2: float = 0.0
+    target_mse_ratio: float = 0.0
+    stop_at_target: bool = False
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -330,13 +344,14 @@ class RunConfig:
         self._validate_participation()
         self._validate_strategy()
         self._validate_fedols()
+        self._validate_target()
         if self.run_dir and not (self.run_dir.startswith("s3://") or os.path.isabs(self.run_dir)):
             raise FedLinearError(
                 f"config key 'run-dir' must be an absolute path or an s3:// URI, got '{self.run_dir}'"
             )
 
     def _validate_strategy(self) -> None:
-        """``strategy`` and its knobs (server/strategy.py), and ``max-update-norm``."""
+        """``strategy`` and its knobs (server/strategy.py), ``max-update-norm`` and ``max-update-norm-factor``."""
         if self.strategy not in STRATEGIES:
             raise FedLinearError(f"config key 'strategy' must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
         inf = float("inf")
@@ -375,6 +390,16 @@ class RunConfig:
                 "config key 'max-update-norm' must be 0 with 'secure-aggregation' = true: the server never sees an "
                 "individual update to measure"
             )
+        if not (self.max_update_norm_factor == 0 or 1 < self.max_update_norm_factor < inf):
+            raise FedLinearError(
+                "config key 'max-update-norm-factor' must be 0 (off) or a finite number > 1, "
+                f"got {self.max_update_norm_factor}"
+            )
+        if self.max_update_norm_factor > 0 and self.secure_aggregation:
+            raise FedLinearError(
+                "config key 'max-update-norm-factor' must be 0 with 'secure-aggregation' = true: the server never "
+                "sees an individual update to measure"
+            )
 
     def _validate_fedols(self) -> None:
         """``fedols-method`` / ``fedols-l2``, and what ``strategy`` = fedols cannot work with (server/fedols.py)."""
@@ -396,6 +421,34 @@ class RunConfig:
             raise FedLinearError(
                 "config key 'strategy' = fedols needs the parties' cross-products, which 'reference' = none keeps "
                 "on the nodes; set 'reference' = auto"
+            )
+
+    def _validate_target(self) -> None:
+        """``target-mse-ratio`` / ``stop-at-target`` (common/target.py): the ratio must be one the run computes."""
+        target = self.target_mse_ratio
+        if target != 0 and not 1 <= target < float("inf"):  # also refuses NaN
+            raise FedLinearError(
+                f"config key 'target-mse-ratio' must be 0 (no target) or a finite number >= 1 (test MSE / the "
+                f"optimum's), got {target}"
+            )
+        if self.stop_at_target and target == 0:
+            raise FedLinearError("config key 'stop-at-target' = true needs a 'target-mse-ratio' (>= 1) to stop at")
+        if target == 0:
+            return
+        if self.reference == "none":
+            raise FedLinearError(
+                "config key 'target-mse-ratio' needs the gap to the pooled least-squares optimum, which 'reference' "
+                "= none does not compute; set 'reference' = auto or 'target-mse-ratio' = 0"
+            )
+        if not self.test_uri:
+            raise FedLinearError(
+                "config key 'target-mse-ratio' needs a test set to measure test MSE / the optimum's on; set "
+                "'test-uri' (fedlinear run: --test, or test.csv in --data)"
+            )
+        if self.strategy == "fedols":
+            raise FedLinearError(
+                "config key 'target-mse-ratio' is for iterative strategies: 'strategy' = fedols computes the "
+                "least-squares optimum itself in one round; set 'target-mse-ratio' = 0"
             )
 
     def _validate_participation(self) -> None:

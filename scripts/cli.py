@@ -7,6 +7,7 @@
     fedlinear data upload DIR s3://bucket/prefix/
     fedlinear run         [--data DIR] [--clients N] [--rounds R] --out RUN_DIR [--mode processes|simulation]
                           [--set key=value ...] [--isolation auto|netns|none] [--allow-missing-parties]
+                          [--target R [--stop-at-target]]
     fedlinear stop-superlink [--port 39091]   (the SuperLink `flwr run` starts for a :local: connection)
     fedlinear predict     --model RUN_DIR/model --input FILE.csv [--output FILE]
     fedlinear bench       [--quick] [--only ...] [--out DIR]   (see docs/benchmarks.md)
@@ -31,6 +32,7 @@ import time
 from typing import Any
 
 from common import storage
+from common import target as targets
 from common.config import RunConfig, parse_assignments
 from common.errors import FedLinearError, one_line
 
@@ -473,6 +475,22 @@ def parties_line(history: dict[str, Any], clients: int) -> str:
     return "; ".join([line, *(f"node {f.get('node-id')} left out: {f.get('reason')}" for f in failures)])
 
 
+def target_config(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``--target R`` / ``--stop-at-target`` as run config keys (``target-mse-ratio``, ``stop-at-target``)."""
+    out: dict[str, Any] = {}
+    for given, key, value in (
+        (getattr(args, "target", None) is not None, "target-mse-ratio", getattr(args, "target", None)),
+        (getattr(args, "stop_at_target", False), "stop-at-target", "true"),
+    ):
+        if not given:
+            continue
+        if key in overrides:
+            option = "--target" if key == "target-mse-ratio" else "--stop-at-target"
+            raise FedLinearError(f"give {key} one way: {option} or --set {key}, not both")
+        out.update(parse_assignments([f"{key}={value}"]))
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if args.clients is not None and args.clients < 1:
         raise FedLinearError(f"--clients must be >= 1, got {args.clients}")
@@ -521,6 +539,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             {"partition-id": i, "num-partitions": clients, "data-uri": uri} for i, uri in enumerate(shards)
         ]
     run_config.update(overrides)
+    run_config.update(target_config(args, overrides))
     cfg = RunConfig.from_run_config(run_config)  # fail here, with a clear message, not in the ServerApp
     store = RunStore(cfg.run_dir)
     previous = store.read_status()
@@ -573,6 +592,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(summary_table(history))
         print()
         print(comparison_line(history))
+        for line in targets.summary_lines(history, cfg.num_server_rounds):
+            print(line)
         print(parties_line(history, clients))
         print(f"model: {store.uri('model')}  (serving_default: x float32 [None, d] -> y [None, 1])")
         if template is not None and template.endswith("/" + CLIENT_FILE.format(i="{partition-id}")):
@@ -743,6 +764,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-missing-parties", action="store_true",
         help="go on without a party whose shard cannot be read (default: a local run stops with that error)",
     )  # fmt: skip
+    run.add_argument("--target", metavar="R",
+                     help="target test MSE / the pooled least-squares optimum's (>= 1; config key target-mse-ratio): "
+                     "the summary says at which round it was reached")
+    run.add_argument("--stop-at-target", action="store_true",
+                     help="with --target: end the run after the first round that reaches it (its model is the "
+                     "result)")  # fmt: skip
     run.add_argument("--app", help=argparse.SUPPRESS)  # another Flower app dir (benchmarks)
     run.set_defaults(func=cmd_run)
 

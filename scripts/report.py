@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common import storage
+from common import target as targets
 from common.errors import FedLinearError
 
 DATA_SUMMARIES = ("truth.json", "split.json")  # a data directory's descriptions, rendered generically
@@ -229,8 +230,9 @@ def _log_scale(ax, values: list[float]) -> None:
 
 
 def line_plot(title: str, ylabel: str, lines: list[tuple[str, list, list]], hline: tuple[str, float] | None = None,
-              log: bool = True) -> bytes | None:  # fmt: skip
-    """One figure of lines over rounds; None when there is nothing to draw."""
+              log: bool = True, target: tuple[str, float] | None = None) -> bytes | None:  # fmt: skip
+    """One figure of lines over rounds; None when there is nothing to draw. ``hline`` (dashed black) and
+    ``target`` (dotted red) are horizontal reference lines."""
     lines = [line for line in lines if line[1]]
     if not lines:
         return None
@@ -242,6 +244,9 @@ def line_plot(title: str, ylabel: str, lines: list[tuple[str, list, list]], hlin
     if hline is not None and hline[1] is not None:
         ax.axhline(hline[1], color="black", linestyle="--", linewidth=1, label=hline[0])
         values.append(hline[1])
+    if target is not None:
+        ax.axhline(target[1], color="#d62728", linestyle=":", linewidth=1.5, label=target[0])
+        values.append(target[1])
     if log:
         _log_scale(ax, values)
     ax.set_title(title)
@@ -251,7 +256,7 @@ def line_plot(title: str, ylabel: str, lines: list[tuple[str, list, list]], hlin
     ax.grid(True, which="both", alpha=0.3)
     if len(lines) > 2 or max(len(line[0]) for line in lines) > 40:  # long labels: under the plot
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.15))
-    elif len(lines) > 1 or hline is not None:
+    elif len(lines) > 1 or hline is not None or target is not None:
         ax.legend(fontsize=8)
     return _png(fig)
 
@@ -308,9 +313,12 @@ def run_plots(run: Run) -> list[tuple[str, str, bytes]]:
         "least-squares optimum's test MSE, the best a linear model fit to the pooled training data can do.",
         line_plot("Test MSE", "MSE", [("test MSE", *series(rows, "test-mse"))],
                   ("least squares", _num(ref.get("test-mse")))))  # fmt: skip
-    add("gap-ratio", "The gap to the optimum as a ratio: test MSE / least-squares test MSE (1 = the optimum).",
-        line_plot("Test MSE / least-squares test MSE", "ratio", [("MSE / LS", *series(rows, "test-mse-ratio"))],
-                  ("optimum (1)", 1.0) if series(rows, "test-mse-ratio")[0] else None))  # fmt: skip
+    goal, ratios = target_of(run), series(rows, "test-mse-ratio")
+    add("gap-ratio", "The gap to the optimum as a ratio: test MSE / least-squares test MSE (1 = the optimum)"
+        + (f"; the dotted line is the run's target, {goal:g}." if goal else "."),
+        line_plot("Test MSE / least-squares test MSE", "ratio", [("MSE / LS", *ratios)],
+                  ("optimum (1)", 1.0) if ratios[0] else None,
+                  target=(f"target {goal:g}", goal) if goal and ratios[0] else None))  # fmt: skip
     add("gap-excess", "The gap as an excess: MSE above the optimum's, on the test set and on the pooled training data.",
         line_plot("Excess MSE over the optimum", "excess MSE",
                   [("excess test MSE", *series(rows, "excess-test-mse")),
@@ -324,6 +332,27 @@ def run_plots(run: Run) -> list[tuple[str, str, bytes]]:
         "was not asked (not sampled).", participation_plot(people, rounds, grid))  # fmt: skip
     add("shards", "Samples in each party's shard.", shards_plot(people or shard_parties(run)))
     return out
+
+
+def target_of(run: Run) -> float | None:
+    """The run's ``target-mse-ratio`` (history, else the manifest's config), or None when it had none."""
+    for value in ((run.history or {}).get("target-mse-ratio"), run.config.get("target-mse-ratio")):
+        if _num(value) is not None and value > 0:
+            return float(value)
+    return None
+
+
+def target_summary(run: Run) -> list[str]:
+    """The plain-words target lines of ``fedlinear run`` (common/target.py), for a run that had a target."""
+    goal = target_of(run)
+    if goal is None:
+        return []
+    history = {"rounds": run.rows, **{k: v for k, v in (run.history or {}).items() if k != "rounds"}}
+    history["target-mse-ratio"] = goal
+    if "reached-target-at" not in history:  # a run that has not finished: computed from its rows
+        history["reached-target-at"] = targets.reached_at(run.rows, goal)
+    rounds = run.config.get("num-server-rounds")
+    return targets.summary_lines(history, rounds if isinstance(rounds, int) else None)
 
 
 def shard_parties(run: Run) -> list[dict]:
@@ -427,12 +456,16 @@ def report_html(run: Run, plots: list[tuple[str, str, bytes]]) -> str:
     status = run.status or {}
     body = [f"<h1>fedlinear run <code>{esc(run.name)}</code></h1>", f"<p>{esc(run.uri)}</p>"]
     state = run.state
+    goal_lines = target_summary(run)
+    message = status.get("message") if status.get("message") != "; ".join(goal_lines) else None  # said below
     body.append(f'<p>Status: <strong class="status-{esc(state)}">{esc(state)}</strong>'
-                + (f" — {esc(status.get('message'))}" if status.get("message") else "") + "</p>")  # fmt: skip
+                + (f" — {esc(message)}" if message else "") + "</p>")  # fmt: skip
     history = run.history or {}
-    if isinstance(history.get("stopped"), dict):
+    if isinstance(history.get("stopped"), dict) and not history.get("stopped-at-target"):  # that one: below
         body.append(f"<p>Stopped after round {esc(history['stopped'].get('round'))}: "
                     f"{esc(history['stopped'].get('reason'))}</p>")  # fmt: skip
+    for line in goal_lines:
+        body.append(f"<p>{esc(line[0].upper() + line[1:])}.</p>")
     if history.get("resumed-at"):
         body.append(f"<p>Resumed after round(s) {esc(', '.join(fmt(r) for r in history['resumed-at']))}.</p>")
     if not run.rows:

@@ -11,6 +11,8 @@ checked:
   float32, finite, a plausible payload size; exactly the metrics the app sends, finite, with
   ``num-examples`` equal to what the node declared in the shard query (FedAvg weighs by it: a
   node claiming 1e12 examples would otherwise take the global model over) and its own client key.
+* if configured, the update's L2 norm: at most ``max-update-norm``, and at most
+  ``max-update-norm-factor`` x the median norm of the round's replies that passed everything else.
 """
 
 from __future__ import annotations
@@ -113,21 +115,46 @@ def check_train_reply(msg: Message, num_features: int, declared: dict[str, Any],
     return None
 
 
-def check_update_norm(msg: Message, global_arrays, bound: float, node_id: int) -> str | None:
-    """Why a (well-formed) train reply's update is too long for ``max-update-norm``, or None.
-
-    The update is the reply's weights minus the global weights the round sent, in the standardized
-    variables the clients train in; its L2 norm is over kernel and bias together.
-    """
+def update_norm(msg: Message, global_arrays) -> float:
+    """The L2 norm of a (well-formed) train reply's update: its weights minus the global weights the
+    round sent, in the standardized variables the clients train in, over kernel and bias together."""
     arrays = msg.content["arrays"]
     squared = 0.0
     for name in lm.WEIGHT_NAMES:
         delta = arrays[name].numpy().astype(np.float64) - global_arrays[name].numpy().astype(np.float64)
         squared += float(np.sum(delta * delta))
-    norm = math.sqrt(squared)
+    return math.sqrt(squared)
+
+
+def check_update_norm(msg: Message, global_arrays, bound: float, node_id: int) -> str | None:
+    """Why a (well-formed) train reply's update (:func:`update_norm`) is too long for ``max-update-norm``, or None."""
+    norm = update_norm(msg, global_arrays)
     if norm > bound:
         return (
             f"train reply rejected: node {node_id} sent an update of norm {norm:.4g}, "
             f"above 'max-update-norm' = {bound:g}"
         )
     return None
+
+
+# ``max-update-norm-factor`` needs this many replies for their median to be an honest party's norm
+# when fewer than half of them come from attackers (with 2, one attacker is half of them).
+MEDIAN_MIN_REPLIES = 3
+
+
+def check_update_norm_factor(norms: dict[int, float], factor: float, server_round: int) -> dict[int, str]:
+    """Why each update longer than ``factor`` x the round's median update norm is rejected, by node id
+    (``max-update-norm-factor``); ``norms`` are the update norms of the replies that passed every other
+    check. Nothing is rejected with fewer than :data:`MEDIAN_MIN_REPLIES` of them."""
+    if len(norms) < MEDIAN_MIN_REPLIES:
+        return {}
+    median = float(np.median(sorted(norms.values())))
+    bound = factor * median
+    return {
+        nid: (
+            f"train reply rejected: node {nid} sent an update of norm {norm:.4g} in round {server_round}, above "
+            f"'max-update-norm-factor' {factor:g} x the round's median update norm {median:.4g} = {bound:.4g}"
+        )
+        for nid, norm in sorted(norms.items())
+        if norm > bound
+    }

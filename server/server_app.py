@@ -34,6 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import model as lm
 from common import scaling
+from common import target as targets
 from common.config import RunConfig
 from common.data import Dataset, load_csv
 from common.errors import FedLinearError, one_line, untrusted_text
@@ -359,7 +360,7 @@ TRAJECTORY_KEYS = (
     "dp-clipped-count-stddev", "dp-noise-seed", "dp-public-statistics",
     "secure-aggregation", "secagg-clipping-range", "secagg-quantization-range",
     "strategy", "proximal-mu", "server-learning-rate", "server-momentum", "eta", "beta-1", "beta-2", "tau",
-    "trimmed-beta", "num-malicious-nodes", "num-nodes-to-select", "max-update-norm",
+    "trimmed-beta", "num-malicious-nodes", "num-nodes-to-select", "max-update-norm", "max-update-norm-factor",
 )  # fmt: skip
 # A global model whose error grows past this multiple of the initial model's has diverged.
 DIVERGENCE_FACTOR = 1e4
@@ -440,9 +441,12 @@ def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int, data: di
         return Start(lm.initial_weights(num_features, cfg.seed), 1, {}, None, None)
     pointer, weights = latest
     expected = trajectory_key(cfg, num_features)
-    changed = [key for key, value in expected.items() if pointer.get(key) != value]
+    # A key the checkpoint does not record came after the version that wrote it: that run had the
+    # key's default behaviour (every new key defaults to what was done before it existed).
+    defaults = RunConfig().as_dict()
+    changed = [key for key, value in expected.items() if pointer.get(key, defaults.get(key)) != value]
     if changed:
-        detail = ", ".join(f"{key} {pointer.get(key)!r} -> {expected[key]!r}" for key in changed)
+        detail = ", ".join(f"{key} {pointer.get(key, defaults.get(key))!r} -> {expected[key]!r}" for key in changed)
         raise FedLinearError(
             f"{store.run_dir} holds checkpoints of a different run ({detail}); "
             "resume with the same settings or choose another run-dir"
@@ -534,10 +538,12 @@ WEIGHT_NORM_BOUND = 1e12
 
 def validated(
     ordered: list[Message], failures: list[dict], healthy: dict[int, dict], eligible: dict[int, int],
-    num_features: int, arrays: ArrayRecord, max_update_norm: float = 0.0,
+    num_features: int, arrays: ArrayRecord, max_update_norm: float = 0.0, max_update_norm_factor: float = 0.0,
+    server_round: int = 0,
 ) -> list[Message]:
     """The replies that pass :mod:`server.replies` (and, if > 0, ``max-update-norm`` on their update
-    from ``arrays``); each rejected one is added to ``failures``."""
+    from ``arrays``, then ``max-update-norm-factor`` against the median update norm of the replies that
+    passed everything else); each rejected one is added to ``failures``, in ``ordered``'s order."""
     kept = []
     for msg in ordered:
         nid = msg.metadata.src_node_id
@@ -554,6 +560,21 @@ def validated(
             kept.append(msg)
         else:
             failures.append({"node-id": nid, "client-key": eligible.get(nid), "reason": problem})
+    if max_update_norm_factor > 0:
+        norms = {msg.metadata.src_node_id: replies_check.update_norm(msg, arrays)
+                 for msg in kept if not msg.has_error()}  # fmt: skip
+        if 0 < len(norms) < replies_check.MEDIAN_MIN_REPLIES:
+            say(
+                f"round {server_round}: 'max-update-norm-factor' not applied: only {len(norms)} replies passed the "
+                f"other checks, fewer than {replies_check.MEDIAN_MIN_REPLIES} to take an honest median from"
+            )
+        rejected = replies_check.check_update_norm_factor(norms, max_update_norm_factor, server_round)
+        failures += [
+            {"node-id": msg.metadata.src_node_id, "client-key": eligible.get(msg.metadata.src_node_id),
+             "reason": rejected[msg.metadata.src_node_id]}
+            for msg in kept if not msg.has_error() and msg.metadata.src_node_id in rejected
+        ]  # fmt: skip
+        kept = [msg for msg in kept if msg.has_error() or msg.metadata.src_node_id not in rejected]
     return kept
 
 
@@ -658,6 +679,20 @@ def divergence(row: dict[str, Any], baseline: dict[str, Any]) -> str | None:
     return None
 
 
+def check_target(cfg: RunConfig, evaluate: Evaluator, reference_source: str) -> None:
+    """A ``target-mse-ratio`` needs test MSE / the optimum's every round: refuse the run (before round 1)
+    when this run cannot compute it. The config already refused ``reference`` = none and no ``test-uri``."""
+    if not cfg.target_mse_ratio:
+        return
+    if evaluate.test is None or evaluate.optimum is None:
+        why = "no test set" if evaluate.test is None else f"no pooled least-squares optimum ({reference_source})"
+    elif not evaluate.reference.get("test-mse", 0.0) > 0:
+        why = "the optimum's test MSE is 0, so the ratio is undefined"
+    else:
+        return
+    raise FedLinearError(f"config key 'target-mse-ratio' needs test MSE / the optimum's, which this run lacks: {why}")
+
+
 def resolve_learning_rate(
     cfg: RunConfig, pooled: scaling.PooledStats | None, transform: scaling.Transform, sizes: list[int]
 ) -> tuple[float, str]:
@@ -705,6 +740,7 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
     evaluate = Evaluator(test, pooled, transform)
     if evaluate.optimum is not None:
         evaluate.reference["source"] = reference_source
+    check_target(cfg, evaluate, reference_source)  # before round 1: a target needs the ratio
     say(
         f"{len(healthy)} shards, {num_features} features, {sum(sizes)} samples; "
         f"standardize = {transform.kind}; {rate_note}"
@@ -736,6 +772,7 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
     history["reference"] = evaluate.reference
     history["standardization"] = transform.to_json()
     history["learning-rate"] = {"value": learning_rate, "how": rate_note}
+    history["target-mse-ratio"] = cfg.target_mse_ratio  # the outcome (reached-target-at, ...) after the rounds
     if accountant is not None and start.accountant_state is not None:
         accountant.load_state_dict(start.accountant_state)  # a resumed run never resets ε
     if start.strategy_state is not None:
@@ -761,7 +798,10 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
     stopped = None
     min_train = participation_floor(cfg, len(eligible), built.num_sampled)  # min-train-nodes as a count
 
-    for server_round in range(start_round, cfg.num_server_rounds + 1):
+    first_round = start_round
+    if cfg.stop_at_target and targets.reached_at(history["rounds"], cfg.target_mse_ratio) is not None:
+        first_round = cfg.num_server_rounds + 1  # reached before the process ended (or with this target): done
+    for server_round in range(first_round, cfg.num_server_rounds + 1):
         try:
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
             if cfg.dp == "local" and accountant.config.max_epsilon is not None:
@@ -790,7 +830,8 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
             replies, stale = answers_to(messages, replies, eligible)  # a late reply of an earlier round is not one
             ordered, failures = fixed_order(replies, eligible)
             failures += stale
-            ordered = validated(ordered, failures, healthy, eligible, num_features, arrays, cfg.max_update_norm)
+            ordered = validated(ordered, failures, healthy, eligible, num_features, arrays, cfg.max_update_norm,
+                                cfg.max_update_norm_factor, server_round)  # fmt: skip
             answered = {msg.metadata.src_node_id for msg in replies} | {f["node-id"] for f in stale}
             failures += [
                 {"node-id": msg.metadata.dst_node_id, "client-key": eligible.get(msg.metadata.dst_node_id),
@@ -882,7 +923,17 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
                 f"(config key 'max-failed-rounds' = {cfg.max_failed_rounds}); last failure: {last}. "
                 f"Fix the cause and run the same command again to resume after round {server_round}"
             )
+        if cfg.stop_at_target and targets.reached(row, cfg.target_mse_ratio):
+            break  # this round is checkpointed: it is the result
 
+    outcome = targets.outcome(history["rounds"], cfg.target_mse_ratio, cfg.stop_at_target)
+    history.update(outcome)
+    target_lines = targets.summary_lines(history, cfg.num_server_rounds)
+    if outcome["stopped-at-target"]:
+        history["stopped"] = {"round": history["rounds"][-1]["round"], "reason": "; ".join(target_lines)}
+    store.write_history(history)
+    for line in target_lines:
+        say(line)
     raw_kernel, raw_bias = transform.to_raw(weights.kernel, float(weights.bias[0]))
     exported = lm.LinearWeights(
         kernel=raw_kernel.astype(np.float32).reshape(-1, 1), bias=np.array([raw_bias], dtype=np.float32)
@@ -908,9 +959,11 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
         "final": final,
         "query-failures": query_failures,
         "wall-time-s": time.monotonic() - started,
+        **outcome,
     }
     store.write_manifest(manifest)
-    store.write_status("completed", stopped or "", run_id=context.run_id)
+    store.write_status("completed", stopped or (history["stopped"]["reason"] if outcome["stopped-at-target"] else ""),
+                       run_id=context.run_id)  # fmt: skip
     say(f"done: model exported to {model_uri}")
 
 

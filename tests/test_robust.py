@@ -6,7 +6,8 @@ against the clean run; FedMedian, FedTrimmedAvg, Krum, MultiKrum and Bulyan, eac
 attacker, stay within 10% of the clean run. ``max-update-norm`` set just above what honest parties
 send rejects the attacker (node and norm recorded) whenever its update is above it: that stops a
 x1000 attacker on its own, but not a x100 one, whose update falls under the bound once honest
-updates shrink near convergence (it only keeps the run from diverging).
+updates shrink near convergence (it only keeps the run from diverging). ``max-update-norm-factor`` = 3,
+a bound relative to each round's median update norm, rejects the x100 attacker in every round.
 """
 
 from __future__ import annotations
@@ -128,6 +129,32 @@ def test_max_update_norm_bounds_the_x100_attacker_but_a_fixed_bound_cannot_stop_
     assert len(rejected) < ROUNDS  # and let through later: the limitation README states
 
 
+def test_max_update_norm_factor_stops_the_x100_attacker_in_every_round(data, clean, tmp_path):
+    """The bound follows the honest updates down (3 x the round's median norm; honest ones measured
+    within 1.94x of it over 20 clean rounds): FedAvg with it ends as the run without the attacker,
+    where FedAvg alone is ruined (test_fedavg_is_ruined_by_one_attacker)."""
+    mse, history, _ = run(data, tmp_path, "fedavg", 100.0, **{"max-update-norm-factor": 3.0})
+    assert mse <= 1.10 * clean[0], (mse, clean[0])
+    for row in history["rounds"][1:]:  # every round: the attacker, and only the attacker, rejected
+        assert [f["node-id"] for f in row["failures"]] == [ATTACKER] and row["clients-ok"] == 9, row
+    reason = history["rounds"][-1]["failures"][0]["reason"]
+    assert f"node {ATTACKER} sent an update of norm" in reason and f"in round {ROUNDS}" in reason
+    assert "'max-update-norm-factor' 3 x the round's median update norm" in reason
+
+
+def test_max_update_norm_factor_works_under_a_robust_rule_and_with_the_fixed_bound(data, clean, tmp_path):
+    """Replies are checked before any strategy sees them: the same rejections under Krum, and the
+    fixed bound (which catches x100 only early, see above) takes its rounds first."""
+    _, honest_max = clean
+    knobs = {"num-malicious-nodes": 1, "max-update-norm-factor": 3.0, "max-update-norm": 1.3 * honest_max}
+    mse, history, _ = run(data, tmp_path, "krum", 100.0, **knobs)
+    assert mse <= 1.10 * clean[0], (mse, clean[0])
+    reasons = [row["failures"][0]["reason"] for row in history["rounds"][1:]]
+    for row in history["rounds"][1:]:
+        assert [f["node-id"] for f in row["failures"]] == [ATTACKER], row
+    assert "'max-update-norm' =" in reasons[0] and "'max-update-norm-factor'" in reasons[-1], reasons
+
+
 if __name__ == "__main__":  # the README's table: python -m tests.test_robust
     import pathlib
     import tempfile
@@ -140,7 +167,22 @@ if __name__ == "__main__":  # the README's table: python -m tests.test_robust
         for m, r in zip(grid.sent, grid.received, strict=True) if m.metadata.message_type == "train"
     )  # fmt: skip
     print(f"clean FedAvg: final test MSE {base:.5g}; largest honest update norm {honest:.4g}")
-    rows = [("fedavg", {})] + sorted(ROBUST.items()) + [("fedavg", {"max-update-norm": round(float(1.3 * honest), 3)})]
+    rows = [("fedavg", {})] + sorted(ROBUST.items()) + [("fedavg", {"max-update-norm": round(float(1.3 * honest), 3)}),
+                                                         ("fedavg", {"max-update-norm-factor": 3.0})]
     for name, knobs in rows:
         cells = [f"{run(figures, root, name, scale, **knobs)[0] / base:.4g}" for scale in (100.0, -10.0, 1000.0)]
         print(f"| {name} {knobs or ''} | " + " | ".join(cells) + " |", flush=True)
+    # max-update-norm-factor over 20 rounds: the honest spread it must let through, and what it does not stop
+    long, _, grid = run(figures, root, "fedavg", **{"num-server-rounds": 20})
+    rounds: dict = {}
+    for m, r in zip(grid.sent, grid.received, strict=True):
+        if m.metadata.message_type == "train":
+            norm = np.linalg.norm(flat(r.content["arrays"]).astype(np.float64) - flat(m.content["arrays"]))
+            rounds.setdefault(m.content["config"]["server-round"], []).append(norm)
+    spread = max(max(norms) / np.median(norms) for norms in rounds.values())
+    print(f"20 clean rounds: largest honest update norm / its round's median {spread:.3g}")
+    for scale, knobs in ((100.0, {"max-update-norm-factor": 3.0}), (-2.5, {}), (-2.5, {"max-update-norm-factor": 3.0})):
+        mse, history, _ = run(figures, root, "fedavg", scale, **{"num-server-rounds": 20, **knobs})
+        rejected = sum(1 for row in history["rounds"] for f in row.get("failures", []) if f["node-id"] == ATTACKER)
+        print(f"20 rounds, s = {scale:g}, fedavg {knobs or ''}: {mse / long:.4g} x the clean 20-round run; "
+              f"the attacker rejected in {rejected} rounds", flush=True)  # fmt: skip

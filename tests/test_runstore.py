@@ -405,6 +405,25 @@ def test_resume_refuses_changed_settings_naming_them(shards, tmp_path):
     assert status["status"] == "completed"
 
 
+def test_a_checkpoint_from_before_a_key_existed_resumes_with_that_key_at_its_default(shards, tmp_path):
+    """A checkpoint written by a version without a key ran with that key's default behaviour: resuming
+    with the default continues it; another value is refused, naming the default as the old value."""
+    uris, test = shards
+    run_dir = str(tmp_path / "run")
+    crashed_run(uris, run_dir, **{"test-uri": test})
+    latest = os.path.join(run_dir, "checkpoints", "latest.json")
+    with open(latest) as handle:
+        pointer = json.load(handle)
+    for key in ("max-update-norm-factor", "strategy", "proximal-mu"):
+        del pointer[key]  # as an older fedlinear wrote it
+    with open(latest, "w") as handle:
+        json.dump(pointer, handle)
+    message = refused(uris, run_dir, **{"test-uri": test, "max-update-norm-factor": 4.0})
+    assert "holds checkpoints of a different run (max-update-norm-factor 0.0 -> 4.0)" in message, message
+    status, _ = run_in_process(uris, run_dir, **{**SETTINGS, "test-uri": test})
+    assert status["status"] == "completed", status
+
+
 def copy_files(uris, directory):
     """Copies of the shard files in ``directory`` (same bytes, another path)."""
     directory.mkdir()
