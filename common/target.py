@@ -27,9 +27,10 @@ def trained(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def reached(row: dict[str, Any], target: float) -> bool:
-    """Whether this round's test MSE / optimum is at most ``target`` (> 0)."""
+    """Whether this round's test MSE / optimum is at most ``target`` (> 0). A round that was not
+    aggregated trained nothing (its row evaluates the previous model): it never reaches a target."""
     ratio = _ratio(row)
-    return target > 0 and ratio is not None and ratio <= target
+    return target > 0 and ratio is not None and ratio <= target and not row.get("not-aggregated")
 
 
 def reached_at(rows: list[dict[str, Any]], target: float) -> int | None:

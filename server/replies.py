@@ -149,6 +149,8 @@ def check_update_norm_factor(norms: dict[int, float], factor: float, server_roun
     if len(norms) < MEDIAN_MIN_REPLIES:
         return {}
     median = float(np.median(sorted(norms.values())))
+    if median == 0:  # most parties did not move (converged, noise-free data): no scale to bound the rest by
+        return {}
     bound = factor * median
     return {
         nid: (

@@ -362,6 +362,10 @@ TRAJECTORY_KEYS = (
     "strategy", "proximal-mu", "server-learning-rate", "server-momentum", "eta", "beta-1", "beta-2", "tau",
     "trimmed-beta", "num-malicious-nodes", "num-nodes-to-select", "max-update-norm", "max-update-norm-factor",
 )  # fmt: skip
+# Trajectory keys added after checkpoints without them were written, with the value that behaves as
+# those runs did (off). Only keys listed here are defaulted: a checkpoint lacking any other trajectory key
+# (e.g. `standardize`, whose default changed what training does) is refused as a different run.
+ADDED_KEYS = {"max-update-norm-factor": 0.0}
 # A global model whose error grows past this multiple of the initial model's has diverged.
 DIVERGENCE_FACTOR = 1e4
 
@@ -441,12 +445,10 @@ def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int, data: di
         return Start(lm.initial_weights(num_features, cfg.seed), 1, {}, None, None)
     pointer, weights = latest
     expected = trajectory_key(cfg, num_features)
-    # A key the checkpoint does not record came after the version that wrote it: that run had the
-    # key's default behaviour (every new key defaults to what was done before it existed).
-    defaults = RunConfig().as_dict()
-    changed = [key for key, value in expected.items() if pointer.get(key, defaults.get(key)) != value]
+    recorded = {**ADDED_KEYS, **pointer}  # a checkpoint from before a key was added ran as its default does
+    changed = [key for key, value in expected.items() if recorded.get(key) != value]
     if changed:
-        detail = ", ".join(f"{key} {pointer.get(key, defaults.get(key))!r} -> {expected[key]!r}" for key in changed)
+        detail = ", ".join(f"{key} {recorded.get(key)!r} -> {expected[key]!r}" for key in changed)
         raise FedLinearError(
             f"{store.run_dir} holds checkpoints of a different run ({detail}); "
             "resume with the same settings or choose another run-dir"
@@ -466,6 +468,15 @@ def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int, data: di
         )
     history = store.read_history()
     history["rounds"] = [row for row in history["rounds"] if row["round"] <= done]
+    for key in ("stopped", "reached-target-at", "stopped-at-target"):  # the end of this run says them again
+        history.pop(key, None)
+    at = targets.reached_at(history["rounds"], cfg.target_mse_ratio) if cfg.stop_at_target else None
+    if at is not None and at < done:
+        raise FedLinearError(
+            f"{store.run_dir}: 'target-mse-ratio' {cfg.target_mse_ratio:g} was reached at round {at}, before the "
+            f"checkpoint after round {done} this run resumes from, so 'stop-at-target' cannot stop there; resume "
+            f"without it (round {at}'s weights are in checkpoints/round-{at:04d}.npz), or choose another run-dir"
+        )
     transform = scaling.Transform.from_json(pointer["transform"]) if "transform" in pointer else None
     rate = float(pointer["resolved-learning-rate"]) if "resolved-learning-rate" in pointer else None
     return Start(weights, done + 1, history, transform, rate, pointer.get("accountant"),
@@ -543,7 +554,8 @@ def validated(
 ) -> list[Message]:
     """The replies that pass :mod:`server.replies` (and, if > 0, ``max-update-norm`` on their update
     from ``arrays``, then ``max-update-norm-factor`` against the median update norm of the replies that
-    passed everything else); each rejected one is added to ``failures``, in ``ordered``'s order."""
+    passed everything else); each rejected one is added to ``failures``: first those of the per-reply
+    checks, in ``ordered``'s order, then those of the median bound, in ``ordered``'s order."""
     kept = []
     for msg in ordered:
         nid = msg.metadata.src_node_id
@@ -568,6 +580,8 @@ def validated(
                 f"round {server_round}: 'max-update-norm-factor' not applied: only {len(norms)} replies passed the "
                 f"other checks, fewer than {replies_check.MEDIAN_MIN_REPLIES} to take an honest median from"
             )
+        elif norms and float(np.median(list(norms.values()))) == 0:
+            say(f"round {server_round}: 'max-update-norm-factor' not applied: the median update norm is 0")
         rejected = replies_check.check_update_norm_factor(norms, max_update_norm_factor, server_round)
         failures += [
             {"node-id": msg.metadata.src_node_id, "client-key": eligible.get(msg.metadata.src_node_id),
@@ -800,7 +814,7 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
 
     first_round = start_round
     if cfg.stop_at_target and targets.reached_at(history["rounds"], cfg.target_mse_ratio) is not None:
-        first_round = cfg.num_server_rounds + 1  # reached before the process ended (or with this target): done
+        first_round = cfg.num_server_rounds + 1  # the checkpoint is the round that reached it: done
     for server_round in range(first_round, cfg.num_server_rounds + 1):
         try:
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))

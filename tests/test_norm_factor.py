@@ -101,11 +101,35 @@ def test_with_fewer_than_three_replies_nothing_is_rejected_and_the_log_says_why(
     assert capsys.readouterr().out == ""
 
 
-def test_the_check_is_deterministic_and_ignores_reply_order():
-    norms = {1000 + i: n for i, n in enumerate([0.3, 0.2, 7.0, 0.25, 0.9])}
-    forward = replies.check_update_norm_factor(norms, 3.0, 1)
-    backward = replies.check_update_norm_factor(dict(reversed(list(norms.items()))), 3.0, 1)
-    assert forward == backward and sorted(forward) == [1002, 1004]  # median 0.3, bound 0.9 (0.9 not above)
+def test_what_is_rejected_does_not_depend_on_the_order_replies_arrive_in():
+    """Through :func:`validated`, every one of the 120 arrival orders of five replies keeps and rejects the
+    same nodes with the same reasons (median 0.3, bound 0.9: 7.0 is above, 0.9 is not)."""
+    import itertools
+
+    norms = [0.3, 0.2, 7.0, 0.25, 0.9]
+    msgs = [reply(1000 + i, norm) for i, norm in enumerate(norms)]
+    healthy = {1000 + i: {"num-examples": 10, "client-key": i} for i in range(len(norms))}
+    eligible = {nid: info["client-key"] for nid, info in healthy.items()}
+    outcomes = set()
+    for order in itertools.permutations(msgs):
+        failures: list[dict] = []
+        kept = validated(list(order), failures, healthy, eligible, FEATURES, GLOBAL, max_update_norm_factor=3.0)
+        outcomes.add((frozenset(m.metadata.src_node_id for m in kept), frozenset(f["reason"] for f in failures)))
+    assert len(outcomes) == 1
+    [(kept, reasons)] = outcomes
+    assert kept == {1000, 1001, 1003, 1004} and len(reasons) == 1 and "node 1002 sent an update of norm 7" in next(
+        iter(reasons)
+    )
+
+
+def test_a_median_of_zero_bounds_nothing_and_the_log_says_why(capsys):
+    """Most parties did not move (converged on noise-free data): a bound of F x 0 would reject every
+    party that did, however little."""
+    kept, failures = check([0.0, 0.0, 0.0, 0.5], max_update_norm_factor=3.0, server_round=9)
+    assert kept == [1000, 1001, 1002, 1003] and failures == []
+    assert capsys.readouterr().out.splitlines() == [
+        "[fedlinear] round 9: 'max-update-norm-factor' not applied: the median update norm is 0"
+    ]
 
 
 @pytest.mark.parametrize("value", [0.0, 1.5, 3, 1e6])

@@ -406,20 +406,29 @@ def test_resume_refuses_changed_settings_naming_them(shards, tmp_path):
 
 
 def test_a_checkpoint_from_before_a_key_existed_resumes_with_that_key_at_its_default(shards, tmp_path):
-    """A checkpoint written by a version without a key ran with that key's default behaviour: resuming
-    with the default continues it; another value is refused, naming the default as the old value."""
+    """A checkpoint written by a version without a key added since (server_app.ADDED_KEYS) ran as that
+    key's default does: resuming with the default continues it; another value is refused, naming the
+    default as the old value. Any other missing trajectory key is still a different run."""
     uris, test = shards
     run_dir = str(tmp_path / "run")
     crashed_run(uris, run_dir, **{"test-uri": test})
     latest = os.path.join(run_dir, "checkpoints", "latest.json")
     with open(latest) as handle:
         pointer = json.load(handle)
-    for key in ("max-update-norm-factor", "strategy", "proximal-mu"):
-        del pointer[key]  # as an older fedlinear wrote it
+    original = dict(pointer)
+    del pointer["max-update-norm-factor"]  # as fedlinear wrote it before that key existed
     with open(latest, "w") as handle:
         json.dump(pointer, handle)
     message = refused(uris, run_dir, **{"test-uri": test, "max-update-norm-factor": 4.0})
     assert "holds checkpoints of a different run (max-update-norm-factor 0.0 -> 4.0)" in message, message
+    # only keys listed as added later default: one whose default changed what training does does not
+    del original["standardize"]
+    with open(latest, "w") as handle:
+        json.dump(original, handle)
+    message = refused(uris, run_dir, **{"test-uri": test})
+    assert "holds checkpoints of a different run (standardize None -> 'auto')" in message, message
+    with open(latest, "w") as handle:  # back to the checkpoint without only the added key
+        json.dump(pointer, handle)
     status, _ = run_in_process(uris, run_dir, **{**SETTINGS, "test-uri": test})
     assert status["status"] == "completed", status
 

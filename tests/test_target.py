@@ -223,6 +223,55 @@ def test_a_run_killed_after_the_target_round_was_checkpointed_trains_no_further(
     np.testing.assert_array_equal(standardized(manifest), standardized(stopped_run[2]))
 
 
+def crashed_past_the_target(shards, out, **config):
+    """A run with the target but without stop-at-target, killed after round 4 (the target was reached at 3)."""
+    uris, test = shards
+    with pytest.raises(Crash):  # the server dies when it sends round 5's first train task
+        grid = InProcessGrid(uris, {"run-dir": str(out), "min-available-nodes": 2, "test-uri": test,
+                                    "num-server-rounds": ROUNDS, "seed": 5, **config}, crash_after(8))  # fmt: skip
+        drive(grid, grid.run_config)
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["round"] == 4
+
+
+def test_stop_at_target_turned_on_after_the_target_round_passed_is_refused_naming_that_round(shards, tmp_path):
+    """The run cannot go back to round 3: refused (nothing written), and it resumes as it was started."""
+    out = tmp_path / "run"
+    crashed_past_the_target(shards, out, **{"target-mse-ratio": LOOSE})
+    status, manifest = run(shards, out, **{"target-mse-ratio": LOOSE, "stop-at-target": True})
+    assert status["status"] == "failed" and manifest is None
+    assert status["message"] == (
+        f"{out}: 'target-mse-ratio' {LOOSE:g} was reached at round {REACHED_AT}, before the checkpoint after round 4 "
+        f"this run resumes from, so 'stop-at-target' cannot stop there; resume without it (round {REACHED_AT}'s "
+        f"weights are in checkpoints/round-{REACHED_AT:04d}.npz), or choose another run-dir"
+    )
+    status, manifest = run(shards, out, **{"target-mse-ratio": LOOSE})
+    assert status["status"] == "completed" and manifest["reached-target-at"] == REACHED_AT
+    assert manifest["final"]["round"] == ROUNDS and manifest["stopped-at-target"] is False
+
+
+def test_a_resumed_run_says_afresh_why_it_stopped(shards, stopped_run, tmp_path):
+    """Stopped at the target, killed before the export, resumed without stop-at-target: it trains on to
+    the last round, and nothing of the first invocation's stop is left in its history."""
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run[0], out)
+    shutil.rmtree(out / "model")
+    os.remove(out / "manifest.json")
+    assert history_of(out)["stopped"]["round"] == REACHED_AT
+    RunStore(str(out)).write_status("running")  # as a killed run leaves it
+    status, manifest = run(shards, out, **{"target-mse-ratio": LOOSE})
+    assert status["status"] == "completed" and status["message"] == ""
+    history = history_of(out)
+    assert "stopped" not in history and history["stopped-at-target"] is False
+    assert history["reached-target-at"] == REACHED_AT and manifest["final"]["round"] == ROUNDS
+
+
+def test_a_round_that_was_not_aggregated_never_reaches_the_target():
+    """Its row evaluates the previous model (here the initial one): nothing was trained to reach it."""
+    rows = [{"round": 0, "test-mse-ratio": 1.0}, {"round": 1, "test-mse-ratio": 1.0, "not-aggregated": "1 of 2"},
+            {"round": 2, "test-mse-ratio": 1.02}]  # fmt: skip
+    assert targets.reached_at(rows, 1.05) == 2
+
+
 def test_the_ratio_must_exist_at_run_time(shards, tmp_path):
     """Privacy without statistics-uri: no optimum to compare with; refused before round 1."""
     status, _ = run(shards, tmp_path / "run", **{"target-mse-ratio": LOOSE, "dp": "central-server-clip"})
