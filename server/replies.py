@@ -142,15 +142,25 @@ def check_update_norm(msg: Message, global_arrays, bound: float, node_id: int) -
 MEDIAN_MIN_REPLIES = 3
 
 
+def median_bound_skipped(norms: dict[int, float]) -> str | None:
+    """Why ``max-update-norm-factor`` bounds nothing this round (None: it applies)."""
+    if len(norms) < MEDIAN_MIN_REPLIES:
+        return (
+            f"only {len(norms)} replies passed the other checks, fewer than {MEDIAN_MIN_REPLIES} to take an honest "
+            "median from"
+        )
+    if float(np.median(list(norms.values()))) == 0:  # most parties did not move: no scale to bound the rest by
+        return "the median update norm is 0"
+    return None
+
+
 def check_update_norm_factor(norms: dict[int, float], factor: float, server_round: int) -> dict[int, str]:
     """Why each update longer than ``factor`` x the round's median update norm is rejected, by node id
     (``max-update-norm-factor``); ``norms`` are the update norms of the replies that passed every other
     check. Nothing is rejected with fewer than :data:`MEDIAN_MIN_REPLIES` of them."""
-    if len(norms) < MEDIAN_MIN_REPLIES:
+    if median_bound_skipped(norms):
         return {}
-    median = float(np.median(sorted(norms.values())))
-    if median == 0:  # most parties did not move (converged, noise-free data): no scale to bound the rest by
-        return {}
+    median = float(np.median(list(norms.values())))
     bound = factor * median
     return {
         nid: (

@@ -575,13 +575,9 @@ def validated(
     if max_update_norm_factor > 0:
         norms = {msg.metadata.src_node_id: replies_check.update_norm(msg, arrays)
                  for msg in kept if not msg.has_error()}  # fmt: skip
-        if 0 < len(norms) < replies_check.MEDIAN_MIN_REPLIES:
-            say(
-                f"round {server_round}: 'max-update-norm-factor' not applied: only {len(norms)} replies passed the "
-                f"other checks, fewer than {replies_check.MEDIAN_MIN_REPLIES} to take an honest median from"
-            )
-        elif norms and float(np.median(list(norms.values()))) == 0:
-            say(f"round {server_round}: 'max-update-norm-factor' not applied: the median update norm is 0")
+        skipped = replies_check.median_bound_skipped(norms)
+        if skipped and norms:  # with no reply there is nothing to say
+            say(f"round {server_round}: 'max-update-norm-factor' not applied: {skipped}")
         rejected = replies_check.check_update_norm_factor(norms, max_update_norm_factor, server_round)
         failures += [
             {"node-id": msg.metadata.src_node_id, "client-key": eligible.get(msg.metadata.src_node_id),

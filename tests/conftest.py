@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -45,3 +46,24 @@ def run_cli(*args, timeout=1200, env=None):
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+@contextlib.contextmanager
+def task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 0):
+    """Flower stamps every Message with the running task's identity, which its runtime sets; tests that
+    build Messages outside a run set one, and put the previous one back after."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, node_id, task_id
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture
+def flower_task():
+    """:func:`task_identity` for one test (``pytestmark = pytest.mark.usefixtures("flower_task")``)."""
+    with task_identity():
+        yield

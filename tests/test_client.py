@@ -5,22 +5,19 @@ import tomllib
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients import client_app as ca
 from common import model as lm
 from common.data import load_csv, make_synthetic, to_csv_bytes
-from tests.conftest import REPO
+from tests.conftest import REPO, task_identity
 
 
 @pytest.fixture(autouse=True)
-def task_identity():
-    """Messages are stamped with the running task's identity, which the runtime normally sets."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+def client_task():
+    """A node's task identity (Messages are stamped with it) and empty per-process caches."""
     ca._SHARDS.clear(), ca._CONFIGS.clear()
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with task_identity(7, 1, 1):
+        yield
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import math
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from common import model as lm
 from common.config import RunConfig
@@ -27,13 +26,7 @@ GLOBAL = ArrayRecord(
 )
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Flower's Message needs a run id, as it has inside a run."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task")  # building Messages needs a task identity
 
 
 def reply(nid: int, norm: float | None) -> Message:

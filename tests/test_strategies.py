@@ -20,7 +20,6 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Krum
 from flwr.serverapp.strategy.multikrum import select_multikrum
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import RunConfig
 from common.errors import FedLinearError
@@ -87,13 +86,7 @@ def ref_trimmed(points, beta):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Building a Message needs a task identity (the serving process has one)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task")  # building Messages needs a task identity
 
 
 def reply(vector: np.ndarray, num_examples: int = 10, node: int = 0) -> Message:
