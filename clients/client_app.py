@@ -27,16 +27,16 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.constant import SType
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from clients import secure  # secure aggregation hook
-from clients import faults, flower_fixes
-from clients.errors import ERROR_CODE_INTERNAL, ERROR_CODE_USER, error_reply  # noqa: F401 - codes re-exported
-from common import model as lm
-from common import npy
-from common import fedols, privacy, scaling
-from common.config import RunConfig
-from common.data import Dataset, load_csv
-from common.errors import FedLinearError
-from common.storage import fingerprint
+from fedlinear.clients import secure  # secure aggregation hook
+from fedlinear.clients import faults, flower_fixes
+from fedlinear.clients.errors import ERROR_CODE_INTERNAL, ERROR_CODE_USER, error_reply  # noqa: F401 - codes re-exported
+from fedlinear.common import model as lm
+from fedlinear.common import npy
+from fedlinear.common import fedols, privacy, scaling
+from fedlinear.common.config import RunConfig
+from fedlinear.common.data import Dataset, load_csv
+from fedlinear.common.errors import FedLinearError
+from fedlinear.common.storage import fingerprint
 
 app = ClientApp()
 flower_fixes.apply()  # Flower 1.42's fixedclipping_mod divides by a zero update norm

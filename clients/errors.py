@@ -15,7 +15,7 @@ import traceback
 
 from flwr.app import Error, Message
 
-from common.errors import FedLinearError, one_line, untrusted_text
+from fedlinear.common.errors import FedLinearError, one_line, untrusted_text
 
 ERROR_CODE_USER = 4001  # a FedLinearError: bad shard, bad config
 ERROR_CODE_INTERNAL = 4002  # anything else

@@ -37,10 +37,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from common import model as lm
-from common import secagg_prg
-from clients.errors import error_reply
-from common.errors import FedLinearError
+from fedlinear.common import model as lm
+from fedlinear.common import secagg_prg
+from fedlinear.clients.errors import error_reply
+from fedlinear.common.errors import FedLinearError
 
 # Flower 1.42 expands mask seeds through a 32-bit seed: use full-strength masks (common/secagg_prg.py),
 # as server/secure.py does on the other side

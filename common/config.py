@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from common.errors import FedLinearError
+from fedlinear.common.errors import FedLinearError
 
 ENGINES = ("numpy", "keras")
 HEADER_MODES = ("auto", "yes", "no")

@@ -27,8 +27,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from common import storage
-from common.errors import FedLinearError, with_reply_text
+from fedlinear.common import storage
+from fedlinear.common.errors import FedLinearError, with_reply_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,7 +442,7 @@ def make_synthetic(
     }
     options = {k: v for k, v in options.items() if v is not None}
     if heterogeneity is not None and heterogeneity.active:
-        from common.partition import make_heterogeneous
+        from fedlinear.common.partition import make_heterogeneous
 
         return make_heterogeneous(
             num_clients, samples_per_client, num_features, noise, seed, test_samples, heterogeneity, options

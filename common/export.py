@@ -19,9 +19,9 @@ import tempfile
 
 import numpy as np
 
-from common import storage
-from common.errors import FedLinearError
-from common.model import LinearWeights
+from fedlinear.common import storage
+from fedlinear.common.errors import FedLinearError
+from fedlinear.common.model import LinearWeights
 
 
 @contextlib.contextmanager

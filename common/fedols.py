@@ -30,7 +30,7 @@ import dataclasses
 
 import numpy as np
 
-from common import scaling
+from fedlinear.common import scaling
 
 METHODS = ("qr", "normal")
 # A triangular factor whose column-scaled smallest singular value is below this fraction of its

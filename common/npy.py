@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from common.errors import FedLinearError
+from fedlinear.common.errors import FedLinearError
 
 MAGIC = b"\x93NUMPY"
 _MAX_CACHED = 256  # distinct (dtype, shape) pairs kept; a model has a handful

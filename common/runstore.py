@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from common import storage
-from common.errors import FedLinearError, one_line
-from common.model import BIAS, KERNEL, LinearWeights
-from common.tboard import ScalarLog
+from fedlinear.common import storage
+from fedlinear.common.errors import FedLinearError, one_line
+from fedlinear.common.model import BIAS, KERNEL, LinearWeights
+from fedlinear.common.tboard import ScalarLog
 
 METRIC_COLUMNS = (
     "round",

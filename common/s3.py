@@ -33,7 +33,7 @@ import boto3
 import botocore.exceptions as bce
 from botocore.config import Config
 
-from common.errors import FedLinearError
+from fedlinear.common.errors import FedLinearError
 
 SCHEME = "s3://"
 DEFAULT_REGION = "us-east-1"

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from common import storage
-from common.errors import FedLinearError
+from fedlinear.common import storage
+from fedlinear.common.errors import FedLinearError
 
 STANDARDIZE_MODES = ("auto", "whiten", "scale", "none")
 # A column whose pooled standard deviation is below this fraction of its magnitude is constant

@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Iterator
 from typing import IO
 
-from common.errors import FedLinearError
+from fedlinear.common.errors import FedLinearError
 
 S3_SCHEME = "s3://"
 
@@ -30,7 +30,7 @@ def is_s3(uri: str) -> bool:
 
 
 def _s3():  # the S3 backend, imported on first use
-    from common import s3
+    from fedlinear.common import s3
 
     return s3
 

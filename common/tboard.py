@@ -18,8 +18,8 @@ import os
 import time
 from typing import Any
 
-from common import storage
-from common.errors import FedLinearError
+from fedlinear.common import storage
+from fedlinear.common.errors import FedLinearError
 
 DIR = "tensorboard"
 FILE = "events.out.tfevents.fedlinear"  # one file per run: TensorBoard reads any name holding "tfevents"

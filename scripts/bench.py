@@ -262,8 +262,8 @@ def ensure_data(path: str, clients: int, samples: int, features: int, noise: flo
         with open(marker, encoding="utf-8") as handle:
             if json.load(handle) == params:
                 return path
-    from common.data import make_synthetic
-    from scripts.cli import write_shards
+    from fedlinear.common.data import make_synthetic
+    from fedlinear.scripts.cli import write_shards
 
     if os.path.isdir(path):
         shutil.rmtree(path)
@@ -283,8 +283,8 @@ def least_squares_reference(data_dir: str, clients: int) -> dict[str, float]:
     """Pooled least-squares fit of the shards and its test MSE (NumPy only)."""
     import numpy as np
 
-    from common import model as lm
-    from common.data import load_csv
+    from fedlinear.common import model as lm
+    from fedlinear.common.data import load_csv
 
     parts = [load_csv(os.path.join(data_dir, f"client-{i}.csv")) for i in range(clients)]
     x = np.concatenate([p.x for p in parts])
@@ -297,8 +297,8 @@ def least_squares_reference(data_dir: str, clients: int) -> dict[str, float]:
 def test_mse_of_npz(path: str, data_dir: str) -> float | None:
     import numpy as np
 
-    from common import model as lm
-    from common.data import load_csv
+    from fedlinear.common import model as lm
+    from fedlinear.common.data import load_csv
 
     if not os.path.exists(path):
         return None
@@ -386,7 +386,7 @@ def _run_once(case: Case, args: argparse.Namespace, out: str, index: int, ls_ref
     os.makedirs(run_dir)
     log_path = os.path.join(out, "logs", f"{case.key}-r{index + 1}.log")
     if case.suite == "central":
-        argv = [sys.executable, "-m", "scripts.bench", "--central-worker", case.system, "--data", case.data_dir,
+        argv = [sys.executable, "-m", "fedlinear.scripts.bench", "--central-worker", case.system, "--data", case.data_dir,
                 "--clients", str(case.clients), "--rounds", str(case.rounds), "--out", run_dir]  # fmt: skip
     else:
         argv = [sys.executable, "-m", args.runner, "run", "--data", case.data_dir, "--clients", str(case.clients),
@@ -573,8 +573,8 @@ def central_worker(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
     import numpy as np
 
-    from common import model as lm
-    from common.data import load_csv
+    from fedlinear.common import model as lm
+    from fedlinear.common.data import load_csv
 
     parts = [load_csv(os.path.join(args.data, f"client-{i}.csv")) for i in range(args.clients)]
     x = np.concatenate([p.x for p in parts])
@@ -1062,7 +1062,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each run, wait up to this long for other processes to use < 0.25 cores "
                    "(for shared machines; the table's 'other' column shows the load they added anyway)")  # fmt: skip
-    p.add_argument("--runner", default="scripts.cli", help=argparse.SUPPRESS)  # module run as `python -m X run ...`
+    p.add_argument("--runner", default="fedlinear.scripts.cli", help=argparse.SUPPRESS)  # module run as `python -m X run ...`
     p.add_argument("--central-worker", choices=("lstsq", "keras"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)  # central worker only
     p.set_defaults(func=cmd_bench, argv=None)

@@ -31,15 +31,16 @@ import tempfile
 import time
 from typing import Any
 
-from common import storage
-from common import target as targets
-from common.config import RunConfig, parse_assignments
-from common.errors import FedLinearError, one_line
+import fedlinear
+from fedlinear.common import storage
+from fedlinear.common import target as targets
+from fedlinear.common.config import RunConfig, parse_assignments
+from fedlinear.common.errors import FedLinearError, one_line
 
 CLIENT_FILE = "client-{i}.csv"
 SPLIT_SUMMARY = "split.json"  # written by a non-IID `data split`; truth.json's "heterogeneity" for `data synth`
 CLIENT_PATTERN = re.compile(r"client-(\d+)\.csv$")
-APP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+APP_DIR = fedlinear.app_dir()
 
 
 def _abs(uri: str) -> str:
@@ -55,7 +56,7 @@ def write_shards(out: str, shards, test, digests: list[dict] | None = None) -> l
     """Write ``client-<i>.csv`` and ``test.csv``; ``digests`` (if given) gets each shard's file and SHA-256."""
     import hashlib
 
-    from common.data import to_csv_bytes
+    from fedlinear.common.data import to_csv_bytes
 
     written = []
     for i, shard in enumerate(shards):
@@ -70,7 +71,7 @@ def write_shards(out: str, shards, test, digests: list[dict] | None = None) -> l
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from common.data import make_synthetic
+    from fedlinear.common.data import make_synthetic
 
     out = _abs(args.out)
     hard = {
@@ -132,7 +133,7 @@ def add_heterogeneity_args(parser: argparse.ArgumentParser, synth: bool = True) 
 
 def heterogeneity_of(args: argparse.Namespace):
     """The validated :class:`common.partition.Heterogeneity` of parsed arguments (missing ones: off)."""
-    from common.partition import Heterogeneity
+    from fedlinear.common.partition import Heterogeneity
 
     values = {name: getattr(args, name, None) for name in HETEROGENEITY_OPTIONS}
     values["noise_seed"] = values.pop("noise_skew_seed")
@@ -161,8 +162,8 @@ def heterogeneity_line(summary: dict) -> str:
 
 
 def cmd_data_split(args: argparse.Namespace) -> int:
-    from common.data import load_csv, split_iid
-    from common.partition import split_by_column, split_quantity
+    from fedlinear.common.data import load_csv, split_iid
+    from fedlinear.common.partition import split_by_column, split_quantity
 
     by_column = getattr(args, "by_column", None)
     alpha = getattr(args, "quantity_alpha", None)
@@ -335,8 +336,8 @@ def write_local_statistics(shards: list[str], uri: str, cfg: RunConfig) -> str:
     """Pooled statistics of the shards this machine holds, written to ``uri`` (the yardstick under privacy)."""
     import numpy as np
 
-    from common.data import load_csv
-    from common.scaling import PooledStats
+    from fedlinear.common.data import load_csv
+    from fedlinear.common.scaling import PooledStats
 
     parts = [load_csv(shard, cfg.target_column, cfg.header) for shard in shards]
     PooledStats.of(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts])).save(uri)
@@ -428,7 +429,7 @@ def mark_interrupted(store, exc: BaseException) -> FedLinearError:
         status = store.read_status()
     except Exception:  # noqa: BLE001 - an unreadable status must not hide the real error
         status = None
-    from scripts.launcher import RunInterrupted
+    from fedlinear.scripts.launcher import RunInterrupted
 
     # the ServerApp may have noted the stop this CLI caused (as a KeyboardInterrupt): the cause is ours
     stopped_by_us = isinstance(exc, PartyLeftOut | RunInterrupted | KeyboardInterrupt)
@@ -497,8 +498,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise FedLinearError(f"--rounds must be >= 1, got {args.rounds}")
     heterogeneity_of(args).check(args.clients or 10, 1000, 0.1)  # the synthetic options, before anything is written
-    from common.runstore import RunStore
-    from scripts.launcher import LaunchSpec, launch
+    from fedlinear.common.runstore import RunStore
+    from fedlinear.scripts.launcher import LaunchSpec, launch
 
     out = _abs(args.out)
     overrides = parse_assignments(args.set)
@@ -648,7 +649,7 @@ def attach_heterogeneity(store, data_dir: str) -> None:
 
 def cmd_stop_superlink(args: argparse.Namespace) -> int:
     """Stop the SuperLink ``flwr run`` started for a ``:local:`` connection, and what it spawned, by PID."""
-    from scripts.launcher import stop_superlink
+    from fedlinear.scripts.launcher import stop_superlink
 
     print(stop_superlink(args.port))
     return 0
@@ -657,8 +658,8 @@ def cmd_stop_superlink(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from common.data import load_matrix
-    from common.export import load_savedmodel
+    from fedlinear.common.data import load_matrix
+    from fedlinear.common.export import load_savedmodel
 
     matrix, _, _ = load_matrix(_abs(args.input) if not storage.is_s3(args.input) else args.input, args.header)
     predict, num_features = load_savedmodel(_abs(args.model))
@@ -790,23 +791,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--header", choices=("auto", "yes", "no"), default="auto")
     predict.set_defaults(func=cmd_predict)
 
-    from scripts import bench
+    from fedlinear.scripts import bench
 
     bench.add_parser(sub)
 
-    from scripts import deploy
+    from fedlinear.scripts import deploy
 
     deploy.add_parser(sub)
 
-    from scripts import sweep
+    from fedlinear.scripts import sweep
 
     sweep.add_parser(sub)
 
-    from scripts import soak
+    from fedlinear.scripts import soak
 
     soak.add_parser(sub)
 
-    from scripts import report
+    from fedlinear.scripts import report
 
     report.add_parsers(sub)  # fedlinear report RUN_DIR, fedlinear compare RUN_DIR...
     return parser

@@ -28,8 +28,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from common.errors import FedLinearError
-from scripts import pki, preflight
+from fedlinear.common.errors import FedLinearError
+from fedlinear.scripts import pki, preflight
 
 DEFAULT_FLEET_PORT = 9092
 DEFAULT_CONTROL_PORT = 9093
@@ -119,7 +119,7 @@ def port_free(host: str, port: int) -> bool:
 
 def wait_healthy_tls(port: int, cafile: str, proc: subprocess.Popen, timeout: float, log_path: str) -> None:
     """Poll the SuperLink's /health over TLS on loopback (bounded); fail fast if it exits."""
-    from scripts.launcher import tail
+    from fedlinear.scripts.launcher import tail
 
     ctx = ssl.create_default_context(cafile=cafile)
     deadline = time.monotonic() + timeout
@@ -155,8 +155,8 @@ class _Stop(Exception):
 
 
 def cmd_superlink(args: argparse.Namespace) -> int:
-    from scripts.fleetfront import FleetFront
-    from scripts.launcher import ProcessGroup, flower_env
+    from fedlinear.scripts.fleetfront import FleetFront
+    from fedlinear.scripts.launcher import ProcessGroup, flower_env
 
     ca, cert, key = _cert_files(args)
     host = args.host
@@ -208,7 +208,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         print("fedlinear superlink: ready", flush=True)
         while superlink.poll() is None:
             time.sleep(0.2)
-        from scripts.launcher import tail
+        from fedlinear.scripts.launcher import tail
 
         raise FedLinearError(f"flower-superlink exited with code {superlink.returncode}; log {log_path}:\n{tail(log_path)}")
     except _Stop:
@@ -298,7 +298,7 @@ def _typed(text: str) -> Any:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from scripts.launcher import ProcessGroup, config_string, flower_env, free_port
+    from fedlinear.scripts.launcher import ProcessGroup, config_string, flower_env, free_port
 
     ca, key = _abs(args.ca), _abs(args.key)
     problems = preflight.check_ca(ca) + preflight.check_node_key(key)

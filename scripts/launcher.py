@@ -41,11 +41,12 @@ import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import IO, Any
 
 import psutil
 
-from common.errors import FedLinearError
+from fedlinear.common.errors import FedLinearError, one_line
 
 PROGRESS_MARK = "[fedlinear] "
 
@@ -341,7 +342,7 @@ WATCHDOG_TIMEOUT = 60.0
 
 
 class Watchdog:
-    """A small process (``python -m scripts.launcher --watchdog TOKEN``) that outlives the launcher.
+    """A small process (``python -m fedlinear.scripts.launcher --watchdog TOKEN``) that outlives the launcher.
 
     It reads a pipe whose only writer is the launcher, and looks at the launch every few seconds
     meanwhile: at EOF (the launcher closed it after its own orderly stop, or died, by SIGKILL too) it
@@ -356,7 +357,7 @@ class Watchdog:
         self.token = token
         self.tree = Tree(token)  # the launcher's view, for finish()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scripts.launcher", "--watchdog", token, str(os.getpid())],
+            [sys.executable, "-m", "fedlinear.scripts.launcher", "--watchdog", token, str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True, pass_fds=tuple(keep_open),
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         )  # fmt: skip
@@ -506,30 +507,18 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float, log_path: st
     raise FedLinearError(f"flower-superlink did not answer on 127.0.0.1:{port} within {timeout:g} s; log {log_path}")
 
 
-# What a FAB can contain (Flower's own include patterns); everything else is left behind.
-FAB_SUFFIXES = (".py", ".toml", ".md", ".yaml", ".yml", ".json", ".jsonl")
+def app_files(app_dir: str) -> dict[str, bytes | Path]:
+    """The app's source files as ``{path in the repository's layout: file on disk, or its bytes}``.
 
-
-def stage_app(app_dir: str, dest: str) -> str:
-    """Copy the Flower app's source files to ``dest`` and return it.
-
-    ``flwr run`` walks (and resolves) every file under the app directory before it filters, which
-    with a virtualenv inside the project took 10-30 s per run here. The copy prunes virtualenvs,
-    hidden directories and caches and keeps only what the app's ``fab-include`` patterns (or, without
-    them, Flower's file types) select, so ``flwr run`` builds the same FAB from a small tree.
+    ``app_dir`` is a checkout (or any app laid out like one) or, for fedlinear installed from the
+    wheel, the package folder: there the package's ``__init__.py`` stands for the repository's
+    ``fedlinear/__init__.py`` and each room gets the redirect the repository has in
+    ``fedlinear/<room>/__init__.py``. Virtualenvs, hidden directories and caches are pruned.
     """
-    import pathspec
+    import fedlinear
 
-    pyproject = os.path.join(app_dir, "pyproject.toml")
-    if not os.path.exists(pyproject):
-        raise FedLinearError(f"{app_dir}: not a Flower app (no pyproject.toml)")
-    with open(pyproject, "rb") as handle:
-        app_conf = tomllib.load(handle).get("tool", {}).get("flwr", {}).get("app", {})
-    include = app_conf.get("fab-include")
-    spec = pathspec.GitIgnoreSpec.from_lines(include) if include else None
-    shutil.rmtree(dest, ignore_errors=True)
-    os.makedirs(dest)
-    shutil.copy2(pyproject, os.path.join(dest, "pyproject.toml"))
+    installed = os.path.isfile(os.path.join(app_dir, "__init__.py"))
+    found: dict[str, bytes | Path] = {}
     for root, dirs, files in os.walk(app_dir):
         dirs[:] = [
             d
@@ -537,11 +526,46 @@ def stage_app(app_dir: str, dest: str) -> str:
             if not d.startswith(".") and d != "__pycache__" and not os.path.exists(os.path.join(root, d, "pyvenv.cfg"))
         ]
         for name in files:
-            rel = os.path.relpath(os.path.join(root, name), app_dir)
-            wanted = spec.match_file(rel) if spec else (name.endswith(FAB_SUFFIXES) or name == "LICENSE")
-            if wanted and rel != "pyproject.toml":
-                os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
-                shutil.copy2(os.path.join(root, name), os.path.join(dest, rel))
+            rel = os.path.relpath(os.path.join(root, name), app_dir).replace(os.sep, "/")
+            found["fedlinear/__init__.py" if installed and rel == "__init__.py" else rel] = Path(root, name)
+    if installed:
+        for room in fedlinear.ROOMS:
+            found[f"fedlinear/{room}/__init__.py"] = fedlinear.ROOM_REDIRECT.encode()
+    return found
+
+
+def stage_app(app_dir: str, dest: str) -> str:
+    """Copy the Flower app's source files to ``dest`` and return it.
+
+    ``flwr run`` walks (and resolves) every file under the app directory before it filters, which
+    with a virtualenv inside the project took 10-30 s per run here. The copy keeps only the files
+    Flower itself would put in the FAB (its own filter, ``flwr.cli.build.get_filtered_fab_paths``:
+    the app's ``fab-include`` / ``fab-exclude`` and Flower's built-in rules), so ``flwr run`` builds
+    the same FAB from a small tree; from an installed fedlinear it also restores the repository's layout.
+    """
+    from flwr.cli.build import get_filtered_fab_paths
+
+    pyproject = os.path.join(app_dir, "pyproject.toml")
+    if not os.path.exists(pyproject):
+        raise FedLinearError(f"{app_dir}: not a Flower app (no pyproject.toml)")
+    with open(pyproject, "rb") as handle:
+        config = tomllib.load(handle)
+    files = app_files(app_dir)
+    try:
+        wanted = get_filtered_fab_paths(files, config)
+    except ValueError as err:
+        raise FedLinearError(f"{pyproject}: {one_line(str(err))}") from None
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest)
+    shutil.copy2(pyproject, os.path.join(dest, "pyproject.toml"))
+    for rel in wanted:
+        target, source = os.path.join(dest, rel), files[rel]
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if isinstance(source, bytes):
+            with open(target, "wb") as handle:
+                handle.write(source)
+        else:
+            shutil.copy2(source, target)
     return dest
 
 
@@ -774,7 +798,7 @@ def namespace_unavailable() -> str | None:
         return f"network namespaces are Linux-only (this is {sys.platform})"
     if shutil.which("unshare") is None:
         return "util-linux 'unshare' is not installed"
-    argv = [*unshare_argv(), sys.executable, "-m", "scripts.launcher", "--probe"]
+    argv = [*unshare_argv(), sys.executable, "-m", "fedlinear.scripts.launcher", "--probe"]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -839,7 +863,7 @@ def _die_with_parent() -> Callable[[], None]:
 
 
 def _launch_isolated(spec: LaunchSpec, on_progress: Callable[[str], None], watchdog: Watchdog) -> None:
-    """Run ``_launch`` in a private network + PID namespace (``python -m scripts.launcher --inner``)."""
+    """Run ``_launch`` in a private network + PID namespace (``python -m fedlinear.scripts.launcher --inner``)."""
     os.makedirs(spec.workdir, exist_ok=True)
     spec_path = os.path.join(spec.workdir, "isolated-spec.json")
     error_path = os.path.join(spec.workdir, "isolated-error.txt")
@@ -854,7 +878,7 @@ def _launch_isolated(spec: LaunchSpec, on_progress: Callable[[str], None], watch
     try:
         proc = group.start(
             "isolated",
-            [*unshare_argv(), sys.executable, "-m", "scripts.launcher", "--inner", spec_path, error_path],
+            [*unshare_argv(), sys.executable, "-m", "fedlinear.scripts.launcher", "--inner", spec_path, error_path],
             {**os.environ, TREE_ENV: watchdog.token}, None, stdout=subprocess.PIPE,
         )  # fmt: skip
         # the inner launcher bounds start-up and the run itself; this bound is the backstop
@@ -942,4 +966,4 @@ if __name__ == "__main__":
         sys.exit(_inner(sys.argv[2], sys.argv[3]))
     if sys.argv[1:2] == ["--watchdog"] and len(sys.argv) == 4:
         sys.exit(_watchdog(sys.argv[2], int(sys.argv[3])))
-    sys.exit("usage: python -m scripts.launcher --probe | --inner SPEC.json ERROR.txt | --watchdog TOKEN PID")
+    sys.exit("usage: python -m fedlinear.scripts.launcher --probe | --inner SPEC.json ERROR.txt | --watchdog TOKEN PID")

@@ -28,8 +28,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from common.errors import FedLinearError
-from scripts import pki
+from fedlinear.common.errors import FedLinearError
+from fedlinear.scripts import pki
 
 KEY_HINT = "Flower needs an EC key on a NIST curve in OpenSSH format (make one with 'fedlinear certs --party NAME')"
 

@@ -19,9 +19,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from common import storage
-from common import target as targets
-from common.errors import FedLinearError
+from fedlinear.common import storage
+from fedlinear.common import target as targets
+from fedlinear.common.errors import FedLinearError
 
 DATA_SUMMARIES = ("truth.json", "split.json")  # a data directory's descriptions, rendered generically
 PATH_KEYS = ("run-dir", "data-uri", "test-uri", "statistics-uri")  # differ between runs without meaning anything

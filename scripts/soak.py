@@ -1,6 +1,6 @@
 """Soak test: a long ``fedlinear run`` in processes mode, watching the long-lived processes' memory.
 
-    python -m scripts.soak --nodes 3 --rounds 300 [--out DIR] [--interval 2] [--window 50] [--threshold 1.2]
+    python -m fedlinear.scripts.soak --nodes 3 --rounds 300 [--out DIR] [--interval 2] [--window 50] [--threshold 1.2]
 
 It writes small synthetic shards, runs ``fedlinear run`` (real SuperLink and SuperNode processes) and
 samples the resident set size (RSS) of every long-lived process of the federation (SuperLink,
@@ -163,7 +163,7 @@ def table(rows, rounds: int, window: int) -> str:
 def make_data(out: str, nodes: int, seed: int) -> str:
     data = os.path.join(out, "data")
     subprocess.run(
-        [sys.executable, "-m", "scripts.cli", "data", "synth", "--out", data, "--clients", str(nodes),
+        [sys.executable, "-m", "fedlinear.scripts.cli", "data", "synth", "--out", data, "--clients", str(nodes),
          "--samples-per-client", "200", "--features", "5", "--test-samples", "500", "--seed", str(seed)],
         cwd=REPO, check=True, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
     )  # fmt: skip
@@ -176,7 +176,7 @@ def soak(args: argparse.Namespace) -> int:
     data = make_data(out, args.nodes, args.seed)
     run_dir = os.path.join(out, "run")
     argv = [
-        sys.executable, "-m", "scripts.cli", "run", "--data", data, "--clients", str(args.nodes),
+        sys.executable, "-m", "fedlinear.scripts.cli", "run", "--data", data, "--clients", str(args.nodes),
         "--rounds", str(args.rounds), "--out", run_dir, "--mode", "processes", "--timeout", str(args.timeout),
         "--set", f"seed={args.seed}", *[x for item in args.set or [] for x in ("--set", item)],
         "--isolation", args.isolation,
@@ -264,14 +264,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_soak(args: argparse.Namespace) -> int:
     if args.nodes < 1 or args.rounds < 2:
-        from common.errors import FedLinearError
+        from fedlinear.common.errors import FedLinearError
 
         raise FedLinearError(f"soak needs --nodes >= 1 and --rounds >= 2, got {args.nodes} and {args.rounds}")
     return soak(args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scripts.soak", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fedlinear.scripts.soak", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.nodes < 1 or args.rounds < 2:

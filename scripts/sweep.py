@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from common.errors import FedLinearError
+from fedlinear.common.errors import FedLinearError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 1024**3
@@ -134,7 +134,7 @@ class Settings:
     parallel: int
     timeout: float
     ray_cpus: int | None  # simulation: per run (default: cores / parallel)
-    runner_module: str = "scripts.cli"
+    runner_module: str = "fedlinear.scripts.cli"
 
     @property
     def data_dir(self) -> str:
@@ -173,8 +173,8 @@ def default_parallel(mode: str, cores: int | None = None, available: int | None 
 
 def validate(args: argparse.Namespace) -> Settings:
     """Check everything a user can get wrong, before anything runs; one-line errors."""
-    from common import storage
-    from common.config import parse_assignments
+    from fedlinear.common import storage
+    from fedlinear.common.config import parse_assignments
 
     noise = parse_noise(args.noise)
     if args.seeds < 1:
@@ -203,7 +203,7 @@ def validate(args: argparse.Namespace) -> Settings:
     data = None
     if args.data:
         data = args.data if storage.is_s3(args.data) else os.path.abspath(os.path.expanduser(args.data))
-        from scripts.cli import find_shards
+        from fedlinear.scripts.cli import find_shards
 
         shards = find_shards(data)
         if args.clients is not None and args.clients > len(shards):
@@ -222,7 +222,7 @@ def validate(args: argparse.Namespace) -> Settings:
         parallel=parallel,
         timeout=float(args.timeout),
         ray_cpus=args.ray_cpus,
-        runner_module=getattr(args, "runner", "scripts.cli"),
+        runner_module=getattr(args, "runner", "fedlinear.scripts.cli"),
     )
 
 
@@ -265,7 +265,7 @@ def ensure_data(settings: Settings) -> str:
         with open(marker, encoding="utf-8") as handle:
             if json.load(handle) == params:
                 return path
-    from scripts.cli import cmd_data_synth
+    from fedlinear.scripts.cli import cmd_data_synth
 
     if os.path.isdir(path):
         shutil.rmtree(path)
@@ -789,7 +789,7 @@ def cmd_sweep(args: argparse.Namespace, runner: Runner = subprocess_runner) -> i
     settings = validate(args)
     prepare_out(settings)
     if args.wait_quiet > 0:
-        from scripts.bench import wait_quiet
+        from fedlinear.scripts.bench import wait_quiet
 
         load = wait_quiet(args.wait_quiet)
         say(f"other processes use {load:.2f} cores")
@@ -838,7 +838,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="simulation: CPUs each run's Ray hands out (default: cores / --parallel)")  # fmt: skip
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before the sweep, wait up to this long for other processes to use < 0.25 cores")  # fmt: skip
-    p.add_argument("--runner", default="scripts.cli", help=argparse.SUPPRESS)  # module run as `python -m X run ...`
+    p.add_argument("--runner", default="fedlinear.scripts.cli", help=argparse.SUPPRESS)  # module run as `python -m X run ...`
     p.set_defaults(func=cmd_sweep)
     return p
 

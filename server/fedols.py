@@ -23,15 +23,15 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from common import fedols
-from common import model as lm
-from common import scaling
-from common.config import RunConfig
-from common.data import Dataset
-from common.errors import FedLinearError
-from common.export import export_savedmodel
-from common.runstore import RunStore
-from server import server_app as sa
+from fedlinear.common import fedols
+from fedlinear.common import model as lm
+from fedlinear.common import scaling
+from fedlinear.common.config import RunConfig
+from fedlinear.common.data import Dataset
+from fedlinear.common.errors import FedLinearError
+from fedlinear.common.export import export_savedmodel
+from fedlinear.common.runstore import RunStore
+from fedlinear.server import server_app as sa
 
 
 def collect_r(

@@ -22,8 +22,8 @@ from typing import Any
 from flwr.serverapp import PrivacyConfig, RdpAccountant
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, SamplingMethod
 
-from clients import flower_fixes
-from common.config import RunConfig
+from fedlinear.clients import flower_fixes
+from fedlinear.common.config import RunConfig
 
 flower_fixes.apply()  # Flower 1.42's clipping divides by a zero update norm
 

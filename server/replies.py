@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Message
 
-from common import model as lm
-from common.errors import untrusted_text
+from fedlinear.common import model as lm
+from fedlinear.common.errors import untrusted_text
 
 MAX_FEATURES = 1_000_000
 TRAIN_METRICS = {"num-examples", "train-loss", "client-key", "unit-weight"}

@@ -80,9 +80,9 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from common import secagg_prg
-from common.config import RunConfig
-from common.errors import FedLinearError
+from fedlinear.common import secagg_prg
+from fedlinear.common.config import RunConfig
+from fedlinear.common.errors import FedLinearError
 
 # Flower 1.42 expands mask seeds through a 32-bit seed: use full-strength masks (common/secagg_prg.py),
 # as clients/secure.py does on the other side

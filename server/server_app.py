@@ -32,22 +32,22 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 
-from common import model as lm
-from common import scaling
-from common import target as targets
-from common.config import RunConfig
-from common.data import Dataset, load_csv
-from common.errors import FedLinearError, one_line, untrusted_text
-from common.export import export_savedmodel
-from common.runstore import RunStore
-from common.storage import fingerprint
+from fedlinear.common import model as lm
+from fedlinear.common import scaling
+from fedlinear.common import target as targets
+from fedlinear.common.config import RunConfig
+from fedlinear.common.data import Dataset, load_csv
+from fedlinear.common.errors import FedLinearError, one_line, untrusted_text
+from fedlinear.common.export import export_savedmodel
+from fedlinear.common.runstore import RunStore
+from fedlinear.common.storage import fingerprint
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from common import privacy as private_noise
-from server import privacy
-from server import replies as replies_check
-from server.strategy import build_strategy, fixed_order
-from server import secure  # secure aggregation hook
+from fedlinear.common import privacy as private_noise
+from fedlinear.server import privacy
+from fedlinear.server import replies as replies_check
+from fedlinear.server.strategy import build_strategy, fixed_order
+from fedlinear.server import secure  # secure aggregation hook
 
 app = ServerApp()
 log = logging.getLogger("fedlinear")
@@ -730,7 +730,7 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
             f"{cfg.test_uri}: test set has {test.num_features} features but the shards have {num_features}"
         )
     if cfg.strategy == "fedols":  # exact least squares in one round: no training rounds, no checkpoints
-        from server import fedols
+        from fedlinear.server import fedols
 
         return fedols.run(grid, context, store, cfg, healthy, query_failures, pooled, test, started)
     data = data_identity(healthy, test)

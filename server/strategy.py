@@ -53,8 +53,8 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
-from common.config import RunConfig
-from common.errors import FedLinearError
+from fedlinear.common.config import RunConfig
+from fedlinear.common.errors import FedLinearError
 
 UNIT_WEIGHT = "unit-weight"  # a metric every train reply carries, 1: equal client weights (DP, robust rules)
 
@@ -406,11 +406,11 @@ def build_strategy(cfg: RunConfig, eligible: dict[int, int]) -> Strategies:
     base.extra_records = {}
     strategy, accountant = base, None
     if cfg.dp != "none":
-        from server import privacy
+        from fedlinear.server import privacy
 
         accountant = privacy.make_accountant(cfg, len(eligible))
     if cfg.dp == "central-server-clip" and cfg.dp_clipping == "adaptive":
-        from server import privacy
+        from fedlinear.server import privacy
 
         try:
             strategy = privacy.ServerSideAdaptiveClipping(base, cfg, num_sampled, accountant)

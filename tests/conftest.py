@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from common.data import make_synthetic, to_csv_bytes
+from fedlinear.common.data import make_synthetic, to_csv_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +38,7 @@ def run_cli(*args, timeout=1200, env=None):
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "scripts.cli", *map(str, args)],
+        [sys.executable, "-m", "fedlinear.scripts.cli", *map(str, args)],
         cwd=REPO,
         env=full_env,
         capture_output=True,

@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--clients", type=int, default=10)
     opts = parser.parse_args()
-    from scripts import cli
+    from fedlinear.scripts import cli
     from tests.inprocess import run_in_process
 
     print(f"| data ({opts.clients} parties, {opts.rounds} rounds) | heterogeneity (summary line) | LS test MSE "

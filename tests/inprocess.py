@@ -13,10 +13,10 @@ import os
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients import client_app as ca
-from common.config import RunConfig
-from common.runstore import RunStore
-from server import server_app
+from fedlinear.clients import client_app as ca
+from fedlinear.common.config import RunConfig
+from fedlinear.common.runstore import RunStore
+from fedlinear.server import server_app
 
 
 class InProcessGrid:
@@ -77,7 +77,7 @@ def crash_after(train_tasks: int):
 def write_synthetic_shards(root, clients: int, samples: int, features: int, seed: int, test_samples: int,
                            sizes: list[int] | None = None) -> tuple[list[str], str]:
     """``client-<i>.csv`` shards (the first ``sizes[i]`` rows of each, if given) and ``test.csv`` under ``root``."""
-    from common.data import make_synthetic, to_csv_bytes
+    from fedlinear.common.data import make_synthetic, to_csv_bytes
 
     parts, test, _ = make_synthetic(clients, samples, features, 0.1, seed, test_samples)
     os.makedirs(str(root), exist_ok=True)

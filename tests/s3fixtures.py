@@ -154,7 +154,7 @@ def moto_s3(tmp_path_factory) -> Iterator[MotoServer]:
 
 
 def _reset_client() -> None:
-    from common import s3
+    from fedlinear.common import s3
 
     s3.configure(None)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.cli import main
+from fedlinear.scripts.cli import main
 
 
 @pytest.mark.parametrize(

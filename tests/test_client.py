@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from clients import client_app as ca
-from common import model as lm
-from common.data import load_csv, make_synthetic, to_csv_bytes
+from fedlinear.clients import client_app as ca
+from fedlinear.common import model as lm
+from fedlinear.common.data import load_csv, make_synthetic, to_csv_bytes
 from tests.conftest import REPO, task_identity
 
 

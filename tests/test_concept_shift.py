@@ -69,7 +69,7 @@ def differ_measurably(a: dict, b: dict, floor: dict[str, float]) -> bool:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from scripts import cli
+    from fedlinear.scripts import cli
 
     root = tmp_path_factory.mktemp("concept-shift")
     data = str(root / "data")

@@ -8,8 +8,8 @@ import tomllib
 
 import pytest
 
-from common.config import RunConfig, parse_assignments
-from common.errors import FedLinearError
+from fedlinear.common.config import RunConfig, parse_assignments
+from fedlinear.common.errors import FedLinearError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

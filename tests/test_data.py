@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.data import Dataset, load_csv, make_synthetic, split_iid, to_csv_bytes
-from common.errors import FedLinearError
+from fedlinear.common.data import Dataset, load_csv, make_synthetic, split_iid, to_csv_bytes
+from fedlinear.common.errors import FedLinearError
 
 
 def write(tmp_path, name, text, mode="w"):

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import data
-from common.data import correlation_matrix, load_csv, make_synthetic, to_csv_bytes
-from common.errors import FedLinearError, one_line
-from scripts import cli
+from fedlinear.common import data
+from fedlinear.common.data import correlation_matrix, load_csv, make_synthetic, to_csv_bytes
+from fedlinear.common.errors import FedLinearError, one_line
+from fedlinear.scripts import cli
 from tests.s3fixtures import bucket, moto_s3, s3env  # noqa: F401 - pytest fixtures
 
 BOM = b"\xef\xbb\xbf"

@@ -202,7 +202,7 @@ def test_a_crashed_server_resumes_from_its_last_checkpoint(processes_run, federa
     out = tmp_path / "run"
     args = ["run", "--data", federation_dir, "--clients", 3, "--rounds", ROUNDS, "--out", out, "--set", "seed=5"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scripts.cli", *map(str, args)],
+        [sys.executable, "-m", "fedlinear.scripts.cli", *map(str, args)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     pointer = out / "checkpoints" / "latest.json"
@@ -245,7 +245,7 @@ def test_a_crashed_server_resumes_from_its_last_checkpoint(processes_run, federa
 def test_ctrl_c_stops_every_process(federation_dir, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scripts.cli", "run", "--data", federation_dir, "--rounds", "50", "--out", str(out)],
+        [sys.executable, "-m", "fedlinear.scripts.cli", "run", "--data", federation_dir, "--rounds", "50", "--out", str(out)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         # a shell running the suite in the background (`cmd &`) starts it with SIGINT ignored, which
         # children inherit and Python then honours (no KeyboardInterrupt): give the CLI the default,

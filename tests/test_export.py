@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 
-from common import model as lm
-from common.export import export_savedmodel
+from fedlinear.common import model as lm
+from fedlinear.common.export import export_savedmodel
 from tests.conftest import run_cli
 
 LOADER = r"""

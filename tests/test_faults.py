@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from flwr.app import Error, Message
 
-from clients import client_app as ca
-from common import model as lm
-from common.data import load_csv
-from common.errors import FedLinearError, untrusted_text
-from server import server_app
+from fedlinear.clients import client_app as ca
+from fedlinear.common import model as lm
+from fedlinear.common.data import load_csv
+from fedlinear.common.errors import FedLinearError, untrusted_text
+from fedlinear.server import server_app
 from tests.conftest import run_cli, write_federation
 from tests.inprocess import InProcessGrid, run_in_process, write_synthetic_shards
 
@@ -265,7 +265,7 @@ def test_an_unexpected_client_error_replies_with_its_type_only():
     from flwr.app import MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from clients.errors import ERROR_CODE_INTERNAL, error_reply
+    from fedlinear.clients.errors import ERROR_CODE_INTERNAL, error_reply
 
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0

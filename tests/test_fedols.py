@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-from common import fedols, scaling
-from common.config import RunConfig
-from common.data import load_csv
-from common.errors import FedLinearError
+from fedlinear.common import fedols, scaling
+from fedlinear.common.config import RunConfig
+from fedlinear.common.data import load_csv
+from fedlinear.common.errors import FedLinearError
 from tests.conftest import REPO, run_cli
 from tests.inprocess import run_in_process, write_synthetic_shards
 
@@ -216,7 +216,7 @@ def sabotage_r(bad: dict[int, str]):
             return None
         if node_id not in bad:
             return None
-        from clients import client_app as ca
+        from fedlinear.clients import client_app as ca
 
         honest = ca.app(msg, _context(node_id, msg))
         r = honest.content["r"]["r"].numpy().copy()

@@ -14,7 +14,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from common import model as lm
+from fedlinear.common import model as lm
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,8 @@ def test_a_bad_mu_is_refused():
 
 
 def _train_task(tmp_path, mu):
-    from clients import client_app as ca
-    from common.data import to_csv_bytes
+    from fedlinear.clients import client_app as ca
+    from fedlinear.common.data import to_csv_bytes
 
     rng = np.random.default_rng(4)
     x = rng.normal(size=(40, 2))

@@ -33,7 +33,7 @@ import tomllib
 import psutil
 import pytest
 
-from scripts.launcher import free_port, namespace_unavailable, unshare_argv
+from fedlinear.scripts.launcher import free_port, namespace_unavailable, unshare_argv
 from tests.conftest import REPO, write_federation
 from tests.test_netns import ROGUE_PYPROJECT, ROGUE_SERVER
 
@@ -174,7 +174,7 @@ def _start(kind: str, owner: int, attacker: int, work: str):
     os.makedirs(home)
     os.chown(home, owner, owner)
     os.chown(work, owner, owner)
-    argv = [sys.executable, "-m", "scripts.cli", "run", "--data", data, "--clients", "2", "--rounds", "500",
+    argv = [sys.executable, "-m", "fedlinear.scripts.cli", "run", "--data", data, "--clients", "2", "--rounds", "500",
             "--out", out, "--isolation", "netns", "--set", "seed=5"]  # fmt: skip
     if owner != 0:
         probe = subprocess.run(as_user(owner, [*unshare_argv(owner), "true"], work), capture_output=True, text=True,
@@ -316,7 +316,7 @@ def test_ctrl_c_leaves_no_process_and_no_namespace(live):
 
 
 def _spec(**kw):
-    from scripts.launcher import LaunchSpec
+    from fedlinear.scripts.launcher import LaunchSpec
 
     base = {"app_dir": REPO, "mode": "processes", "num_nodes": 1, "run_config": {"run-dir": "/tmp/x"},
             "workdir": "/tmp/x/logs", "node_configs": [{"data-uri": "/data/client-0.csv"}]}  # fmt: skip
@@ -325,7 +325,7 @@ def _spec(**kw):
 
 
 def test_auto_falls_back_with_one_warning_line_and_netns_refuses(monkeypatch):
-    from scripts import launcher
+    from fedlinear.scripts import launcher
 
     monkeypatch.setattr(launcher, "namespace_unavailable", lambda: None)
     warnings: list[str] = []

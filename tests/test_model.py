@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common import model as lm
-from common.data import make_synthetic
+from fedlinear.common import model as lm
+from fedlinear.common.data import make_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def _train_reply(node_id: int, key: int, new: lm.LinearWeights, n: int, loss: fl
     from flwr.app import Array, ArrayRecord, Metadata, MetricRecord, RecordDict
     from flwr.app.message.message import make_message
 
-    from server.strategy import UNIT_WEIGHT
+    from fedlinear.server.strategy import UNIT_WEIGHT
 
     meta = Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=1, reply_to_message_id="q",
                     group_id="1", created_at=0.0, ttl=60.0, message_type="train")  # fmt: skip
@@ -96,9 +96,9 @@ def _train_reply(node_id: int, key: int, new: lm.LinearWeights, n: int, loss: fl
 def federated_rounds(shards, rounds: int, batch_size: int, learning_rate: float, seed: int) -> lm.LinearWeights:
     """FedAvg as the server runs it: local numpy SGD on each shard, replies put in client-key order
     (fixed_order) and aggregated by the strategy build_strategy makes (Flower's FedAvg, by num-examples)."""
-    from common.config import RunConfig
-    from server.strategy import build_strategy, fixed_order
-    from server.server_app import from_record, to_record
+    from fedlinear.common.config import RunConfig
+    from fedlinear.server.strategy import build_strategy, fixed_order
+    from fedlinear.server.server_app import from_record, to_record
 
     eligible = {100 + key: key for key in range(len(shards))}
     strategy = build_strategy(RunConfig(seed=seed), eligible).strategy
@@ -120,7 +120,7 @@ def federated_rounds(shards, rounds: int, batch_size: int, learning_rate: float,
 def test_fedavg_of_local_sgd_reaches_least_squares():
     """The acceptance problem (d=10, noise 0.1, 20 rounds, defaults) with unequal shards (100 to 1000
     rows) through the real strategy aggregation: test MSE within 1% of pooled least squares."""
-    from common.data import Dataset
+    from fedlinear.common.data import Dataset
 
     parts, test, _ = make_synthetic(10, 1000, 10, 0.1, 42, 2000)
     sizes = np.linspace(100, 1000, 10).astype(int)
@@ -136,7 +136,7 @@ def test_fedavg_weights_clients_by_their_examples():
     must reach the pooled least-squares fit; equal client weights would reach the fit of the
     equally-weighted client objectives instead, far from it (this test fails if the strategy's
     weighting is lost)."""
-    from common.data import Dataset
+    from fedlinear.common.data import Dataset
 
     rng = np.random.default_rng(8)
     shards = []

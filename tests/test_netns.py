@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 import pytest
 
-from scripts.launcher import config_string, stage_app
+from fedlinear.scripts.launcher import config_string, stage_app
 from tests.conftest import REPO, run_cli, write_federation
 
 ROUNDS = 2
@@ -157,7 +157,7 @@ class Network:
             time.sleep(0.2)
 
     def fedlinear(self, ns: str, *args, timeout: float = 120, flwr_home: str | None = None):
-        return self.run(ns, [sys.executable, "-m", "scripts.cli", *map(str, args)], timeout, flwr_home)
+        return self.run(ns, [sys.executable, "-m", "fedlinear.scripts.cli", *map(str, args)], timeout, flwr_home)
 
     def stop(self, proc: subprocess.Popen, grace: float = 10.0) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -270,7 +270,7 @@ def _start(net: Network, work: str) -> dict:
 
     # 2. the SuperLink with its Fleet front
     srv_log = os.path.join(work, "superlink.out")
-    superlink = net.popen(srv, [sys.executable, "-m", "scripts.cli", "superlink", "--certs", certs,
+    superlink = net.popen(srv, [sys.executable, "-m", "fedlinear.scripts.cli", "superlink", "--certs", certs,
                                 "--host", "0.0.0.0", "--port", str(FLEET_PORT), "--control-port", str(CONTROL_PORT),
                                 "--address", NAME, "--workdir", os.path.join(work, "srv")], srv_log)  # fmt: skip
 
@@ -297,7 +297,7 @@ def _start(net: Network, work: str) -> dict:
     nodes = []
     for i, ns in enumerate(parties):
         nodes.append(
-            net.popen(ns, [sys.executable, "-m", "scripts.cli", "node", "--superlink", f"{NAME}:{FLEET_PORT}",
+            net.popen(ns, [sys.executable, "-m", "fedlinear.scripts.cli", "node", "--superlink", f"{NAME}:{FLEET_PORT}",
                            "--ca", f"{certs}/ca.crt", "--key", f"{certs}/p{i}.key",
                            "--data-uri", f"{data}/client-{i}.csv", "--partition-id", str(i), "--num-partitions", "3",
                            "--max-retries", "3", "--workdir", os.path.join(work, f"p{i}")],

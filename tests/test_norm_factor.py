@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
-from common import model as lm
-from common.config import RunConfig
-from common.errors import FedLinearError
-from common.runstore import RunStore
-from server import replies
-from server.server_app import resume_or_start, trajectory_key, validated
+from fedlinear.common import model as lm
+from fedlinear.common.config import RunConfig
+from fedlinear.common.errors import FedLinearError
+from fedlinear.common.runstore import RunStore
+from fedlinear.server import replies
+from fedlinear.server.server_app import resume_or_start, trajectory_key, validated
 
 FEATURES = 3
 GLOBAL = ArrayRecord(

@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Array
 from flwr.common.constant import SType
 
-from common import npy
+from fedlinear.common import npy
 
 ARRAYS = [
     np.arange(10, dtype=np.float32).reshape(10, 1),
@@ -80,7 +80,7 @@ def test_negative_dimensions_are_refused_like_np_load():
     import numpy as np
     import pytest
 
-    from common import npy
+    from fedlinear.common import npy
 
     good = npy.dumps(np.zeros((2, 3), np.float32))
     bad = good.replace(b"(2, 3)", b"(-2, 3)")

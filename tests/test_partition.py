@@ -16,11 +16,11 @@ import sys
 import numpy as np
 import pytest
 
-from common.data import Dataset, load_csv, make_synthetic, split_iid, to_csv_bytes
-from common.errors import FedLinearError
-from common.partition import Heterogeneity, dirichlet_sizes, split_by_column, split_quantity, stream
-from common.runstore import RunStore
-from scripts import cli
+from fedlinear.common.data import Dataset, load_csv, make_synthetic, split_iid, to_csv_bytes
+from fedlinear.common.errors import FedLinearError
+from fedlinear.common.partition import Heterogeneity, dirichlet_sizes, split_by_column, split_quantity, stream
+from fedlinear.common.runstore import RunStore
+from fedlinear.scripts import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -353,7 +353,7 @@ def test_split_quantity_is_seeded(tmp_path):
 
 
 def fedlinear(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scripts.cli", *argv], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fedlinear.scripts.cli", *argv], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
 
 

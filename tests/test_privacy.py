@@ -18,9 +18,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 from flwr.app.message.message import make_message
 from flwr.serverapp.strategy import fedavg as flower_fedavg
 
-from common import privacy as private_noise
-from common.config import RunConfig
-from server.strategy import build_strategy
+from fedlinear.common import privacy as private_noise
+from fedlinear.common.config import RunConfig
+from fedlinear.server.strategy import build_strategy
 from tests.inprocess import Crash, crash_after, run_in_process, write_synthetic_shards
 
 DELTA = 1e-5
@@ -279,7 +279,7 @@ def test_adaptive_clipping_moves_the_norm_toward_the_target_quantile():
 
 
 def test_adaptive_clipping_accounts_the_count_noise_share():
-    from server.privacy import adaptive_noise_split
+    from fedlinear.server.privacy import adaptive_noise_split
 
     z, sigma_b = 0.5, 2.0
     z_delta = adaptive_noise_split(z, sigma_b)
@@ -315,10 +315,10 @@ def test_the_yardstick_under_privacy_comes_from_local_statistics_never_from_the_
     """What `fedlinear run` does under privacy: it computes the pooled statistics from the shards it holds
     and passes them as statistics-uri; the gap to the optimum is reported again, the nodes still send
     nothing, and training uses the statistics only when they are declared public."""
-    from common.config import RunConfig as Config
-    from common.data import load_csv
-    from common.scaling import PooledStats
-    from scripts.cli import write_local_statistics
+    from fedlinear.common.config import RunConfig as Config
+    from fedlinear.common.data import load_csv
+    from fedlinear.common.scaling import PooledStats
+    from fedlinear.scripts.cli import write_local_statistics
 
     uris, test = shards
     stats_uri = write_local_statistics(uris, str(tmp_path / "statistics.npz"), Config())

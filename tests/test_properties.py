@@ -20,10 +20,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from common import npy
-from common.config import RunConfig
-from common.data import load_csv, to_csv_bytes
-from common.errors import FedLinearError, one_line
+from fedlinear.common import npy
+from fedlinear.common.config import RunConfig
+from fedlinear.common.data import load_csv, to_csv_bytes
+from fedlinear.common.errors import FedLinearError, one_line
 
 FAST = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 

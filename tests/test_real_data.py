@@ -16,8 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-from common import model as lm
-from scripts.cli import main as cli
+from fedlinear.common import model as lm
+from fedlinear.scripts.cli import main as cli
 from tests.conftest import REPO
 from tests.inprocess import Crash, crash_after, run_in_process, write_synthetic_shards
 
@@ -191,7 +191,7 @@ def test_rounds_without_any_update_stop_the_run_loudly(tmp_path):
 
 def test_reference_matches_certified_longley_values():
     """NIST StRD's certified coefficients for Longley, from the centred, scaled normal equations."""
-    from common.scaling import PooledStats
+    from fedlinear.common.scaling import PooledStats
 
     frame = longley()
     x, y = frame.iloc[:, :-1].to_numpy(float), frame.iloc[:, -1].to_numpy(float)
@@ -225,7 +225,7 @@ def test_a_global_model_that_explodes_stops_the_run_in_that_round(tmp_path):
 
 
 def test_auto_learning_rate_follows_its_three_bounds():
-    from common.scaling import auto_learning_rate
+    from fedlinear.common.scaling import auto_learning_rate
 
     # many rows per shard: the mini-batch noise bound, 0.02 B / tr G
     lr, how = auto_learning_rate((1.0, 11.0), [1000] * 4, 32, 1, 40)

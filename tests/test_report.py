@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flwr.app import Error, Message
 
-from common import tboard
+from fedlinear.common import tboard
 from tests.inprocess import Crash, crash_after, run_in_process, write_synthetic_shards
 from tests.s3fixtures import bucket, moto_s3, s3env  # noqa: F401 - pytest fixtures
 
@@ -59,8 +59,8 @@ def runs(tmp_path_factory):
     status, _ = run_in_process(uris, str(root / "fedavg"), sabotage=hostile, **base)
     assert status["status"] == "completed", status
     out["fedavg"] = str(root / "fedavg")
-    from common.config import RunConfig
-    from scripts.cli import write_local_statistics
+    from fedlinear.common.config import RunConfig
+    from fedlinear.scripts.cli import write_local_statistics
 
     stats = write_local_statistics(uris, str(root / "statistics.npz"), RunConfig())  # as `fedlinear run` does under dp
     dp = {"dp": "central-server-clip", "dp-noise-multiplier": 2.0, "statistics-uri": stats}
@@ -182,7 +182,7 @@ def test_report_content_and_escaping(runs, reports):
 
 
 def test_participation_grid(runs):
-    from scripts import report
+    from fedlinear.scripts import report
 
     run = report.load_run(runs["fedavg"])
     people, rounds, grid = report.participation(run)
@@ -240,7 +240,7 @@ def test_compare_content(runs, reports):
 def test_report_and_tensorboard_on_s3(runs, s3env, bucket, tmp_path):
     """A run directory on S3 (moto_server): the scalars object is rewritten each round, the report reads
     the run through common.storage and writes the HTML and PNGs back beside it."""
-    from common import storage
+    from fedlinear.common import storage
 
     run_dir = f"s3://{bucket}/runs/on-s3"
     status, _ = run_in_process(runs["uris"][:2], run_dir, **{"test-uri": runs["test"], "num-server-rounds": 3})

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 
-from clients import client_app as ca
+from fedlinear.clients import client_app as ca
 from tests.inprocess import run_in_process, write_synthetic_shards
 
 ATTACKER = 1003  # partition 3

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from common import model as lm
-from common import storage
-from common.config import RunConfig
-from common.errors import FedLinearError
-from common.runstore import RunStore
-from server import server_app
+from fedlinear.common import model as lm
+from fedlinear.common import storage
+from fedlinear.common.config import RunConfig
+from fedlinear.common.errors import FedLinearError
+from fedlinear.common.runstore import RunStore
+from fedlinear.server import server_app
 from tests.conftest import REPO, run_cli
 from tests.inprocess import Crash, InProcessGrid, crash_after, run_in_process, write_synthetic_shards
 
@@ -96,8 +96,8 @@ def test_a_crash_between_temp_file_and_rename_keeps_the_previous_checkpoint(tmp_
 KILLER = r"""
 import os, signal, sys
 import numpy as np
-from common import model as lm
-from common.runstore import RunStore
+from fedlinear.common import model as lm
+from fedlinear.common.runstore import RunStore
 store = RunStore(sys.argv[1])
 os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)  # die with the temp file written
 store.write_checkpoint(2, lm.LinearWeights(kernel=np.full((3, 1), 2, np.float32), bias=np.full(1, 2, np.float32)), {})
@@ -314,7 +314,7 @@ def umask(mask: int):
 
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
 def test_every_file_follows_the_umask(tmp_path, mask):
-    from scripts import cli
+    from fedlinear.scripts import cli
 
     expected = 0o666 & ~mask
     with umask(mask):
@@ -338,7 +338,7 @@ def test_every_file_follows_the_umask(tmp_path, mask):
 
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_the_exported_model_follows_the_umask(tmp_path, mask):
-    from common.export import export_savedmodel
+    from fedlinear.common.export import export_savedmodel
 
     with umask(mask):
         export_savedmodel(weights(0.5), str(tmp_path / "model"))

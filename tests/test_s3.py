@@ -16,9 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from common import data, s3, storage
-from common.errors import FedLinearError, one_line
-from common.model import LinearWeights
+from fedlinear.common import data, s3, storage
+from fedlinear.common.errors import FedLinearError, one_line
+from fedlinear.common.model import LinearWeights
 from tests.s3fixtures import bucket, free_port, moto_s3, s3env  # noqa: F401 - pytest fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ def check_user_error(excinfo, *fragments: str) -> str:
 
 
 def test_boto3_is_not_imported_by_storage_or_data():
-    code = "import sys, common.storage, common.data; sys.exit('boto3' in sys.modules)"
+    code = "import sys, fedlinear.common.storage, fedlinear.common.data; sys.exit('boto3' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
 
 
@@ -392,7 +392,7 @@ print(json.dumps(y.ravel().tolist()))
 
 
 def test_savedmodel_export_and_load_back_from_s3(s3env, bucket, tmp_path):
-    from common.export import export_savedmodel, load_savedmodel
+    from fedlinear.common.export import export_savedmodel, load_savedmodel
 
     rng = np.random.default_rng(7)
     x = rng.normal(size=(64, 3)).astype(np.float32)

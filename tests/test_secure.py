@@ -27,11 +27,11 @@ from flwr.common import bytes_to_ndarray
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients import client_app as ca
-from common import scaling
-from common.config import RunConfig
-from common.errors import FedLinearError
-from server import secure, server_app
+from fedlinear.clients import client_app as ca
+from fedlinear.common import scaling
+from fedlinear.common.config import RunConfig
+from fedlinear.common.errors import FedLinearError
+from fedlinear.server import secure, server_app
 from tests.conftest import REPO, run_cli, write_federation
 from tests.inprocess import drive, write_synthetic_shards
 
@@ -422,7 +422,7 @@ def processes_runs(fed_data, tmp_path_factory):
     out = str(base / "secure")
     args = fedlinear_args(fed_data, out, "processes", 2, True, **{"secagg-reconstruction-threshold": 0.5})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scripts.cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "fedlinear.scripts.cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         killed = kill_supernode_on_task(proc, out, partition=3, task=7, within=600)
@@ -488,7 +488,7 @@ def test_masks_carry_the_whole_seed_not_32_bits():
     from flwr.common.secure_aggregation import secaggplus_utils
     from flwr.server.workflow import SecAggPlusWorkflow
 
-    from common import secagg_prg
+    from fedlinear.common import secagg_prg
 
     # what the mod and the workflow call (their modules' globals)
     assert secaggplus_mod.__globals__["pseudo_rand_gen"] is secagg_prg.pseudo_rand_gen

@@ -7,14 +7,14 @@ import pytest
 from flwr.app import Array, ArrayRecord, Error, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
-from common import model as lm
-from common import scaling
-from common.config import RunConfig
-from common.data import Dataset
-from common.errors import FedLinearError
-from common.runstore import RunStore
-from server.server_app import Evaluator, resume_or_start, trajectory_key
-from server.strategy import build_strategy, fixed_order
+from fedlinear.common import model as lm
+from fedlinear.common import scaling
+from fedlinear.common.config import RunConfig
+from fedlinear.common.data import Dataset
+from fedlinear.common.errors import FedLinearError
+from fedlinear.common.runstore import RunStore
+from fedlinear.server.server_app import Evaluator, resume_or_start, trajectory_key
+from fedlinear.server.strategy import build_strategy, fixed_order
 
 
 class FakeGrid:

@@ -21,9 +21,9 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.serverapp.strategy import Krum
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
-from common.config import RunConfig
-from common.errors import FedLinearError
-from server import strategy as st
+from fedlinear.common.config import RunConfig
+from fedlinear.common.errors import FedLinearError
+from fedlinear.server import strategy as st
 from tests.inprocess import Crash, crash_after, run_in_process, write_synthetic_shards
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Runs are faked: a fake runner writes the run directory a completed (or failed) ``fedlinear run``
 leaves behind (status.json, manifest.json with ``final`` and ``privacy``, history.json), or a tiny
-module stands in for ``python -m scripts.cli run`` to exercise the real subprocess runner (exit
+module stands in for ``python -m fedlinear.scripts.cli run`` to exercise the real subprocess runner (exit
 codes, one-line errors, the time bound). The real sweep (a federation per grid point) is run as a
 benchmark, not as a test.
 """
@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from common.errors import FedLinearError
-from scripts import sweep
-from scripts.cli import build_parser, main
+from fedlinear.common.errors import FedLinearError
+from fedlinear.scripts import sweep
+from fedlinear.scripts.cli import build_parser, main
 
 RATIO = {0.0: 1.001, 0.5: 1.05, 1.0: 1.2, 2.0: 2.0, 4.0: 6.0}
 EPS = {0.5: 40.0, 1.0: 12.3, 2.0: 4.1, 4.0: 1.5}
@@ -167,7 +167,7 @@ def test_run_arguments_map_zero_noise_to_no_dp(tmp_path):
     private = ["dp=central-server-clip", "dp-noise-multiplier=2.0", "seed=1", "dp-clipping-norm=0.5", "batch-size=16"]
     assert sweep.run_sets(settings, jobs["z2-s1"]) == private
     argv = sweep.run_argv(settings, jobs["z2-s1"], "/data")
-    assert argv[1:4] == ["-m", "scripts.cli", "run"]
+    assert argv[1:4] == ["-m", "fedlinear.scripts.cli", "run"]
     for flag, value in [("--data", "/data"), ("--out", jobs["z2-s1"].run_dir), ("--mode", "simulation"),
                         ("--timeout", "300"), ("--clients", "10"), ("--rounds", "20")]:  # fmt: skip
         assert argv[argv.index(flag) + 1] == value

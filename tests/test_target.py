@@ -14,11 +14,11 @@ import shutil
 import numpy as np
 import pytest
 
-from common import target as targets
-from common.config import RunConfig
-from common.errors import FedLinearError
-from common.runstore import RunStore
-from scripts import report
+from fedlinear.common import target as targets
+from fedlinear.common.config import RunConfig
+from fedlinear.common.errors import FedLinearError
+from fedlinear.common.runstore import RunStore
+from fedlinear.scripts import report
 from tests.conftest import run_cli, write_federation
 from tests.inprocess import Crash, InProcessGrid, crash_after, drive, run_in_process, write_synthetic_shards
 
