@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import io
 import itertools
 import json
@@ -28,30 +27,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from fedlinear.common import storage
+from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError, with_reply_text
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    """Features ``x`` (n, d) and targets ``y`` (n,), float64, plus where they came from."""
-
-    x: np.ndarray
-    y: np.ndarray
-    sources: tuple[str, ...] = ()
-    columns: tuple[str, ...] | None = None
-
-    @property
-    def num_examples(self) -> int:
-        return int(self.x.shape[0])
-
-    @functools.cached_property
-    def float32(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(x, y)`` as float32, what the training engines compute in; made once per Dataset."""
-        return self.x.astype(np.float32), self.y.astype(np.float32)
-
-    @property
-    def num_features(self) -> int:
-        return int(self.x.shape[1])
 
 
 _HEADER_HINT = "(a first row is a header only when no field is a number or empty: set header to 'yes' or 'no')"

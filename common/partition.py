@@ -34,6 +34,7 @@ import math
 
 import numpy as np
 
+from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
 
 DEFAULT_MIN_SAMPLES = 10  # quantity skew: the smallest shard
@@ -193,8 +194,7 @@ def make_heterogeneous(
     hard options ``w ~ N(0, I)``, ``b ~ N(0, 1)``, then each shard's ``x`` and noise; so concept
     shift or noise skew alone keep every feature of the IID data as it was.
     """
-    from fedlinear.common.data import Dataset, SyntheticTruth, correlation_condition_number, correlation_matrix
-
+    from fedlinear.common.data import SyntheticTruth, correlation_condition_number, correlation_matrix
     het.check(num_clients, samples_per_client, noise)
     rng = np.random.default_rng(seed)
     beta = rng.normal(0.0, 1.0, size=d)
@@ -332,8 +332,6 @@ def split_quantity(data, num_clients: int, seed: int, test_fraction: float, alph
     Shuffle and hold out exactly as the IID split does (``seed``); deal the shuffled training rows
     into consecutive shards whose sizes are :func:`dirichlet_sizes` (``quantity_seed``, default ``seed``).
     """
-    from fedlinear.common.data import Dataset
-
     if num_clients < 1:
         raise FedLinearError(f"the number of clients must be >= 1, got {num_clients}")
     alpha = _number(alpha, "--quantity-alpha", positive=True)
@@ -373,8 +371,6 @@ def split_by_column(data, column: int, width: int, target: int, seed: int, test_
     ``seed``), in file order, so every value keeps a shard. ``drop`` removes the column from the
     features of shards and test set (it cannot be the target).
     """
-    from fedlinear.common.data import Dataset
-
     if not -width <= column < width:
         raise FedLinearError(f"--by-column {column} is out of range: the table has {width} columns (0..{width - 1})")
     col = column % width

@@ -27,7 +27,7 @@ from fedlinear.common import fedols
 from fedlinear.common import model as lm
 from fedlinear.common import scaling
 from fedlinear.common.config import RunConfig
-from fedlinear.common.data import Dataset
+from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
 from fedlinear.common.export import export_savedmodel
 from fedlinear.common.runstore import RunStore

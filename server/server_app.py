@@ -36,7 +36,8 @@ from fedlinear.common import model as lm
 from fedlinear.common import scaling
 from fedlinear.common import target as targets
 from fedlinear.common.config import RunConfig
-from fedlinear.common.data import Dataset, load_csv
+from fedlinear.common.data import load_csv
+from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError, one_line, untrusted_text
 from fedlinear.common.export import export_savedmodel
 from fedlinear.common.runstore import RunStore

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlinear.common.data import Dataset, load_csv, make_synthetic, split_iid, to_csv_bytes
+from fedlinear.common.data import load_csv, make_synthetic, split_iid, to_csv_bytes
+from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
 
 

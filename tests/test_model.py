@@ -120,7 +120,7 @@ def federated_rounds(shards, rounds: int, batch_size: int, learning_rate: float,
 def test_fedavg_of_local_sgd_reaches_least_squares():
     """The acceptance problem (d=10, noise 0.1, 20 rounds, defaults) with unequal shards (100 to 1000
     rows) through the real strategy aggregation: test MSE within 1% of pooled least squares."""
-    from fedlinear.common.data import Dataset
+    from fedlinear.common.dataset import Dataset
 
     parts, test, _ = make_synthetic(10, 1000, 10, 0.1, 42, 2000)
     sizes = np.linspace(100, 1000, 10).astype(int)
@@ -136,7 +136,7 @@ def test_fedavg_weights_clients_by_their_examples():
     must reach the pooled least-squares fit; equal client weights would reach the fit of the
     equally-weighted client objectives instead, far from it (this test fails if the strategy's
     weighting is lost)."""
-    from fedlinear.common.data import Dataset
+    from fedlinear.common.dataset import Dataset
 
     rng = np.random.default_rng(8)
     shards = []

@@ -10,7 +10,7 @@ from flwr.app.message.message import make_message
 from fedlinear.common import model as lm
 from fedlinear.common import scaling
 from fedlinear.common.config import RunConfig
-from fedlinear.common.data import Dataset
+from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
 from fedlinear.common.runstore import RunStore
 from fedlinear.server.server_app import Evaluator, resume_or_start, trajectory_key
