@@ -34,7 +34,7 @@ from fedlinear.common import model as lm
 from fedlinear.common import npy
 from fedlinear.common import fedols, privacy, scaling
 from fedlinear.common.config import RunConfig
-from fedlinear.common.data import load_csv
+from fedlinear.common.csvio import load_csv
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
 from fedlinear.common.storage import fingerprint

@@ -284,7 +284,7 @@ def least_squares_reference(data_dir: str, clients: int) -> dict[str, float]:
     import numpy as np
 
     from fedlinear.common import model as lm
-    from fedlinear.common.data import load_csv
+    from fedlinear.common.csvio import load_csv
 
     parts = [load_csv(os.path.join(data_dir, f"client-{i}.csv")) for i in range(clients)]
     x = np.concatenate([p.x for p in parts])
@@ -298,7 +298,7 @@ def test_mse_of_npz(path: str, data_dir: str) -> float | None:
     import numpy as np
 
     from fedlinear.common import model as lm
-    from fedlinear.common.data import load_csv
+    from fedlinear.common.csvio import load_csv
 
     if not os.path.exists(path):
         return None
@@ -574,7 +574,7 @@ def central_worker(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fedlinear.common import model as lm
-    from fedlinear.common.data import load_csv
+    from fedlinear.common.csvio import load_csv
 
     parts = [load_csv(os.path.join(args.data, f"client-{i}.csv")) for i in range(args.clients)]
     x = np.concatenate([p.x for p in parts])

@@ -56,7 +56,7 @@ def write_shards(out: str, shards, test, digests: list[dict] | None = None) -> l
     """Write ``client-<i>.csv`` and ``test.csv``; ``digests`` (if given) gets each shard's file and SHA-256."""
     import hashlib
 
-    from fedlinear.common.data import to_csv_bytes
+    from fedlinear.common.csvio import to_csv_bytes
 
     written = []
     for i, shard in enumerate(shards):
@@ -162,7 +162,8 @@ def heterogeneity_line(summary: dict) -> str:
 
 
 def cmd_data_split(args: argparse.Namespace) -> int:
-    from fedlinear.common.data import load_csv, split_iid
+    from fedlinear.common.csvio import load_csv
+    from fedlinear.common.data import split_iid
     from fedlinear.common.partition import split_by_column, split_quantity
 
     by_column = getattr(args, "by_column", None)
@@ -336,7 +337,7 @@ def write_local_statistics(shards: list[str], uri: str, cfg: RunConfig) -> str:
     """Pooled statistics of the shards this machine holds, written to ``uri`` (the yardstick under privacy)."""
     import numpy as np
 
-    from fedlinear.common.data import load_csv
+    from fedlinear.common.csvio import load_csv
     from fedlinear.common.scaling import PooledStats
 
     parts = [load_csv(shard, cfg.target_column, cfg.header) for shard in shards]
@@ -658,7 +659,7 @@ def cmd_stop_superlink(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from fedlinear.common.data import load_matrix
+    from fedlinear.common.csvio import load_matrix
     from fedlinear.common.export import load_savedmodel
 
     matrix, _, _ = load_matrix(_abs(args.input) if not storage.is_s3(args.input) else args.input, args.header)

@@ -36,7 +36,7 @@ from fedlinear.common import model as lm
 from fedlinear.common import scaling
 from fedlinear.common import target as targets
 from fedlinear.common.config import RunConfig
-from fedlinear.common.data import load_csv
+from fedlinear.common.csvio import load_csv
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError, one_line, untrusted_text
 from fedlinear.common.export import export_savedmodel

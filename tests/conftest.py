@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from fedlinear.common.data import make_synthetic, to_csv_bytes
+from fedlinear.common.csvio import to_csv_bytes
+from fedlinear.common.data import make_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from fedlinear.clients import client_app as ca
 from fedlinear.common import model as lm
-from fedlinear.common.data import load_csv, make_synthetic, to_csv_bytes
+from fedlinear.common.csvio import load_csv, to_csv_bytes
+from fedlinear.common.data import make_synthetic
 from tests.conftest import REPO, task_identity
 
 

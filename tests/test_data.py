@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlinear.common.data import load_csv, make_synthetic, split_iid, to_csv_bytes
+from fedlinear.common.csvio import load_csv, to_csv_bytes
+from fedlinear.common.data import make_synthetic, split_iid
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
 

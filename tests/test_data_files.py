@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedlinear.common import data
-from fedlinear.common.data import correlation_matrix, load_csv, make_synthetic, to_csv_bytes
+from fedlinear.common import csvio
+from fedlinear.common.csvio import load_csv, to_csv_bytes
+from fedlinear.common.data import correlation_matrix, make_synthetic
 from fedlinear.common.errors import FedLinearError, one_line
 from fedlinear.scripts import cli
 from tests.s3fixtures import bucket, moto_s3, s3env  # noqa: F401 - pytest fixtures
@@ -226,7 +227,7 @@ def test_is_number_agrees_with_numpy(field):
         numpy_reads = True
     except ValueError:
         numpy_reads = False
-    assert data._is_number(field.strip()) == numpy_reads
+    assert csvio._is_number(field.strip()) == numpy_reads
 
 
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

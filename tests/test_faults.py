@@ -24,7 +24,7 @@ from flwr.app import Error, Message
 
 from fedlinear.clients import client_app as ca
 from fedlinear.common import model as lm
-from fedlinear.common.data import load_csv
+from fedlinear.common.csvio import load_csv
 from fedlinear.common.errors import FedLinearError, untrusted_text
 from fedlinear.server import server_app
 from tests.conftest import run_cli, write_federation

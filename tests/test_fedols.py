@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from fedlinear.common import fedols, scaling
 from fedlinear.common.config import RunConfig
-from fedlinear.common.data import load_csv
+from fedlinear.common.csvio import load_csv
 from fedlinear.common.errors import FedLinearError
 from tests.conftest import REPO, run_cli
 from tests.inprocess import run_in_process, write_synthetic_shards

@@ -85,7 +85,7 @@ def test_a_bad_mu_is_refused():
 
 def _train_task(tmp_path, mu):
     from fedlinear.clients import client_app as ca
-    from fedlinear.common.data import to_csv_bytes
+    from fedlinear.common.csvio import to_csv_bytes
 
     rng = np.random.default_rng(4)
     x = rng.normal(size=(40, 2))

@@ -16,7 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-from fedlinear.common.data import load_csv, make_synthetic, split_iid, to_csv_bytes
+from fedlinear.common.csvio import load_csv, to_csv_bytes
+from fedlinear.common.data import make_synthetic, split_iid
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
 from fedlinear.common.partition import Heterogeneity, dirichlet_sizes, split_by_column, split_quantity, stream

@@ -316,7 +316,7 @@ def test_the_yardstick_under_privacy_comes_from_local_statistics_never_from_the_
     and passes them as statistics-uri; the gap to the optimum is reported again, the nodes still send
     nothing, and training uses the statistics only when they are declared public."""
     from fedlinear.common.config import RunConfig as Config
-    from fedlinear.common.data import load_csv
+    from fedlinear.common.csvio import load_csv
     from fedlinear.common.scaling import PooledStats
     from fedlinear.scripts.cli import write_local_statistics
 

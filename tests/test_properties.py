@@ -5,7 +5,7 @@
 * the run-config parser (RunConfig.from_run_config) on arbitrary dicts of keys to values of any
   type (NaN, inf, huge integers, strings, booleans, None, lists): a RunConfig that parses back to
   itself, or a FedLinearError naming a config key;
-* the CSV reader (common/data.py) with any target column over well-formed files, and any bytes in a
+* the CSV reader (common/csvio.py) with any target column over well-formed files, and any bytes in a
   directory of parts (tests/test_data_files.py covers single files of any bytes).
 """
 
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from fedlinear.common import npy
 from fedlinear.common.config import RunConfig
-from fedlinear.common.data import load_csv, to_csv_bytes
+from fedlinear.common.csvio import load_csv, to_csv_bytes
 from fedlinear.common.errors import FedLinearError, one_line
 
 FAST = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

@@ -161,7 +161,7 @@ def test_a_scatter_that_no_data_can_produce_leaves_the_node_out(kind, data, tmp_
     expected = "asymmetric" if kind == "asymmetric" else "not positive semidefinite"
     assert failure["node-id"] == BAD_NODE and expected in failure["reason"]
     # the yardstick is the pooled least squares of the three honest shards
-    from fedlinear.common.data import load_csv
+    from fedlinear.common.csvio import load_csv
 
     honest = [load_csv(u, -1, "auto") for i, u in enumerate(uris) if i != 2]
     x = np.vstack([d.x for d in honest])

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from fedlinear.common import data, s3, storage
+from fedlinear.common import csvio, s3, storage
 from fedlinear.common.errors import FedLinearError, one_line
 from fedlinear.common.model import LinearWeights
 from tests.s3fixtures import bucket, free_port, moto_s3, s3env  # noqa: F401 - pytest fixtures
@@ -60,7 +60,7 @@ def check_user_error(excinfo, *fragments: str) -> str:
 
 
 def test_boto3_is_not_imported_by_storage_or_data():
-    code = "import sys, fedlinear.common.storage, fedlinear.common.data; sys.exit('boto3' in sys.modules)"
+    code = "import sys, fedlinear.common.storage, fedlinear.common.csvio, fedlinear.common.data; sys.exit('boto3' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
 
 
@@ -120,9 +120,9 @@ BIG = "".join(f"{i * 0.001},{i * 0.002 + 1}\r\n" for i in range(30000)).encode()
 def test_load_csv_matches_local(s3env, bucket, tmp_path, content):
     path = tmp_path / "data.txt"
     path.write_bytes(content)
-    local = data.load_csv(str(path))
+    local = csvio.load_csv(str(path))
     uri = put(s3env, bucket, "client-0/data.txt", content)
-    remote = data.load_csv(uri)
+    remote = csvio.load_csv(uri)
     np.testing.assert_array_equal(remote.x, local.x)
     np.testing.assert_array_equal(remote.y, local.y)
     assert remote.sources == (uri,)
@@ -148,10 +148,10 @@ def test_malformed_and_empty_objects_match_local(s3env, bucket, tmp_path, conten
     path = tmp_path / "data.txt"
     path.write_bytes(content)
     with pytest.raises(FedLinearError) as local:
-        data.load_csv(str(path))
+        csvio.load_csv(str(path))
     uri = put(s3env, bucket, "client-1/data.txt", content)
     with pytest.raises(FedLinearError) as remote:
-        data.load_csv(uri)
+        csvio.load_csv(uri)
     message = check_user_error(remote, uri, fragment)
     assert message == str(local.value).replace(str(path), uri)
 
@@ -162,8 +162,8 @@ def test_load_csv_from_prefix_matches_local_directory(s3env, bucket, tmp_path):
         (tmp_path / name).write_bytes(body)
         put(s3env, bucket, f"client-2/{name}", body)
     put(s3env, bucket, "client-2/", b"")  # a "directory marker" as consoles create
-    local = data.load_csv(str(tmp_path) + "/")
-    remote = data.load_csv(f"s3://{bucket}/client-2/")
+    local = csvio.load_csv(str(tmp_path) + "/")
+    remote = csvio.load_csv(f"s3://{bucket}/client-2/")
     np.testing.assert_array_equal(remote.x, local.x)
     np.testing.assert_array_equal(remote.y, local.y)
     assert remote.sources == tuple(f"s3://{bucket}/client-2/{n}" for n in sorted(parts))
@@ -177,7 +177,7 @@ def test_load_csv_from_prefix_matches_local_directory(s3env, bucket, tmp_path):
 def test_no_such_bucket(s3env, bucket):
     missing = f"no-such-{bucket}"
     for call in (
-        lambda: data.load_csv(f"s3://{missing}/shards/data.txt"),
+        lambda: csvio.load_csv(f"s3://{missing}/shards/data.txt"),
         lambda: storage.fingerprint(f"s3://{missing}/shards/data.txt"),
         lambda: storage.write_text(f"s3://{missing}/shards/data.txt", "1,2\n"),
     ):
@@ -191,7 +191,7 @@ def test_no_such_bucket(s3env, bucket):
 
 def test_no_such_key(s3env, bucket):
     uri = f"s3://{bucket}/shards/missing.txt"
-    for call in (lambda: data.load_csv(uri), lambda: storage.fingerprint(uri), lambda: storage.read_bytes(uri)):
+    for call in (lambda: csvio.load_csv(uri), lambda: storage.fingerprint(uri), lambda: storage.read_bytes(uri)):
         with pytest.raises(FedLinearError) as excinfo:
             call()
         check_user_error(excinfo, uri, "no such key 'shards/missing.txt'", f"bucket '{bucket}'")
@@ -207,9 +207,9 @@ def test_access_denied_and_bad_credentials(s3env, bucket, monkeypatch):
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", creds["key"])
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", creds["secret"])
         s3.reset_client()
-        assert data.load_csv(allowed).num_examples == len(SEED_ROWS)  # auth on, good credentials work
+        assert csvio.load_csv(allowed).num_examples == len(SEED_ROWS)  # auth on, good credentials work
         with pytest.raises(FedLinearError) as excinfo:
-            data.load_csv(secret)
+            csvio.load_csv(secret)
         check_user_error(excinfo, secret, "access denied", f"bucket '{bucket}', key 'secret/data.txt'",
                          creds["key"][:4], "from env")
         with pytest.raises(FedLinearError) as excinfo:
@@ -222,13 +222,13 @@ def test_access_denied_and_bad_credentials(s3env, bucket, monkeypatch):
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
         s3.reset_client()
         with pytest.raises(FedLinearError) as excinfo:
-            data.load_csv(allowed)
+            csvio.load_csv(allowed)
         check_user_error(excinfo, allowed, "bad credentials", "secret key does not match", "AWS_SECRET_ACCESS_KEY")
 
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOSUCHKEY0000000")
         s3.reset_client()
         with pytest.raises(FedLinearError) as excinfo:
-            data.load_csv(allowed)
+            csvio.load_csv(allowed)
         check_user_error(excinfo, allowed, "bad credentials", "AKIA...0000", "is not known to", "AWS_ACCESS_KEY_ID")
 
 
@@ -238,7 +238,7 @@ def test_no_credentials(s3env, bucket, monkeypatch):
     s3.reset_client()
     uri = f"s3://{bucket}/shards/data.txt"
     with pytest.raises(FedLinearError) as excinfo:
-        data.load_csv(uri)
+        csvio.load_csv(uri)
     check_user_error(excinfo, uri, "no AWS credentials found", "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "~/.aws/credentials")
 
 
@@ -257,7 +257,7 @@ def test_unreachable_endpoint_fails_fast_after_bounded_retries(s3env, bucket, mo
     s3.reset_client()
     assert s3._client().meta.config.retries == {"total_max_attempts": 2, "mode": "standard"}
     uri = f"s3://{bucket}/shards/data.txt"
-    for call in (lambda: data.load_csv(uri), lambda: storage.exists(uri), lambda: storage.write_text(uri, "")):
+    for call in (lambda: csvio.load_csv(uri), lambda: storage.exists(uri), lambda: storage.write_text(uri, "")):
         start = time.monotonic()
         with pytest.raises(FedLinearError) as excinfo:
             call()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-from fedlinear.common.data import load_csv, to_csv_bytes
+from fedlinear.common.csvio import load_csv, to_csv_bytes
 from tests.conftest import write_federation
 from tests.inprocess import run_in_process
 
