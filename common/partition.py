@@ -316,6 +316,24 @@ def make_heterogeneous(
 # --------------------------------------------------------------------------------------------
 
 
+def split_iid(data: Dataset, num_clients: int, seed: int, test_fraction: float) -> tuple[list[Dataset], Dataset]:
+    """Shuffle with ``seed``, hold out ``test_fraction`` as the test set, deal the rest into shards."""
+    n = data.num_examples
+    if num_clients < 1:
+        raise FedLinearError(f"the number of clients must be >= 1, got {num_clients}")
+    if not 0 < test_fraction < 1:
+        raise FedLinearError(f"test fraction must be in (0, 1), got {test_fraction}")
+    n_test = max(1, int(round(n * test_fraction)))
+    if n - n_test < num_clients:
+        raise FedLinearError(
+            f"{n} samples cannot give {num_clients} clients at least one sample each after holding out {n_test}"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    test_idx, train_idx = order[:n_test], order[n_test:]
+    shards = [Dataset(x=data.x[idx], y=data.y[idx]) for idx in np.array_split(train_idx, num_clients)]
+    return shards, Dataset(x=data.x[test_idx], y=data.y[test_idx])
+
+
 def _holdout(n: int, seed: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """The IID split's shuffle and hold-out (same rows as ``split_iid``): (test rows, train rows)."""
     if not 0 < test_fraction < 1:

@@ -163,8 +163,7 @@ def heterogeneity_line(summary: dict) -> str:
 
 def cmd_data_split(args: argparse.Namespace) -> int:
     from fedlinear.common.csvio import load_csv
-    from fedlinear.common.data import split_iid
-    from fedlinear.common.partition import split_by_column, split_quantity
+    from fedlinear.common.partition import split_by_column, split_iid, split_quantity
 
     by_column = getattr(args, "by_column", None)
     alpha = getattr(args, "quantity_alpha", None)

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from fedlinear.common.csvio import load_csv, to_csv_bytes
-from fedlinear.common.data import make_synthetic, split_iid
+from fedlinear.common.data import make_synthetic
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
-from fedlinear.common.partition import Heterogeneity, dirichlet_sizes, split_by_column, split_quantity, stream
+from fedlinear.common.partition import Heterogeneity, dirichlet_sizes, split_by_column, split_iid, split_quantity, stream
 from fedlinear.common.runstore import RunStore
 from fedlinear.scripts import cli
 
