@@ -262,7 +262,7 @@ def ensure_data(path: str, clients: int, samples: int, features: int, noise: flo
         with open(marker, encoding="utf-8") as handle:
             if json.load(handle) == params:
                 return path
-    from fedlinear.common.data import make_synthetic
+    from fedlinear.common.synth import make_synthetic
     from fedlinear.scripts.cli import write_shards
 
     if os.path.isdir(path):

@@ -71,7 +71,7 @@ def write_shards(out: str, shards, test, digests: list[dict] | None = None) -> l
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from fedlinear.common.data import make_synthetic
+    from fedlinear.common.synth import make_synthetic
 
     out = _abs(args.out)
     hard = {
@@ -107,7 +107,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-# Heterogeneous parties (common/partition.py): options of `data synth` and `run`, and the summary line.
+# Heterogeneous parties (common/synth.py, common/partition.py): options of `data synth` and `run`, and the summary line.
 HETEROGENEITY_OPTIONS = (
     "quantity_alpha", "min_samples", "covariate_shift", "concept_spread", "noise_skew",
     "quantity_seed", "covariate_seed", "concept_seed", "noise_skew_seed",
@@ -132,8 +132,8 @@ def add_heterogeneity_args(parser: argparse.ArgumentParser, synth: bool = True) 
 
 
 def heterogeneity_of(args: argparse.Namespace):
-    """The validated :class:`common.partition.Heterogeneity` of parsed arguments (missing ones: off)."""
-    from fedlinear.common.partition import Heterogeneity
+    """The validated :class:`common.synth.Heterogeneity` of parsed arguments (missing ones: off)."""
+    from fedlinear.common.synth import Heterogeneity
 
     values = {name: getattr(args, name, None) for name in HETEROGENEITY_OPTIONS}
     values["noise_seed"] = values.pop("noise_skew_seed")

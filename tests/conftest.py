@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from fedlinear.common.csvio import to_csv_bytes
-from fedlinear.common.data import make_synthetic
+from fedlinear.common.synth import make_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

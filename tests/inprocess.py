@@ -78,7 +78,7 @@ def write_synthetic_shards(root, clients: int, samples: int, features: int, seed
                            sizes: list[int] | None = None) -> tuple[list[str], str]:
     """``client-<i>.csv`` shards (the first ``sizes[i]`` rows of each, if given) and ``test.csv`` under ``root``."""
     from fedlinear.common.csvio import to_csv_bytes
-    from fedlinear.common.data import make_synthetic
+    from fedlinear.common.synth import make_synthetic
 
     parts, test, _ = make_synthetic(clients, samples, features, 0.1, seed, test_samples)
     os.makedirs(str(root), exist_ok=True)

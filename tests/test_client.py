@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from fedlinear.clients import client_app as ca
 from fedlinear.common import model as lm
 from fedlinear.common.csvio import load_csv, to_csv_bytes
-from fedlinear.common.data import make_synthetic
+from fedlinear.common.synth import make_synthetic
 from tests.conftest import REPO, task_identity
 
 

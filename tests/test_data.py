@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from fedlinear.common.csvio import load_csv, to_csv_bytes
-from fedlinear.common.data import make_synthetic
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
 from fedlinear.common.partition import split_iid
+from fedlinear.common.synth import make_synthetic
 
 
 def write(tmp_path, name, text, mode="w"):

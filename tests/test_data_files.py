@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from fedlinear.common import csvio
 from fedlinear.common.csvio import load_csv, to_csv_bytes
-from fedlinear.common.data import correlation_matrix, make_synthetic
 from fedlinear.common.errors import FedLinearError, one_line
+from fedlinear.common.synth import correlation_matrix, make_synthetic
 from fedlinear.scripts import cli
 from tests.s3fixtures import bucket, moto_s3, s3env  # noqa: F401 - pytest fixtures
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedlinear.common import model as lm
-from fedlinear.common.data import make_synthetic
+from fedlinear.common.synth import make_synthetic
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Heterogeneous parties (common/partition.py, `fedlinear data synth|split` options, the manifest summary).
+"""Heterogeneous parties (common/synth.py, common/partition.py, `fedlinear data synth|split` options, the manifest summary).
 
 Statistical checks use tolerances derived from the sample sizes: an estimate must be within 5
 standard errors of what was asked (a false failure is then a ~1e-6 event per check).
@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from fedlinear.common.csvio import load_csv, to_csv_bytes
-from fedlinear.common.data import make_synthetic
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
-from fedlinear.common.partition import Heterogeneity, dirichlet_sizes, split_by_column, split_iid, split_quantity, stream
+from fedlinear.common.partition import dirichlet_sizes, split_by_column, split_iid, split_quantity, stream
 from fedlinear.common.runstore import RunStore
+from fedlinear.common.synth import Heterogeneity, make_synthetic
 from fedlinear.scripts import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
