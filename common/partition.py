@@ -33,7 +33,7 @@ def stream(seed: int, kind: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), STREAMS[kind]])
 
 
-def _number(value, name: str, *, positive: bool = False, nonnegative: bool = False) -> float:
+def option_number(value, name: str, *, positive: bool = False, nonnegative: bool = False) -> float:
     """A finite float from a CLI string or number, else a one-line error naming ``name``."""
     try:
         number = float(value)
@@ -45,7 +45,7 @@ def _number(value, name: str, *, positive: bool = False, nonnegative: bool = Fal
     return number
 
 
-def _integer(value, name: str, minimum: int) -> int:
+def option_integer(value, name: str, minimum: int) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
@@ -55,8 +55,8 @@ def _integer(value, name: str, minimum: int) -> int:
     return number
 
 
-def _seed(value, name: str) -> int | None:
-    return None if value is None else _integer(value, name, 0)
+def option_seed(value, name: str) -> int | None:
+    return None if value is None else option_integer(value, name, 0)
 
 
 def coefficient_of_variation(sizes) -> float:
@@ -133,7 +133,7 @@ def split_quantity(data, num_clients: int, seed: int, test_fraction: float, alph
     """
     if num_clients < 1:
         raise FedLinearError(f"the number of clients must be >= 1, got {num_clients}")
-    alpha = _number(alpha, "--quantity-alpha", positive=True)
+    alpha = option_number(alpha, "--quantity-alpha", positive=True)
     minimum = DEFAULT_MIN_SAMPLES if min_samples is None else int(min_samples)
     test_idx, train_idx = _holdout(data.num_examples, seed, test_fraction)
     check_room(len(train_idx), num_clients, minimum, what="training rows")

@@ -38,12 +38,12 @@ from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
 from fedlinear.common.partition import (
     DEFAULT_MIN_SAMPLES,
-    _integer,
-    _number,
-    _seed,
     check_room,
     coefficient_of_variation,
     dirichlet_sizes,
+    option_integer,
+    option_number,
+    option_seed,
     stream,
 )
 
@@ -323,19 +323,19 @@ class Heterogeneity:
 
         Neutral values (a shift, spread or skew of 0) are off, so they give IID data.
         """
-        alpha = None if quantity_alpha is None else _number(quantity_alpha, "--quantity-alpha", positive=True)
-        minimum = DEFAULT_MIN_SAMPLES if min_samples is None else _integer(min_samples, "--min-samples", 1)
+        alpha = None if quantity_alpha is None else option_number(quantity_alpha, "--quantity-alpha", positive=True)
+        minimum = DEFAULT_MIN_SAMPLES if min_samples is None else option_integer(min_samples, "--min-samples", 1)
         shift = log_scale = None
         if covariate_shift is not None:
             parts = str(covariate_shift).split(":")
             if len(parts) > 2:
                 raise FedLinearError(f"--covariate-shift: {covariate_shift!r} is not S or S:T")
-            shift = _number(parts[0], "--covariate-shift", nonnegative=True)
-            log_scale = _number(parts[1], "--covariate-shift (T)", nonnegative=True) if len(parts) == 2 else shift / 2
+            shift = option_number(parts[0], "--covariate-shift", nonnegative=True)
+            log_scale = option_number(parts[1], "--covariate-shift (T)", nonnegative=True) if len(parts) == 2 else shift / 2
             if shift == 0 and log_scale == 0:
                 shift = log_scale = None
-        spread = None if concept_spread is None else _number(concept_spread, "--concept-spread", nonnegative=True)
-        skew = None if noise_skew is None else _number(noise_skew, "--noise-skew", nonnegative=True)
+        spread = None if concept_spread is None else option_number(concept_spread, "--concept-spread", nonnegative=True)
+        skew = None if noise_skew is None else option_number(noise_skew, "--noise-skew", nonnegative=True)
         return cls(
             quantity_alpha=alpha,
             min_samples=minimum,
@@ -343,10 +343,10 @@ class Heterogeneity:
             covariate_log_scale=log_scale,
             concept_spread=spread or None,
             noise_skew=skew or None,
-            quantity_seed=_seed(quantity_seed, "--quantity-seed"),
-            covariate_seed=_seed(covariate_seed, "--covariate-seed"),
-            concept_seed=_seed(concept_seed, "--concept-seed"),
-            noise_seed=_seed(noise_seed, "--noise-skew-seed"),
+            quantity_seed=option_seed(quantity_seed, "--quantity-seed"),
+            covariate_seed=option_seed(covariate_seed, "--covariate-seed"),
+            concept_seed=option_seed(concept_seed, "--concept-seed"),
+            noise_seed=option_seed(noise_seed, "--noise-skew-seed"),
         )
 
     @property
