@@ -1,5 +1,5 @@
 """A TEST HOOK: inject a fault into this ClientApp's train task. Inert unless the environment variable
-``FEDLINEAR_TEST_FAULTS`` is set (tests/test_faults.py sets it for a local federation).
+``FEDLINEAR_TEST_FAULTS`` is set (tests/integration/test_faults.py sets it for a local federation).
 
 A SuperNode passes its environment on to the ``flower-superexec`` it starts and that to every
 ``flwr-clientapp`` process, so a variable set for ``fedlinear run`` reaches the ClientApp of each

@@ -6,7 +6,7 @@
   party). Server-side clipping then takes the whole run down, client-side clipping fails that client.
   The replacement scales by 1 when the norm is 0 and is otherwise the same FlatClip. Both
   ``compute_clip_model_update`` (server wrapper and ``fixedclipping_mod``) look the function up in
-  that module's globals, so replacing it there fixes every caller. Tested in tests/test_privacy.py
+  that module's globals, so replacing it there fixes every caller. Tested in tests/integration/test_privacy.py
   (a zero-update client under both clipping modes).
 """
 

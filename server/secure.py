@@ -51,7 +51,7 @@ where the second term vanishes for equal weights. Equal weights (DP): ``s = 2c/Q
 weights: ``1.5·s·w_max/mean(w)``. :func:`quantization_bound` computes it. The new global weights
 differ by as much (plus float32 rounding when stored). With the defaults ``c = 8``, ``Q = 2²²``:
 ``s = 3.81e-6`` per coordinate, i.e. at most 1.3e-5 relative to the default data's weight vector
-(11 coordinates of norm ~1), well inside the 1e-4 asked of it; tests/test_secure.py measures the
+(11 coordinates of norm ~1), well inside the 1e-4 asked of it; tests/integration/test_secure.py measures the
 error every round. Larger ``Q`` shrinks the step, but the integer sums live modulo 2³²: at most
 ``2³²/Q − 1`` parties (1023 at the default) can take part in one round, and more is refused.
 

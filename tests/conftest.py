@@ -13,6 +13,15 @@ from fedlinear.common.csvio import to_csv_bytes
 from fedlinear.common.synth import make_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+E2E = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e")
+
+
+def pytest_collection_modifyitems(items):
+    """Everything under tests/e2e/ (real processes: SuperLink, SuperNodes, flwr run, fresh venvs) is marked
+    ``e2e``; so is any test elsewhere that says so itself. ``pytest -m "not e2e"`` leaves them out."""
+    for item in items:
+        if str(item.path).startswith(E2E + os.sep):
+            item.add_marker(pytest.mark.e2e)
 
 
 def write_federation(path, clients=3, samples=300, features=5, noise=0.1, seed=7):

@@ -11,7 +11,7 @@ import pytest
 from fedlinear.common.config import RunConfig, parse_assignments
 from fedlinear.common.errors import FedLinearError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO  # noqa: E402
 
 
 def pyproject_config():

@@ -2,7 +2,7 @@
 update norm of the replies that passed every other check is rejected as that node's failure.
 
 Unit tests on crafted replies and the config; the whole-run experiment (one x100 attacker of ten)
-is in tests/test_robust.py.
+is in tests/integration/test_robust.py.
 """
 
 from __future__ import annotations

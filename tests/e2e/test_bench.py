@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO  # noqa: E402
 
 
 def test_quick_bench_simulation(tmp_path):

@@ -21,7 +21,7 @@ from fedlinear.common.errors import FedLinearError, one_line
 from fedlinear.common.model import LinearWeights
 from tests.s3fixtures import bucket, free_port, moto_s3, s3env  # noqa: F401 - pytest fixtures
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def test_ridge_matches_the_closed_form(shards, tmp_path, method):
 
 def longley_shards(tmp_path, clients=4):
     """All 16 rows of Longley (no test rows held out: the certified values are for all of them)."""
-    from tests.test_real_data import longley
+    from tests.integration.test_real_data import longley
 
     frame = longley()
     uris = []

@@ -6,7 +6,7 @@
   type (NaN, inf, huge integers, strings, booleans, None, lists): a RunConfig that parses back to
   itself, or a FedLinearError naming a config key;
 * the CSV reader (common/csvio.py) with any target column over well-formed files, and any bytes in a
-  directory of parts (tests/test_data_files.py covers single files of any bytes).
+  directory of parts (tests/unit/test_data_files.py covers single files of any bytes).
 """
 
 from __future__ import annotations

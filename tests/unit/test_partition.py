@@ -24,7 +24,7 @@ from fedlinear.common.runstore import RunStore
 from fedlinear.common.synth import Heterogeneity, make_synthetic
 from fedlinear.scripts import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO as ROOT  # noqa: E402
 
 
 def het(**options) -> Heterogeneity:

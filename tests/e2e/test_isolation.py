@@ -35,7 +35,7 @@ import pytest
 
 from fedlinear.scripts.launcher import free_port, namespace_unavailable, unshare_argv
 from tests.conftest import REPO, write_federation
-from tests.test_netns import ROGUE_PYPROJECT, ROGUE_SERVER
+from tests.e2e.test_netns import ROGUE_PYPROJECT, ROGUE_SERVER
 
 BIN = os.path.dirname(os.path.abspath(sys.executable))
 ROGUE_CLIENT = """

@@ -155,7 +155,7 @@ def test_max_update_norm_factor_works_under_a_robust_rule_and_with_the_fixed_bou
     assert "'max-update-norm' =" in reasons[0] and "'max-update-norm-factor'" in reasons[-1], reasons
 
 
-if __name__ == "__main__":  # the README's table: python -m tests.test_robust
+if __name__ == "__main__":  # the README's table: python -m tests.integration.test_robust
     import pathlib
     import tempfile
 
