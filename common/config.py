@@ -2,8 +2,8 @@
 
 Keys live in ``[tool.flwr.app.config]`` of ``pyproject.toml`` (kebab-case) and may be overridden
 with ``flwr run --run-config 'key=value ...'`` or ``fedlinear run --set key=value``. Each key is
-documented in the README's config reference; the defaults below are the single source of truth
-for anything not given in ``pyproject.toml``.
+documented in the ``Attributes`` of :class:`RunConfig`, from which docs/reference/configuration.md is
+generated; the defaults below are the single source of truth for anything not given in ``pyproject.toml``.
 """
 
 from __future__ import annotations

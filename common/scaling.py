@@ -389,7 +389,7 @@ def build_transform(mode: str, pooled: PooledStats | None, num_features: int) ->
 STABLE_FRACTION = 0.25
 # Noise: constant-step mini-batch SGD settles at an excess MSE of about lr * tr(G) / B times the
 # noise variance; 0.02 * B / tr(G) keeps that near 2 % for one client, well under 1 % after FedAvg
-# averages a few clients (measured on 7 real tables and hard synthetic data, see the README).
+# averages a few clients (measured on 7 real tables and hard synthetic data, see docs/how-to/real-data.md).
 NOISE_FRACTION = 0.02
 # Convergence: lr * (local steps over the run) >= 2.5 shrinks the initial error by e^-10 at least.
 CONVERGENCE_STEPS = 2.5

@@ -115,7 +115,7 @@ HETEROGENEITY_OPTIONS = (
 
 
 def add_heterogeneity_args(parser: argparse.ArgumentParser, synth: bool = True) -> None:
-    group = parser.add_argument_group("heterogeneous parties (all off by default: IID; see README)")
+    group = parser.add_argument_group("heterogeneous parties (all off by default: IID; see docs/how-to/heterogeneous-parties.md)")
     group.add_argument("--quantity-alpha", metavar="A", help="shard sizes ~ Dirichlet(A) over the total (A > 0; small A: skewed)")
     group.add_argument("--min-samples", metavar="M", help="with --quantity-alpha: every shard has at least M rows (default 10)"
                        + ("" if synth else "; with --by-column: every value's shard (default 1)"))

@@ -822,7 +822,7 @@ def resolve_isolation(spec: LaunchSpec, warn: Callable[[str], None] | None = Non
         raise FedLinearError(f"--isolation netns: {why[0]}")
     (warn or _warn)(
         f"federation not isolated: {why[0]}; other users and programs on this machine can reach its "
-        "SuperLink on 127.0.0.1 while it runs (README: Local federations on shared machines)"
+        "SuperLink on 127.0.0.1 while it runs (docs/how-to/shared-machines.md)"
     )
     return "none"
 

@@ -9,7 +9,7 @@ secure aggregation) plug into. The strategies are Flower's classes with one mixi
   client key first (:func:`fixed_order`), so float sums, and hence the final weights, do not depend
   on which node answered first, and records the error replies, so a failing client is reported.
 
-``strategy`` picks the class (README "Strategies"): FedAvg, FedProx, FedAvgM, the adaptive server
+``strategy`` picks the class (docs/how-to/strategies.md): FedAvg, FedProx, FedAvgM, the adaptive server
 optimizers FedAdam / FedYogi / FedAdagrad (Reddi et al.), and the robust rules FedMedian,
 FedTrimmedAvg, Krum, MultiKrum, Bulyan, all Flower 1.42's own classes. Around them:
 
@@ -286,7 +286,7 @@ class DeterministicBulyan(RobustMixin, DeterministicMixin, Bulyan):
 STATEFUL = (DeterministicFedAvgM, DeterministicFedAdam, DeterministicFedYogi, DeterministicFedAdagrad)
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 # Our default server step of each FedOpt strategy (config key eta = 0 means this one), measured on the
-# default synthetic data (README "Strategies"); Flower's are 0.1, 0.01, 0.1: too slow for 20 rounds here
+# default synthetic data (docs/how-to/strategies.md); Flower's are 0.1, 0.01, 0.1: too slow for 20 rounds here
 DEFAULT_ETA = {"fedadam": 0.5, "fedyogi": 0.3, "fedadagrad": 1.0}
 
 

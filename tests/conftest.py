@@ -43,6 +43,18 @@ def federation_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def config_reference():
+    """The MkDocs hook that generates docs/reference/configuration.md from RunConfig, as a module."""
+    import importlib.util
+
+    path = os.path.join(REPO, "docs", "hooks", "config_reference.py")
+    spec = importlib.util.spec_from_file_location("fedlinear_docs_config_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_cli(*args, timeout=1200, env=None):
     """Run ``fedlinear ARGS`` in a fresh process; return the CompletedProcess (text)."""
     full_env = dict(os.environ)

@@ -1,4 +1,4 @@
-"""README figures for "Heterogeneous parties": FedAvg on each kind of heterogeneity, in-process.
+"""The figures of docs/how-to/heterogeneous-parties.md: FedAvg on each kind of heterogeneity, in-process.
 
     .venv/bin/python -m tests.heterogeneity_figures [--rounds 20] [--clients 10]
 

@@ -107,7 +107,7 @@ def test_simulation_mode_agrees_with_processes_mode(processes_run, simulation_ru
 
 
 def test_same_seed_twice_gives_the_same_weights(simulation_run, federation_dir, tmp_path):
-    """The README promises bit-identical weights: compare bytes (every checkpoint, the exported
+    """docs/explanation/determinism.md promises bit-identical weights: compare bytes (every checkpoint, the exported
     variables) and exact values, not values to a tolerance."""
     first, first_manifest = final_weights(simulation_run[0])
     done = run_cli(

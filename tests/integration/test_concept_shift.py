@@ -13,7 +13,7 @@ still have w* as its fixed point, but 200 rows of d = 10 give Hessians ~30-35 % 
 the pooled one, and with the concept spread (|w_k - w| ≈ 3) that makes the fixed point drift
 (client drift). FedProx's μ/2 ||θ − θ_g||² holds each local run near θ_g and shrinks that drift;
 too large a μ also slows the progress a round makes, so 20 rounds no longer suffice (μ = 10 in the
-README's grid). The μ grid, measured once (README, "FedProx under concept shift"): μ = 3 is the
+grid of docs/how-to/heterogeneous-parties.md). The μ grid, measured once (there, "FedProx under concept shift"): μ = 3 is the
 best of {0.01, 0.1, 0.3, 1, 3, 10}.
 
 "Differ measurably": the relative gap between the two runs is more than 10 x the largest gap

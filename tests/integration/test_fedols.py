@@ -175,7 +175,7 @@ def longley_shards(tmp_path, clients=4):
 
 @pytest.mark.parametrize("method,at_least", [("qr", 11), ("normal", 10)])
 def test_longley_matches_nists_certified_values(tmp_path, method, at_least):
-    """Split over 4 parties; measured here: qr 13.3 digits, normal 12.0 (see the README)."""
+    """Split over 4 parties; measured here: qr 13.3 digits, normal 12.0 (see docs/how-to/fedols.md)."""
     uris = longley_shards(tmp_path)
     status, manifest = run_in_process(uris, str(tmp_path / "run"), **{"strategy": "fedols", "fedols-method": method})
     assert status["status"] == "completed", status

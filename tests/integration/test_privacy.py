@@ -291,9 +291,9 @@ def test_adaptive_clipping_accounts_the_count_noise_share():
 
 
 def test_flowers_adaptive_clipping_moves_the_norm_the_wrong_way():
-    """What we found in Flower 1.42 (README, Privacy): with every update clipped, its server-side
+    """What we found in Flower 1.42 (docs/how-to/privacy.md): with every update clipped, its server-side
     adaptive wrapper *shrinks* the clipping norm (it feeds the clipped fraction into Andrew et al.'s
-    rule, which expects the unclipped one). If this test fails, Flower fixed it: re-check the README."""
+    rule, which expects the unclipped one). If this test fails, Flower fixed it: re-check that page."""
     from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAvg
     from flwr.supercore.task_identity import TaskIdentity
 

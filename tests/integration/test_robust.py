@@ -126,7 +126,7 @@ def test_max_update_norm_bounds_the_x100_attacker_but_a_fixed_bound_cannot_stop_
     assert "stopped" not in history and np.isfinite(mse) and mse < 20 * clean_mse, mse
     rejected = [row["round"] for row in history["rounds"][1:] if row["failures"]]
     assert rejected[:3] == [1, 2, 3]  # caught while its update is large
-    assert len(rejected) < ROUNDS  # and let through later: the limitation README states
+    assert len(rejected) < ROUNDS  # and let through later: the limitation docs/how-to/strategies.md states
 
 
 def test_max_update_norm_factor_stops_the_x100_attacker_in_every_round(data, clean, tmp_path):
@@ -155,7 +155,7 @@ def test_max_update_norm_factor_works_under_a_robust_rule_and_with_the_fixed_bou
     assert "'max-update-norm' =" in reasons[0] and "'max-update-norm-factor'" in reasons[-1], reasons
 
 
-if __name__ == "__main__":  # the README's table: python -m tests.integration.test_robust
+if __name__ == "__main__":  # the table in docs/how-to/strategies.md: python -m tests.integration.test_robust
     import pathlib
     import tempfile
 

@@ -9,7 +9,7 @@ a row or a column) and structural (the record names, keys, shapes and dtypes are
 
 What it does not claim: that the replies reveal nothing about the rows. An update computed from one row
 gives that row back exactly (``x = Δkernel / Δbias`` after one SGD step): the one-row case below shows it,
-and the README says so. Only differential privacy (``dp``) or secure aggregation bound that.
+and docs/explanation/wire.md says so. Only differential privacy (``dp``) or secure aggregation bound that.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def test_a_one_row_shard_sends_no_statistics_but_its_update_gives_the_row_away(t
     """With reference = none and standardize = none a one-row shard's node sends its shard description,
     its weights and its metrics only: no array other than kernel and bias, no sums. Yet one SGD step on
     one row moves the weights along that row: x = Δkernel / Δbias, recovered here from what the server
-    received. That is what the README's "what crosses the wire" warns about."""
+    received. That is what docs/explanation/wire.md warns about."""
     data = tmp_path / "data"
     write_federation(str(data), clients=2, samples=30, features=D)
     rng = np.random.default_rng(3)

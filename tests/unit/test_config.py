@@ -1,7 +1,9 @@
-"""The run config: one typed parse, clear errors, defaults in sync with pyproject and the README."""
+"""The run config: one typed parse, clear errors, defaults in sync with pyproject and the generated
+configuration reference (docs/reference/configuration.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -25,12 +27,71 @@ def test_pyproject_declares_every_key_with_the_dataclass_default():
     assert RunConfig.from_run_config(declared) == RunConfig()
 
 
-def test_readme_documents_every_key():
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
-        readme = handle.read()
-    documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", readme, flags=re.MULTILINE))
-    missing = [key for key in RunConfig.keys() if key not in documented]
-    assert not missing, f"README config table lacks {missing}"
+def test_configuration_reference_covers_every_key_with_its_default(config_reference):
+    """docs/reference/configuration.md is generated from RunConfig (docs/hooks/config_reference.py):
+    one row per field, the default as pyproject.toml writes it, agreeing with the dataclass."""
+    rows = config_reference.rows(REPO)
+    declared = pyproject_config()
+    assert [row["key"] for row in rows] == RunConfig.keys() == list(declared)
+    defaults = RunConfig().as_dict()
+    for row in rows:
+        written = tomllib.loads(f"v = {row['default']}")["v"]
+        assert written == declared[row["key"]] == defaults[row["key"]], row["key"]
+        assert row["description"] and row["type"], row["key"]
+    table = config_reference.render(REPO)
+    for row in rows:
+        assert f"`{row['key']}` | {row['type']} | `{row['default']}` |" in table
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda text: text.replace("\nseed = 42\n", "\nseed = 43\n"), "'seed': pyproject.toml says 43"),
+        (lambda text: text.replace("\ntau = 0.1\n", "\n"), "lacks 'tau'"),
+        (lambda text: text.replace("\ntau = 0.1\n", "\ntau = 0.1\ntau-2 = 1\n"), "'tau-2', which is not a RunConfig field"),
+    ],
+)
+def test_configuration_reference_refuses_to_drift(config_reference, tmp_path, edit, message):
+    with open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8") as handle:
+        text = handle.read()
+    changed = edit(text)
+    assert changed != text
+    (tmp_path / "pyproject.toml").write_text(changed, encoding="utf-8")
+    with pytest.raises(config_reference.ConfigReferenceError, match=re.escape(message)):
+        config_reference.rows(str(tmp_path))
+
+
+def test_configuration_reference_reads_the_docstring(config_reference):
+    entries = config_reference.parse_attributes(RunConfig.__doc__)
+    names = [name for entry in entries for name in entry.names]
+    assert names == [field.replace("-", "_") for field in RunConfig.keys()]
+    with pytest.raises(config_reference.ConfigReferenceError, match="cannot read the attribute line"):
+        config_reference.parse_attributes("X.\n\nAttributes\n----------\nseed: int\n    No space before the colon.\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TwoKeys:
+    """A stand-in for RunConfig.
+
+    Attributes
+    ----------
+    seed : int (default: 7)
+        The seed (``seed``).
+    rounds : int (default: 3)
+        Rounds, without naming its key.
+    """
+
+    seed: int = 42
+    rounds: int = 3
+
+
+def test_configuration_reference_checks_the_docstring_against_the_dataclass(config_reference, tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text("[tool.flwr.app.config]\nseed = 42\nrounds = 3\n", encoding="utf-8")
+    monkeypatch.setattr(config_reference, "_run_config_class", lambda repo: _TwoKeys)
+    with pytest.raises(config_reference.ConfigReferenceError) as raised:
+        config_reference.rows(str(tmp_path))
+    assert "'seed': the docstring says default 7, the dataclass 42" in str(raised.value)
+    assert "'rounds': the docstring entry does not name the key as (``rounds``)" in str(raised.value)
 
 
 def test_unknown_key_is_named():

@@ -531,7 +531,7 @@ def test_a_completed_run_is_byte_for_byte_unchanged_by_later_invocations(shards,
 
 
 def test_the_same_seed_twice_gives_byte_identical_checkpoints_and_weights(shards, completed, tmp_path):
-    """What the README promises: bit-identical, not close (compares bytes, not values to a tolerance)."""
+    """What docs/explanation/determinism.md promises: bit-identical, not close (compares bytes, not values to a tolerance)."""
     uris, test = shards
     again = str(tmp_path / "again")
     status, manifest = run_in_process(uris, again, **{**SETTINGS, "test-uri": test})
