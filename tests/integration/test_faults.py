@@ -429,7 +429,7 @@ def test_five_supernodes_survive_a_kill_a_raise_and_a_straggler(five_nodes, faul
 def test_min_train_nodes_discards_a_smaller_secure_aggregate(data, tmp_path):
     """Under secure aggregation the floor applies to the parties in the secure sum: node 1001 dies in
     round 2 after sharing its keys, SecAgg+ recovers a sum of 3, min-train-nodes = 4 discards it."""
-    from tests import test_secure
+    from tests.integration import test_secure
 
     uris, test = data
     run = tmp_path / "run"
