@@ -263,7 +263,7 @@ def ensure_data(path: str, clients: int, samples: int, features: int, noise: flo
             if json.load(handle) == params:
                 return path
     from fedlinear.common.data import make_synthetic
-    from fedlinear.scripts.cli import write_shards
+    from fedlinear.common.shards import write_shards
 
     if os.path.isdir(path):
         shutil.rmtree(path)

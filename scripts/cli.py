@@ -36,10 +36,16 @@ from fedlinear.common import storage
 from fedlinear.common import target as targets
 from fedlinear.common.config import RunConfig, parse_assignments
 from fedlinear.common.errors import FedLinearError, one_line
+from fedlinear.common.shards import (
+    CLIENT_FILE,
+    SPLIT_SUMMARY,
+    attach_heterogeneity,
+    find_shards,
+    heterogeneity_line,
+    write_shards,
+    write_synthetic,
+)
 
-CLIENT_FILE = "client-{i}.csv"
-SPLIT_SUMMARY = "split.json"  # written by a non-IID `data split`; truth.json's "heterogeneity" for `data synth`
-CLIENT_PATTERN = re.compile(r"client-(\d+)\.csv$")
 APP_DIR = fedlinear.app_dir()
 
 
@@ -52,27 +58,7 @@ def _abs(uri: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def write_shards(out: str, shards, test, digests: list[dict] | None = None) -> list[str]:
-    """Write ``client-<i>.csv`` and ``test.csv``; ``digests`` (if given) gets each shard's file and SHA-256."""
-    import hashlib
-
-    from fedlinear.common.data import to_csv_bytes
-
-    written = []
-    for i, shard in enumerate(shards):
-        uri = storage.join(out, CLIENT_FILE.format(i=i))
-        blob = to_csv_bytes(shard.x, shard.y)
-        storage.write_bytes(uri, blob)
-        written.append(uri)
-        if digests is not None:
-            digests.append({"file": CLIENT_FILE.format(i=i), "sha256": hashlib.sha256(blob).hexdigest()})
-    storage.write_bytes(storage.join(out, "test.csv"), to_csv_bytes(test.x, test.y))
-    return written
-
-
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from fedlinear.common.data import make_synthetic
-
     out = _abs(args.out)
     hard = {
         "feature_scales": getattr(args, "feature_scales", None),
@@ -81,29 +67,12 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         "target_offset": getattr(args, "target_offset", None),
     }
     het = heterogeneity_of(args)
-    shards, test, truth = make_synthetic(
-        args.clients, args.samples_per_client, args.features, args.noise, args.seed, args.test_samples, **hard,
-        heterogeneity=het,
+    lines = write_synthetic(
+        out, args.clients, args.samples_per_client, args.features, args.noise, args.seed, args.test_samples, het,
+        **hard,
     )  # fmt: skip
-    digests = [] if truth.heterogeneity is not None else None
-    write_shards(out, shards, test, digests)
-    if digests is not None:
-        truth.heterogeneity["shards"] = digests
-    storage.write_text(storage.join(out, "truth.json"), truth.to_json() + "\n")
-    per_client = (
-        f"x {args.samples_per_client} samples"
-        if truth.heterogeneity is None or "quantity" not in truth.heterogeneity
-        else f"({min(s.num_examples for s in shards)}-{max(s.num_examples for s in shards)} samples each)"
-    )
-    print(
-        f"wrote {args.clients} shards {per_client}, d={args.features}, "
-        f"test.csv ({args.test_samples}) and truth.json to {out}"
-    )
-    if truth.options:
-        shown = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in truth.options.items())
-        print(f"hard data: {shown}; realised correlation condition number {truth.condition_number:.4g}")
-    if truth.heterogeneity is not None:
-        print(f"heterogeneous parties: {heterogeneity_line(truth.heterogeneity)} (details in truth.json)")
+    for line in lines:
+        print(line)
     return 0
 
 
@@ -140,25 +109,6 @@ def heterogeneity_of(args: argparse.Namespace):
     if values["min_samples"] is not None and values["quantity_alpha"] is None and getattr(args, "by_column", None) is None:
         raise FedLinearError("--min-samples goes with --quantity-alpha" + (" or --by-column" if "by_column" in args else ""))
     return Heterogeneity.parse(**values)
-
-
-def heterogeneity_line(summary: dict) -> str:
-    """One line: how heterogeneous the shards are (from a truth.json / split.json summary)."""
-    parts = [f"sizes {min(summary['sizes'])}-{max(summary['sizes'])} (CV {summary['sizes_cv']:.3g})"]
-    if "quantity" in summary or summary.get("method") == "quantity":
-        parts.append(f"alpha {summary.get('quantity', summary).get('alpha')}")
-    if "covariate" in summary:
-        c = summary["covariate"]
-        parts.append(f"covariate shift {c['shift']:g} (log-scale {c['log_scale']:g}; party means spread {c['spread_of_means']:.3g})")
-    if "concept" in summary:
-        c = summary["concept"]
-        parts.append(f"concept spread {c['spread']:g} (realised {c['realised_spread']:.3g})")
-    if "noise" in summary and summary["noise"].get("skew"):
-        n = summary["noise"]
-        parts.append(f"noise {min(n['levels']):.3g}-{max(n['levels']):.3g} (skew {n['skew']:g})")
-    if summary.get("method") == "by-column":
-        parts.append(f"{len(summary['sizes'])} values of column {summary['column']}")
-    return ", ".join(parts)
 
 
 def cmd_data_split(args: argparse.Namespace) -> int:
@@ -233,21 +183,6 @@ def cmd_data_upload(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 # run
 # ----------------------------------------------------------------------------------------------
-
-
-def find_shards(data: str) -> list[str]:
-    """Client shards in a data directory/prefix, ordered by client index."""
-    found = {}
-    for uri in storage.list_uris(data if data.endswith("/") or not storage.is_s3(data) else data + "/"):
-        match = CLIENT_PATTERN.search(uri.rsplit("/", 1)[-1])
-        if match:
-            found[int(match.group(1))] = uri
-    if not found:
-        raise FedLinearError(f"{data}: no client-<i>.csv shards (make some with 'fedlinear data synth')")
-    missing = [i for i in range(len(found)) if i not in found]
-    if missing:
-        raise FedLinearError(f"{data}: shards are not numbered 0..{len(found) - 1}: client-{missing[0]}.csv is missing")
-    return [found[i] for i in range(len(found))]
 
 
 def summary_table(history: dict[str, Any]) -> str:
@@ -598,48 +533,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(parties_line(history, clients))
         print(f"model: {store.uri('model')}  (serving_default: x float32 [None, d] -> y [None, 1])")
         if template is not None and template.endswith("/" + CLIENT_FILE.format(i="{partition-id}")):
-            attach_heterogeneity(store, template.rsplit("/", 1)[0])
+            summary = attach_heterogeneity(store, template.rsplit("/", 1)[0])
+            if summary is not None:
+                note = "" if summary["shards_match"] is not False else " (WARNING: it does not match the shards trained on)"
+                print(f"data heterogeneity: {heterogeneity_line(summary)}; in manifest.json{note}")
     print(f"wall time {wall:.1f} s")
     return 0
-
-
-def data_heterogeneity(data_dir: str) -> dict | None:
-    """The heterogeneity summary of a data directory: ``split.json``, else truth.json's, else None (IID)."""
-    split_uri = storage.join(data_dir, SPLIT_SUMMARY)
-    if storage.exists(split_uri):
-        return {"source": split_uri, **json.loads(storage.read_text(split_uri))}
-    truth_uri = storage.join(data_dir, "truth.json")
-    if storage.exists(truth_uri):
-        summary = json.loads(storage.read_text(truth_uri)).get("heterogeneity")
-        if summary is not None:
-            return {"source": truth_uri, **summary}
-    return None
-
-
-def attach_heterogeneity(store, data_dir: str) -> None:
-    """Copy the data directory's heterogeneity summary into the run's manifest.json ("data-heterogeneity").
-
-    ``shards_match`` says whether the SHA-256 the summary recorded for each shard file equals the
-    server's fingerprint of the shard it trained on (None where the manifest has no SHA-256: S3, privacy).
-    """
-    summary = data_heterogeneity(data_dir)
-    if summary is None or not storage.exists(store.uri("manifest.json")):
-        return
-    manifest = store.read_manifest()
-    recorded = {entry["file"]: entry["sha256"] for entry in summary.get("shards", [])}
-    seen = []
-    for shard in manifest.get("shards", []):
-        for fp in shard.get("fingerprints", []):
-            fp = json.loads(fp) if isinstance(fp, str) else fp
-            if not isinstance(fp, dict) or "sha256" not in fp:
-                continue
-            name = str(fp["uri"]).rsplit("/", 1)[-1] if "uri" in fp else CLIENT_FILE.format(i=shard.get("partition-id"))
-            seen.append(recorded.get(name) == fp["sha256"])
-    summary["shards_match"] = all(seen) if seen else None
-    manifest["data-heterogeneity"] = summary
-    store.write_manifest(manifest)
-    note = "" if summary["shards_match"] is not False else " (WARNING: it does not match the shards trained on)"
-    print(f"data heterogeneity: {heterogeneity_line(summary)}; in manifest.json{note}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ def validate(args: argparse.Namespace) -> Settings:
     data = None
     if args.data:
         data = args.data if storage.is_s3(args.data) else os.path.abspath(os.path.expanduser(args.data))
-        from fedlinear.scripts.cli import find_shards
+        from fedlinear.common.shards import find_shards
 
         shards = find_shards(data)
         if args.clients is not None and args.clients > len(shards):
@@ -265,11 +265,12 @@ def ensure_data(settings: Settings) -> str:
         with open(marker, encoding="utf-8") as handle:
             if json.load(handle) == params:
                 return path
-    from fedlinear.scripts.cli import cmd_data_synth
+    from fedlinear.common.shards import write_synthetic
 
     if os.path.isdir(path):
         shutil.rmtree(path)
-    cmd_data_synth(argparse.Namespace(out=path, clients=settings.clients, **SYNTH))
+    for line in write_synthetic(path, settings.clients, **SYNTH):
+        print(line)
     with open(marker, "w", encoding="utf-8") as handle:
         json.dump(params, handle)
     return path

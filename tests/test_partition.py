@@ -19,6 +19,7 @@ import pytest
 from fedlinear.common.data import Dataset, load_csv, make_synthetic, split_iid, to_csv_bytes
 from fedlinear.common.errors import FedLinearError
 from fedlinear.common.partition import Heterogeneity, dirichlet_sizes, split_by_column, split_quantity, stream
+from fedlinear.common import shards as layout
 from fedlinear.common.runstore import RunStore
 from fedlinear.scripts import cli
 
@@ -431,7 +432,7 @@ def test_a_run_on_heterogeneous_data_records_the_summary_in_its_manifest(tmp_pat
     status, manifest = run_in_process(shards, str(tmp_path / "run"), **{"num-server-rounds": 2, "test-uri": str(data / "test.csv")})
     assert status["status"] == "completed" and "data-heterogeneity" not in manifest
     store = RunStore(str(tmp_path / "run"))
-    cli.attach_heterogeneity(store, str(data))
+    layout.attach_heterogeneity(store, str(data))
     recorded = store.read_manifest()["data-heterogeneity"]
     truth = json.loads((data / "truth.json").read_text())
     assert recorded == {"source": str(data / "truth.json"), **truth["heterogeneity"], "shards_match": True}
@@ -439,12 +440,12 @@ def test_a_run_on_heterogeneous_data_records_the_summary_in_its_manifest(tmp_pat
     # a summary that does not describe the shards trained on is flagged, not trusted
     (data / "client-0.csv").write_bytes(to_csv_bytes(np.zeros((3, 3)), np.zeros(3)))
     status2, _ = run_in_process(shards, str(tmp_path / "run2"), **{"num-server-rounds": 1})
-    cli.attach_heterogeneity(RunStore(str(tmp_path / "run2")), str(data))
+    layout.attach_heterogeneity(RunStore(str(tmp_path / "run2")), str(data))
     assert RunStore(str(tmp_path / "run2")).read_manifest()["data-heterogeneity"]["shards_match"] is False
     # IID data: nothing added
     iid = tmp_path / "iid"
     cli.main(["data", "synth", "--out", str(iid), "--clients", "2", "--samples-per-client", "50", "--features", "3"])
-    assert cli.data_heterogeneity(str(iid)) is None
+    assert layout.data_heterogeneity(str(iid)) is None
 
 
 def test_fedlinear_run_synthesises_heterogeneous_default_data(tmp_path):
