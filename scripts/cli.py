@@ -36,6 +36,7 @@ from fedlinear.common import storage
 from fedlinear.common import target as targets
 from fedlinear.common.config import RunConfig, parse_assignments
 from fedlinear.common.errors import FedLinearError, one_line
+from fedlinear.scripts.local.lock import lock_run_dir
 from fedlinear.common.shards import (
     CLIENT_FILE,
     SPLIT_SUMMARY,
@@ -279,74 +280,6 @@ def write_local_statistics(shards: list[str], uri: str, cfg: RunConfig) -> str:
     return uri
 
 
-LOCK_FILE = ".lock"
-# A lock whose holder has died is still held while its watchdog stops what the dead run left running
-# (bounded by the launcher's WATCHDOG_TIMEOUT); a new run waits that long for it, no longer.
-LOCK_CLEANUP_WAIT = 75.0
-
-
-def lock_path(out: str) -> str:
-    """``RUN_DIR/.lock`` for a local run directory. An ``s3://`` one cannot be locked across machines
-    (S3 has no lock that its holder's death releases), so its lock is a local file named after the
-    URI: two runs on one machine are kept apart, runs on two machines are not."""
-    if not storage.is_s3(out):
-        return os.path.join(out, LOCK_FILE)
-    import hashlib
-
-    digest = hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:32]
-    return os.path.join(os.path.expanduser("~"), ".cache", "fedlinear", "locks", f"s3-{digest}.lock")
-
-
-def _lock_holder(fd: int) -> int | None:
-    try:
-        return int(os.pread(fd, 32, 0).decode().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def lock_run_dir(out: str, cleanup_wait: float = LOCK_CLEANUP_WAIT) -> int:
-    """Take the run directory's lock (``fcntl.flock``, released by the kernel when its holders die,
-    SIGKILL included) and return its file descriptor, kept open for the life of this process.
-
-    A live holder: refused at once, naming its pid. A holder that has died: its watchdog is still
-    stopping what it left running; wait for that (bounded), then go on (the run resumes).
-    """
-    import fcntl
-
-    path = lock_path(out)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + cleanup_wait
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            holder = _lock_holder(fd)
-            alive = holder is not None and _pid_alive(holder)
-            if alive or time.monotonic() > deadline:
-                os.close(fd)
-                what = f"pid {holder}" if alive else f"the clean-up after pid {holder}, which has ended"
-                raise FedLinearError(
-                    f"{out} is in use by another fedlinear run ({what}; lock {path}); "
-                    "wait for it to finish, or stop it, then run the same command again"
-                ) from None
-            time.sleep(0.2)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def last_round_text(store) -> str:
     pointer = store.uri("checkpoints", "latest.json")
     if not storage.exists(pointer):
@@ -364,7 +297,7 @@ def mark_interrupted(store, exc: BaseException) -> FedLinearError:
         status = store.read_status()
     except Exception:  # noqa: BLE001 - an unreadable status must not hide the real error
         status = None
-    from fedlinear.scripts.launcher import RunInterrupted
+    from fedlinear.scripts.local.spec import RunInterrupted
 
     # the ServerApp may have noted the stop this CLI caused (as a KeyboardInterrupt): the cause is ours
     stopped_by_us = isinstance(exc, PartyLeftOut | RunInterrupted | KeyboardInterrupt)
@@ -434,7 +367,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise FedLinearError(f"--rounds must be >= 1, got {args.rounds}")
     heterogeneity_of(args).check(args.clients or 10, 1000, 0.1)  # the synthetic options, before anything is written
     from fedlinear.common.runstore import RunStore
-    from fedlinear.scripts.launcher import LaunchSpec, launch
+    from fedlinear.scripts.local.launch import launch
+    from fedlinear.scripts.local.spec import LaunchSpec
 
     out = _abs(args.out)
     overrides = parse_assignments(args.set)
@@ -548,7 +482,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_stop_superlink(args: argparse.Namespace) -> int:
     """Stop the SuperLink ``flwr run`` started for a ``:local:`` connection, and what it spawned, by PID."""
-    from fedlinear.scripts.launcher import stop_superlink
+    from fedlinear.scripts.local.processes import stop_superlink
 
     print(stop_superlink(args.port))
     return 0

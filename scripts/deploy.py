@@ -119,7 +119,7 @@ def port_free(host: str, port: int) -> bool:
 
 def wait_healthy_tls(port: int, cafile: str, proc: subprocess.Popen, timeout: float, log_path: str) -> None:
     """Poll the SuperLink's /health over TLS on loopback (bounded); fail fast if it exits."""
-    from fedlinear.scripts.launcher import tail
+    from fedlinear.scripts.local.flower import tail
 
     ctx = ssl.create_default_context(cafile=cafile)
     deadline = time.monotonic() + timeout
@@ -156,7 +156,8 @@ class _Stop(Exception):
 
 def cmd_superlink(args: argparse.Namespace) -> int:
     from fedlinear.scripts.fleetfront import FleetFront
-    from fedlinear.scripts.launcher import ProcessGroup, flower_env
+    from fedlinear.scripts.local.flower import flower_env
+    from fedlinear.scripts.local.processes import ProcessGroup
 
     ca, cert, key = _cert_files(args)
     host = args.host
@@ -208,7 +209,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         print("fedlinear superlink: ready", flush=True)
         while superlink.poll() is None:
             time.sleep(0.2)
-        from fedlinear.scripts.launcher import tail
+        from fedlinear.scripts.local.flower import tail
 
         raise FedLinearError(f"flower-superlink exited with code {superlink.returncode}; log {log_path}:\n{tail(log_path)}")
     except _Stop:
@@ -298,7 +299,8 @@ def _typed(text: str) -> Any:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from fedlinear.scripts.launcher import ProcessGroup, config_string, flower_env, free_port
+    from fedlinear.scripts.local.flower import config_string, flower_env, free_port
+    from fedlinear.scripts.local.processes import ProcessGroup
 
     ca, key = _abs(args.ca), _abs(args.key)
     problems = preflight.check_ca(ca) + preflight.check_node_key(key)

@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from fedlinear.scripts import cli, pki, preflight
 from fedlinear.scripts.deploy import explain_supernode_failure
 from fedlinear.scripts.fleetfront import FLEET_PATHS, FleetFront
-from fedlinear.scripts.launcher import free_port
+from fedlinear.scripts.local.flower import free_port
 
 
 def run(capsys, *argv):
