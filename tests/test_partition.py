@@ -22,6 +22,7 @@ from fedlinear.common.partition import Heterogeneity, dirichlet_sizes, split_by_
 from fedlinear.common import shards as layout
 from fedlinear.common.runstore import RunStore
 from fedlinear.scripts import cli
+from fedlinear.scripts.cli import run as run_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -452,7 +453,7 @@ def test_fedlinear_run_synthesises_heterogeneous_default_data(tmp_path):
     """`fedlinear run --concept-spread ...` passes the options (and the run's seed) to the synthesiser."""
     args = cli.build_parser().parse_args(["run", "--out", str(tmp_path / "run"), "--clients", "3",
                                           "--concept-spread", "0.5", "--noise-skew", "0.3", "--noise-skew-seed", "8"])  # fmt: skip
-    shards, template, test_uri = cli.resolve_data(args, str(tmp_path / "run"), {"seed": "5"})
+    shards, template, test_uri = run_command.resolve_data(args, str(tmp_path / "run"), {"seed": "5"})
     data = tmp_path / "run" / "data"
     assert template == str(data / "client-{partition-id}.csv") and test_uri == str(data / "test.csv")
     assert len(shards) == 3

@@ -1,23 +1,4 @@
-"""The ``fedlinear`` command line.
-
-    fedlinear data synth  --out DIR --clients N --samples-per-client n --features d --noise s --seed S
-                          [--feature-scales LO:HI] [--feature-offsets LO:HI] [--condition-number K]
-                          [--target-offset B]
-    fedlinear data split  INPUT.csv --clients N --out DIR --seed S [--test-fraction f]
-    fedlinear data upload DIR s3://bucket/prefix/
-    fedlinear run         [--data DIR] [--clients N] [--rounds R] --out RUN_DIR [--mode processes|simulation]
-                          [--set key=value ...] [--isolation auto|netns|none] [--allow-missing-parties]
-                          [--target R [--stop-at-target]]
-    fedlinear stop-superlink [--port 39091]   (the SuperLink `flwr run` starts for a :local: connection)
-    fedlinear predict     --model RUN_DIR/model --input FILE.csv [--output FILE]
-    fedlinear bench       [--quick] [--only ...] [--out DIR]   (see docs/benchmarks.md)
-    fedlinear report      RUN_DIR [--out FILE]        one self-contained HTML report (plots, failures, config)
-    fedlinear compare     RUN_DIR... [--out FILE]     several runs overlaid in one HTML page
-    fedlinear soak        [--nodes N] [--rounds R] [--out DIR] [--threshold X]   (RSS of a long run)
-
-``DIR``/``RUN_DIR`` may be local paths or ``s3://`` URIs. Errors a user can fix print one line
-(``fedlinear: error: ...``) and exit with status 1; Ctrl-C stops every process the command started.
-"""
+"""``fedlinear run``: a whole local federation (:mod:`fedlinear.scripts.local`), then its summary."""
 
 from __future__ import annotations
 
@@ -26,7 +7,6 @@ import contextlib
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 from typing import Any
@@ -36,154 +16,12 @@ from fedlinear.common import storage
 from fedlinear.common import target as targets
 from fedlinear.common.config import RunConfig, parse_assignments
 from fedlinear.common.errors import FedLinearError, one_line
+from fedlinear.common.shards import CLIENT_FILE, attach_heterogeneity, find_shards, heterogeneity_line
+from fedlinear.scripts.cli.data import cmd_data_synth
+from fedlinear.scripts.cli.options import HETEROGENEITY_OPTIONS, abs_uri, add_heterogeneity_args, heterogeneity_of
 from fedlinear.scripts.local.lock import lock_run_dir
-from fedlinear.common.shards import (
-    CLIENT_FILE,
-    SPLIT_SUMMARY,
-    attach_heterogeneity,
-    find_shards,
-    heterogeneity_line,
-    write_shards,
-    write_synthetic,
-)
 
 APP_DIR = fedlinear.app_dir()
-
-
-def _abs(uri: str) -> str:
-    return uri if storage.is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
-
-
-# ----------------------------------------------------------------------------------------------
-# data
-# ----------------------------------------------------------------------------------------------
-
-
-def cmd_data_synth(args: argparse.Namespace) -> int:
-    out = _abs(args.out)
-    hard = {
-        "feature_scales": getattr(args, "feature_scales", None),
-        "feature_offsets": getattr(args, "feature_offsets", None),
-        "condition_number": getattr(args, "condition_number", None),
-        "target_offset": getattr(args, "target_offset", None),
-    }
-    het = heterogeneity_of(args)
-    lines = write_synthetic(
-        out, args.clients, args.samples_per_client, args.features, args.noise, args.seed, args.test_samples, het,
-        **hard,
-    )  # fmt: skip
-    for line in lines:
-        print(line)
-    return 0
-
-
-# Heterogeneous parties (common/partition.py): options of `data synth` and `run`, and the summary line.
-HETEROGENEITY_OPTIONS = (
-    "quantity_alpha", "min_samples", "covariate_shift", "concept_spread", "noise_skew",
-    "quantity_seed", "covariate_seed", "concept_seed", "noise_skew_seed",
-)  # fmt: skip
-
-
-def add_heterogeneity_args(parser: argparse.ArgumentParser, synth: bool = True) -> None:
-    group = parser.add_argument_group("heterogeneous parties (all off by default: IID; see README)")
-    group.add_argument("--quantity-alpha", metavar="A", help="shard sizes ~ Dirichlet(A) over the total (A > 0; small A: skewed)")
-    group.add_argument("--min-samples", metavar="M", help="with --quantity-alpha: every shard has at least M rows (default 10)"
-                       + ("" if synth else "; with --by-column: every value's shard (default 1)"))
-    group.add_argument("--quantity-seed", metavar="S", help="seed of the shard sizes (default: the data seed)")
-    if not synth:
-        return
-    group.add_argument("--covariate-shift", metavar="S[:T]",
-                       help="party feature means ~ N(0, S^2), scales ~ lognormal(0, T^2) (T default S/2)")
-    group.add_argument("--concept-spread", metavar="s", help="party true weights w_k = w + N(0, s^2)")
-    group.add_argument("--noise-skew", metavar="t", help="party label noise = noise * exp(t N(0, 1))")
-    group.add_argument("--covariate-seed", metavar="S", help="seed of the party means and scales (default: the data seed)")
-    group.add_argument("--concept-seed", metavar="S", help="seed of the party weights (default: the data seed)")
-    group.add_argument("--noise-skew-seed", metavar="S", help="seed of the party noise levels (default: the data seed)")  # fmt: skip
-
-
-def heterogeneity_of(args: argparse.Namespace):
-    """The validated :class:`common.partition.Heterogeneity` of parsed arguments (missing ones: off)."""
-    from fedlinear.common.partition import Heterogeneity
-
-    values = {name: getattr(args, name, None) for name in HETEROGENEITY_OPTIONS}
-    values["noise_seed"] = values.pop("noise_skew_seed")
-    if values["min_samples"] is not None and values["quantity_alpha"] is None and getattr(args, "by_column", None) is None:
-        raise FedLinearError("--min-samples goes with --quantity-alpha" + (" or --by-column" if "by_column" in args else ""))
-    return Heterogeneity.parse(**values)
-
-
-def cmd_data_split(args: argparse.Namespace) -> int:
-    from fedlinear.common.data import load_csv, split_iid
-    from fedlinear.common.partition import split_by_column, split_quantity
-
-    by_column = getattr(args, "by_column", None)
-    alpha = getattr(args, "quantity_alpha", None)
-    if by_column is None and (args.bins is not None or args.drop_by_column):
-        raise FedLinearError("--bins and --drop-by-column go with --by-column K")
-    if by_column is not None and alpha is not None:
-        raise FedLinearError("--quantity-alpha and --by-column are two different splits: give one")
-    if alpha is None and args.quantity_seed is not None:
-        raise FedLinearError("--quantity-seed goes with --quantity-alpha")
-    if by_column is None and args.clients is None:
-        raise FedLinearError("data split needs --clients N (or --by-column K: one shard per value)")
-    het = heterogeneity_of(args)  # validates --quantity-alpha, --min-samples, --quantity-seed
-    data = load_csv(args.input, target_column=args.target_column, header=args.header)
-    summary = None
-    if by_column is not None:
-        width = data.num_features + 1
-        target = args.target_column % width
-        names = None
-        if data.columns is not None:
-            names = list(data.columns[:-1])
-            names.insert(target, data.columns[-1])
-        minimum = het.min_samples if args.min_samples is not None else 1
-        shards, test, summary = split_by_column(
-            data, by_column, width, target, args.seed, args.test_fraction,
-            bins=args.bins, drop=args.drop_by_column, min_samples=minimum, names=names,
-        )  # fmt: skip
-        if args.clients is not None and args.clients != len(shards):
-            raise FedLinearError(
-                f"--by-column {by_column} gives {len(shards)} shards (one per value), but --clients is {args.clients}"
-            )
-    elif alpha is not None:
-        shards, test, summary = split_quantity(
-            data, args.clients, args.seed, args.test_fraction, het.quantity_alpha, het.min_samples, het.quantity_seed
-        )
-    else:
-        shards, test = split_iid(data, args.clients, args.seed, args.test_fraction)
-    out = _abs(args.out)
-    digests = [] if summary is not None else None
-    write_shards(out, shards, test, digests)
-    sizes = [s.num_examples for s in shards]
-    print(
-        f"split {data.num_examples} samples ({data.num_features} features) into {len(shards)} shards "
-        f"({min(sizes)}-{max(sizes)} each) and test.csv ({test.num_examples}) in {out}"
-    )
-    if summary is not None:
-        summary = {"input": args.input if storage.is_s3(args.input) else _abs(args.input), **summary, "shards": digests}
-        for entry, label in zip(digests, summary.get("values", []), strict=False):
-            entry["value"] = label
-        storage.write_text(storage.join(out, SPLIT_SUMMARY), json.dumps(summary, indent=2) + "\n")
-        print(f"heterogeneous parties: {heterogeneity_line(summary)} (details in {SPLIT_SUMMARY})")
-    return 0
-
-
-def cmd_data_upload(args: argparse.Namespace) -> int:
-    if not storage.is_s3(args.dest):
-        raise FedLinearError(f"destination must be an s3:// URI, got '{args.dest}'")
-    files = storage.list_uris(_abs(args.source))
-    for path in files:
-        uri = storage.join(args.dest, os.path.basename(path))
-        with open(path, "rb") as handle:
-            storage.write_bytes(uri, handle.read())
-        print(f"{path} -> {uri}")
-    print(f"uploaded {len(files)} files to {args.dest}")
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# run
-# ----------------------------------------------------------------------------------------------
 
 
 def summary_table(history: dict[str, Any]) -> str:
@@ -237,11 +75,11 @@ def resolve_data(
     template = overrides.pop("data-uri", None)
     if args.test and "test-uri" in overrides:
         raise FedLinearError("give the test set one way: --test or --set test-uri, not both")
-    test_uri = _abs(args.test) if args.test else overrides.pop("test-uri", "")
+    test_uri = abs_uri(args.test) if args.test else overrides.pop("test-uri", "")
     if args.shard:
         if args.data or template:
             raise FedLinearError("give the shards one way: --shard, --data or --set data-uri=TEMPLATE")
-        return [_abs(uri) for uri in args.shard], None, test_uri
+        return [abs_uri(uri) for uri in args.shard], None, test_uri
     if template:
         if args.data:
             raise FedLinearError("give the shards one way: --data or --set data-uri=TEMPLATE")
@@ -250,7 +88,7 @@ def resolve_data(
         shards = [template.replace("{partition-id}", str(i)) for i in range(args.clients)]
         return shards, template, test_uri
     if args.data:
-        data = _abs(args.data)
+        data = abs_uri(args.data)
     else:
         data = storage.join(out, "data")
         before_writing()
@@ -370,7 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedlinear.scripts.local.launch import launch
     from fedlinear.scripts.local.spec import LaunchSpec
 
-    out = _abs(args.out)
+    out = abs_uri(args.out)
     overrides = parse_assignments(args.set)
     given = [f"--{name.replace('_', '-')}" for name in HETEROGENEITY_OPTIONS if getattr(args, name, None) is not None]
     if given and (args.shard or args.data or "data-uri" in overrides):
@@ -427,7 +265,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"privacy on: pooled statistics for the yardstick computed here from the shards -> {run_config['statistics-uri']}")
     workdir = os.path.join(out, "logs") if not storage.is_s3(out) else tempfile.mkdtemp(prefix="fedlinear-logs-")
     spec = LaunchSpec(
-        app_dir=_abs(args.app) if args.app else APP_DIR,
+        app_dir=abs_uri(args.app) if args.app else APP_DIR,
         mode=args.mode,
         num_nodes=clients,
         run_config=run_config,
@@ -475,101 +313,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# predict
-# ----------------------------------------------------------------------------------------------
-
-
-def cmd_stop_superlink(args: argparse.Namespace) -> int:
-    """Stop the SuperLink ``flwr run`` started for a ``:local:`` connection, and what it spawned, by PID."""
-    from fedlinear.scripts.local.processes import stop_superlink
-
-    print(stop_superlink(args.port))
-    return 0
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from fedlinear.common.data import load_matrix
-    from fedlinear.common.export import load_savedmodel
-
-    matrix, _, _ = load_matrix(_abs(args.input) if not storage.is_s3(args.input) else args.input, args.header)
-    predict, num_features = load_savedmodel(_abs(args.model))
-    width = matrix.shape[1]
-    if width == num_features:
-        x, y = matrix, None
-    elif width == num_features + 1:
-        x, y = matrix[:, :-1], matrix[:, -1]
-    else:
-        raise FedLinearError(
-            f"{args.input}: has {width} columns; the model takes {num_features} features "
-            f"(give {num_features} feature columns, optionally followed by the target)"
-        )
-    pred = predict(x).reshape(-1)
-    text = "\n".join(f"{v:.9g}" for v in pred) + "\n"
-    if args.output:
-        storage.write_text(_abs(args.output), text)
-        print(f"wrote {len(pred)} predictions to {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
-    if y is not None:
-        print(f"MSE against the last column: {float(np.mean((pred - y) ** 2)):.6g}", file=sys.stderr)
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedlinear", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    data = sub.add_parser("data", help="make, split and upload client shards").add_subparsers(
-        dest="data_command", required=True
-    )
-    synth = data.add_parser("synth", help="synthetic shards with known true weights")
-    synth.add_argument("--out", required=True, help="output directory or s3:// prefix")
-    synth.add_argument("--clients", type=int, default=10)
-    synth.add_argument("--samples-per-client", type=int, default=1000)
-    synth.add_argument("--features", type=int, default=10)
-    synth.add_argument("--noise", type=float, default=0.1, help="standard deviation of the label noise")
-    synth.add_argument("--seed", type=int, default=42)
-    synth.add_argument("--test-samples", type=int, default=2000)
-    hard = synth.add_argument_group("hard data on purpose (all off by default; a negative LO needs --opt=LO:HI)")
-    hard.add_argument(
-        "--feature-scales",
-        metavar="LO:HI",
-        help="per-feature scales, log-spaced from LO (first) to HI (last), e.g. 1e-3:1e4",
-    )
-    hard.add_argument("--feature-offsets", metavar="LO:HI", help="per-feature offsets, evenly spaced from LO to HI")
-    hard.add_argument(
-        "--condition-number", metavar="K", help="correlated features: correlation eigenvalues geometric, max/min = K"
-    )
-    hard.add_argument("--target-offset", metavar="B", help="add B to every target, e.g. 1e5")
-    add_heterogeneity_args(synth)
-    synth.set_defaults(func=cmd_data_synth)
-
-    split = data.add_parser("split", help="shard an existing CSV (IID) and hold out a test split")
-    split.add_argument("input", help="CSV file or s3:// object")
-    split.add_argument("--clients", type=int, help="number of shards (required unless --by-column)")
-    split.add_argument("--out", required=True)
-    split.add_argument("--seed", type=int, default=42)
-    split.add_argument("--test-fraction", type=float, default=0.2)
-    split.add_argument("--target-column", type=int, default=-1)
-    split.add_argument("--header", choices=("auto", "yes", "no"), default="auto")
-    add_heterogeneity_args(split, synth=False)
-    split.add_argument("--by-column", type=int, metavar="K",
-                       help="one shard per distinct value of CSV column K (0-based, negative from the end)")
-    split.add_argument("--bins", type=int, metavar="B", help="with --by-column: B equal-width bins of the column")
-    split.add_argument("--drop-by-column", action="store_true", help="with --by-column: leave column K out of the shards")
-    split.set_defaults(func=cmd_data_split)  # fmt: skip
-
-    upload = data.add_parser("upload", help="put local shards into a bucket, one object per file")
-    upload.add_argument("source", help="local directory of shards")
-    upload.add_argument("dest", help="s3://bucket/prefix/")
-    upload.set_defaults(func=cmd_data_upload)
-
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``fedlinear run``."""
     run = sub.add_parser("run", help="run a whole local federation")
     run.add_argument("--data", help="directory or s3:// prefix with client-<i>.csv (+ test.csv); default: synthetic")
     run.add_argument("--shard", action="append", metavar="URI", help="one client's shard (repeatable; processes mode)")
@@ -606,64 +351,3 @@ def build_parser() -> argparse.ArgumentParser:
                      "result)")  # fmt: skip
     run.add_argument("--app", help=argparse.SUPPRESS)  # another Flower app dir (benchmarks)
     run.set_defaults(func=cmd_run)
-
-    stop = sub.add_parser(
-        "stop-superlink",
-        help="stop the SuperLink `flwr run` starts for a :local: connection (and everything it spawned), by PID",
-    )
-    stop.add_argument(
-        "--port", type=int, default=int(os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")),
-        help="its port on 127.0.0.1 (default: Flower's, 39091, or $FLWR_LOCAL_SUPERLINK_HTTP_API_PORT)",
-    )  # fmt: skip
-    stop.set_defaults(func=cmd_stop_superlink)
-
-    predict = sub.add_parser("predict", help="predict with an exported SavedModel")
-    predict.add_argument("--model", required=True, help="RUN_DIR/model (local or s3://)")
-    predict.add_argument("--input", required=True, help="CSV of d features (a trailing target column is allowed)")
-    predict.add_argument("--output", help="write predictions here instead of stdout")
-    predict.add_argument("--header", choices=("auto", "yes", "no"), default="auto")
-    predict.set_defaults(func=cmd_predict)
-
-    from fedlinear.scripts import bench
-
-    bench.add_parser(sub)
-
-    from fedlinear.scripts import deploy
-
-    deploy.add_parser(sub)
-
-    from fedlinear.scripts import sweep
-
-    sweep.add_parser(sub)
-
-    from fedlinear.scripts import soak
-
-    soak.add_parser(sub)
-
-    from fedlinear.scripts import report
-
-    report.add_parsers(sub)  # fedlinear report RUN_DIR, fedlinear compare RUN_DIR...
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except FedLinearError as exc:
-        first, _, detail = str(exc).partition("\n")
-        print(f"fedlinear: error: {one_line(FedLinearError(first))}", file=sys.stderr)
-        if detail.strip():
-            print(detail.rstrip(), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fedlinear: interrupted; every process it started has been stopped", file=sys.stderr)
-        return 130
-    except OSError as exc:  # an unwritable --out, a full disk: one line, not a traceback
-        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
-        print(f"fedlinear: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
