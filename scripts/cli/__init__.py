@@ -25,8 +25,8 @@ import argparse
 import sys
 
 from fedlinear.common.errors import FedLinearError, one_line
-from fedlinear.scripts import bench, deploy, report, soak, sweep
-from fedlinear.scripts.cli import data, predict, run, stop_superlink
+from fedlinear.scripts import bench, report, soak, sweep
+from fedlinear.scripts.cli import data, deploy, predict, run, stop_superlink
 
 
 def build_parser() -> argparse.ArgumentParser:
