@@ -182,7 +182,7 @@ def test_report_content_and_escaping(runs, reports):
 
 
 def test_participation_grid(runs):
-    from fedlinear.scripts import report
+    from fedlinear.scripts.experiments import report
 
     run = report.load_run(runs["fedavg"])
     people, rounds, grid = report.participation(run)

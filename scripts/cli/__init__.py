@@ -25,17 +25,16 @@ import argparse
 import sys
 
 from fedlinear.common.errors import FedLinearError, one_line
-from fedlinear.scripts import bench, report, soak, sweep
-from fedlinear.scripts.cli import data, deploy, predict, run, stop_superlink
+from fedlinear.scripts import bench, sweep
+from fedlinear.scripts.cli import data, deploy, predict, report, run, soak, stop_superlink
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fedlinear`` parser: one sub-command (or a few) per module, in the order ``--help`` lists them."""
     parser = argparse.ArgumentParser(prog="fedlinear", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (data, run, stop_superlink, predict, bench, deploy, sweep, soak):
+    for command in (data, run, stop_superlink, predict, bench, deploy, sweep, soak, report):
         command.add_parser(sub)
-    report.add_parsers(sub)  # fedlinear report RUN_DIR, fedlinear compare RUN_DIR...
     return parser
 
 
