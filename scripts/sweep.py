@@ -790,7 +790,7 @@ def cmd_sweep(args: argparse.Namespace, runner: Runner = subprocess_runner) -> i
     settings = validate(args)
     prepare_out(settings)
     if args.wait_quiet > 0:
-        from fedlinear.scripts.bench import wait_quiet
+        from fedlinear.scripts.experiments.bench.measure import wait_quiet
 
         load = wait_quiet(args.wait_quiet)
         say(f"other processes use {load:.2f} cores")

@@ -25,8 +25,8 @@ import argparse
 import sys
 
 from fedlinear.common.errors import FedLinearError, one_line
-from fedlinear.scripts import bench, sweep
-from fedlinear.scripts.cli import data, deploy, predict, report, run, soak, stop_superlink
+from fedlinear.scripts import sweep
+from fedlinear.scripts.cli import bench, data, deploy, predict, report, run, soak, stop_superlink
 
 
 def build_parser() -> argparse.ArgumentParser:

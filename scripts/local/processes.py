@@ -38,6 +38,19 @@ def running(proc: psutil.Process) -> bool:
 TREE_ENV = "FEDLINEAR_TREE"
 
 
+def stop_all(procs: Iterable[psutil.Process], grace: float = 5.0) -> None:
+    """SIGTERM each process, then SIGKILL those still alive after ``grace`` seconds (and wait for them)."""
+    procs = list(procs)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace)
+
+
 def tree_token() -> str:
     return f"{os.getpid()}-{secrets.token_hex(8)}"
 
