@@ -25,8 +25,7 @@ import argparse
 import sys
 
 from fedlinear.common.errors import FedLinearError, one_line
-from fedlinear.scripts import sweep
-from fedlinear.scripts.cli import bench, data, deploy, predict, report, run, soak, stop_superlink
+from fedlinear.scripts.cli import bench, data, deploy, predict, report, run, soak, stop_superlink, sweep
 
 
 def build_parser() -> argparse.ArgumentParser:
