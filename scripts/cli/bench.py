@@ -19,7 +19,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
-def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``fedlinear bench`` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark fedlinear against Flower's floor and a quickstart-style app",
+        description=bench.__doc__.split("\n\n")[0],
+    )
     p.add_argument("--out", default=os.path.join("~", "fedlinear-bench"),
                    help="output directory: data, runs, logs, table, CSV, JSON, PNG (default ~/fedlinear-bench; keep "
                    "it outside the app directory, which 'flwr run' walks file by file on every run)")  # fmt: skip
@@ -64,13 +70,3 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--data", help=argparse.SUPPRESS)  # central worker only
     p.set_defaults(func=cmd_bench, argv=None)
     return p
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``fedlinear bench`` on the CLI's subparsers."""
-    p = subparsers.add_parser(
-        "bench",
-        help="benchmark fedlinear against Flower's floor and a quickstart-style app",
-        description=bench.__doc__.split("\n\n")[0],
-    )
-    return configure_parser(p)

@@ -44,7 +44,13 @@ def cmd_sweep(args: argparse.Namespace, runner: Runner = subprocess_runner) -> i
     return 0
 
 
-def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``fedlinear sweep`` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "sweep",
+        help="privacy/utility sweep: noise multipliers x seeds -> CSV, Markdown table, plot",
+        description=sweep.__doc__.split("\n\n")[0],
+    )
     p.add_argument("--noise", default="0,0.5,1,2,4",
                    help="comma list of DP noise multipliers z (0: the non-private run); default 0,0.5,1,2,4")
     p.add_argument("--seeds", type=int, default=3, help="runs per noise level, seeds --first-seed.. (default 3)")
@@ -70,13 +76,3 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--runner", default="fedlinear.scripts.cli", help=argparse.SUPPRESS)  # module run as `python -m X run ...`
     p.set_defaults(func=cmd_sweep)
     return p
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``fedlinear sweep`` on the CLI's subparsers."""
-    p = subparsers.add_parser(
-        "sweep",
-        help="privacy/utility sweep: noise multipliers x seeds -> CSV, Markdown table, plot",
-        description=sweep.__doc__.split("\n\n")[0],
-    )
-    return configure_parser(p)

@@ -15,6 +15,7 @@ from typing import Any
 
 import fedlinear
 from fedlinear.scripts.experiments.bench.measure import measure, wait_quiet
+from fedlinear.scripts.experiments.datasets import made_once
 
 REPO = fedlinear.app_dir()  # a checkout's root: benchmarks/ holds the floor and the quickstart-style app
 NOOP_APP = os.path.join(REPO, "benchmarks", "noop_app")
@@ -38,25 +39,16 @@ def ensure_data(path: str, clients: int, samples: int, features: int, noise: flo
     """Synthetic shards in ``path`` (reused when already generated with the same parameters)."""
     params = {"clients": clients, "samples-per-client": samples, "features": features, "noise": noise,
               "seed": seed, "test-samples": test}  # fmt: skip
-    marker = os.path.join(path, "bench-data.json")
-    if os.path.exists(marker):
-        with open(marker, encoding="utf-8") as handle:
-            if json.load(handle) == params:
-                return path
-    from fedlinear.common.data import make_synthetic
-    from fedlinear.common.shards import write_shards
+    from fedlinear.common.shards import write_synthetic
 
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    os.makedirs(path)
     t0 = time.monotonic()
-    shards, test_set, truth = make_synthetic(clients, samples, features, noise, seed, test)
-    write_shards(path, shards, test_set)
-    with open(os.path.join(path, "truth.json"), "w", encoding="utf-8") as handle:
-        handle.write(truth.to_json() + "\n")
-    with open(marker, "w", encoding="utf-8") as handle:
-        json.dump(params, handle)
-    say(f"data: {clients} clients x {samples} samples, d={features} -> {path} ({time.monotonic() - t0:.1f} s)")
+
+    def make() -> None:
+        os.makedirs(path)
+        write_synthetic(path, clients, samples, features, noise, seed, test)  # its summary lines are not shown
+
+    if made_once(path, "bench-data.json", params, make):
+        say(f"data: {clients} clients x {samples} samples, d={features} -> {path} ({time.monotonic() - t0:.1f} s)")
     return path
 
 

@@ -8,10 +8,10 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from typing import Any
 
 from fedlinear.common.errors import FedLinearError
+from fedlinear.scripts.experiments.datasets import made_once
 
 GiB = 1024**3
 DEFAULT_DP = "central-server-clip"
@@ -218,17 +218,11 @@ def ensure_data(settings: Settings) -> str:
         return settings.data
     path = settings.data_dir
     params = {"clients": settings.clients, **SYNTH}
-    marker = os.path.join(path, "sweep-data.json")
-    if os.path.exists(marker):
-        with open(marker, encoding="utf-8") as handle:
-            if json.load(handle) == params:
-                return path
     from fedlinear.common.shards import write_synthetic
 
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    for line in write_synthetic(path, settings.clients, **SYNTH):
-        print(line)
-    with open(marker, "w", encoding="utf-8") as handle:
-        json.dump(params, handle)
+    def make() -> None:
+        for line in write_synthetic(path, settings.clients, **SYNTH):
+            print(line)
+
+    made_once(path, "sweep-data.json", params, make)
     return path
