@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--clients", type=int, default=10)
     opts = parser.parse_args()
+    from fedlinear.common import shards as layout
     from fedlinear.scripts import cli
     from tests.inprocess import run_in_process
 
@@ -50,8 +51,8 @@ def main() -> None:
                 **{"num-server-rounds": opts.rounds, "test-uri": os.path.join(data, "test.csv")},
             )  # fmt: skip
             wall = time.monotonic() - started
-            summary = cli.data_heterogeneity(data)
-            shown = cli.heterogeneity_line(summary) if summary else "none"
+            summary = layout.data_heterogeneity(data)
+            shown = layout.heterogeneity_line(summary) if summary else "none"
             if status["status"] != "completed":
                 print(f"| {name} | {shown} | | failed: {status.get('message')} | | {wall:.1f} |")
                 continue

@@ -18,7 +18,7 @@ from tests.conftest import REPO  # noqa: E402
 
 def test_quick_bench_simulation(tmp_path):
     out = tmp_path / "bench"
-    argv = [sys.executable, "-m", "fedlinear.scripts.bench", "--quick", "--only", "sim", "--engines", "numpy",
+    argv = [sys.executable, "-m", "fedlinear.scripts.cli", "bench", "--quick", "--only", "sim", "--engines", "numpy",
             "--skip-quickstart", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -227,7 +227,7 @@ def test_superlink_killed_then_launcher_killed_then_resumed_bit_identically(data
     # SIGKILL `fedlinear run` itself (an OOM killer): its whole tree goes within seconds
     procs, ports = the_tree(cli.pid, out)
     names = " ".join(command(p) for p in procs.values())
-    for name in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "fedlinear.scripts.launcher"):
+    for name in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "fedlinear.scripts.local.processes"):
         assert name in names, f"{name} not among the recorded processes: {names}"
     cli.kill()
     finish(cli)
@@ -266,11 +266,11 @@ def test_a_malformed_shard_fails_a_local_run_naming_file_and_line(background):
 
 def test_the_run_lock_names_a_live_holder_and_dies_with_it(tmp_path):
     from fedlinear.common.errors import FedLinearError
-    from fedlinear.scripts.cli import lock_run_dir
+    from fedlinear.scripts.local.lock import lock_run_dir
 
     out = str(tmp_path / "run")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from fedlinear.scripts.cli import lock_run_dir; lock_run_dir(sys.argv[1]); "
+        [sys.executable, "-c", "import sys, time; from fedlinear.scripts.local.lock import lock_run_dir; lock_run_dir(sys.argv[1]); "
          "print('locked', flush=True); time.sleep(600)", out],
         cwd=REPO, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -289,7 +289,7 @@ def test_the_run_lock_names_a_live_holder_and_dies_with_it(tmp_path):
 
 
 def test_stop_superlink_stops_exactly_that_superlink_and_what_it_spawned(tmp_path):
-    from fedlinear.scripts.launcher import flower_env, free_port, wait_healthy
+    from fedlinear.scripts.local.flower import flower_env, free_port, wait_healthy
 
     port = free_port()
     env = flower_env(str(tmp_path / "flwr-home"))
@@ -343,7 +343,7 @@ def test_stop_superlink_stops_exactly_that_superlink_and_what_it_spawned(tmp_pat
 
 FAKE_LAUNCHER = r"""
 import os, sys, time
-from fedlinear.scripts.launcher import TREE_ENV, ProcessGroup, Watchdog, tree_token
+from fedlinear.scripts.local.processes import TREE_ENV, ProcessGroup, Watchdog, tree_token
 
 watchdog = Watchdog(tree_token())
 group = ProcessGroup(token=watchdog.token, on_start=watchdog.watch_group)  # no parent-death signal: the watchdog alone
@@ -389,7 +389,8 @@ def test_a_runner_that_fails_after_the_superlink_died_is_reported_as_the_superli
     the follower's next look at the SuperLink, and the user got "flwr run exited with code 1" and a log
     tail instead of the one-line "died during the run ... run the same command again". Here the runner
     exits at once after the "SuperLink" is SIGKILLed, so the follower's poll never sees it die first."""
-    from fedlinear.scripts.launcher import RunInterrupted, _follow
+    from fedlinear.scripts.local.launch import follow
+    from fedlinear.scripts.local.spec import RunInterrupted
 
     superlink = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     runner = subprocess.Popen(
@@ -399,7 +400,7 @@ def test_a_runner_that_fails_after_the_superlink_died_is_reported_as_the_superli
     )  # fmt: skip
     try:
         with pytest.raises(RunInterrupted, match=r"flower-superlink \(pid \d+\) died during the run \(killed by SIGKILL\)"):
-            _follow(runner, str(tmp_path / "run.log"), lambda _line: None, 600, essential=[("flower-superlink", superlink)])
+            follow(runner, str(tmp_path / "run.log"), lambda _line: None, 600, essential=[("flower-superlink", superlink)])
     finally:
         superlink.kill()
         superlink.wait()

@@ -1,7 +1,7 @@
 """A local federation on a shared machine: another user cannot submit a run to it or join it.
 
 ``fedlinear run`` (``--isolation auto``, the default) runs its SuperLink, SuperNodes and ``flwr run`` in a
-private network namespace with only a loopback interface (see scripts/launcher.py). Here, while such a
+private network namespace with only a loopback interface (see scripts/local/isolation.py). Here, while such a
 federation runs, a process of ANOTHER uid on the same machine finds the SuperLink's port in the run's
 workdir and tries (1) a TCP connection, (2) ``flwr run`` of an app that would leave a marker file on every
 SuperNode, (3) ``flower-supernode --insecure`` to join. Each must fail quickly, the marker must never
@@ -33,7 +33,8 @@ import tomllib
 import psutil
 import pytest
 
-from fedlinear.scripts.launcher import free_port, namespace_unavailable, unshare_argv
+from fedlinear.scripts.local.flower import free_port
+from fedlinear.scripts.local.isolation import namespace_unavailable, unshare_argv
 from tests.conftest import REPO, write_federation
 from tests.e2e.test_netns import ROGUE_PYPROJECT, ROGUE_SERVER
 
@@ -316,7 +317,7 @@ def test_ctrl_c_leaves_no_process_and_no_namespace(live):
 
 
 def _spec(**kw):
-    from fedlinear.scripts.launcher import LaunchSpec
+    from fedlinear.scripts.local.spec import LaunchSpec
 
     base = {"app_dir": REPO, "mode": "processes", "num_nodes": 1, "run_config": {"run-dir": "/tmp/x"},
             "workdir": "/tmp/x/logs", "node_configs": [{"data-uri": "/data/client-0.csv"}]}  # fmt: skip
@@ -325,12 +326,12 @@ def _spec(**kw):
 
 
 def test_auto_falls_back_with_one_warning_line_and_netns_refuses(monkeypatch):
-    from fedlinear.scripts import launcher
+    from fedlinear.scripts.local import isolation
 
-    monkeypatch.setattr(launcher, "namespace_unavailable", lambda: None)
+    monkeypatch.setattr(isolation, "namespace_unavailable", lambda: None)
     warnings: list[str] = []
-    assert launcher.resolve_isolation(_spec(), warnings.append) == "netns"
-    assert launcher.resolve_isolation(_spec(isolation="none"), warnings.append) == "none"
+    assert isolation.resolve_isolation(_spec(), warnings.append) == "netns"
+    assert isolation.resolve_isolation(_spec(isolation="none"), warnings.append) == "none"
     assert warnings == []
     cases = {
         "s3 shard": _spec(node_configs=[{"data-uri": "s3://bucket/client-0.csv"}]),
@@ -338,14 +339,14 @@ def test_auto_falls_back_with_one_warning_line_and_netns_refuses(monkeypatch):
         "ray cluster": _spec(mode="simulation", node_configs=None, ray_address="127.0.0.1:6379"),
     }
     for what, spec in cases.items():
-        assert launcher.resolve_isolation(spec, warnings.append) == "none", what
-        with pytest.raises(launcher.FedLinearError, match="--isolation netns: "):
-            launcher.resolve_isolation(_spec(**{**spec.__dict__, "isolation": "netns"}))
+        assert isolation.resolve_isolation(spec, warnings.append) == "none", what
+        with pytest.raises(isolation.FedLinearError, match="--isolation netns: "):
+            isolation.resolve_isolation(_spec(**{**spec.__dict__, "isolation": "netns"}))
     assert len(warnings) == 3 and all("\n" not in w for w in warnings)
     assert "s3://bucket/client-0.csv is on S3" in warnings[0] and "--ray-address 127.0.0.1:6379" in warnings[2]
     assert all("other users and programs on this machine can reach its SuperLink" in w for w in warnings)
-    monkeypatch.setattr(launcher, "namespace_unavailable", lambda: "util-linux 'unshare' is not installed")
-    assert launcher.resolve_isolation(_spec(), warnings.append) == "none"
+    monkeypatch.setattr(isolation, "namespace_unavailable", lambda: "util-linux 'unshare' is not installed")
+    assert isolation.resolve_isolation(_spec(), warnings.append) == "none"
     assert "federation not isolated: util-linux 'unshare' is not installed;" in warnings[-1]
-    with pytest.raises(launcher.FedLinearError, match="unshare' is not installed"):
-        launcher.resolve_isolation(_spec(isolation="netns"))
+    with pytest.raises(isolation.FedLinearError, match="unshare' is not installed"):
+        isolation.resolve_isolation(_spec(isolation="netns"))

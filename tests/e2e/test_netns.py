@@ -28,7 +28,8 @@ import numpy as np
 import psutil
 import pytest
 
-from fedlinear.scripts.launcher import config_string, stage_app
+from fedlinear.scripts.local.flower import config_string
+from fedlinear.scripts.local.staging import stage_app
 from tests.conftest import REPO, run_cli, write_federation
 
 ROUNDS = 2

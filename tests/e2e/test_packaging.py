@@ -51,8 +51,10 @@ def fresh_venv(wheel, tmp_path_factory):
     subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=300)
     purelib = subprocess.run([os.path.join(venv, "bin", "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    # Every site-packages folder this interpreter sees (its own, and any a .pth of its own added).
+    borrowed = [sysconfig.get_paths()["purelib"]] + [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
     with open(os.path.join(purelib, "_borrowed_dependencies.pth"), "w", encoding="utf-8") as handle:
-        handle.write(sysconfig.get_paths()["purelib"] + "\n")
+        handle.write("\n".join(dict.fromkeys(borrowed)) + "\n")
     # --ignore-installed: pip sees the borrowed packages (the editable fedlinear among them) and must not
     # uninstall anything from the test venv; flwr is installed for real only for its console scripts.
     flwr_version = __import__("importlib.metadata").metadata.version("flwr")

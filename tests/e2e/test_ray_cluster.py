@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 import pytest
 
-from fedlinear.scripts.launcher import free_port
+from fedlinear.scripts.local.flower import free_port
 from tests.conftest import run_cli
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from fedlinear.scripts import soak
+from fedlinear.scripts.experiments import soak
 from tests.conftest import run_cli
 
 

@@ -318,7 +318,7 @@ def test_the_yardstick_under_privacy_comes_from_local_statistics_never_from_the_
     from fedlinear.common.config import RunConfig as Config
     from fedlinear.common.csvio import load_csv
     from fedlinear.common.scaling import PooledStats
-    from fedlinear.scripts.cli import write_local_statistics
+    from fedlinear.scripts.cli.run import write_local_statistics
 
     uris, test = shards
     stats_uri = write_local_statistics(uris, str(tmp_path / "statistics.npz"), Config())

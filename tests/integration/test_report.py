@@ -60,7 +60,7 @@ def runs(tmp_path_factory):
     assert status["status"] == "completed", status
     out["fedavg"] = str(root / "fedavg")
     from fedlinear.common.config import RunConfig
-    from fedlinear.scripts.cli import write_local_statistics
+    from fedlinear.scripts.cli.run import write_local_statistics
 
     stats = write_local_statistics(uris, str(root / "statistics.npz"), RunConfig())  # as `fedlinear run` does under dp
     dp = {"dp": "central-server-clip", "dp-noise-multiplier": 2.0, "statistics-uri": stats}
@@ -182,7 +182,7 @@ def test_report_content_and_escaping(runs, reports):
 
 
 def test_participation_grid(runs):
-    from fedlinear.scripts import report
+    from fedlinear.scripts.experiments import report
 
     run = report.load_run(runs["fedavg"])
     people, rounds, grid = report.participation(run)

@@ -19,8 +19,12 @@ import time
 import pytest
 
 from fedlinear.common.errors import FedLinearError
-from fedlinear.scripts import sweep
 from fedlinear.scripts.cli import build_parser, main
+from fedlinear.scripts.cli import sweep as sweep_command
+from fedlinear.scripts.experiments.sweep import grid as sweep_grid
+from fedlinear.scripts.experiments.sweep import outputs as sweep_outputs
+from fedlinear.scripts.experiments.sweep import runner as sweep_runner
+from fedlinear.scripts.experiments.sweep import settings as sweep_settings
 
 RATIO = {0.0: 1.001, 0.5: 1.05, 1.0: 1.2, 2.0: 2.0, 4.0: 6.0}
 EPS = {0.5: 40.0, 1.0: 12.3, 2.0: 4.1, 4.0: 1.5}
@@ -30,7 +34,7 @@ def ratio_of(noise: float, seed: int) -> float:
     return RATIO.get(noise, 1.5 + noise) * (1 + 0.01 * seed)
 
 
-def write_run(job: sweep.Job, status="completed", ratio=None, epsilon="auto", delta=1e-5, ref=0.0103, rounds=3):
+def write_run(job: sweep_settings.Job, status="completed", ratio=None, epsilon="auto", delta=1e-5, ref=0.0103, rounds=3):
     """What ``fedlinear run`` leaves in RUN_DIR (the contract's fields only)."""
     os.makedirs(job.run_dir, exist_ok=True)
     ratio = ratio_of(job.noise, job.seed) if ratio is None else ratio
@@ -82,9 +86,9 @@ class FakeRunner:
             time.sleep(self.sleep)
             if job.name in self.fail:
                 write_run(job, status="failed")
-                return sweep.Outcome(1, 0.5, "boom: a client failed (exit 1)")
+                return sweep_runner.Outcome(1, 0.5, "boom: a client failed (exit 1)")
             write_run(job)
-            return sweep.Outcome(0, 2.0 + job.noise)
+            return sweep_runner.Outcome(0, 2.0 + job.noise)
         finally:
             with self.lock:
                 self.active -= 1
@@ -94,7 +98,7 @@ class FakeRunner:
 def no_plot(monkeypatch):
     """Grid tests stub the plot out (matplotlib takes seconds on a loaded machine); test_plot_* draw it."""
     drawn = []
-    monkeypatch.setattr(sweep, "plot", lambda path, levels, title="": drawn.append(path) or True)
+    monkeypatch.setattr(sweep_outputs, "plot", lambda path, levels, title="": drawn.append(path) or True)
     return drawn
 
 
@@ -115,12 +119,12 @@ def run_cli_error(capsys, *argv) -> str:
 
 
 def test_parse_noise():
-    assert sweep.parse_noise("0,0.5,1,2,4") == [0.0, 0.5, 1.0, 2.0, 4.0]
-    assert sweep.parse_noise(" 4, 1 ,0") == [0.0, 1.0, 4.0]
+    assert sweep_settings.parse_noise("0,0.5,1,2,4") == [0.0, 0.5, 1.0, 2.0, 4.0]
+    assert sweep_settings.parse_noise(" 4, 1 ,0") == [0.0, 1.0, 4.0]
     for bad, says in [("", "comma list"), ("0,,1", "comma list"), ("0,a", "'a' is not a number"),
                       ("1,-0.5", "negative"), ("nan", "finite"), ("inf", "finite"), ("1,1.0", "twice")]:  # fmt: skip
         with pytest.raises(FedLinearError, match=says):
-            sweep.parse_noise(bad)
+            sweep_settings.parse_noise(bad)
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):
@@ -144,34 +148,34 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
 def test_resumed_sweep_must_keep_its_settings(tmp_path, no_plot):
     args = parse("--noise", "0", "--seeds", "1", "--clients", "2", "--rounds", "3", "--out", tmp_path / "s")
-    assert sweep.cmd_sweep(args, runner=FakeRunner()) == 0
+    assert sweep_command.cmd_sweep(args, runner=FakeRunner()) == 0
     args = parse("--noise", "0", "--seeds", "1", "--clients", "2", "--rounds", "5", "--out", tmp_path / "s")
     with pytest.raises(FedLinearError, match="rounds = 3, not 5"):
-        sweep.cmd_sweep(args, runner=FakeRunner())
+        sweep_command.cmd_sweep(args, runner=FakeRunner())
 
 
 def test_default_parallel_fits_the_machine():
-    assert sweep.default_parallel("simulation", cores=2, available=20 * sweep.GiB) == 2
-    assert sweep.default_parallel("simulation", cores=8, available=int(3.2 * sweep.GiB)) == 2
-    assert sweep.default_parallel("simulation", cores=1, available=sweep.GiB // 2) == 1
-    assert sweep.default_parallel("processes", cores=8, available=6 * sweep.GiB) == 2
+    assert sweep_settings.default_parallel("simulation", cores=2, available=20 * sweep_settings.GiB) == 2
+    assert sweep_settings.default_parallel("simulation", cores=8, available=int(3.2 * sweep_settings.GiB)) == 2
+    assert sweep_settings.default_parallel("simulation", cores=1, available=sweep_settings.GiB // 2) == 1
+    assert sweep_settings.default_parallel("processes", cores=8, available=6 * sweep_settings.GiB) == 2
 
 
 def test_run_arguments_map_zero_noise_to_no_dp(tmp_path):
     args = parse("--noise", "0,2", "--seeds", "2", "--out", tmp_path / "s", "--parallel", "2",
                  "--set", "dp-clipping-norm=0.5", "--set", "batch-size=16", "--timeout", "300")  # fmt: skip
-    settings = sweep.validate(args)
+    settings = sweep_settings.validate(args)
     jobs = {j.name: j for j in settings.jobs()}
     assert sorted(jobs) == ["z0-s1", "z0-s2", "z2-s1", "z2-s2"]
-    assert sweep.run_sets(settings, jobs["z0-s2"]) == ["dp=none", "seed=2", "batch-size=16"]
+    assert sweep_runner.run_sets(settings, jobs["z0-s2"]) == ["dp=none", "seed=2", "batch-size=16"]
     private = ["dp=central-server-clip", "dp-noise-multiplier=2.0", "seed=1", "dp-clipping-norm=0.5", "batch-size=16"]
-    assert sweep.run_sets(settings, jobs["z2-s1"]) == private
-    argv = sweep.run_argv(settings, jobs["z2-s1"], "/data")
+    assert sweep_runner.run_sets(settings, jobs["z2-s1"]) == private
+    argv = sweep_runner.run_argv(settings, jobs["z2-s1"], "/data")
     assert argv[1:4] == ["-m", "fedlinear.scripts.cli", "run"]
     for flag, value in [("--data", "/data"), ("--out", jobs["z2-s1"].run_dir), ("--mode", "simulation"),
                         ("--timeout", "300"), ("--clients", "10"), ("--rounds", "20")]:  # fmt: skip
         assert argv[argv.index(flag) + 1] == value
-    assert int(argv[argv.index("--ray-cpus") + 1]) == max(1, sweep.usable_cores() // 2)
+    assert int(argv[argv.index("--ray-cpus") + 1]) == max(1, sweep_settings.usable_cores() // 2)
     assert jobs["z2-s1"].run_dir == os.path.join(str(tmp_path / "s"), "runs", "z2-s1")
 
 
@@ -184,45 +188,45 @@ def fake_grid(tmp_path, noise=(0.0, 1.0, 4.0), seeds=(1, 2, 3)):
     rows = []
     for z in noise:
         for s in seeds:
-            job = sweep.Job(z, s, str(tmp_path / "runs" / sweep.run_name(z, s)))
+            job = sweep_settings.Job(z, s, str(tmp_path / "runs" / sweep_settings.run_name(z, s)))
             write_run(job)
-            row = sweep.read_result(job)
+            row = sweep_grid.read_result(job)
             row["wall-s"] = 10.0 + s
             rows.append(row)
     return rows
 
 
 def test_read_result_from_a_run_dir(tmp_path):
-    job = sweep.Job(1.0, 2, str(tmp_path / "z1-s2"))
+    job = sweep_settings.Job(1.0, 2, str(tmp_path / "z1-s2"))
     write_run(job, rounds=4)
-    row = sweep.read_result(job)
+    row = sweep_grid.read_result(job)
     assert row["status"] == "completed" and row["rounds"] == 4
     assert row["epsilon"] == pytest.approx(12.3) and row["delta"] == 1e-5
     assert row["mse-ratio"] == pytest.approx(1.2 * 1.02)
     assert row["test-mse"] == pytest.approx(1.2 * 1.02 * 0.0103) and row["reference-test-mse"] == 0.0103
-    assert sweep.is_completed(job.run_dir)
-    plain = sweep.Job(0.0, 1, str(tmp_path / "z0-s1"))
+    assert sweep_grid.is_completed(job.run_dir)
+    plain = sweep_settings.Job(0.0, 1, str(tmp_path / "z0-s1"))
     write_run(plain)
-    row = sweep.read_result(plain)
+    row = sweep_grid.read_result(plain)
     assert row["epsilon"] is None and row["delta"] is None and row["mse-ratio"] == pytest.approx(1.001 * 1.01)
-    failed = sweep.Job(2.0, 1, str(tmp_path / "z2-s1"))
+    failed = sweep_settings.Job(2.0, 1, str(tmp_path / "z2-s1"))
     write_run(failed, status="failed")
-    row = sweep.read_result(failed)
-    assert row["status"] == "failed" and "boom" in row["error"] and not sweep.is_completed(failed.run_dir)
-    budget = sweep.Job(2.0, 3, str(tmp_path / "z2-s3"))
+    row = sweep_grid.read_result(failed)
+    assert row["status"] == "failed" and "boom" in row["error"] and not sweep_grid.is_completed(failed.run_dir)
+    budget = sweep_settings.Job(2.0, 3, str(tmp_path / "z2-s3"))
     write_run(budget)
     manifest = json.loads((tmp_path / "z2-s3" / "manifest.json").read_text())
     manifest["privacy"]["stopped"] = "dp-max-epsilon = 3 reached:\n stopped before round 3"
     (tmp_path / "z2-s3" / "manifest.json").write_text(json.dumps(manifest))
-    assert sweep.read_result(budget)["stopped"] == "dp-max-epsilon = 3 reached: stopped before round 3"
-    row = sweep.read_result(sweep.Job(2.0, 9, str(tmp_path / "never-started")))
+    assert sweep_grid.read_result(budget)["stopped"] == "dp-max-epsilon = 3 reached: stopped before round 3"
+    row = sweep_grid.read_result(sweep_settings.Job(2.0, 9, str(tmp_path / "never-started")))
     assert row["status"] == "missing" and row["mse-ratio"] is None
 
 
 def test_aggregate_mean_spread_epsilon_and_reference(tmp_path):
     rows = fake_grid(tmp_path)
     rows.append({"noise": 4.0, "seed": 4, "status": "failed", "error": "boom"})  # a failed run counts, not in stats
-    levels = {lv["noise"]: lv for lv in sweep.aggregate(rows)}
+    levels = {lv["noise"]: lv for lv in sweep_outputs.aggregate(rows)}
     assert sorted(levels) == [0.0, 1.0, 4.0]
     one = levels[1.0]
     ratios = [1.2 * 1.01, 1.2 * 1.02, 1.2 * 1.03]
@@ -239,7 +243,7 @@ def test_aggregate_mean_spread_epsilon_and_reference(tmp_path):
     assert ref["ratio-mean"] == pytest.approx(1.001 * 1.02)
     assert ref["wall-s-mean"] == pytest.approx(12.0)
 
-    table = sweep.markdown_table(sweep.aggregate(rows))
+    table = sweep_outputs.markdown_table(sweep_outputs.aggregate(rows))
     lines = table.splitlines()
     assert lines[0].startswith("| noise z | final ε (δ = 1e-5)")
     body = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[1:-1]] for ln in lines[2:5]}
@@ -249,13 +253,13 @@ def test_aggregate_mean_spread_epsilon_and_reference(tmp_path):
 
 
 def test_aggregate_single_seed_and_varying_epsilon(tmp_path):
-    a, b = sweep.Job(1.0, 1, str(tmp_path / "a")), sweep.Job(1.0, 2, str(tmp_path / "b"))
+    a, b = sweep_settings.Job(1.0, 1, str(tmp_path / "a")), sweep_settings.Job(1.0, 2, str(tmp_path / "b"))
     write_run(a, epsilon=3.0)
     write_run(b, epsilon=2.0)  # e.g. a budget stop one round earlier
-    (lv,) = sweep.aggregate([sweep.read_result(a)])
+    (lv,) = sweep_outputs.aggregate([sweep_grid.read_result(a)])
     assert lv["ratio-std"] is None and lv["ratio-min"] == lv["ratio-max"] == lv["ratio-mean"]
-    (lv,) = sweep.aggregate([sweep.read_result(a), sweep.read_result(b)])
-    assert lv["epsilon"] == pytest.approx(2.5) and sweep._eps_cell(lv) == "2.5 (2-3)"
+    (lv,) = sweep_outputs.aggregate([sweep_grid.read_result(a), sweep_grid.read_result(b)])
+    assert lv["epsilon"] == pytest.approx(2.5) and sweep_outputs._eps_cell(lv) == "2.5 (2-3)"
 
 
 def png_size(path) -> tuple[int, int]:
@@ -266,15 +270,15 @@ def png_size(path) -> tuple[int, int]:
 
 
 def test_plot_writes_a_png(tmp_path):
-    levels = sweep.aggregate(fake_grid(tmp_path))
+    levels = sweep_outputs.aggregate(fake_grid(tmp_path))
     path = tmp_path / "sweep.png"
-    assert sweep.plot(str(path), levels, title="test")
+    assert sweep_outputs.plot(str(path), levels, title="test")
     width, height = png_size(path)
     assert 400 <= width <= 3000 and 300 <= height <= 3000
     assert 10_000 < path.stat().st_size < 2_000_000
     # nothing private completed: still a PNG (reference lines and a note), not an exception
     only_plain = [lv for lv in levels if not lv["private"]]
-    assert sweep.plot(str(tmp_path / "plain.png"), only_plain)
+    assert sweep_outputs.plot(str(tmp_path / "plain.png"), only_plain)
     png_size(tmp_path / "plain.png")
 
 
@@ -288,7 +292,7 @@ def test_sweep_writes_csv_table_png_and_resumes(tmp_path, capsys, monkeypatch):
     argv = ["--noise", "0,1,4", "--seeds", "2", "--clients", "2", "--rounds", "3", "--out", out, "--parallel", "2"]
     runner = FakeRunner(fail={"z1-s2"})
     with pytest.raises(FedLinearError, match=r"1 of 6 runs did not complete \(z1-s2\)"):
-        sweep.cmd_sweep(parse(*argv), runner=runner)
+        sweep_command.cmd_sweep(parse(*argv), runner=runner)
     assert sorted(name for name, _ in runner.calls) == ["z0-s1", "z0-s2", "z1-s1", "z1-s2", "z4-s1", "z4-s2"]
     data_dirs = {data for _, data in runner.calls}
     assert data_dirs == {str(out / "data")}  # one data set, made once, for every run
@@ -309,9 +313,9 @@ def test_sweep_writes_csv_table_png_and_resumes(tmp_path, capsys, monkeypatch):
     assert "| noise z |" in printed and "total wall time" in printed
 
     # again: only the failed run is rerun (its old directory kept under attempts/), the rest read back
-    monkeypatch.setattr(sweep, "plot", lambda path, levels, title="": True)  # drawn above already
+    monkeypatch.setattr(sweep_outputs, "plot", lambda path, levels, title="": True)  # drawn above already
     runner2 = FakeRunner()
-    assert sweep.cmd_sweep(parse(*argv), runner=runner2) == 0
+    assert sweep_command.cmd_sweep(parse(*argv), runner=runner2) == 0
     assert [name for name, _ in runner2.calls] == ["z1-s2"]
     assert os.path.exists(out / "attempts" / "z1-s2-1" / "status.json")
     assert (out / "data" / "client-0.csv").stat().st_mtime_ns == data_mtime
@@ -327,7 +331,7 @@ def test_sweep_writes_csv_table_png_and_resumes(tmp_path, capsys, monkeypatch):
     argv3 = [*argv]
     argv3[1] = "0,1,2,4"
     argv3[3] = "3"
-    assert sweep.cmd_sweep(parse(*argv3), runner=runner3) == 0
+    assert sweep_command.cmd_sweep(parse(*argv3), runner=runner3) == 0
     assert sorted(name for name, _ in runner3.calls) == ["z0-s3", "z1-s3", "z2-s1", "z2-s2", "z2-s3", "z4-s3"]
 
 
@@ -336,7 +340,7 @@ def test_parallel_runs_are_bounded(tmp_path, parallel, no_plot):
     runner = FakeRunner(sleep=0.15)
     args = parse("--noise", "0,1,2,4", "--seeds", "2", "--clients", "2", "--rounds", "2",
                  "--out", tmp_path / "s", "--parallel", parallel)  # fmt: skip
-    assert sweep.cmd_sweep(args, runner=runner) == 0
+    assert sweep_command.cmd_sweep(args, runner=runner) == 0
     assert len(runner.calls) == 8
     assert runner.max_active == parallel
 
@@ -374,12 +378,12 @@ json.dump({"final": {"test-mse": 0.02, "test-mse-ratio": 2.0, "reference-test-ms
 def test_subprocess_runner_success_error_and_timeout(tmp_path, monkeypatch, no_plot):
     (tmp_path / "standin.py").write_text(STAND_IN)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    monkeypatch.setattr(sweep, "TIMEOUT_GRACE", 0.0)
+    monkeypatch.setattr(sweep_runner, "TIMEOUT_GRACE", 0.0)
     args = parse("--noise", "0,1", "--seeds", "3", "--clients", "2", "--rounds", "1", "--out", tmp_path / "s",
                  "--parallel", "3", "--timeout", "2", "--runner", "standin")  # fmt: skip
     started = time.monotonic()
     with pytest.raises(FedLinearError, match="4 of 6 runs did not complete"):
-        sweep.cmd_sweep(args)
+        sweep_command.cmd_sweep(args)
     assert time.monotonic() - started < 30
     with open(tmp_path / "s" / "sweep.csv", newline="") as handle:
         rows = {(float(r["noise"]), int(r["seed"])): r for r in csv.DictReader(handle)}
@@ -395,14 +399,14 @@ def test_subprocess_runner_success_error_and_timeout(tmp_path, monkeypatch, no_p
 def test_subprocess_runner_stops_a_run_when_the_sweep_is_interrupted(tmp_path, monkeypatch):
     (tmp_path / "standin.py").write_text(STAND_IN)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    monkeypatch.setattr(sweep, "STOP_GRACE", 0.5)
-    settings = sweep.validate(parse("--noise", "1", "--seeds", "1", "--first-seed", "3", "--clients", "2",
+    monkeypatch.setattr(sweep_runner, "STOP_GRACE", 0.5)
+    settings = sweep_settings.validate(parse("--noise", "1", "--seeds", "1", "--first-seed", "3", "--clients", "2",
                                     "--out", tmp_path / "s", "--runner", "standin"))  # fmt: skip
-    sweep.prepare_out(settings)
+    sweep_settings.prepare_out(settings)
     (job,) = settings.jobs()  # seed 3: the stand-in sleeps for a minute
     stop = threading.Event()
     threading.Timer(1.0, stop.set).start()
     started = time.monotonic()
-    outcome = sweep.subprocess_runner(settings, job, "/data", stop)
+    outcome = sweep_runner.subprocess_runner(settings, job, "/data", stop)
     assert time.monotonic() - started < 20
     assert outcome.error == "interrupted" and outcome.returncode != 0 and not outcome.timed_out

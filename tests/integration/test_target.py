@@ -18,7 +18,7 @@ from fedlinear.common import target as targets
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
 from fedlinear.common.runstore import RunStore
-from fedlinear.scripts import report
+from fedlinear.scripts.experiments import report
 from tests.conftest import run_cli, write_federation
 from tests.inprocess import Crash, InProcessGrid, crash_after, drive, run_in_process, write_synthetic_shards
 

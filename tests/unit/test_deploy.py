@@ -19,10 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from fedlinear.scripts import cli, pki, preflight
-from fedlinear.scripts.deploy import explain_supernode_failure
-from fedlinear.scripts.fleetfront import FLEET_PATHS, FleetFront
-from fedlinear.scripts.launcher import free_port
+from fedlinear.scripts import cli
+from fedlinear.scripts.deploy import pki, preflight
+from fedlinear.scripts.deploy.fleetfront import FLEET_PATHS, FleetFront
+from fedlinear.scripts.deploy.node import explain_supernode_failure
+from fedlinear.scripts.local.flower import free_port
 
 
 def run(capsys, *argv):

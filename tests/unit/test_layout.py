@@ -25,7 +25,7 @@ def test_the_checkout_imports_every_room_from_its_top_level_folder():
     import fedlinear.server.server_app
 
     for module, room in [(fedlinear.common.model, "common"), (fedlinear.clients.client_app, "clients"),
-                         (fedlinear.server.server_app, "server"), (fedlinear.scripts.cli, "scripts")]:  # fmt: skip
+                         (fedlinear.server.server_app, "server"), (fedlinear.scripts.cli, "scripts/cli")]:  # fmt: skip
         assert os.path.dirname(module.__file__) == os.path.join(REPO, room)
     assert fedlinear.app_dir() == REPO and not fedlinear.installed()
 

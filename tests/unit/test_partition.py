@@ -20,9 +20,11 @@ from fedlinear.common.csvio import load_csv, to_csv_bytes
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
 from fedlinear.common.partition import dirichlet_sizes, split_by_column, split_iid, split_quantity, stream
+from fedlinear.common import shards as layout
 from fedlinear.common.runstore import RunStore
 from fedlinear.common.synth import Heterogeneity, make_synthetic
 from fedlinear.scripts import cli
+from fedlinear.scripts.cli import run as run_command
 
 from tests.conftest import REPO as ROOT  # noqa: E402
 
@@ -433,7 +435,7 @@ def test_a_run_on_heterogeneous_data_records_the_summary_in_its_manifest(tmp_pat
     status, manifest = run_in_process(shards, str(tmp_path / "run"), **{"num-server-rounds": 2, "test-uri": str(data / "test.csv")})
     assert status["status"] == "completed" and "data-heterogeneity" not in manifest
     store = RunStore(str(tmp_path / "run"))
-    cli.attach_heterogeneity(store, str(data))
+    layout.attach_heterogeneity(store, str(data))
     recorded = store.read_manifest()["data-heterogeneity"]
     truth = json.loads((data / "truth.json").read_text())
     assert recorded == {"source": str(data / "truth.json"), **truth["heterogeneity"], "shards_match": True}
@@ -441,19 +443,19 @@ def test_a_run_on_heterogeneous_data_records_the_summary_in_its_manifest(tmp_pat
     # a summary that does not describe the shards trained on is flagged, not trusted
     (data / "client-0.csv").write_bytes(to_csv_bytes(np.zeros((3, 3)), np.zeros(3)))
     status2, _ = run_in_process(shards, str(tmp_path / "run2"), **{"num-server-rounds": 1})
-    cli.attach_heterogeneity(RunStore(str(tmp_path / "run2")), str(data))
+    layout.attach_heterogeneity(RunStore(str(tmp_path / "run2")), str(data))
     assert RunStore(str(tmp_path / "run2")).read_manifest()["data-heterogeneity"]["shards_match"] is False
     # IID data: nothing added
     iid = tmp_path / "iid"
     cli.main(["data", "synth", "--out", str(iid), "--clients", "2", "--samples-per-client", "50", "--features", "3"])
-    assert cli.data_heterogeneity(str(iid)) is None
+    assert layout.data_heterogeneity(str(iid)) is None
 
 
 def test_fedlinear_run_synthesises_heterogeneous_default_data(tmp_path):
     """`fedlinear run --concept-spread ...` passes the options (and the run's seed) to the synthesiser."""
     args = cli.build_parser().parse_args(["run", "--out", str(tmp_path / "run"), "--clients", "3",
                                           "--concept-spread", "0.5", "--noise-skew", "0.3", "--noise-skew-seed", "8"])  # fmt: skip
-    shards, template, test_uri = cli.resolve_data(args, str(tmp_path / "run"), {"seed": "5"})
+    shards, template, test_uri = run_command.resolve_data(args, str(tmp_path / "run"), {"seed": "5"})
     data = tmp_path / "run" / "data"
     assert template == str(data / "client-{partition-id}.csv") and test_uri == str(data / "test.csv")
     assert len(shards) == 3

@@ -3,7 +3,7 @@ split`` and trained with ``fedlinear run`` (Flower's simulation engine or real S
 every setting at its default, against the settings before standardization (raw data, learning
 rate 0.05). Prints a table of final test MSE / pooled least-squares test MSE.
 
-    python -m fedlinear.scripts.realdata --out /tmp/realdata [--mode simulation|processes] [--rounds 40]
+    python -m fedlinear.scripts.experiments.realdata --out /tmp/realdata [--mode simulation|processes] [--rounds 40]
 
 Tables (bundled in scikit-learn and statsmodels, no download): diabetes (442 x 10), longley
 (16 x 6, NIST's ill-conditioned reference), macrodata (203 x 13), fair (6366 x 8), and hard synthetic

@@ -1,4 +1,4 @@
-"""Multi-machine federations: ``fedlinear certs``, ``preflight``, ``superlink`` and ``node`` (see docs/deploy.md).
+"""``fedlinear certs``, ``preflight``, ``superlink`` and ``node``: multi-machine federations (see docs/deploy.md).
 
     fedlinear certs     --out DIR [--address HOST_OR_IP ...] [--party NAME ...] [--days N]
     fedlinear preflight [--ca CA.crt] [--cert SERVER.crt [--server-key KEY]] [--address HOST ...]
@@ -9,6 +9,8 @@
 
 These wrap stock Flower 1.42 (``flower-superlink``, ``flower-supernode``); ``flwr run`` and
 ``flwr supernode register/list`` are used as they are, against the SuperLink's loopback address.
+
+The work is done in :mod:`fedlinear.scripts.deploy`.
 """
 
 from __future__ import annotations
@@ -16,23 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
-import signal
-import socket
-import ssl
-import subprocess
 import sys
-import threading
-import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from fedlinear.common.errors import FedLinearError
-from fedlinear.scripts import pki, preflight
-
-DEFAULT_FLEET_PORT = 9092
-DEFAULT_CONTROL_PORT = 9093
+from fedlinear.scripts.deploy import node, pki, preflight, superlink
+from fedlinear.scripts.deploy.superlink import DEFAULT_CONTROL_PORT, DEFAULT_FLEET_PORT
 
 
 def fail(problems: list[str]) -> None:
@@ -46,11 +37,6 @@ def fail(problems: list[str]) -> None:
 
 def _abs(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
-
-
-# ----------------------------------------------------------------------------------------------
-# certs, preflight
-# ----------------------------------------------------------------------------------------------
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -101,45 +87,6 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# superlink
-# ----------------------------------------------------------------------------------------------
-
-
-def port_free(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def wait_healthy_tls(port: int, cafile: str, proc: subprocess.Popen, timeout: float, log_path: str) -> None:
-    """Poll the SuperLink's /health over TLS on loopback (bounded); fail fast if it exits."""
-    from fedlinear.scripts.launcher import tail
-
-    ctx = ssl.create_default_context(cafile=cafile)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise FedLinearError(
-                f"flower-superlink exited with code {proc.returncode} during start-up; log {log_path}:\n{tail(log_path)}"
-            )
-        with contextlib.suppress(urllib.error.URLError, OSError):
-            with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=1, context=ctx) as resp:  # noqa: S310
-                if resp.status == 200:
-                    return
-        time.sleep(0.1)
-    raise FedLinearError(f"flower-superlink did not answer on 127.0.0.1:{port} within {timeout:g} s; log {log_path}")
-
-
-def connection_toml(name: str, port: int, ca: str) -> str:
-    return f'[superlink.{name}]\naddress = "127.0.0.1:{port}"\nroot-certificates = "{ca}"\n'
-
-
 def _cert_files(args: argparse.Namespace) -> tuple[str, str, str]:
     certs = _abs(args.certs) if args.certs else None
     ca = _abs(args.ca) if args.ca else (os.path.join(certs, pki.CA_CERT) if certs else None)
@@ -150,126 +97,13 @@ def _cert_files(args: argparse.Namespace) -> tuple[str, str, str]:
     return ca, cert, key
 
 
-class _Stop(Exception):
-    pass
-
-
 def cmd_superlink(args: argparse.Namespace) -> int:
-    from fedlinear.scripts.fleetfront import FleetFront
-    from fedlinear.scripts.launcher import ProcessGroup, flower_env
-
     ca, cert, key = _cert_files(args)
-    host = args.host
-    bind_ip = pki.as_ip(host)
-    hosts = ["127.0.0.1"] + [pki.split_host(a) for a in args.address or []]
-    if bind_ip is not None and not bind_ip.is_unspecified and host not in hosts:
-        hosts.append(host)
-    problems = preflight.check_ca(ca)
-    problems += preflight.check_certificate(cert, ca, hosts, what="server certificate")
-    problems += preflight.check_server_key(cert, key)
-    if args.port == args.control_port:
-        problems.append(f"--port and --control-port are both {args.port}; the Fleet front needs a port of its own")
-    if not port_free(host, args.port):
-        problems.append(f"{host}:{args.port} is in use (--port)")
-    if not port_free("127.0.0.1", args.control_port):
-        problems.append(f"127.0.0.1:{args.control_port} is in use (--control-port)")
-    fail(problems)
-
-    workdir = _abs(args.workdir)
-    os.makedirs(workdir, exist_ok=True)
-    log_path = os.path.join(workdir, "superlink.log")
-    env = flower_env(os.path.join(workdir, "flwr-home"))
-    argv = [
-        "flower-superlink", "--host", "127.0.0.1", "--port", str(args.control_port),
-        "--ssl-ca-certfile", ca, "--ssl-certfile", cert, "--ssl-keyfile", key,
-        "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-    ]  # fmt: skip
-    if args.database:
-        argv += ["--database", _abs(args.database)]
-    group = ProcessGroup()
-    front: FleetFront | None = None
-
-    def on_signal(signum, _frame):
-        raise _Stop(signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        superlink = group.start("superlink", argv, env, log_path)
-        wait_healthy_tls(args.control_port, ca, superlink, args.startup_timeout, log_path)
-        front = FleetFront((host, args.port), ("127.0.0.1", args.control_port), cert, key, ca)
-        front.start()
-        dns, ips = pki.cert_sans(pki.load_cert(cert))
-        print(f"fedlinear superlink: Fleet API (SuperNodes only) on https://{host}:{args.port}, "
-              f"certificate SANs: {', '.join(dns + ips)}", flush=True)  # fmt: skip
-        print(f"fedlinear superlink: Control and Runtime APIs on 127.0.0.1:{args.control_port} only "
-              f"(this host: flwr run, flwr supernode register/list); log {log_path}", flush=True)  # fmt: skip
-        print("fedlinear superlink: connection for $FLWR_HOME/config.toml on this host:", flush=True)
-        print(connection_toml("fedlinear", args.control_port, ca), flush=True)
-        print("fedlinear superlink: ready", flush=True)
-        while superlink.poll() is None:
-            time.sleep(0.2)
-        from fedlinear.scripts.launcher import tail
-
-        raise FedLinearError(f"flower-superlink exited with code {superlink.returncode}; log {log_path}:\n{tail(log_path)}")
-    except _Stop:
-        print("fedlinear superlink: stopped", file=sys.stderr, flush=True)
-        return 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if front is not None:
-            front.stop()
-        group.stop()
-
-
-# ----------------------------------------------------------------------------------------------
-# node
-# ----------------------------------------------------------------------------------------------
-
-# What flower-supernode prints for each way it can be refused -> what to tell the party.
-REFUSALS: list[tuple[re.Pattern[str], str]] = [
-    (
-        re.compile(r"\[code: 2004\]|Failed to activate SuperNode|No SuperNode found", re.I),
-        "the SuperLink at {superlink} refused this node's key {key}: it is not registered there "
-        "(on the server: flwr supernode register {pub})",
-    ),
-    (
-        re.compile(r"\[code: 2001\]|must be registered via the CLI", re.I),
-        "the SuperLink at {superlink} requires a registered key; this node presented none",
-    ),
-    (
-        re.compile(r"401 Unauthorized|Invalid SuperNode authentication", re.I),
-        "the SuperLink at {superlink} rejected this node's signature for {key} (unregistered meanwhile, "
-        "or this machine's clock is off)",
-    ),
-    (
-        re.compile(r"Hostname mismatch|IP address mismatch", re.I),
-        "TLS with {superlink}: its certificate does not cover the address dialled",
-    ),
-    (
-        re.compile(r"CERTIFICATE_VERIFY_FAILED|SSL/TLS handshake error", re.I),
-        "TLS with {superlink} failed: its certificate is not signed by {ca}",
-    ),
-    (
-        re.compile(r"400 Bad Request", re.I),
-        "{superlink} refused the request as malformed (a plaintext connection to a TLS-only Fleet API?)",
-    ),
-    (
-        re.compile(r"Unable to parse the private key", re.I),
-        "flower-supernode could not read {key}: " + preflight.KEY_HINT,
-    ),
-    (
-        re.compile(r"Giving up reconnection", re.I),
-        "gave up connecting to {superlink} after --max-retries {retries} (is the SuperLink up and reachable?)",
-    ),
-]
-
-
-def explain_supernode_failure(output: str, **fmt: Any) -> str | None:
-    for pattern, message in REFUSALS:
-        if pattern.search(output):
-            return message.format(**fmt)
-    return None
+    fail(superlink.check_superlink(ca, cert, key, args.host, args.port, args.control_port, args.address))
+    database = _abs(args.database) if args.database else None
+    return superlink.serve_superlink(
+        ca, cert, key, args.host, args.port, args.control_port, _abs(args.workdir), database, args.startup_timeout
+    )
 
 
 def node_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -298,8 +132,6 @@ def _typed(text: str) -> Any:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from fedlinear.scripts.launcher import ProcessGroup, config_string, flower_env, free_port
-
     ca, key = _abs(args.ca), _abs(args.key)
     problems = preflight.check_ca(ca) + preflight.check_node_key(key)
     fail(problems)
@@ -312,66 +144,14 @@ def cmd_node(args: argparse.Namespace) -> int:
         if not os.path.exists(values["data-uri"]):
             raise FedLinearError(f"--data-uri {values['data-uri']}: no such file")
 
-    workdir = _abs(args.workdir)
-    os.makedirs(workdir, exist_ok=True)
-    log_path = os.path.join(workdir, "supernode.log")
-    env = flower_env(os.path.join(workdir, "flwr-home"))
-    argv = [
-        "flower-supernode", "--superlink", args.superlink,
-        "--root-certificates", ca, "--auth-supernode-private-key", key,
-        "--max-retries", str(args.max_retries), "--max-wait-time", str(args.max_wait_time),
-        "--host", "127.0.0.1", "--port", str(args.clientappio_port or free_port()),
-        "--node-config", config_string(values),
-    ]  # fmt: skip
-    group = ProcessGroup()
-    lines: list[str] = []
-
-    def on_signal(signum, _frame):
-        raise _Stop(signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        proc = group.start("supernode", argv, env, None, stdout=subprocess.PIPE)
-        print(f"fedlinear node: SuperNode for {values['data-uri']} connecting to {args.superlink}; log {log_path}", flush=True)
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            with open(log_path, "ab") as log:
-                for raw in proc.stdout:
-                    log.write(raw)
-                    log.flush()
-                    text = raw.decode("utf-8", "replace").rstrip()
-                    lines.append(text)
-                    del lines[:-200]
-                    if args.verbose:
-                        print(text, flush=True)
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        code = proc.wait()
-        reader.join(timeout=5)
-        if code == 0:
-            return 0
-        pub = key[:-4] + ".pub" if key.endswith(".key") else key + ".pub"
-        reason = explain_supernode_failure(
-            "\n".join(lines), superlink=args.superlink, key=key, pub=pub, ca=ca, retries=args.max_retries
-        )
-        raise FedLinearError(
-            (reason or f"flower-supernode exited with code {code}") + f"; log {log_path}"
-        )
-    except _Stop:
-        print("fedlinear node: stopped", file=sys.stderr, flush=True)
-        return 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        group.stop()
-
-
-# ----------------------------------------------------------------------------------------------
+    return node.serve_node(
+        args.superlink, ca, key, values, _abs(args.workdir), args.max_retries, args.max_wait_time,
+        args.clientappio_port, args.verbose,
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``fedlinear certs``, ``preflight``, ``superlink`` and ``node``."""
     certs = sub.add_parser("certs", help="CA, SuperLink TLS certificate and SuperNode keys (see docs/deploy.md)")
     certs.add_argument("--out", required=True, help="directory for the files (created; existing files are never overwritten)")
     certs.add_argument("--address", action="append", metavar="HOST_OR_IP",

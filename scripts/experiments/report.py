@@ -9,7 +9,6 @@ from the run (config values, failure reasons sent by parties, file contents) is 
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -616,33 +615,3 @@ def write(out: str, text: str, plots: list[tuple[str, str, bytes]]) -> list[str]
         written.append(uri)
     storage.write_text(out, text)
     return written
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    run = load_run(args.run_dir)
-    out = _abs(args.out) if args.out else storage.join(run.uri, "report.html")
-    plots = run_plots(run)
-    pngs = write(out, report_html(run, plots), plots)
-    print(f"wrote {out} ({run.state}, {len(run.rows)} rounds recorded) and {len(pngs)} plots in {png_dir(out)}")
-    return 0
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    runs = [load_run(uri) for uri in args.run_dirs]
-    labels = legend_labels(runs)
-    out = _abs(args.out or "compare.html")
-    plots = compare_plots(runs, labels)
-    pngs = write(out, compare_html(runs, labels, plots), plots)
-    print(f"wrote {out} ({len(runs)} runs) and {len(pngs)} plots in {png_dir(out)}")
-    return 0
-
-
-def add_parsers(sub) -> None:
-    report = sub.add_parser("report", help="one self-contained HTML report of a run (plots, failures, config)")
-    report.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (local or s3://)")
-    report.add_argument("--out", help="the HTML file (default RUN_DIR/report.html); the PNGs go beside it")
-    report.set_defaults(func=cmd_report)
-    compare = sub.add_parser("compare", help="several runs overlaid in one HTML file")
-    compare.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run directories (local or s3://)")
-    compare.add_argument("--out", help="the HTML file (default ./compare.html); the PNGs go beside it")
-    compare.set_defaults(func=cmd_compare)

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from fedlinear.common.errors import FedLinearError
-from fedlinear.scripts import pki
+from fedlinear.scripts.deploy import pki
 
 KEY_HINT = "Flower needs an EC key on a NIST curve in OpenSSH format (make one with 'fedlinear certs --party NAME')"
 

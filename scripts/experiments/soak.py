@@ -1,6 +1,6 @@
 """Soak test: a long ``fedlinear run`` in processes mode, watching the long-lived processes' memory.
 
-    python -m fedlinear.scripts.soak --nodes 3 --rounds 300 [--out DIR] [--interval 2] [--window 50] [--threshold 1.2]
+    python -m fedlinear.scripts.experiments.soak --nodes 3 --rounds 300 [--out DIR] [--interval 2] [--window 50] [--threshold 1.2]
 
 It writes small synthetic shards, runs ``fedlinear run`` (real SuperLink and SuperNode processes) and
 samples the resident set size (RSS) of every long-lived process of the federation (SuperLink,
@@ -9,7 +9,7 @@ sample with the round in progress. At the end it prints, per process, the mean R
 ``--window`` rounds and over the last ``--window`` rounds (half the rounds each when there are fewer
 than 2 x window) and their ratio. Exit status: 0; 1 if any process grew by more than ``--threshold``
 (last / first mean RSS); 2 if the run itself failed. Short-lived ``flwr-clientapp`` processes (one
-per task) are not followed. RSS comes from psutil when installed, else from ``/proc``.
+per task) are not followed. RSS comes from psutil.
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ import threading
 import time
 from collections import defaultdict
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import psutil
+
+import fedlinear
+
+REPO = fedlinear.app_dir()  # the working directory of the commands it runs
 ROUND_LINE = re.compile(r"^round\s+(\d+) \|")
 # command-line markers of the long-lived processes, in the order they are tried
 ROLES = (
@@ -38,58 +42,22 @@ DEFAULT_THRESHOLD = 1.2
 
 
 # ------------------------------------------------------------------------------------------------
-# processes and their RSS (psutil if installed, else /proc)
+# processes and their RSS
 # ------------------------------------------------------------------------------------------------
-
-
-def _proc_children(pid: int) -> list[int]:
-    kids: dict[int, list[int]] = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as handle:
-                stat = handle.read()
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        kids[ppid].append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in kids.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def descendants(pid: int) -> list[tuple[int, int, str, int]]:
     """(pid, parent pid, command line, RSS bytes) of every live descendant of ``pid``."""
     try:
-        import psutil
-    except ImportError:
-        psutil = None
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
     found = []
-    if psutil is not None:
+    for proc in procs:
         try:
-            procs = psutil.Process(pid).children(recursive=True)
+            found.append((proc.pid, proc.ppid(), " ".join(proc.cmdline()), proc.memory_info().rss))
         except psutil.Error:
-            return []
-        for proc in procs:
-            try:
-                found.append((proc.pid, proc.ppid(), " ".join(proc.cmdline()), proc.memory_info().rss))
-            except psutil.Error:
-                continue
-        return found
-    for child in _proc_children(pid):
-        try:
-            with open(f"/proc/{child}/cmdline", "rb") as handle:
-                cmdline = handle.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-            with open(f"/proc/{child}/status", encoding="utf-8") as handle:
-                fields = dict(line.split(":", 1) for line in handle if ":" in line)
-            rss, ppid = int(fields["VmRSS"].split()[0]) * 1024, int(fields["PPid"])
-        except (OSError, KeyError, ValueError):
             continue
-        found.append((child, ppid, cmdline, rss))
     return found
 
 
@@ -254,24 +222,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--isolation", choices=("auto", "netns", "none"), default="auto", help="as for fedlinear run")
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``fedlinear soak`` on the CLI's subparsers."""
-    p = subparsers.add_parser("soak", help="long processes-mode run watching the processes' RSS", description=__doc__.split("\n")[0])
-    add_arguments(p)
-    p.set_defaults(func=cmd_soak)
-    return p
-
-
-def cmd_soak(args: argparse.Namespace) -> int:
-    if args.nodes < 1 or args.rounds < 2:
-        from fedlinear.common.errors import FedLinearError
-
-        raise FedLinearError(f"soak needs --nodes >= 1 and --rounds >= 2, got {args.nodes} and {args.rounds}")
-    return soak(args)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedlinear.scripts.soak", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fedlinear.scripts.experiments.soak", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.nodes < 1 or args.rounds < 2:

@@ -1,0 +1,228 @@
+"""A sweep's settings: the grid (noise multipliers x seeds), validated once, its output directory and
+its one data set."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+from fedlinear.common.errors import FedLinearError
+from fedlinear.scripts.experiments.datasets import made_once
+
+GiB = 1024**3
+DEFAULT_DP = "central-server-clip"
+# what one run needs: simulation ~1 core and ~1.5 GiB (flwr-simulation, one Ray actor, SuperLink,
+# the fedlinear command); processes mode: N SuperNodes plus a clientapp process per task
+RUN_MEMORY = {"simulation": 1.5 * GiB, "processes": 2.5 * GiB}
+# keys the sweep sets itself; --set may not give them
+RESERVED = {
+    "dp": "the sweep sets it per noise level (use --dp for the mechanism)",
+    "dp-noise-multiplier": "use --noise",
+    "seed": "use --seeds / --first-seed",
+    "num-server-rounds": "use --rounds",
+    "run-dir": "each run has its own under OUT/runs",
+    "data-uri": "use --data",
+}
+# settings that must match when a sweep directory is resumed (the grid itself may grow)
+FIXED = ("data", "clients", "rounds", "mode", "dp", "sets")
+SYNTH = {"samples_per_client": 1000, "features": 10, "noise": 0.1, "seed": 42, "test_samples": 2000}
+
+
+def say(text: str) -> None:
+    print(f"[sweep] {text}", flush=True)
+
+
+def parse_noise(text: str) -> list[float]:
+    """``0,0.5,1,2,4`` -> sorted distinct noise multipliers (each finite and >= 0)."""
+    values: list[float] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            raise FedLinearError(f"--noise takes a comma list of noise multipliers like 0,0.5,1,2,4; got '{text}'")
+        try:
+            value = float(item)
+        except ValueError:
+            raise FedLinearError(f"--noise: '{item}' is not a number (a comma list like 0,0.5,1,2,4)") from None
+        if not math.isfinite(value):
+            raise FedLinearError(f"--noise: '{item}' is not a finite number")
+        if value < 0:
+            raise FedLinearError(f"--noise: {item} is negative; a noise multiplier is >= 0 (0 = no DP)")
+        if value in values:
+            raise FedLinearError(f"--noise: {item} is given twice")
+        values.append(value)
+    return sorted(values)
+
+
+def noise_label(noise: float) -> str:
+    return f"{noise:g}"
+
+
+def run_name(noise: float, seed: int) -> str:
+    return f"z{noise_label(noise)}-s{seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    noise: float
+    seed: int
+    run_dir: str
+
+    @property
+    def name(self) -> str:
+        return run_name(self.noise, self.seed)
+
+
+@dataclasses.dataclass
+class Settings:
+    """A validated sweep: everything needed to start its runs."""
+
+    out: str
+    noise: list[float]
+    seeds: list[int]
+    data: str | None  # None: synthetic data into OUT/data
+    clients: int | None  # None with --data: every shard
+    rounds: int
+    mode: str
+    dp: str
+    sets: list[str]  # raw key=value strings, validated
+    parallel: int
+    timeout: float
+    ray_cpus: int | None  # simulation: per run (default: cores / parallel)
+    runner_module: str = "fedlinear.scripts.cli"
+
+    @property
+    def data_dir(self) -> str:
+        return self.data or os.path.join(self.out, "data")
+
+    def jobs(self) -> list[Job]:
+        return [
+            Job(z, s, os.path.join(self.out, "runs", run_name(z, s))) for z in self.noise for s in self.seeds
+        ]
+
+    def fixed(self) -> dict[str, Any]:
+        return {
+            "data": self.data_dir,
+            "clients": self.clients,
+            "rounds": self.rounds,
+            "mode": self.mode,
+            "dp": self.dp,
+            "sets": sorted(self.sets),
+        }
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_parallel(mode: str, cores: int | None = None, available: int | None = None) -> int:
+    """Runs at a time that fit on this machine: one core and RUN_MEMORY[mode] each."""
+    if cores is None:
+        cores = usable_cores()
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    return max(1, min(cores, int(available // RUN_MEMORY[mode])))
+
+
+def validate(args: argparse.Namespace) -> Settings:
+    """Check everything a user can get wrong, before anything runs; one-line errors."""
+    from fedlinear.common import storage
+    from fedlinear.common.config import parse_assignments
+
+    noise = parse_noise(args.noise)
+    if args.seeds < 1:
+        raise FedLinearError(f"--seeds must be >= 1 (runs per noise level), got {args.seeds}")
+    if args.rounds < 1:
+        raise FedLinearError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.clients is not None and args.clients < 1:
+        raise FedLinearError(f"--clients must be >= 1, got {args.clients}")
+    if args.parallel is not None and args.parallel < 1:
+        raise FedLinearError(f"--parallel must be >= 1, got {args.parallel}")
+    if not args.timeout > 0:
+        raise FedLinearError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
+    if args.ray_cpus is not None and args.ray_cpus < 1:
+        raise FedLinearError(f"--ray-cpus must be >= 1, got {args.ray_cpus}")
+    if not args.dp or args.dp == "none":
+        raise FedLinearError("--dp names the mechanism of the private runs (noise > 0), e.g. central-server-clip")
+    sets = list(args.set or [])
+    for item in sets:
+        key = item.split("=", 1)[0].strip()
+        if key in RESERVED:
+            raise FedLinearError(f"--set {key}: {RESERVED[key]}")
+    parse_assignments(sets)  # unknown keys, bad values: one line, now, not in every run
+    if storage.is_s3(args.out):
+        raise FedLinearError(f"--out must be a local directory (the sweep writes its table and plot there): {args.out}")
+    out = os.path.abspath(os.path.expanduser(args.out))
+    data = None
+    if args.data:
+        data = args.data if storage.is_s3(args.data) else os.path.abspath(os.path.expanduser(args.data))
+        from fedlinear.common.shards import find_shards
+
+        shards = find_shards(data)
+        if args.clients is not None and args.clients > len(shards):
+            raise FedLinearError(f"--clients {args.clients} but {data} has only {len(shards)} shards")
+    parallel = args.parallel or default_parallel(args.mode)
+    return Settings(
+        out=out,
+        noise=noise,
+        seeds=[args.first_seed + i for i in range(args.seeds)],
+        data=data,
+        clients=args.clients if (args.clients is not None or data) else 10,
+        rounds=args.rounds,
+        mode=args.mode,
+        dp=args.dp,
+        sets=sets,
+        parallel=parallel,
+        timeout=float(args.timeout),
+        ray_cpus=args.ray_cpus,
+        runner_module=getattr(args, "runner", "fedlinear.scripts.cli"),
+    )
+
+
+def prepare_out(settings: Settings) -> None:
+    """Create OUT (or find it unwritable), and check a resumed sweep has the same fixed settings."""
+    try:
+        for sub in ("runs", "logs"):
+            os.makedirs(os.path.join(settings.out, sub), exist_ok=True)
+        probe = os.path.join(settings.out, ".write-test")
+        with open(probe, "w", encoding="utf-8") as handle:
+            handle.write("ok\n")
+        os.remove(probe)
+    except OSError as exc:
+        raise FedLinearError(f"--out {settings.out}: cannot write there ({exc.strerror or exc})") from None
+    path = os.path.join(settings.out, "sweep.json")
+    fixed = settings.fixed()
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            before = json.load(handle).get("fixed", {})
+        differ = [k for k in FIXED if k in before and before[k] != fixed[k]]
+        if differ:
+            k = differ[0]
+            raise FedLinearError(
+                f"{settings.out} holds a sweep with {k} = {before[k]!r}, not {fixed[k]!r}; its completed runs "
+                f"would not be comparable: choose another --out (or the same settings to resume it)"
+            )
+    record = {"fixed": fixed, "noise": settings.noise, "seeds": settings.seeds}
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2)
+
+
+def ensure_data(settings: Settings) -> str:
+    """The one data set of the sweep: --data, or synthetic shards made once into OUT/data."""
+    if settings.data:
+        return settings.data
+    path = settings.data_dir
+    params = {"clients": settings.clients, **SYNTH}
+    from fedlinear.common.shards import write_synthetic
+
+    def make() -> None:
+        for line in write_synthetic(path, settings.clients, **SYNTH):
+            print(line)
+
+    made_once(path, "sweep-data.json", params, make)
+    return path

@@ -1,0 +1,94 @@
+"""Flower's processes as the launcher (and ``fedlinear superlink`` / ``node``) start them: a free
+loopback port, config values as ``flwr run`` parses them, the environment (this venv's ``bin/`` first,
+a private ``FLWR_HOME``, offline), the private connection file, and a SuperLink's health.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from fedlinear.common.errors import FedLinearError
+from fedlinear.scripts.local.processes import TREE_ENV
+from fedlinear.scripts.local.spec import LaunchSpec
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    """Render a config value the way ``flwr run --run-config`` / ``--node-config`` parse it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    if '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    if "'" not in text:
+        return f"'{text}'"
+    raise FedLinearError(f"config value {text!r} contains both quote characters; Flower cannot parse it")
+
+
+def config_string(values: dict[str, Any]) -> str:
+    return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
+
+
+def flower_env(flwr_home: str, token: str | None = None) -> dict[str, str]:
+    """Environment for Flower's processes: this venv's bin first, private FLWR_HOME, offline (and the
+    launch's :data:`TREE_ENV` token, when given)."""
+    env = dict(os.environ)
+    if token is not None:
+        env[TREE_ENV] = token
+    bindir = os.path.dirname(os.path.abspath(sys.executable))
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env["FLWR_HOME"] = flwr_home
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("RAY_DEDUP_LOGS", "1")
+    return env
+
+
+def tail(path: str, lines: int = 15) -> str:
+    with contextlib.suppress(OSError), open(path, "rb") as handle:
+        return b"".join(handle.readlines()[-lines:]).decode("utf-8", "replace")
+    return ""
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float, log_path: str) -> None:
+    """Poll the SuperLink's /health until it answers (bounded); fail fast if it exits."""
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{port}/health"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FedLinearError(
+                f"flower-superlink exited with code {proc.returncode} during start-up; log {log_path}:\n{tail(log_path)}"
+            )
+        with contextlib.suppress(urllib.error.URLError, OSError):
+            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback only
+                if resp.status == 200:
+                    return
+        time.sleep(0.1)
+    raise FedLinearError(f"flower-superlink did not answer on 127.0.0.1:{port} within {timeout:g} s; log {log_path}")
+
+
+def write_connection(flwr_home: str, spec: LaunchSpec, port: int) -> str:
+    """The private Flower config with one SuperLink connection; returns the connection name."""
+    os.makedirs(flwr_home, exist_ok=True)
+    lines = ["[superlink]", 'default = "fedlinear"', "", "[superlink.fedlinear]", f'address = "127.0.0.1:{port}"', "insecure = true"]
+    with open(os.path.join(flwr_home, "config.toml"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return "fedlinear"
