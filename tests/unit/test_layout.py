@@ -54,3 +54,13 @@ def test_stock_flwr_build_bundles_the_checkout_and_the_bundle_imports_on_its_own
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "app")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == str(tmp_path / "app" / "common" / "model.py")
+
+
+def test_the_layer_contracts_hold():
+    """pyproject.toml's [tool.importlinter] contracts: scripts on top; server and clients side by side and
+    independent; common at the bottom and Flower-free; no import circles among siblings anywhere."""
+    from tests.lint_imports import lint_imports
+
+    proc = lint_imports(capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert ", 0 broken." in proc.stdout, proc.stdout[-3000:]
