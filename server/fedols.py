@@ -1,6 +1,6 @@
 """``strategy = "fedols"``: the pooled least-squares (or ridge) solution in one round, exactly.
 
-Called by :func:`server.server_app.run` after the shard query (describe + scatter stages), which
+Called by :func:`server.server_app.run` after the shard query (:func:`server.nodes.query_nodes`) (describe + scatter stages), which
 already gave every healthy party's ``n``, ``Σ[x y]`` and centred scatter and the pooled statistics:
 
 * ``fedols-method = normal`` solves from those pooled statistics (no further message);
@@ -11,8 +11,9 @@ already gave every healthy party's ``n``, ``Σ[x y]`` and centred scatter and th
   is exact for the remaining parties (the intercept column absorbs the shifted centre).
 
 The float64 solution goes into ``history.json`` and ``manifest.json`` (``fedols`` block), the model is
-exported rounded to float32 in raw units (no standardization), and one history row (round 1) carries
-the same metrics as any run (:class:`server.server_app.Evaluator`). The math is in :mod:`common.fedols`.
+exported rounded to float32 in raw units (no standardization) by :func:`server.finish.complete`, the
+manifest writer of every run, and one history row (round 1) carries the same metrics as any run
+(:class:`server.evaluation.Evaluator`). The math is in :mod:`common.fedols`.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from fedlinear.common import scaling
 from fedlinear.common.config import RunConfig
 from fedlinear.common.data import Dataset
 from fedlinear.common.errors import FedLinearError
-from fedlinear.common.export import export_savedmodel
 from fedlinear.common.runstore import RunStore
-from fedlinear.server import server_app as sa
+from fedlinear.server import evaluation, finish, progress
+from fedlinear.server.nodes import Parties, in_key_order
 
 
 def collect_r(
@@ -39,7 +40,7 @@ def collect_r(
 ) -> dict[int, np.ndarray]:
     """Stage ``fedols-r``: each healthy party's checked R factor (failures are appended and said)."""
     d = int(next(iter(healthy.values()))["num-features"])
-    order = sa._in_key_order(healthy)
+    order = in_key_order(healthy)
     messages = [
         Message(
             RecordDict(
@@ -67,7 +68,7 @@ def collect_r(
                 factors[nid] = np.asarray(msg.content["r"]["r"].numpy(), np.float64)
                 continue
         failures.append({"node-id": nid, "client-key": healthy[nid].get("client-key"), "reason": reason})
-        sa.say(f"node {nid} left out: {reason}")
+        progress.say(f"node {nid} left out: {reason}")
     return factors
 
 
@@ -87,50 +88,44 @@ def _check_reply(msg: Message, d: int, num_examples: int) -> str | None:
 
 
 def run(
-    grid: Grid,
-    context: Context,
-    store: RunStore,
-    cfg: RunConfig,
-    healthy: dict[int, dict],
-    query_failures: list[dict],
-    pooled: scaling.PooledStats | None,
-    test: Dataset | None,
+    grid: Grid, context: Context, store: RunStore, cfg: RunConfig, parties: Parties, test: Dataset | None,
     started: float,
-) -> None:
+) -> None:  # fmt: skip
     """Solve, evaluate, export and record; the run's status is ``completed`` at the end."""
+    healthy, pooled = parties.healthy, parties.pooled
     if pooled is None or not pooled.full:  # config validation refuses privacy and reference = none
         raise FedLinearError("strategy = fedols needs every party's centred cross-products, which were not gathered")
     num_features = pooled.num_features
     failures: list[dict] = []
-    parties = sa._in_key_order(healthy)
+    solved_by = parties.in_key_order()
     if cfg.fedols_method == "qr":
         factors = collect_r(grid, cfg, healthy, pooled.mean, failures)
         if not factors:
             raise FedLinearError(
                 "no party sent a usable R factor: " + "; ".join(f"node {f['node-id']}: {f['reason']}" for f in failures)
             )
-        parties = [nid for nid in parties if nid in factors]
-        solution = fedols.solve_qr([factors[nid] for nid in parties], pooled.mean, cfg.fedols_l2, pooled.constant_features())
+        solved_by = [nid for nid in solved_by if nid in factors]
+        solution = fedols.solve_qr([factors[nid] for nid in solved_by], pooled.mean, cfg.fedols_l2, pooled.constant_features())
     else:
         solution = fedols.solve_normal(pooled, cfg.fedols_l2)
     kernel, bias = solution.kernel, solution.bias
     for note in solution.notes:
-        sa.say(f"fedols: {note}")
+        progress.say(f"fedols: {note}")
 
     transform = scaling.Transform.identity(num_features)
-    evaluate = sa.Evaluator(test, pooled, transform)
+    evaluate = evaluation.Evaluator(test, pooled, transform)
     row = {
         "round": 1,
-        "clients-ok": len(parties),
+        "clients-ok": len(solved_by),
         "clients-failed": len(failures),
         "failures": failures,
         **evaluate(lm.LinearWeights(kernel=kernel.reshape(-1, 1), bias=np.array([bias]))),  # float64
         "elapsed-s": time.monotonic() - started,
     }
-    samples = sum(int(healthy[nid]["num-examples"]) for nid in parties)
+    samples = sum(int(healthy[nid]["num-examples"]) for nid in solved_by)
     block = {
         **solution.to_json(),
-        "parties": len(parties),
+        "parties": len(solved_by),
         "num-examples": samples,
         "objective": "minimise ||y - X w - b||^2 + l2 ||w||^2 over the pooled raw data (bias not penalised)",
     }
@@ -140,38 +135,23 @@ def run(
         "reference": evaluate.reference,
         "standardization": transform.to_json(),
         "learning-rate": {"value": None, "how": "strategy = fedols: solved exactly, no training"},
-        "query-failures": query_failures,
+        "query-failures": parties.failures,
         "fedols": block,
     }
     store.write_history(history)
-    sa.say(
-        f"fedols ({solution.method}, l2 = {solution.l2:g}): exact solution from {len(parties)} parties, "
+    progress.say(
+        f"fedols ({solution.method}, l2 = {solution.l2:g}): exact solution from {len(solved_by)} parties, "
         f"{samples} samples; condition number {solution.condition_number:.4g}; {solution.solver}"
     )
-    sa.say(sa.progress_line(row))
+    progress.say(progress.progress_line(row))
 
-    exported = lm.LinearWeights(kernel=kernel.astype(np.float32).reshape(-1, 1), bias=np.array([bias], np.float32))
-    model_uri = store.uri("model")
-    export_savedmodel(exported, model_uri)
-    final = {k: v for k, v in row.items() if k != "failures"}
-    manifest = {
-        "run-id": context.run_id,
-        "config": cfg.as_dict(),
-        "seed": cfg.seed,
-        "versions": sa.versions(),
-        "num-features": num_features,
-        "weights": {"kernel": kernel.tolist(), "bias": bias},
-        "exported-weights": {"kernel": exported.kernel.ravel().tolist(), "bias": float(exported.bias[0])},
-        "standardization": transform.to_json(),
-        "learning-rate": history["learning-rate"],
-        "fedols": block,
-        "model": model_uri,
-        **sa.manifest_data(healthy, test),
-        "reference": evaluate.reference,
-        "final": final,
-        "query-failures": query_failures,
-        "wall-time-s": time.monotonic() - started,
-    }
-    store.write_manifest(manifest)
-    store.write_status("completed", run_id=context.run_id)
-    sa.say(f"done: model exported to {model_uri}")
+    result = finish.Result(
+        kernel=kernel,
+        bias=bias,
+        transform=transform,
+        learning_rate=history["learning-rate"],
+        method={"fedols": block},
+        reference=evaluate.reference,
+        final_row=row,
+    )
+    finish.complete(store, context, cfg, parties, test, started, result)

@@ -13,6 +13,10 @@ checked:
   node claiming 1e12 examples would otherwise take the global model over) and its own client key.
 * if configured, the update's L2 norm: at most ``max-update-norm``, and at most
   ``max-update-norm-factor`` x the median norm of the round's replies that passed everything else.
+
+:func:`answers_to` keeps only the replies that answer one of the round's own messages (a straggler's
+late reply of an earlier round is rejected); :func:`validated` applies the checks above to a round's
+replies and records each rejected one as that node's failure.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import math
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 from fedlinear.common import model as lm
 from fedlinear.common.errors import untrusted_text
+from fedlinear.server import progress
 
 MAX_FEATURES = 1_000_000
 TRAIN_METRICS = {"num-examples", "train-loss", "client-key", "unit-weight"}
@@ -170,3 +176,86 @@ def check_update_norm_factor(norms: dict[int, float], factor: float, server_roun
         for nid, norm in sorted(norms.items())
         if norm > bound
     }
+
+
+# A weight vector this long is garbage or an attack: training from standardized data moves weights
+# by O(1); raw-space runs (standardize = none) by what the data's scale allows.
+WEIGHT_NORM_BOUND = 1e12
+
+
+def validated(
+    ordered: list[Message], failures: list[dict], healthy: dict[int, dict], eligible: dict[int, int],
+    num_features: int, arrays: ArrayRecord, max_update_norm: float = 0.0, max_update_norm_factor: float = 0.0,
+    server_round: int = 0,
+) -> list[Message]:
+    """The replies that pass the checks above (and, if > 0, ``max-update-norm`` on their update
+    from ``arrays``, then ``max-update-norm-factor`` against the median update norm of the replies that
+    passed everything else); each rejected one is added to ``failures``: first those of the per-reply
+    checks, in ``ordered``'s order, then those of the median bound, in ``ordered``'s order."""
+    kept = []
+    for msg in ordered:
+        nid = msg.metadata.src_node_id
+        if msg.has_error():
+            kept.append(msg)  # already a failure; the strategy (and Flower's DP wrappers) see it as one
+            continue
+        problem = (
+            "reply from a node that was not asked" if nid not in healthy
+            else check_train_reply(msg, num_features, healthy[nid], WEIGHT_NORM_BOUND)
+        )  # fmt: skip
+        if problem is None and max_update_norm > 0:
+            problem = check_update_norm(msg, arrays, max_update_norm, nid)
+        if problem is None:
+            kept.append(msg)
+        else:
+            failures.append({"node-id": nid, "client-key": eligible.get(nid), "reason": problem})
+    if max_update_norm_factor > 0:
+        norms = {msg.metadata.src_node_id: update_norm(msg, arrays)
+                 for msg in kept if not msg.has_error()}  # fmt: skip
+        skipped = median_bound_skipped(norms)
+        if skipped and norms:  # with no reply there is nothing to say
+            progress.say(f"round {server_round}: 'max-update-norm-factor' not applied: {skipped}")
+        rejected = check_update_norm_factor(norms, max_update_norm_factor, server_round)
+        failures += [
+            {"node-id": msg.metadata.src_node_id, "client-key": eligible.get(msg.metadata.src_node_id),
+             "reason": rejected[msg.metadata.src_node_id]}
+            for msg in kept if not msg.has_error() and msg.metadata.src_node_id in rejected
+        ]  # fmt: skip
+        kept = [msg for msg in kept if msg.has_error() or msg.metadata.src_node_id not in rejected]
+    return kept
+
+
+def answers_to(
+    messages: list[Message], replies: list[Message], eligible: dict[int, int]
+) -> tuple[list[Message], list[dict]]:
+    """(the replies that answer one of this round's ``messages``, a failure for each that does not).
+
+    A reply must name one of the messages sent in this call (``reply_to_message_id``; Flower's grid sets
+    each message id when it pushes it), come from the node that message went to, and carry the round's
+    group id, at most once per message. Flower 1.42's grid pulls only the ids it pushed in the same
+    ``send_and_receive``, so a straggler's late reply of round r never comes back in round r+1; this
+    check holds whatever grid (or SuperLink) the ServerApp runs over.
+    """
+    by_id = all(msg.metadata.message_id for msg in messages)  # a grid that sets no ids: match by node
+    sent = {(msg.metadata.message_id if by_id else msg.metadata.dst_node_id): msg for msg in messages}
+    kept, rejected, seen = [], [], set()
+    for reply in replies:
+        meta = reply.metadata
+        key = meta.reply_to_message_id if by_id else meta.src_node_id
+        asked = sent.get(key)
+        if asked is not None and by_id and reply.has_error() and meta.src_node_id == SUPERLINK_NODE_ID:
+            # the SuperLink's own error reply for a node (unavailable, reply lost): that node's failure
+            node = asked.metadata.dst_node_id
+            reason = f"the SuperLink reports: {reply.error.reason}"
+            rejected.append({"node-id": node, "client-key": eligible.get(node), "reason": reason})
+            seen.add(key)
+            continue
+        if asked is None or asked.metadata.dst_node_id != meta.src_node_id or asked.metadata.group_id != meta.group_id:
+            reason = "reply rejected: it does not answer a message of this round (a late reply of an earlier round?)"
+        elif key in seen:
+            reason = "reply rejected: a second reply to the same message"
+        else:
+            seen.add(key)
+            kept.append(reply)
+            continue
+        rejected.append({"node-id": meta.src_node_id, "client-key": eligible.get(meta.src_node_id), "reason": reason})
+    return kept, rejected

@@ -83,6 +83,7 @@ from flwr.serverapp import Grid
 from fedlinear.common import secagg_prg
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
+from fedlinear.server import progress
 
 # Flower 1.42 expands mask seeds through a 32-bit seed: use full-strength masks (common/secagg_prg.py),
 # as clients/secure.py does on the other side
@@ -260,7 +261,7 @@ def train_round(
         why = halted or "secure aggregation produced no aggregate"
         failures += [{"node-id": nid, "reason": why} for nid in sampled if nid not in {f["node-id"] for f in failures}]
     for nid in sorted(lost & set(aggregated)):
-        _say(f"round {server_round}: node {nid} dropped out during unmasking; its update is in the aggregate")
+        progress.say(f"round {server_round}: node {nid} dropped out during unmasking; its update is in the aggregate")
     return SecureRound(sampled, aggregated, arrays, update, weighting, failures)
 
 
@@ -281,10 +282,6 @@ def _named(ndarrays: list[np.ndarray], template: ArrayRecord) -> ArrayRecord:
             raise FedLinearError(f"secure aggregate: '{name}' has shape {value.shape}, the model {shape}")
         out[name] = Array(np.ascontiguousarray(np.asarray(value, dtype=np.float64).reshape(shape)))
     return ArrayRecord(out)
-
-
-def _say(text: str) -> None:
-    print(f"[fedlinear] {text}", flush=True)
 
 
 class _StageGrid:

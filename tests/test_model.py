@@ -98,7 +98,7 @@ def federated_rounds(shards, rounds: int, batch_size: int, learning_rate: float,
     (fixed_order) and aggregated by the strategy build_strategy makes (Flower's FedAvg, by num-examples)."""
     from fedlinear.common.config import RunConfig
     from fedlinear.server.strategy import build_strategy, fixed_order
-    from fedlinear.server.server_app import from_record, to_record
+    from fedlinear.server.rounds import from_record, to_record
 
     eligible = {100 + key: key for key in range(len(shards))}
     strategy = build_strategy(RunConfig(seed=seed), eligible).strategy
