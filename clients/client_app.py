@@ -32,7 +32,7 @@ from fedlinear.clients import faults, flower_fixes
 from fedlinear.clients.errors import ERROR_CODE_INTERNAL, ERROR_CODE_USER, error_reply  # noqa: F401 - codes re-exported
 from fedlinear.common import model as lm
 from fedlinear.common import npy
-from fedlinear.common import fedols, privacy, scaling
+from fedlinear.common import fedols, privacy, protocol, scaling
 from fedlinear.common.config import RunConfig
 from fedlinear.common.data import Dataset, load_csv
 from fedlinear.common.errors import FedLinearError
@@ -40,9 +40,6 @@ from fedlinear.common.storage import fingerprint
 
 app = ClientApp()
 flower_fixes.apply()  # Flower 1.42's fixedclipping_mod divides by a zero update norm
-
-UNIT_WEIGHT = "unit-weight"  # every train reply weighs 1 under DP (server/strategy.py UNIT_WEIGHT)
-
 
 # Shards parsed in this process; the simulation engine keeps workers (and this cache) across rounds.
 _SHARDS: dict[tuple[str, int, str], Dataset] = {}
@@ -127,29 +124,6 @@ _TRANSFORMED: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 _MAX_TRANSFORMED = 64
 
 
-TRANSFORM_KEYS = ("x-shift", "x-matrix", "y-shift-scale")
-
-
-def transform_of(msg: Message, num_features: int) -> scaling.Transform | None:
-    """The standardization transform a train/evaluate task carries (None: raw variables).
-
-    It travels as ``transform-*`` float lists in the task's one ConfigRecord (Flower's
-    ``fixedclipping_mod`` refuses a task with more than one ArrayRecord), or as a ``transform``
-    ArrayRecord.
-    """
-    record = msg.content.array_records.get("transform")
-    if record is not None:
-        return scaling.Transform.from_arrays({name: to_numpy(record[name]) for name in record}, num_features)
-    config = msg.content.config_records.get("config", ConfigRecord())
-    if f"transform-{TRANSFORM_KEYS[0]}" not in config:
-        return None
-    try:
-        arrays = {name: np.asarray(config[f"transform-{name}"], dtype=np.float64) for name in TRANSFORM_KEYS}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise FedLinearError(f"malformed standardization transform in the task: {exc}") from None
-    return scaling.Transform.from_arrays(arrays, num_features)
-
-
 def training_data(
     uri: str, cfg: RunConfig, data: Dataset, transform: scaling.Transform | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -216,38 +190,40 @@ def query(msg: Message, context: Context) -> Message:
     factor of its centred block (stage ``fedols-r``, :mod:`common.fedols`)."""
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
-    request = msg.content.config_records.get("config", ConfigRecord())
-    stage = str(request.get("stage", "describe"))
-    if stage == "fedols-r":  # strategy = fedols, method qr
+    request = msg.content.config_records.get(protocol.RECORD_CONFIG, ConfigRecord())
+    stage = str(request.get(protocol.KEY_STAGE, protocol.STAGE_DESCRIBE))
+    if stage == protocol.STAGE_FEDOLS_R:  # strategy = fedols, method qr
         r = fedols.local_r(data.x, data.y, _centre(msg, stage, uri, data))
-        return Message(RecordDict({"r": ArrayRecord({"r": Array(r)})}), reply_to=msg)
-    if stage == "scatter":
+        return Message(RecordDict({protocol.RECORD_R: ArrayRecord({protocol.ARRAY_R: Array(r)})}), reply_to=msg)
+    if stage == protocol.STAGE_SCATTER:
         centre = _centre(msg, stage, uri, data)
-        scatter = scaling.Scatter.of(data.x, data.y, centre, full=bool(request.get("full", False)))
-        return Message(RecordDict({"scatter": ArrayRecord({"scatter": Array(scatter.matrix)})}), reply_to=msg)
+        scatter = scaling.Scatter.of(data.x, data.y, centre, full=bool(request.get(protocol.KEY_FULL, False)))
+        record = ArrayRecord({protocol.ARRAY_SCATTER: Array(scatter.matrix)})
+        return Message(RecordDict({protocol.RECORD_SCATTER: record}), reply_to=msg)
     pid = partition_id(context)
     info = {
-        "num-features": data.num_features,
-        "num-examples": data.num_examples,
-        "client-key": client_key(context, cfg, uri, data),
+        protocol.SHARD_NUM_FEATURES: data.num_features,
+        protocol.SHARD_NUM_EXAMPLES: data.num_examples,
+        protocol.SHARD_CLIENT_KEY: client_key(context, cfg, uri, data),
     }
-    if not bool(request.get("private", False)):  # under privacy the shard's path and hash stay here
-        info["data-uri"] = uri
-        info["fingerprints"] = [str(fp) for fp in map(_fingerprint_json, data.sources)]
+    if not bool(request.get(protocol.KEY_PRIVATE, False)):  # under privacy the shard's path and hash stay here
+        info[protocol.SHARD_DATA_URI] = uri
+        info[protocol.SHARD_FINGERPRINTS] = [str(fp) for fp in map(_fingerprint_json, data.sources)]
     if pid is not None:
-        info["partition-id"] = pid
-    content = RecordDict({"shard": ConfigRecord(info)})
-    if bool(request.get("want-moments", False)):
-        content["moments"] = ArrayRecord({"total": Array(scaling.Moments.of(data.x, data.y).total)})
+        info[protocol.SHARD_PARTITION_ID] = pid
+    content = RecordDict({protocol.RECORD_SHARD: ConfigRecord(info)})
+    if bool(request.get(protocol.KEY_WANT_MOMENTS, False)):
+        total = scaling.Moments.of(data.x, data.y).total
+        content[protocol.RECORD_MOMENTS] = ArrayRecord({protocol.ARRAY_TOTAL: Array(total)})
     return Message(content, reply_to=msg)
 
 
 def _centre(msg: Message, stage: str, uri: str, data: Dataset) -> np.ndarray:
     """The pooled mean of ``[x, y]`` a ``scatter`` or ``fedols-r`` query carries, checked."""
-    record = msg.content.array_records.get("centre")
-    if record is None or "centre" not in record:
+    record = msg.content.array_records.get(protocol.RECORD_CENTRE)
+    if record is None or protocol.ARRAY_CENTRE not in record:
         raise FedLinearError(f"{stage} query without the pooled centre")
-    centre = to_numpy(record["centre"]).astype(np.float64).ravel()
+    centre = to_numpy(record[protocol.ARRAY_CENTRE]).astype(np.float64).ravel()
     if centre.shape != (data.num_features + 1,) or not np.isfinite(centre).all():
         raise FedLinearError(
             f"{uri}: the server's centre has {centre.shape[0]} values, the shard has {data.num_features + 1} columns"
@@ -265,12 +241,13 @@ def local_dp(
     old: lm.LinearWeights, new: lm.LinearWeights, config: ConfigRecord, cfg: RunConfig, server_round: int, key: int
 ) -> lm.LinearWeights:
     """``dp = local``: clip this node's update and add Gaussian noise before it leaves (common/privacy.py)."""
-    rng = privacy.noise_rng(str(config["dp-noise-seed"]), cfg.seed, server_round, key, privacy.LOCAL_DP_STREAM)
+    seed = str(config[protocol.KEY_DP_NOISE_SEED])
+    rng = privacy.noise_rng(seed, cfg.seed, server_round, key, privacy.LOCAL_DP_STREAM)
     (kernel, bias), _ = privacy.local_dp_release(
         [new.kernel, new.bias],
         [old.kernel, old.bias],
-        float(config["local-dp-clipping-norm"]),
-        float(config["local-dp-noise-multiplier"]),
+        float(config[protocol.KEY_LOCAL_DP_CLIPPING_NORM]),
+        float(config[protocol.KEY_LOCAL_DP_NOISE_MULTIPLIER]),
         rng,
     )
     return lm.LinearWeights(kernel=kernel, bias=bias)
@@ -281,22 +258,10 @@ def clip_when_asked(msg: Message, context: Context, call_next) -> Message:
 
     Attached to the train handler only: Flower's mods do not check the message type.
     """
-    config = msg.content.config_records.get("config")
+    config = msg.content.config_records.get(protocol.RECORD_CONFIG)
     if config is not None and KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
-
-
-def proximal_mu(config: ConfigRecord) -> float:
-    """FedProx's ``proximal-mu`` from the task (Flower's FedProx sends it), 0 when absent."""
-    raw = config.get("proximal-mu", 0.0)
-    try:
-        mu = float(raw)
-    except (TypeError, ValueError):
-        mu = float("nan")
-    if isinstance(raw, bool) or not (0 <= mu < float("inf")):
-        raise FedLinearError(f"the task's 'proximal-mu' must be a finite number >= 0, got {raw!r}")
-    return mu
 
 
 def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]:
@@ -304,14 +269,14 @@ def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]
     ``train`` and the secure aggregation path, clients/secure.py)."""
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
-    weights = from_record(msg.content["arrays"], data.num_features, uri)
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
+    weights = from_record(msg.content[protocol.RECORD_ARRAYS], data.num_features, uri)
+    config = msg.content[protocol.RECORD_CONFIG]
+    server_round = int(config[protocol.KEY_SERVER_ROUND])
     faults.inject(context, server_round)  # a test hook, inert unless FEDLINEAR_TEST_FAULTS is set
-    learning_rate = float(config.get("learning-rate", 0.0)) or cfg.learning_rate
+    learning_rate = float(config.get(protocol.KEY_LEARNING_RATE, 0.0)) or cfg.learning_rate
     if learning_rate == "auto" or not 0 < learning_rate < 10:
         raise FedLinearError(f"no usable learning rate in the task ({learning_rate!r})")
-    transform = transform_of(msg, data.num_features)
+    transform = protocol.transform(config, data.num_features)
     key = client_key(context, cfg, uri, data)
     orders = [
         lm.batch_order(data.num_examples, cfg.seed, server_round, key, epoch) for epoch in range(cfg.local_epochs)
@@ -325,18 +290,21 @@ def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]
         batch_size=cfg.batch_size,
         learning_rate=learning_rate,
         orders=orders,
-        proximal_mu=proximal_mu(config),
+        proximal_mu=protocol.proximal_mu(config),
     )
     if not np.isfinite(new_weights.vector()).all():
         raise FedLinearError(
             f"{uri}: local training diverged (non-finite weights); lower 'learning-rate' (now {learning_rate:g}) "
             "or set 'standardize' to auto"
         )
-    if "local-dp-clipping-norm" in config:
+    if protocol.KEY_LOCAL_DP_CLIPPING_NORM in config:
         new_weights = local_dp(weights, new_weights, config, cfg, server_round, key)
-    metrics = MetricRecord(
-        {"num-examples": data.num_examples, "train-loss": loss, "client-key": key, UNIT_WEIGHT: 1}
-    )
+    metrics = MetricRecord({
+        protocol.METRIC_NUM_EXAMPLES: data.num_examples,
+        protocol.METRIC_TRAIN_LOSS: loss,
+        protocol.METRIC_CLIENT_KEY: key,
+        protocol.METRIC_UNIT_WEIGHT: 1,
+    })  # fmt: skip
     return new_weights, metrics
 
 
@@ -345,10 +313,11 @@ def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]
 def train(msg: Message, context: Context) -> Message:
     """Local mini-batch SGD from the global weights; reply with new weights and the train loss."""
     new_weights, metrics = fit(msg, context)
-    return Message(RecordDict({"arrays": to_record(new_weights), "metrics": metrics}), reply_to=msg)
+    content = RecordDict({protocol.RECORD_ARRAYS: to_record(new_weights), protocol.RECORD_METRICS: metrics})
+    return Message(content, reply_to=msg)
 
 
-@app.train(secure.ACTION, mods=secure.MODS)  # secure aggregation hook: SecAgg+ on this handler only
+@app.train(protocol.SECAGG_ACTION, mods=secure.MODS)  # secure aggregation hook: SecAgg+ on this handler only
 def train_secure(msg: Message, context: Context) -> Message:
     """SecAgg+ rounds (``train.secagg``): the same local training, only the masked update leaves."""
     return secure.masked_update(msg, context, fit)
@@ -360,12 +329,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     """MSE of the global weights on this node's shard, in the target's own units."""
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
-    weights = from_record(msg.content["arrays"], data.num_features, uri)
-    transform = transform_of(msg, data.num_features)
+    weights = from_record(msg.content[protocol.RECORD_ARRAYS], data.num_features, uri)
+    config = msg.content.config_records.get(protocol.RECORD_CONFIG, ConfigRecord())
+    transform = protocol.transform(config, data.num_features)
     if transform is None:
         residual = weights.predict(data.x) - data.y
     else:
         kernel, bias = transform.to_raw(weights.kernel, float(weights.bias[0]))
         residual = data.x @ kernel + bias - data.y
-    metrics = MetricRecord({"num-examples": data.num_examples, "eval-mse": float(np.mean(residual * residual))})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord({
+        protocol.METRIC_NUM_EXAMPLES: data.num_examples,
+        protocol.METRIC_EVAL_MSE: float(np.mean(residual * residual)),
+    })  # fmt: skip
+    return Message(RecordDict({protocol.RECORD_METRICS: metrics}), reply_to=msg)

@@ -38,7 +38,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedlinear.common import model as lm
-from fedlinear.common import secagg_prg
+from fedlinear.common import protocol, secagg_prg
 from fedlinear.clients.errors import error_reply
 from fedlinear.common.errors import FedLinearError
 
@@ -47,9 +47,6 @@ from fedlinear.common.errors import FedLinearError
 # (the module's global, which the mod function reads; ``flwr.client.mod.secure_aggregation.secaggplus_mod``
 # as an attribute is the function itself)
 secaggplus_mod.__globals__["pseudo_rand_gen"] = secagg_prg.pseudo_rand_gen
-
-ACTION = "secagg"  # server/secure.py ACTION: the message type is "train.secagg"
-KEY_WEIGHTING = "secagg-weighting"  # server/secure.py KEY_WEIGHTING
 
 Fit = Callable[[Message, Context], tuple[lm.LinearWeights, MetricRecord]]
 
@@ -95,8 +92,8 @@ MODS = [_guard, _as_train, secaggplus_mod]
 def masked_update(msg: Message, context: Context, fit: Fit) -> Message:
     """Train locally (``fit``) and reply with the update in the ``fitres`` format ``secaggplus_mod``
     quantizes and masks. Raises FedLinearError when the update cannot be sent faithfully."""
-    arrays = msg.content["arrays"]
-    config = msg.content["config"]
+    arrays = msg.content[protocol.RECORD_ARRAYS]
+    config = msg.content[protocol.RECORD_CONFIG]
     names = list(arrays.keys())
     received = {name: np.asarray(arrays[name].numpy(), dtype=np.float64) for name in names}
     new_weights, metrics = fit(msg, context)
@@ -104,7 +101,8 @@ def masked_update(msg: Message, context: Context, fit: Fit) -> Message:
     update = [np.asarray(trained[name], dtype=np.float64).reshape(received[name].shape) - received[name] for name in names]
     if KEY_CLIPPING_NORM in config:
         update = clip_update(update, float(config[KEY_CLIPPING_NORM]))
-    weight = 1 if str(config.get(KEY_WEIGHTING, "equal")) == "equal" else int(metrics["num-examples"])
+    equal = str(config.get(protocol.KEY_SECAGG_WEIGHTING, protocol.WEIGHTING_EQUAL)) == protocol.WEIGHTING_EQUAL
+    weight = 1 if equal else int(metrics[protocol.METRIC_NUM_EXAMPLES])
     check_fits(update, weight, context)
     fitres = FitRes(
         status=Status(code=Code.OK, message="Success"),

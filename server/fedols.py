@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedlinear.common import fedols
+from fedlinear.common import fedols, protocol
 from fedlinear.common import model as lm
 from fedlinear.common import scaling
 from fedlinear.common.config import RunConfig
@@ -39,14 +39,16 @@ def collect_r(
     grid: Grid, cfg: RunConfig, healthy: dict[int, dict], centre: np.ndarray, failures: list[dict]
 ) -> dict[int, np.ndarray]:
     """Stage ``fedols-r``: each healthy party's checked R factor (failures are appended and said)."""
-    d = int(next(iter(healthy.values()))["num-features"])
+    d = int(next(iter(healthy.values()))[protocol.SHARD_NUM_FEATURES])
     order = in_key_order(healthy)
     messages = [
         Message(
             RecordDict(
                 {
-                    "config": ConfigRecord({"stage": "fedols-r"}),
-                    "centre": ArrayRecord({"centre": Array(np.ascontiguousarray(centre, np.float64))}),
+                    protocol.RECORD_CONFIG: ConfigRecord({protocol.KEY_STAGE: protocol.STAGE_FEDOLS_R}),
+                    protocol.RECORD_CENTRE: ArrayRecord(
+                        {protocol.ARRAY_CENTRE: Array(np.ascontiguousarray(centre, np.float64))}
+                    ),
                 }
             ),
             dst_node_id=nid,
@@ -63,20 +65,20 @@ def collect_r(
         elif msg.has_error():
             reason = msg.error.reason
         else:
-            reason = _check_reply(msg, d, int(healthy[nid]["num-examples"]))
+            reason = _check_reply(msg, d, int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]))
             if reason is None:
-                factors[nid] = np.asarray(msg.content["r"]["r"].numpy(), np.float64)
+                factors[nid] = np.asarray(msg.content[protocol.RECORD_R][protocol.ARRAY_R].numpy(), np.float64)
                 continue
-        failures.append({"node-id": nid, "client-key": healthy[nid].get("client-key"), "reason": reason})
+        failures.append({"node-id": nid, "client-key": healthy[nid].get(protocol.SHARD_CLIENT_KEY), "reason": reason})
         progress.say(f"node {nid} left out: {reason}")
     return factors
 
 
 def _check_reply(msg: Message, d: int, num_examples: int) -> str | None:
-    record = msg.content.array_records.get("r")
-    if set(msg.content.array_records) != {"r"} or record is None or set(record.keys()) != {"r"}:
-        return "malformed R-factor reply: expected one array 'r'"
-    array = record["r"]
+    record = msg.content.array_records.get(protocol.RECORD_R)
+    if set(msg.content.array_records) != {protocol.RECORD_R} or record is None or set(record.keys()) != {protocol.ARRAY_R}:
+        return f"malformed R-factor reply: expected one array '{protocol.ARRAY_R}'"
+    array = record[protocol.ARRAY_R]
     if array.dtype != "float64" or len(array.data) > 8 * (d + 2) ** 2 + 4096:
         return f"malformed R-factor reply: {array.dtype} array of {len(array.data)} bytes"
     try:
@@ -122,7 +124,7 @@ def run(
         **evaluate(lm.LinearWeights(kernel=kernel.reshape(-1, 1), bias=np.array([bias]))),  # float64
         "elapsed-s": time.monotonic() - started,
     }
-    samples = sum(int(healthy[nid]["num-examples"]) for nid in solved_by)
+    samples = sum(int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]) for nid in solved_by)
     block = {
         **solution.to_json(),
         "parties": len(solved_by),

@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Context
 
 from fedlinear.common import model as lm
+from fedlinear.common import protocol
 from fedlinear.common.config import RunConfig
 from fedlinear.common.data import Dataset
 from fedlinear.common.export import export_savedmodel
@@ -67,11 +68,14 @@ def versions() -> dict[str, str]:
 
 
 def manifest_data(healthy: dict[int, dict], test: Dataset | None) -> dict[str, list]:
-    """The manifest's ``shards`` (in client-key order; paths withheld under privacy) and ``test-set``."""
+    """The manifest's ``shards`` (in client-key order; paths withheld under privacy) and ``test-set``:
+    each shard's description as its node sent it."""
+    kept = (protocol.SHARD_DATA_URI, protocol.SHARD_NUM_EXAMPLES, protocol.SHARD_FINGERPRINTS, protocol.SHARD_PARTITION_ID)
+    withheld = {protocol.SHARD_DATA_URI: "withheld by the node (privacy on)"}
     return {
         "shards": [
-            {k: healthy[nid][k] for k in ("data-uri", "num-examples", "fingerprints", "partition-id") if k in healthy[nid]}
-            | ({} if "data-uri" in healthy[nid] else {"data-uri": "withheld by the node (privacy on)"})
+            {k: healthy[nid][k] for k in kept if k in healthy[nid]}
+            | ({} if protocol.SHARD_DATA_URI in healthy[nid] else withheld)
             for nid in in_key_order(healthy)
         ],
         "test-set": [fingerprint(uri) for uri in test.sources] if test is not None else [],

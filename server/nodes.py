@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedlinear.common import scaling
+from fedlinear.common import protocol, scaling
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError, untrusted_text
 from fedlinear.server import progress
@@ -48,12 +48,12 @@ class Parties:
 
     @property
     def num_features(self) -> int:
-        return int(next(iter(self.healthy.values()))["num-features"])
+        return int(next(iter(self.healthy.values()))[protocol.SHARD_NUM_FEATURES])
 
     @property
     def eligible(self) -> dict[int, int]:
         """Node id -> client key: the nodes a round may sample."""
-        return {nid: int(info["client-key"]) for nid, info in self.healthy.items()}
+        return {nid: int(info[protocol.SHARD_CLIENT_KEY]) for nid, info in self.healthy.items()}
 
     def in_key_order(self) -> list[int]:
         """The healthy node ids by client key (the order sums are added in)."""
@@ -62,7 +62,7 @@ class Parties:
 
 def in_key_order(healthy: dict[int, dict]) -> list[int]:
     """Node ids of ``healthy`` by client key, then node id."""
-    return sorted(healthy, key=lambda n: (int(healthy[n]["client-key"]), n))
+    return sorted(healthy, key=lambda n: (int(healthy[n][protocol.SHARD_CLIENT_KEY]), n))
 
 
 def wait_for_nodes(grid: Grid, cfg: RunConfig) -> list[int]:
@@ -103,10 +103,14 @@ def query_nodes(grid: Grid, cfg: RunConfig, nodes: list[int]) -> Parties:
     """
     # under any privacy mechanism no node sends statistics (nor its shard's path and hash) in the clear
     want_moments = not cfg.private and (cfg.reference == "auto" or cfg.standardize != "none")
-    describe = {"stage": "describe", "want-moments": want_moments, "private": cfg.private}
+    describe = {
+        protocol.KEY_STAGE: protocol.STAGE_DESCRIBE,
+        protocol.KEY_WANT_MOMENTS: want_moments,
+        protocol.KEY_PRIVATE: cfg.private,
+    }
     messages = [
         Message(
-            RecordDict({"config": ConfigRecord(describe)}),
+            RecordDict({protocol.RECORD_CONFIG: ConfigRecord(describe)}),
             dst_node_id=nid,
             message_type=MessageType.QUERY,
         )
@@ -122,7 +126,7 @@ def query_nodes(grid: Grid, cfg: RunConfig, nodes: list[int]) -> Parties:
         if msg.has_error():
             failures.append({"node-id": nid, "reason": untrusted_text(msg.error.reason)})
             continue
-        shard = msg.content.config_records.get("shard")
+        shard = msg.content.config_records.get(protocol.RECORD_SHARD)
         info = dict(shard) if shard is not None else {}
         problem = replies_check.check_shard(info)
         if problem:
@@ -130,7 +134,8 @@ def query_nodes(grid: Grid, cfg: RunConfig, nodes: list[int]) -> Parties:
             continue
         healthy[nid] = info
         if want_moments:
-            total = valid_vector(msg.content.array_records.get("moments"), "total", (int(info["num-features"]) + 1,))
+            moments = msg.content.array_records.get(protocol.RECORD_MOMENTS)
+            total = valid_vector(moments, protocol.ARRAY_TOTAL, (int(info[protocol.SHARD_NUM_FEATURES]) + 1,))
             if total is None:
                 del healthy[nid]
                 failures.append({"node-id": nid, "reason": "malformed or non-finite column sums in the shard query"})
@@ -143,10 +148,10 @@ def query_nodes(grid: Grid, cfg: RunConfig, nodes: list[int]) -> Parties:
         raise FedLinearError(
             "no node could read its shard: " + "; ".join(f"node {f['node-id']}: {f['reason']}" for f in failures)
         )
-    widths = {info["num-features"] for info in healthy.values()}
+    widths = {info[protocol.SHARD_NUM_FEATURES] for info in healthy.values()}
     if len(widths) > 1:
         detail = ", ".join(
-            f"node {nid} ({info.get('data-uri') or 'shard withheld'}): {info['num-features']}"
+            f"node {nid} ({info.get(protocol.SHARD_DATA_URI) or 'shard withheld'}): {info[protocol.SHARD_NUM_FEATURES]}"
             for nid, info in sorted(healthy.items())
         )
         raise FedLinearError(f"shards disagree on the number of features: {detail}")
@@ -164,7 +169,7 @@ def colliding_keys(healthy: dict[int, dict]) -> list[dict]:
     """
     by_key: dict[int, list[int]] = {}
     for nid, info in healthy.items():
-        by_key.setdefault(int(info["client-key"]), []).append(nid)
+        by_key.setdefault(int(info[protocol.SHARD_CLIENT_KEY]), []).append(nid)
     out = []
     for key, nids in sorted(by_key.items()):
         if len(nids) < 2:
@@ -200,11 +205,11 @@ def pooled_statistics(
     grid: Grid, cfg: RunConfig, healthy: dict[int, dict], totals: dict[int, np.ndarray], failures: list[dict]
 ) -> scaling.PooledStats:
     """Second pass: the scatter of every healthy node about the pooled mean (nodes failing it are left out)."""
-    d = int(next(iter(healthy.values()))["num-features"])
+    d = int(next(iter(healthy.values()))[protocol.SHARD_NUM_FEATURES])
     order = in_key_order(healthy)
     moments = None
     for nid in order:
-        part = scaling.Moments(int(healthy[nid]["num-examples"]), totals[nid])
+        part = scaling.Moments(int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]), totals[nid])
         moments = part if moments is None else moments + part
     centre = moments.mean
     full = cfg.reference == "auto"
@@ -212,8 +217,8 @@ def pooled_statistics(
         Message(
             RecordDict(
                 {
-                    "config": ConfigRecord({"stage": "scatter", "full": full}),
-                    "centre": ArrayRecord({"centre": Array(np.ascontiguousarray(centre))}),
+                    protocol.RECORD_CONFIG: ConfigRecord({protocol.KEY_STAGE: protocol.STAGE_SCATTER, protocol.KEY_FULL: full}),
+                    protocol.RECORD_CENTRE: ArrayRecord({protocol.ARRAY_CENTRE: Array(np.ascontiguousarray(centre))}),
                 }
             ),
             dst_node_id=nid,
@@ -231,7 +236,7 @@ def pooled_statistics(
         elif msg.has_error():
             reason = untrusted_text(msg.error.reason)
         else:
-            matrix = valid_vector(msg.content.array_records.get("scatter"), "scatter", shape)
+            matrix = valid_vector(msg.content.array_records.get(protocol.RECORD_SCATTER), protocol.ARRAY_SCATTER, shape)
             problem = "malformed or non-finite scatter in the statistics query" if matrix is None else scatter_problem(matrix)
             if problem is None:
                 parts[nid] = matrix
@@ -244,7 +249,7 @@ def pooled_statistics(
         raise FedLinearError("no node answered the statistics query")
     moments = scatter = None
     for nid in in_key_order(healthy):
-        m = scaling.Moments(int(healthy[nid]["num-examples"]), totals[nid])
+        m = scaling.Moments(int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]), totals[nid])
         sc = scaling.Scatter(m.count, parts[nid])
         moments = m if moments is None else moments + m
         scatter = sc if scatter is None else scatter + sc

@@ -23,7 +23,7 @@ from flwr.serverapp import PrivacyConfig, RdpAccountant
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, SamplingMethod
 
 from fedlinear.clients import flower_fixes
-from fedlinear.common import scaling
+from fedlinear.common import protocol, scaling
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
 
@@ -204,14 +204,14 @@ class ServerSideAdaptiveClipping:
         current = [self.current[name].numpy().astype(np.float64) for name in self.current]
         unclipped = 0
         for reply in replies:
-            record = reply.content["arrays"]
+            record = reply.content[protocol.RECORD_ARRAYS]
             names = list(record.keys())
             values = [record[name].numpy() for name in names]
             deltas = [v.astype(np.float64) - c for v, c in zip(values, current, strict=True)]
             norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in deltas)))
             unclipped += int(norm <= self.clipping_norm)
             scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
-            reply.content["arrays"] = ArrayRecord(
+            reply.content[protocol.RECORD_ARRAYS] = ArrayRecord(
                 {n: Array((c + d * scale).astype(v.dtype)) for n, c, d, v in zip(names, current, deltas, values, strict=True)}
             )
         aggregated, metrics = self.strategy.aggregate_train(server_round, replies)

@@ -30,13 +30,11 @@ from flwr.app import ArrayRecord, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 
 from fedlinear.common import model as lm
+from fedlinear.common import protocol
 from fedlinear.common.errors import untrusted_text
 from fedlinear.server import progress
 
 MAX_FEATURES = 1_000_000
-TRAIN_METRICS = {"num-examples", "train-loss", "client-key", "unit-weight"}
-SHARD_KEYS = {"num-features", "num-examples", "client-key"}
-OPTIONAL_SHARD_KEYS = {"data-uri", "fingerprints", "partition-id"}
 
 
 def _number(value: Any) -> bool:
@@ -45,30 +43,31 @@ def _number(value: Any) -> bool:
 
 def check_shard(info: dict[str, Any]) -> str | None:
     """Why a ``describe`` reply's shard record is unacceptable, or None. Fingerprints are parsed in place."""
-    missing = SHARD_KEYS - set(info)
+    missing = protocol.SHARD_KEYS - set(info)
     if missing:
         return f"malformed shard description: missing {', '.join(sorted(missing))}"
-    extra = set(info) - SHARD_KEYS - OPTIONAL_SHARD_KEYS
+    extra = set(info) - protocol.SHARD_KEYS - protocol.OPTIONAL_SHARD_KEYS
     if extra:
         return f"malformed shard description: unexpected {', '.join(sorted(extra))}"
-    for key in ("num-features", "num-examples", "client-key"):
+    for key in (protocol.SHARD_NUM_FEATURES, protocol.SHARD_NUM_EXAMPLES, protocol.SHARD_CLIENT_KEY):
         if not isinstance(info[key], int) or isinstance(info[key], bool):
             return f"malformed shard description: {key} is not an integer"
-    if not 1 <= info["num-features"] <= MAX_FEATURES:
-        return f"malformed shard description: num-features {info['num-features']}"
-    if info["num-examples"] < 1:
-        return f"malformed shard description: num-examples {info['num-examples']}"
-    if "data-uri" in info and not isinstance(info["data-uri"], str):
+    if not 1 <= info[protocol.SHARD_NUM_FEATURES] <= MAX_FEATURES:
+        return f"malformed shard description: num-features {info[protocol.SHARD_NUM_FEATURES]}"
+    if info[protocol.SHARD_NUM_EXAMPLES] < 1:
+        return f"malformed shard description: num-examples {info[protocol.SHARD_NUM_EXAMPLES]}"
+    uri = protocol.SHARD_DATA_URI
+    if uri in info and not isinstance(info[uri], str):
         return "malformed shard description: data-uri is not text"
-    if "data-uri" in info:  # printed and stored: one printable line, bounded
-        info["data-uri"] = untrusted_text(info["data-uri"])
+    if uri in info:  # printed and stored: one printable line, bounded
+        info[uri] = untrusted_text(info[uri])
     try:
-        fingerprints = [json.loads(fp) for fp in info.get("fingerprints", [])]
+        fingerprints = [json.loads(fp) for fp in info.get(protocol.SHARD_FINGERPRINTS, [])]
     except (TypeError, ValueError):
         return "malformed shard description: fingerprints are not JSON"
     if not all(isinstance(fp, dict) for fp in fingerprints):
         return "malformed shard description: fingerprints are not JSON objects"
-    info["fingerprints"] = fingerprints
+    info[protocol.SHARD_FINGERPRINTS] = fingerprints
     return None
 
 
@@ -79,12 +78,12 @@ def check_train_reply(msg: Message, num_features: int, declared: dict[str, Any],
     (far above anything training produces: a reply past it is garbage or an attack on the scale).
     """
     content = msg.content
-    if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
+    if set(content.array_records) != {protocol.RECORD_ARRAYS} or set(content.metric_records) != {protocol.RECORD_METRICS}:
         return (
             "malformed train reply: records "
             f"{sorted(content.array_records) + sorted(content.metric_records)}, expected arrays and metrics"
         )
-    arrays = content["arrays"]
+    arrays = content[protocol.RECORD_ARRAYS]
     if set(arrays.keys()) != set(lm.WEIGHT_NAMES):
         return f"malformed train reply: arrays {sorted(arrays.keys())}, expected {sorted(lm.WEIGHT_NAMES)}"
     expected = {lm.KERNEL: (num_features, 1), lm.BIAS: (1,)}
@@ -106,17 +105,15 @@ def check_train_reply(msg: Message, num_features: int, declared: dict[str, Any],
         total += float(np.sum(value.astype(np.float64) ** 2))
     if math.sqrt(total) > max_norm:
         return f"train reply rejected: weights of norm {math.sqrt(total):.3g}, above the plausible bound {max_norm:.3g}"
-    metrics = content["metrics"]
-    if set(metrics.keys()) != TRAIN_METRICS:
-        return f"malformed train reply: metrics {sorted(metrics.keys())}, expected {sorted(TRAIN_METRICS)}"
-    if not all(_number(metrics[key]) for key in TRAIN_METRICS):
+    metrics = content[protocol.RECORD_METRICS]
+    if set(metrics.keys()) != protocol.TRAIN_METRICS:
+        return f"malformed train reply: metrics {sorted(metrics.keys())}, expected {sorted(protocol.TRAIN_METRICS)}"
+    if not all(_number(metrics[key]) for key in protocol.TRAIN_METRICS):
         return "malformed train reply: a metric is not a finite number"
-    if metrics["num-examples"] != declared["num-examples"]:
-        return (
-            f"train reply rejected: claims {metrics['num-examples']} examples, "
-            f"the shard query said {declared['num-examples']}"
-        )
-    if metrics["client-key"] != declared["client-key"] or metrics["unit-weight"] != 1:
+    claimed, said = metrics[protocol.METRIC_NUM_EXAMPLES], declared[protocol.SHARD_NUM_EXAMPLES]
+    if claimed != said:
+        return f"train reply rejected: claims {claimed} examples, the shard query said {said}"
+    if metrics[protocol.METRIC_CLIENT_KEY] != declared[protocol.SHARD_CLIENT_KEY] or metrics[protocol.METRIC_UNIT_WEIGHT] != 1:
         return "train reply rejected: client key or weight differs from the shard query"
     return None
 
@@ -124,7 +121,7 @@ def check_train_reply(msg: Message, num_features: int, declared: dict[str, Any],
 def update_norm(msg: Message, global_arrays) -> float:
     """The L2 norm of a (well-formed) train reply's update: its weights minus the global weights the
     round sent, in the standardized variables the clients train in, over kernel and bias together."""
-    arrays = msg.content["arrays"]
+    arrays = msg.content[protocol.RECORD_ARRAYS]
     squared = 0.0
     for name in lm.WEIGHT_NAMES:
         delta = arrays[name].numpy().astype(np.float64) - global_arrays[name].numpy().astype(np.float64)

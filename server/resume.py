@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from fedlinear.common import model as lm
+from fedlinear.common import protocol
 from fedlinear.common import scaling
 from fedlinear.common import target as targets
 from fedlinear.common.config import RunConfig
@@ -61,10 +62,10 @@ def data_identity(healthy: dict[int, dict], test: Dataset | None) -> dict[str, A
     fingerprints.
     """
     shards = []
-    for info in sorted(healthy.values(), key=lambda info: int(info["client-key"])):
-        shard = {"client-key": int(info["client-key"]), "num-examples": int(info["num-examples"])}
-        if info.get("fingerprints"):  # none under privacy
-            shard["fingerprints"] = [_content(fp) for fp in info["fingerprints"]]
+    for info in sorted(healthy.values(), key=lambda info: int(info[protocol.SHARD_CLIENT_KEY])):
+        shard = {"client-key": int(info[protocol.SHARD_CLIENT_KEY]), "num-examples": int(info[protocol.SHARD_NUM_EXAMPLES])}
+        if info.get(protocol.SHARD_FINGERPRINTS):  # none under privacy
+            shard["fingerprints"] = [_content(fp) for fp in info[protocol.SHARD_FINGERPRINTS]]
         shards.append(shard)
     return {"shards": shards, "test-set": [_content(fingerprint(uri)) for uri in test.sources] if test else []}
 

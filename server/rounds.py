@@ -32,7 +32,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedlinear.common import model as lm
 from fedlinear.common import privacy as private_noise
-from fedlinear.common import scaling
+from fedlinear.common import protocol, scaling
 from fedlinear.common import target as targets
 from fedlinear.common.config import RunConfig
 from fedlinear.common.data import Dataset
@@ -86,21 +86,13 @@ def participation_floor(cfg: RunConfig, num_eligible: int, num_sampled: int) -> 
     return floor
 
 
-def transform_config(transform: scaling.Transform) -> dict[str, Any]:
-    """The transform as train/evaluate config values (one ConfigRecord: Flower's fixedclipping_mod
-    refuses a task with a second ArrayRecord)."""
-    if transform.kind == "none":
-        return {}
-    return {f"transform-{name}": value.ravel().tolist() for name, value in transform.arrays().items()}
-
-
 def local_dp_config(cfg: RunConfig) -> dict[str, Any]:
     if cfg.dp != "local":
         return {}
     return {
-        "local-dp-clipping-norm": cfg.dp_clipping_norm,
-        "local-dp-noise-multiplier": cfg.dp_noise_multiplier,
-        "dp-noise-seed": cfg.dp_noise_seed,
+        protocol.KEY_LOCAL_DP_CLIPPING_NORM: cfg.dp_clipping_norm,
+        protocol.KEY_LOCAL_DP_NOISE_MULTIPLIER: cfg.dp_noise_multiplier,
+        protocol.KEY_DP_NOISE_SEED: cfg.dp_noise_seed,
     }
 
 
@@ -170,7 +162,7 @@ class Rounds:
             transform = privacy.build_transform(cfg, training_stats, num_features)
         for note in transform.notes:
             progress.say(f"standardization: {note}")
-        sizes = [int(info["num-examples"]) for info in healthy.values()]
+        sizes = [int(info[protocol.SHARD_NUM_EXAMPLES]) for info in healthy.values()]
         if start.learning_rate is not None:
             learning_rate, rate_note = start.learning_rate, f"learning rate {start.learning_rate:.4g} (from the checkpoint)"
         else:
@@ -188,8 +180,8 @@ class Rounds:
         self.eligible = parties.eligible
         built = build_strategy(cfg, self.eligible)
         self.built, self.strategy, self.accountant = built, built.strategy, built.accountant
-        built.base.task_config = transform_config(transform)  # train and evaluate tasks
-        built.base.train_config = {"learning-rate": learning_rate, **local_dp_config(cfg)}
+        built.base.task_config = protocol.transform_config(transform)  # train and evaluate tasks
+        built.base.train_config = {protocol.KEY_LEARNING_RATE: learning_rate, **local_dp_config(cfg)}
         if cfg.secure_aggregation:  # secure aggregation hook
             progress.say(secure.describe(cfg))
         if cfg.dp != "none":
@@ -218,8 +210,9 @@ class Rounds:
         if start.strategy_state is not None:
             built.load_state_dict(start.strategy_state)  # momentum / moments, the adaptive clipping norm reached
         history["query-failures"] = parties.failures
-        history["parties"] = [  # the report: who took part, by node id
-            {"node-id": nid} | {k: healthy[nid][k] for k in ("client-key", "partition-id", "num-examples") if k in healthy[nid]}
+        shown = (protocol.SHARD_CLIENT_KEY, protocol.SHARD_PARTITION_ID, protocol.SHARD_NUM_EXAMPLES)
+        history["parties"] = [  # the report: who took part, by node id, with their shard descriptions
+            {"node-id": nid} | {k: healthy[nid][k] for k in shown if k in healthy[nid]}
             for nid in parties.in_key_order()
         ]
         history.setdefault("resumed-at", [])
@@ -289,7 +282,7 @@ class Rounds:
         """Phase 2: send the tasks and check what comes back (or run them through SecAgg+)."""
         cfg, eligible = self.cfg, self.eligible
         if cfg.secure_aggregation and messages:  # secure aggregation hook: SecAgg+ instead of clear replies
-            sizes_by_node = {nid: int(info["num-examples"]) for nid, info in self.parties.healthy.items()}
+            sizes_by_node = {nid: int(info[protocol.SHARD_NUM_EXAMPLES]) for nid, info in self.parties.healthy.items()}
             secured = secure.train_round(self.grid, cfg, server_round, messages, sizes_by_node)
             return Trained([], secured.failures, secured)
         received = list(self.grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else []
@@ -362,7 +355,7 @@ class Rounds:
             self.arrays = new_arrays
             self.weights = from_record(new_arrays)
         if train_metrics is not None:
-            row["train-loss"] = float(train_metrics["train-loss"])
+            row["train-loss"] = float(train_metrics[protocol.METRIC_TRAIN_LOSS])
             self.baseline.setdefault("train-loss", row["train-loss"])
         return row, new_arrays is not None
 
@@ -375,7 +368,7 @@ class Rounds:
             )
             eval_metrics = self.strategy.aggregate_evaluate(server_round, eval_replies)
             if eval_metrics is not None:
-                row["eval-mse"] = float(eval_metrics["eval-mse"])
+                row["eval-mse"] = float(eval_metrics[protocol.METRIC_EVAL_MSE])
 
     def evaluate_serverapp(self, row: dict[str, Any]) -> None:
         """Phase 5: centralized evaluation, the yardstick metrics (:class:`server.evaluation.Evaluator`)."""

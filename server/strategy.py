@@ -53,10 +53,9 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
+from fedlinear.common import protocol
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
-
-UNIT_WEIGHT = "unit-weight"  # a metric every train reply carries, 1: equal client weights (DP, robust rules)
 
 
 class DeterministicMixin:
@@ -91,13 +90,13 @@ class DeterministicMixin:
             return []
         minimum = self.min_train_nodes if train else self.min_evaluate_nodes
         node_ids = self._sample(grid, server_round, fraction, minimum, 1 if train else 2)
-        config["server-round"] = server_round
+        config[protocol.KEY_SERVER_ROUND] = server_round
         for key, value in getattr(self, "task_config", {}).items():
             config[key] = value
         if train:
             self._remember_global(arrays)
             if isinstance(self, FedProx):  # what FedProx.configure_train (bypassed here) does
-                config["proximal-mu"] = float(self.proximal_mu)
+                config[protocol.KEY_PROXIMAL_MU] = float(self.proximal_mu)
             for key, value in getattr(self, "train_config", {}).items():
                 config[key] = value
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -127,7 +126,7 @@ class DeterministicMixin:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Evaluation losses weighted by the examples evaluated, whatever weighs the train replies
         (evaluate replies carry no ``unit-weight``: Flower would refuse them under DP or a robust rule)."""
-        weighted_by, self.weighted_by_key = self.weighted_by_key, "num-examples"
+        weighted_by, self.weighted_by_key = self.weighted_by_key, protocol.METRIC_NUM_EXAMPLES
         try:
             return super().aggregate_evaluate(server_round, replies)
         finally:
@@ -350,8 +349,11 @@ def make_base(cfg: RunConfig, num_sampled: int) -> DeterministicMixin:
         "min_available_nodes": 1,
         # under DP every client counts the same (Flower's accounted wrappers require equal weights);
         # the robust rules count parties, not examples (a party's claimed size cannot be trusted)
-        "weighted_by_key": UNIT_WEIGHT if cfg.dp != "none" or cfg.strategy in ROBUST else "num-examples",
-    }
+        "weighted_by_key": protocol.METRIC_UNIT_WEIGHT if cfg.dp != "none" or cfg.strategy in ROBUST
+        else protocol.METRIC_NUM_EXAMPLES,
+        "arrayrecord_key": protocol.RECORD_ARRAYS,
+        "configrecord_key": protocol.RECORD_CONFIG,
+    }  # fmt: skip
     name, f = cfg.strategy, cfg.num_malicious_nodes
     need = {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(name)
     if need is not None and num_sampled < need:

@@ -84,7 +84,7 @@ def _train_reply(node_id: int, key: int, new: lm.LinearWeights, n: int, loss: fl
     from flwr.app import Array, ArrayRecord, Metadata, MetricRecord, RecordDict
     from flwr.app.message.message import make_message
 
-    from fedlinear.server.strategy import UNIT_WEIGHT
+    from fedlinear.common.protocol import METRIC_UNIT_WEIGHT as UNIT_WEIGHT
 
     meta = Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=1, reply_to_message_id="q",
                     group_id="1", created_at=0.0, ttl=60.0, message_type="train")  # fmt: skip
