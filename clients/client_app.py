@@ -9,7 +9,8 @@ Three message handlers:
   ``n`` and ``Σ[x y]`` when asked; in stage ``scatter``, ``Σ(z − μ)(z − μ)ᵀ`` (or its diagonal)
   around the pooled mean ``μ`` the server sends (see :mod:`common.scaling`);
 * ``train``: local mini-batch SGD (``numpy`` or ``keras`` engine) from the received weights, in the
-  standardized variables the server's transform defines, with the step size the server sends;
+  standardized variables the server's transform defines, with the step size the server sends (both
+  in the task's config, :mod:`common.protocol`; a task without a step size is refused);
 * ``evaluate``: MSE, in the target's own units, of the received weights on the local shard.
 
 A problem with the shard or the config is answered with a one-line error reply: it fails this
@@ -33,7 +34,7 @@ from fedlinear.clients.errors import ERROR_CODE_INTERNAL, ERROR_CODE_USER, error
 from fedlinear.common import model as lm
 from fedlinear.common import npy
 from fedlinear.common import fedols, privacy, protocol, scaling
-from fedlinear.common.config import RunConfig
+from fedlinear.common.config import RunConfig, parsed
 from fedlinear.common.data import Dataset, load_csv
 from fedlinear.common.errors import FedLinearError
 from fedlinear.common.storage import fingerprint
@@ -43,26 +44,15 @@ flower_fixes.apply()  # Flower 1.42's fixedclipping_mod divides by a zero update
 
 # Shards parsed in this process; the simulation engine keeps workers (and this cache) across rounds.
 _SHARDS: dict[tuple[str, int, str], Dataset] = {}
-# RunConfig (frozen) per distinct run config: every task carries the run config, parsing it each time
-# showed up in the per-message cost of 1000-client simulations
-_CONFIGS: dict[tuple, RunConfig] = {}
-_MAX_CACHED_CONFIGS = 16
 
 
 def run_config(context: Context) -> RunConfig:
-    """The parsed, validated run config of this task (cached per distinct config)."""
-    raw = context.run_config
-    try:
-        key = tuple(sorted(raw.items()))
-    except TypeError:  # unorderable values: parse without the cache
-        return RunConfig.from_run_config(raw)
-    cfg = _CONFIGS.get(key)
-    if cfg is None:
-        cfg = RunConfig.from_run_config(raw)
-        if len(_CONFIGS) >= _MAX_CACHED_CONFIGS:
-            _CONFIGS.clear()
-        _CONFIGS[key] = cfg
-    return cfg
+    """The parsed, validated run config of this task (parsed once per distinct config, common.config.parsed).
+
+    What it holds is the run's own settings (shard location, engine, epochs, batch size, seed); what the
+    server resolves for a round (learning rate, standardization, ...) comes only in the task's config.
+    """
+    return parsed(context.run_config)
 
 
 def shard_uri(context: Context, cfg: RunConfig) -> str:
@@ -270,12 +260,10 @@ def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
     weights = from_record(msg.content[protocol.RECORD_ARRAYS], data.num_features, uri)
-    config = msg.content[protocol.RECORD_CONFIG]
-    server_round = int(config[protocol.KEY_SERVER_ROUND])
+    config = msg.content[protocol.RECORD_CONFIG]  # the round's settings, as the server resolved them
+    server_round = protocol.server_round(config)
     faults.inject(context, server_round)  # a test hook, inert unless FEDLINEAR_TEST_FAULTS is set
-    learning_rate = float(config.get(protocol.KEY_LEARNING_RATE, 0.0)) or cfg.learning_rate
-    if learning_rate == "auto" or not 0 < learning_rate < 10:
-        raise FedLinearError(f"no usable learning rate in the task ({learning_rate!r})")
+    learning_rate = protocol.learning_rate(config)
     transform = protocol.transform(config, data.num_features)
     key = client_key(context, cfg, uri, data)
     orders = [

@@ -40,6 +40,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedlinear.common import model as lm
 from fedlinear.common import protocol, secagg_prg
 from fedlinear.clients.errors import error_reply
+from fedlinear.common.config import parsed
 from fedlinear.common.errors import FedLinearError
 
 # Flower 1.42 expands mask seeds through a 32-bit seed: use full-strength masks (common/secagg_prg.py),
@@ -78,7 +79,7 @@ def _as_train(msg: Message, context: Context, call_next) -> Message:
 
 def _rounding_seed(msg: Message, context: Context) -> int:
     """A 32-bit seed from (run seed, group id = round, node): quantization noise only, not a secret."""
-    seed = int(context.run_config.get("seed", 0))
+    seed = parsed(context.run_config).seed
     group = msg.metadata.group_id
     round_id = int(group) if str(group).isdigit() else 0
     node = int(context.node_config.get("partition-id", msg.metadata.dst_node_id))

@@ -7,7 +7,10 @@ the yardstick (:mod:`server.evaluation`), the strategy (:mod:`server.strategy`),
 Each round (:meth:`Rounds.play`), in the phases of ``Strategy.start``:
 
 1. configure train: the strategy samples the nodes and builds their train tasks from the round's
-   config (the settings every client needs for the round travel in it);
+   config, as ``Strategy.start`` passes ``train_config``: what every client needs for the round
+   (the resolved learning rate, the standardization transform, the local DP settings) travels in
+   it and nowhere else; the strategy adds ``server-round`` (and FedProx ``proximal-mu``), Flower's
+   client-side clipping wrapper its clipping norm;
 2. train (ClientApp side): the tasks go out in the clear, and the replies are checked before
    anything else sees them (:mod:`server.replies`), or they go through SecAgg+ (:mod:`server.secure`);
 3. aggregate train: unless fewer than ``min-train-nodes`` valid updates came back;
@@ -180,8 +183,10 @@ class Rounds:
         self.eligible = parties.eligible
         built = build_strategy(cfg, self.eligible)
         self.built, self.strategy, self.accountant = built, built.strategy, built.accountant
-        built.base.task_config = protocol.transform_config(transform)  # train and evaluate tasks
-        built.base.train_config = {protocol.KEY_LEARNING_RATE: learning_rate, **local_dp_config(cfg)}
+        # the settings every task of the run carries in its ConfigRecord (Strategy.start's train_config
+        # and evaluate_config): the one channel by which they reach the clients
+        self.train_config = {**protocol.train_config(learning_rate, transform), **local_dp_config(cfg)}
+        self.evaluate_config = protocol.evaluate_config(transform)
         if cfg.secure_aggregation:  # secure aggregation hook
             progress.say(secure.describe(cfg))
         if cfg.dp != "none":
@@ -259,7 +264,8 @@ class Rounds:
         """Phase 1: the round's train tasks; None when the privacy budget stops training before it."""
         cfg, accountant = self.cfg, self.accountant
         try:
-            messages = list(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid))
+            config = ConfigRecord(dict(self.train_config))
+            messages = list(self.strategy.configure_train(server_round, self.arrays, config, self.grid))
             if cfg.dp == "local" and accountant.config.max_epsilon is not None:
                 event = privacy.release_event(cfg, len(messages), len(self.eligible))
                 if messages and accountant.would_exceed(event):
@@ -363,7 +369,7 @@ class Rounds:
         """Phase 4: federated evaluation of the new global model (only with ``fraction-evaluate`` > 0)."""
         if self.cfg.fraction_evaluate > 0:
             eval_replies = self.grid.send_and_receive(
-                self.strategy.configure_evaluate(server_round, self.arrays, ConfigRecord(), self.grid),
+                self.strategy.configure_evaluate(server_round, self.arrays, ConfigRecord(dict(self.evaluate_config)), self.grid),
                 timeout=self.cfg.round_timeout,
             )
             eval_metrics = self.strategy.aggregate_evaluate(server_round, eval_replies)
