@@ -9,7 +9,8 @@ Three message handlers:
   ``n`` and ``Σ[x y]`` when asked; in stage ``scatter``, ``Σ(z − μ)(z − μ)ᵀ`` (or its diagonal)
   around the pooled mean ``μ`` the server sends (see :mod:`common.scaling`);
 * ``train``: local mini-batch SGD (``numpy`` or ``keras`` engine) from the received weights, in the
-  standardized variables the server's transform defines, with the step size the server sends;
+  standardized variables the server's transform defines, with the step size the server sends (both
+  in the task's config, :mod:`common.protocol`; a task without a step size is refused);
 * ``evaluate``: MSE, in the target's own units, of the received weights on the local shard.
 
 A problem with the shard or the config is answered with a one-line error reply: it fails this
@@ -32,8 +33,8 @@ from fedlinear.clients import faults, flower_fixes
 from fedlinear.clients.errors import ERROR_CODE_INTERNAL, ERROR_CODE_USER, error_reply  # noqa: F401 - codes re-exported
 from fedlinear.common import model as lm
 from fedlinear.common import npy
-from fedlinear.common import fedols, privacy, scaling
-from fedlinear.common.config import RunConfig
+from fedlinear.common import fedols, privacy, protocol, scaling
+from fedlinear.common.config import RunConfig, parsed
 from fedlinear.common.csvio import load_csv
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
@@ -42,31 +43,17 @@ from fedlinear.common.storage import fingerprint
 app = ClientApp()
 flower_fixes.apply()  # Flower 1.42's fixedclipping_mod divides by a zero update norm
 
-UNIT_WEIGHT = "unit-weight"  # every train reply weighs 1 under DP (server/strategy.py UNIT_WEIGHT)
-
-
 # Shards parsed in this process; the simulation engine keeps workers (and this cache) across rounds.
 _SHARDS: dict[tuple[str, int, str], Dataset] = {}
-# RunConfig (frozen) per distinct run config: every task carries the run config, parsing it each time
-# showed up in the per-message cost of 1000-client simulations
-_CONFIGS: dict[tuple, RunConfig] = {}
-_MAX_CACHED_CONFIGS = 16
 
 
 def run_config(context: Context) -> RunConfig:
-    """The parsed, validated run config of this task (cached per distinct config)."""
-    raw = context.run_config
-    try:
-        key = tuple(sorted(raw.items()))
-    except TypeError:  # unorderable values: parse without the cache
-        return RunConfig.from_run_config(raw)
-    cfg = _CONFIGS.get(key)
-    if cfg is None:
-        cfg = RunConfig.from_run_config(raw)
-        if len(_CONFIGS) >= _MAX_CACHED_CONFIGS:
-            _CONFIGS.clear()
-        _CONFIGS[key] = cfg
-    return cfg
+    """The parsed, validated run config of this task (parsed once per distinct config, common.config.parsed).
+
+    What it holds is the run's own settings (shard location, engine, epochs, batch size, seed); what the
+    server resolves for a round (learning rate, standardization, ...) comes only in the task's config.
+    """
+    return parsed(context.run_config)
 
 
 def shard_uri(context: Context, cfg: RunConfig) -> str:
@@ -126,29 +113,6 @@ def load_shard(context: Context, cfg: RunConfig) -> tuple[str, Dataset]:
 # Transformed float32 copies of a shard, per (shard, transform digest); the newest few only.
 _TRANSFORMED: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 _MAX_TRANSFORMED = 64
-
-
-TRANSFORM_KEYS = ("x-shift", "x-matrix", "y-shift-scale")
-
-
-def transform_of(msg: Message, num_features: int) -> scaling.Transform | None:
-    """The standardization transform a train/evaluate task carries (None: raw variables).
-
-    It travels as ``transform-*`` float lists in the task's one ConfigRecord (Flower's
-    ``fixedclipping_mod`` refuses a task with more than one ArrayRecord), or as a ``transform``
-    ArrayRecord.
-    """
-    record = msg.content.array_records.get("transform")
-    if record is not None:
-        return scaling.Transform.from_arrays({name: to_numpy(record[name]) for name in record}, num_features)
-    config = msg.content.config_records.get("config", ConfigRecord())
-    if f"transform-{TRANSFORM_KEYS[0]}" not in config:
-        return None
-    try:
-        arrays = {name: np.asarray(config[f"transform-{name}"], dtype=np.float64) for name in TRANSFORM_KEYS}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise FedLinearError(f"malformed standardization transform in the task: {exc}") from None
-    return scaling.Transform.from_arrays(arrays, num_features)
 
 
 def training_data(
@@ -217,38 +181,40 @@ def query(msg: Message, context: Context) -> Message:
     factor of its centred block (stage ``fedols-r``, :mod:`common.fedols`)."""
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
-    request = msg.content.config_records.get("config", ConfigRecord())
-    stage = str(request.get("stage", "describe"))
-    if stage == "fedols-r":  # strategy = fedols, method qr
+    request = msg.content.config_records.get(protocol.RECORD_CONFIG, ConfigRecord())
+    stage = str(request.get(protocol.KEY_STAGE, protocol.STAGE_DESCRIBE))
+    if stage == protocol.STAGE_FEDOLS_R:  # strategy = fedols, method qr
         r = fedols.local_r(data.x, data.y, _centre(msg, stage, uri, data))
-        return Message(RecordDict({"r": ArrayRecord({"r": Array(r)})}), reply_to=msg)
-    if stage == "scatter":
+        return Message(RecordDict({protocol.RECORD_R: ArrayRecord({protocol.ARRAY_R: Array(r)})}), reply_to=msg)
+    if stage == protocol.STAGE_SCATTER:
         centre = _centre(msg, stage, uri, data)
-        scatter = scaling.Scatter.of(data.x, data.y, centre, full=bool(request.get("full", False)))
-        return Message(RecordDict({"scatter": ArrayRecord({"scatter": Array(scatter.matrix)})}), reply_to=msg)
+        scatter = scaling.Scatter.of(data.x, data.y, centre, full=bool(request.get(protocol.KEY_FULL, False)))
+        record = ArrayRecord({protocol.ARRAY_SCATTER: Array(scatter.matrix)})
+        return Message(RecordDict({protocol.RECORD_SCATTER: record}), reply_to=msg)
     pid = partition_id(context)
     info = {
-        "num-features": data.num_features,
-        "num-examples": data.num_examples,
-        "client-key": client_key(context, cfg, uri, data),
+        protocol.SHARD_NUM_FEATURES: data.num_features,
+        protocol.SHARD_NUM_EXAMPLES: data.num_examples,
+        protocol.SHARD_CLIENT_KEY: client_key(context, cfg, uri, data),
     }
-    if not bool(request.get("private", False)):  # under privacy the shard's path and hash stay here
-        info["data-uri"] = uri
-        info["fingerprints"] = [str(fp) for fp in map(_fingerprint_json, data.sources)]
+    if not bool(request.get(protocol.KEY_PRIVATE, False)):  # under privacy the shard's path and hash stay here
+        info[protocol.SHARD_DATA_URI] = uri
+        info[protocol.SHARD_FINGERPRINTS] = [str(fp) for fp in map(_fingerprint_json, data.sources)]
     if pid is not None:
-        info["partition-id"] = pid
-    content = RecordDict({"shard": ConfigRecord(info)})
-    if bool(request.get("want-moments", False)):
-        content["moments"] = ArrayRecord({"total": Array(scaling.Moments.of(data.x, data.y).total)})
+        info[protocol.SHARD_PARTITION_ID] = pid
+    content = RecordDict({protocol.RECORD_SHARD: ConfigRecord(info)})
+    if bool(request.get(protocol.KEY_WANT_MOMENTS, False)):
+        total = scaling.Moments.of(data.x, data.y).total
+        content[protocol.RECORD_MOMENTS] = ArrayRecord({protocol.ARRAY_TOTAL: Array(total)})
     return Message(content, reply_to=msg)
 
 
 def _centre(msg: Message, stage: str, uri: str, data: Dataset) -> np.ndarray:
     """The pooled mean of ``[x, y]`` a ``scatter`` or ``fedols-r`` query carries, checked."""
-    record = msg.content.array_records.get("centre")
-    if record is None or "centre" not in record:
+    record = msg.content.array_records.get(protocol.RECORD_CENTRE)
+    if record is None or protocol.ARRAY_CENTRE not in record:
         raise FedLinearError(f"{stage} query without the pooled centre")
-    centre = to_numpy(record["centre"]).astype(np.float64).ravel()
+    centre = to_numpy(record[protocol.ARRAY_CENTRE]).astype(np.float64).ravel()
     if centre.shape != (data.num_features + 1,) or not np.isfinite(centre).all():
         raise FedLinearError(
             f"{uri}: the server's centre has {centre.shape[0]} values, the shard has {data.num_features + 1} columns"
@@ -266,12 +232,13 @@ def local_dp(
     old: lm.LinearWeights, new: lm.LinearWeights, config: ConfigRecord, cfg: RunConfig, server_round: int, key: int
 ) -> lm.LinearWeights:
     """``dp = local``: clip this node's update and add Gaussian noise before it leaves (common/privacy.py)."""
-    rng = privacy.noise_rng(str(config["dp-noise-seed"]), cfg.seed, server_round, key, privacy.LOCAL_DP_STREAM)
+    seed = str(config[protocol.KEY_DP_NOISE_SEED])
+    rng = privacy.noise_rng(seed, cfg.seed, server_round, key, privacy.LOCAL_DP_STREAM)
     (kernel, bias), _ = privacy.local_dp_release(
         [new.kernel, new.bias],
         [old.kernel, old.bias],
-        float(config["local-dp-clipping-norm"]),
-        float(config["local-dp-noise-multiplier"]),
+        float(config[protocol.KEY_LOCAL_DP_CLIPPING_NORM]),
+        float(config[protocol.KEY_LOCAL_DP_NOISE_MULTIPLIER]),
         rng,
     )
     return lm.LinearWeights(kernel=kernel, bias=bias)
@@ -282,22 +249,10 @@ def clip_when_asked(msg: Message, context: Context, call_next) -> Message:
 
     Attached to the train handler only: Flower's mods do not check the message type.
     """
-    config = msg.content.config_records.get("config")
+    config = msg.content.config_records.get(protocol.RECORD_CONFIG)
     if config is not None and KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
-
-
-def proximal_mu(config: ConfigRecord) -> float:
-    """FedProx's ``proximal-mu`` from the task (Flower's FedProx sends it), 0 when absent."""
-    raw = config.get("proximal-mu", 0.0)
-    try:
-        mu = float(raw)
-    except (TypeError, ValueError):
-        mu = float("nan")
-    if isinstance(raw, bool) or not (0 <= mu < float("inf")):
-        raise FedLinearError(f"the task's 'proximal-mu' must be a finite number >= 0, got {raw!r}")
-    return mu
 
 
 def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]:
@@ -305,14 +260,12 @@ def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]
     ``train`` and the secure aggregation path, clients/secure.py)."""
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
-    weights = from_record(msg.content["arrays"], data.num_features, uri)
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
+    weights = from_record(msg.content[protocol.RECORD_ARRAYS], data.num_features, uri)
+    config = msg.content[protocol.RECORD_CONFIG]  # the round's settings, as the server resolved them
+    server_round = protocol.server_round(config)
     faults.inject(context, server_round)  # a test hook, inert unless FEDLINEAR_TEST_FAULTS is set
-    learning_rate = float(config.get("learning-rate", 0.0)) or cfg.learning_rate
-    if learning_rate == "auto" or not 0 < learning_rate < 10:
-        raise FedLinearError(f"no usable learning rate in the task ({learning_rate!r})")
-    transform = transform_of(msg, data.num_features)
+    learning_rate = protocol.learning_rate(config)
+    transform = protocol.transform(config, data.num_features)
     key = client_key(context, cfg, uri, data)
     orders = [
         lm.batch_order(data.num_examples, cfg.seed, server_round, key, epoch) for epoch in range(cfg.local_epochs)
@@ -326,18 +279,21 @@ def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]
         batch_size=cfg.batch_size,
         learning_rate=learning_rate,
         orders=orders,
-        proximal_mu=proximal_mu(config),
+        proximal_mu=protocol.proximal_mu(config),
     )
     if not np.isfinite(new_weights.vector()).all():
         raise FedLinearError(
             f"{uri}: local training diverged (non-finite weights); lower 'learning-rate' (now {learning_rate:g}) "
             "or set 'standardize' to auto"
         )
-    if "local-dp-clipping-norm" in config:
+    if protocol.KEY_LOCAL_DP_CLIPPING_NORM in config:
         new_weights = local_dp(weights, new_weights, config, cfg, server_round, key)
-    metrics = MetricRecord(
-        {"num-examples": data.num_examples, "train-loss": loss, "client-key": key, UNIT_WEIGHT: 1}
-    )
+    metrics = MetricRecord({
+        protocol.METRIC_NUM_EXAMPLES: data.num_examples,
+        protocol.METRIC_TRAIN_LOSS: loss,
+        protocol.METRIC_CLIENT_KEY: key,
+        protocol.METRIC_UNIT_WEIGHT: 1,
+    })  # fmt: skip
     return new_weights, metrics
 
 
@@ -346,10 +302,11 @@ def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]
 def train(msg: Message, context: Context) -> Message:
     """Local mini-batch SGD from the global weights; reply with new weights and the train loss."""
     new_weights, metrics = fit(msg, context)
-    return Message(RecordDict({"arrays": to_record(new_weights), "metrics": metrics}), reply_to=msg)
+    content = RecordDict({protocol.RECORD_ARRAYS: to_record(new_weights), protocol.RECORD_METRICS: metrics})
+    return Message(content, reply_to=msg)
 
 
-@app.train(secure.ACTION, mods=secure.MODS)  # secure aggregation hook: SecAgg+ on this handler only
+@app.train(protocol.SECAGG_ACTION, mods=secure.MODS)  # secure aggregation hook: SecAgg+ on this handler only
 def train_secure(msg: Message, context: Context) -> Message:
     """SecAgg+ rounds (``train.secagg``): the same local training, only the masked update leaves."""
     return secure.masked_update(msg, context, fit)
@@ -361,12 +318,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     """MSE of the global weights on this node's shard, in the target's own units."""
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
-    weights = from_record(msg.content["arrays"], data.num_features, uri)
-    transform = transform_of(msg, data.num_features)
+    weights = from_record(msg.content[protocol.RECORD_ARRAYS], data.num_features, uri)
+    config = msg.content.config_records.get(protocol.RECORD_CONFIG, ConfigRecord())
+    transform = protocol.transform(config, data.num_features)
     if transform is None:
         residual = weights.predict(data.x) - data.y
     else:
         kernel, bias = transform.to_raw(weights.kernel, float(weights.bias[0]))
         residual = data.x @ kernel + bias - data.y
-    metrics = MetricRecord({"num-examples": data.num_examples, "eval-mse": float(np.mean(residual * residual))})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord({
+        protocol.METRIC_NUM_EXAMPLES: data.num_examples,
+        protocol.METRIC_EVAL_MSE: float(np.mean(residual * residual)),
+    })  # fmt: skip
+    return Message(RecordDict({protocol.RECORD_METRICS: metrics}), reply_to=msg)

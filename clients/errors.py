@@ -16,9 +16,7 @@ import traceback
 from flwr.app import Error, Message
 
 from fedlinear.common.errors import FedLinearError, one_line, untrusted_text
-
-ERROR_CODE_USER = 4001  # a FedLinearError: bad shard, bad config
-ERROR_CODE_INTERNAL = 4002  # anything else
+from fedlinear.common.protocol import ERROR_CODE_INTERNAL, ERROR_CODE_USER
 
 
 def reply_reason(exc: BaseException, what: str = "client task") -> str:

@@ -38,8 +38,9 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedlinear.common import model as lm
-from fedlinear.common import secagg_prg
+from fedlinear.common import protocol, secagg_prg
 from fedlinear.clients.errors import error_reply
+from fedlinear.common.config import parsed
 from fedlinear.common.errors import FedLinearError
 
 # Flower 1.42 expands mask seeds through a 32-bit seed: use full-strength masks (common/secagg_prg.py),
@@ -47,9 +48,6 @@ from fedlinear.common.errors import FedLinearError
 # (the module's global, which the mod function reads; ``flwr.client.mod.secure_aggregation.secaggplus_mod``
 # as an attribute is the function itself)
 secaggplus_mod.__globals__["pseudo_rand_gen"] = secagg_prg.pseudo_rand_gen
-
-ACTION = "secagg"  # server/secure.py ACTION: the message type is "train.secagg"
-KEY_WEIGHTING = "secagg-weighting"  # server/secure.py KEY_WEIGHTING
 
 Fit = Callable[[Message, Context], tuple[lm.LinearWeights, MetricRecord]]
 
@@ -81,7 +79,7 @@ def _as_train(msg: Message, context: Context, call_next) -> Message:
 
 def _rounding_seed(msg: Message, context: Context) -> int:
     """A 32-bit seed from (run seed, group id = round, node): quantization noise only, not a secret."""
-    seed = int(context.run_config.get("seed", 0))
+    seed = parsed(context.run_config).seed
     group = msg.metadata.group_id
     round_id = int(group) if str(group).isdigit() else 0
     node = int(context.node_config.get("partition-id", msg.metadata.dst_node_id))
@@ -95,8 +93,8 @@ MODS = [_guard, _as_train, secaggplus_mod]
 def masked_update(msg: Message, context: Context, fit: Fit) -> Message:
     """Train locally (``fit``) and reply with the update in the ``fitres`` format ``secaggplus_mod``
     quantizes and masks. Raises FedLinearError when the update cannot be sent faithfully."""
-    arrays = msg.content["arrays"]
-    config = msg.content["config"]
+    arrays = msg.content[protocol.RECORD_ARRAYS]
+    config = msg.content[protocol.RECORD_CONFIG]
     names = list(arrays.keys())
     received = {name: np.asarray(arrays[name].numpy(), dtype=np.float64) for name in names}
     new_weights, metrics = fit(msg, context)
@@ -104,7 +102,8 @@ def masked_update(msg: Message, context: Context, fit: Fit) -> Message:
     update = [np.asarray(trained[name], dtype=np.float64).reshape(received[name].shape) - received[name] for name in names]
     if KEY_CLIPPING_NORM in config:
         update = clip_update(update, float(config[KEY_CLIPPING_NORM]))
-    weight = 1 if str(config.get(KEY_WEIGHTING, "equal")) == "equal" else int(metrics["num-examples"])
+    equal = str(config.get(protocol.KEY_SECAGG_WEIGHTING, protocol.WEIGHTING_EQUAL)) == protocol.WEIGHTING_EQUAL
+    weight = 1 if equal else int(metrics[protocol.METRIC_NUM_EXAMPLES])
     check_fits(update, weight, context)
     fitres = FitRes(
         status=Status(code=Code.OK, message="Success"),

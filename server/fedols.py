@@ -1,6 +1,6 @@
 """``strategy = "fedols"``: the pooled least-squares (or ridge) solution in one round, exactly.
 
-Called by :func:`server.server_app.run` after the shard query (describe + scatter stages), which
+Called by :func:`server.server_app.run` after the shard query (:func:`server.nodes.query_nodes`) (describe + scatter stages), which
 already gave every healthy party's ``n``, ``Σ[x y]`` and centred scatter and the pooled statistics:
 
 * ``fedols-method = normal`` solves from those pooled statistics (no further message);
@@ -11,8 +11,9 @@ already gave every healthy party's ``n``, ``Σ[x y]`` and centred scatter and th
   is exact for the remaining parties (the intercept column absorbs the shifted centre).
 
 The float64 solution goes into ``history.json`` and ``manifest.json`` (``fedols`` block), the model is
-exported rounded to float32 in raw units (no standardization), and one history row (round 1) carries
-the same metrics as any run (:class:`server.server_app.Evaluator`). The math is in :mod:`common.fedols`.
+exported rounded to float32 in raw units (no standardization) by :func:`server.finish.complete`, the
+manifest writer of every run, and one history row (round 1) carries the same metrics as any run
+(:class:`server.evaluation.Evaluator`). The math is in :mod:`common.fedols`.
 """
 
 from __future__ import annotations
@@ -23,29 +24,31 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedlinear.common import fedols
+from fedlinear.common import fedols, protocol
 from fedlinear.common import model as lm
 from fedlinear.common import scaling
 from fedlinear.common.config import RunConfig
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
-from fedlinear.common.export import export_savedmodel
 from fedlinear.common.runstore import RunStore
-from fedlinear.server import server_app as sa
+from fedlinear.server import evaluation, finish, progress
+from fedlinear.server.nodes import Parties, in_key_order
 
 
 def collect_r(
     grid: Grid, cfg: RunConfig, healthy: dict[int, dict], centre: np.ndarray, failures: list[dict]
 ) -> dict[int, np.ndarray]:
     """Stage ``fedols-r``: each healthy party's checked R factor (failures are appended and said)."""
-    d = int(next(iter(healthy.values()))["num-features"])
-    order = sa._in_key_order(healthy)
+    d = int(next(iter(healthy.values()))[protocol.SHARD_NUM_FEATURES])
+    order = in_key_order(healthy)
     messages = [
         Message(
             RecordDict(
                 {
-                    "config": ConfigRecord({"stage": "fedols-r"}),
-                    "centre": ArrayRecord({"centre": Array(np.ascontiguousarray(centre, np.float64))}),
+                    protocol.RECORD_CONFIG: ConfigRecord({protocol.KEY_STAGE: protocol.STAGE_FEDOLS_R}),
+                    protocol.RECORD_CENTRE: ArrayRecord(
+                        {protocol.ARRAY_CENTRE: Array(np.ascontiguousarray(centre, np.float64))}
+                    ),
                 }
             ),
             dst_node_id=nid,
@@ -62,20 +65,20 @@ def collect_r(
         elif msg.has_error():
             reason = msg.error.reason
         else:
-            reason = _check_reply(msg, d, int(healthy[nid]["num-examples"]))
+            reason = _check_reply(msg, d, int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]))
             if reason is None:
-                factors[nid] = np.asarray(msg.content["r"]["r"].numpy(), np.float64)
+                factors[nid] = np.asarray(msg.content[protocol.RECORD_R][protocol.ARRAY_R].numpy(), np.float64)
                 continue
-        failures.append({"node-id": nid, "client-key": healthy[nid].get("client-key"), "reason": reason})
-        sa.say(f"node {nid} left out: {reason}")
+        failures.append({"node-id": nid, "client-key": healthy[nid].get(protocol.SHARD_CLIENT_KEY), "reason": reason})
+        progress.say(f"node {nid} left out: {reason}")
     return factors
 
 
 def _check_reply(msg: Message, d: int, num_examples: int) -> str | None:
-    record = msg.content.array_records.get("r")
-    if set(msg.content.array_records) != {"r"} or record is None or set(record.keys()) != {"r"}:
-        return "malformed R-factor reply: expected one array 'r'"
-    array = record["r"]
+    record = msg.content.array_records.get(protocol.RECORD_R)
+    if set(msg.content.array_records) != {protocol.RECORD_R} or record is None or set(record.keys()) != {protocol.ARRAY_R}:
+        return f"malformed R-factor reply: expected one array '{protocol.ARRAY_R}'"
+    array = record[protocol.ARRAY_R]
     if array.dtype != "float64" or len(array.data) > 8 * (d + 2) ** 2 + 4096:
         return f"malformed R-factor reply: {array.dtype} array of {len(array.data)} bytes"
     try:
@@ -87,50 +90,44 @@ def _check_reply(msg: Message, d: int, num_examples: int) -> str | None:
 
 
 def run(
-    grid: Grid,
-    context: Context,
-    store: RunStore,
-    cfg: RunConfig,
-    healthy: dict[int, dict],
-    query_failures: list[dict],
-    pooled: scaling.PooledStats | None,
-    test: Dataset | None,
+    grid: Grid, context: Context, store: RunStore, cfg: RunConfig, parties: Parties, test: Dataset | None,
     started: float,
-) -> None:
+) -> None:  # fmt: skip
     """Solve, evaluate, export and record; the run's status is ``completed`` at the end."""
+    healthy, pooled = parties.healthy, parties.pooled
     if pooled is None or not pooled.full:  # config validation refuses privacy and reference = none
         raise FedLinearError("strategy = fedols needs every party's centred cross-products, which were not gathered")
     num_features = pooled.num_features
     failures: list[dict] = []
-    parties = sa._in_key_order(healthy)
+    solved_by = parties.in_key_order()
     if cfg.fedols_method == "qr":
         factors = collect_r(grid, cfg, healthy, pooled.mean, failures)
         if not factors:
             raise FedLinearError(
                 "no party sent a usable R factor: " + "; ".join(f"node {f['node-id']}: {f['reason']}" for f in failures)
             )
-        parties = [nid for nid in parties if nid in factors]
-        solution = fedols.solve_qr([factors[nid] for nid in parties], pooled.mean, cfg.fedols_l2, pooled.constant_features())
+        solved_by = [nid for nid in solved_by if nid in factors]
+        solution = fedols.solve_qr([factors[nid] for nid in solved_by], pooled.mean, cfg.fedols_l2, pooled.constant_features())
     else:
         solution = fedols.solve_normal(pooled, cfg.fedols_l2)
     kernel, bias = solution.kernel, solution.bias
     for note in solution.notes:
-        sa.say(f"fedols: {note}")
+        progress.say(f"fedols: {note}")
 
     transform = scaling.Transform.identity(num_features)
-    evaluate = sa.Evaluator(test, pooled, transform)
+    evaluate = evaluation.Evaluator(test, pooled, transform)
     row = {
         "round": 1,
-        "clients-ok": len(parties),
+        "clients-ok": len(solved_by),
         "clients-failed": len(failures),
         "failures": failures,
         **evaluate(lm.LinearWeights(kernel=kernel.reshape(-1, 1), bias=np.array([bias]))),  # float64
         "elapsed-s": time.monotonic() - started,
     }
-    samples = sum(int(healthy[nid]["num-examples"]) for nid in parties)
+    samples = sum(int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]) for nid in solved_by)
     block = {
         **solution.to_json(),
-        "parties": len(parties),
+        "parties": len(solved_by),
         "num-examples": samples,
         "objective": "minimise ||y - X w - b||^2 + l2 ||w||^2 over the pooled raw data (bias not penalised)",
     }
@@ -140,38 +137,23 @@ def run(
         "reference": evaluate.reference,
         "standardization": transform.to_json(),
         "learning-rate": {"value": None, "how": "strategy = fedols: solved exactly, no training"},
-        "query-failures": query_failures,
+        "query-failures": parties.failures,
         "fedols": block,
     }
     store.write_history(history)
-    sa.say(
-        f"fedols ({solution.method}, l2 = {solution.l2:g}): exact solution from {len(parties)} parties, "
+    progress.say(
+        f"fedols ({solution.method}, l2 = {solution.l2:g}): exact solution from {len(solved_by)} parties, "
         f"{samples} samples; condition number {solution.condition_number:.4g}; {solution.solver}"
     )
-    sa.say(sa.progress_line(row))
+    progress.say(progress.progress_line(row))
 
-    exported = lm.LinearWeights(kernel=kernel.astype(np.float32).reshape(-1, 1), bias=np.array([bias], np.float32))
-    model_uri = store.uri("model")
-    export_savedmodel(exported, model_uri)
-    final = {k: v for k, v in row.items() if k != "failures"}
-    manifest = {
-        "run-id": context.run_id,
-        "config": cfg.as_dict(),
-        "seed": cfg.seed,
-        "versions": sa.versions(),
-        "num-features": num_features,
-        "weights": {"kernel": kernel.tolist(), "bias": bias},
-        "exported-weights": {"kernel": exported.kernel.ravel().tolist(), "bias": float(exported.bias[0])},
-        "standardization": transform.to_json(),
-        "learning-rate": history["learning-rate"],
-        "fedols": block,
-        "model": model_uri,
-        **sa.manifest_data(healthy, test),
-        "reference": evaluate.reference,
-        "final": final,
-        "query-failures": query_failures,
-        "wall-time-s": time.monotonic() - started,
-    }
-    store.write_manifest(manifest)
-    store.write_status("completed", run_id=context.run_id)
-    sa.say(f"done: model exported to {model_uri}")
+    result = finish.Result(
+        kernel=kernel,
+        bias=bias,
+        transform=transform,
+        learning_rate=history["learning-rate"],
+        method={"fedols": block},
+        reference=evaluate.reference,
+        final_row=row,
+    )
+    finish.complete(store, context, cfg, parties, test, started, result)

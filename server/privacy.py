@@ -23,7 +23,9 @@ from flwr.serverapp import PrivacyConfig, RdpAccountant
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, SamplingMethod
 
 from fedlinear.clients import flower_fixes
+from fedlinear.common import protocol, scaling
 from fedlinear.common.config import RunConfig
+from fedlinear.common.errors import FedLinearError
 
 flower_fixes.apply()  # Flower 1.42's clipping divides by a zero update norm
 
@@ -81,6 +83,47 @@ def summary(cfg: RunConfig, accountant: RdpAccountant | None, stopped: str | Non
         else "",
         "stopped": stopped,
     }
+
+
+def choose_statistics(
+    cfg: RunConfig, from_nodes: scaling.PooledStats | None, num_features: int
+) -> tuple[scaling.PooledStats | None, str, scaling.PooledStats | None]:
+    """(statistics for the yardstick, where they came from, statistics the training may use).
+
+    Without privacy the nodes' sums serve both. Under privacy the nodes send none: the yardstick comes
+    from ``statistics-uri`` if given (``fedlinear run`` computes it from the shards on its machine; it
+    never reaches the model), and training uses those statistics only when they are declared public.
+    """
+    if not cfg.private:
+        return from_nodes, "pooled least squares from centred additive sums (n, Σ[x y], Σ(z−μ)(z−μ)ᵀ) of every node", from_nodes
+    if not cfg.statistics_uri:
+        return None, "none: privacy is on and no statistics-uri was given", None
+    local = scaling.PooledStats.load(cfg.statistics_uri, num_features)
+    source = (
+        f"pooled least squares from {cfg.statistics_uri}, computed outside the federation (by fedlinear run from the "
+        "shards on its machine); no node sent statistics"
+    )
+    return local, source, local if cfg.dp_public_statistics else None
+
+
+def build_transform(cfg: RunConfig, stats: scaling.PooledStats | None, num_features: int) -> scaling.Transform:
+    """The standardization transform; under privacy only from statistics declared public."""
+    if cfg.private and stats is None and cfg.standardize != "none":
+        if cfg.standardize != "auto":
+            raise FedLinearError(
+                f"standardize = {cfg.standardize} needs pooled statistics, which no node sends under privacy: "
+                "declare statistics public with 'dp-public-statistics' = true and 'statistics-uri', or set 'standardize' = none"
+            )
+        transform = scaling.Transform.identity(num_features)
+        transform.notes = (
+            "standardize = auto trains on raw data under privacy: the statistics would leak; declare them public "
+            "('dp-public-statistics' = true with 'statistics-uri') to standardize",
+        )
+        return transform
+    transform = scaling.build_transform(cfg.standardize, stats, num_features)
+    if cfg.private and stats is not None and transform.kind != "none":
+        transform.notes = (*transform.notes, f"standardization statistics declared public ({cfg.statistics_uri}); not covered by ε")
+    return transform
 
 
 class AdaptiveClippingError(ValueError):
@@ -161,14 +204,14 @@ class ServerSideAdaptiveClipping:
         current = [self.current[name].numpy().astype(np.float64) for name in self.current]
         unclipped = 0
         for reply in replies:
-            record = reply.content["arrays"]
+            record = reply.content[protocol.RECORD_ARRAYS]
             names = list(record.keys())
             values = [record[name].numpy() for name in names]
             deltas = [v.astype(np.float64) - c for v, c in zip(values, current, strict=True)]
             norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in deltas)))
             unclipped += int(norm <= self.clipping_norm)
             scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
-            reply.content["arrays"] = ArrayRecord(
+            reply.content[protocol.RECORD_ARRAYS] = ArrayRecord(
                 {n: Array((c + d * scale).astype(v.dtype)) for n, c, d, v in zip(names, current, deltas, values, strict=True)}
             )
         aggregated, metrics = self.strategy.aggregate_train(server_round, replies)

@@ -13,6 +13,10 @@ checked:
   node claiming 1e12 examples would otherwise take the global model over) and its own client key.
 * if configured, the update's L2 norm: at most ``max-update-norm``, and at most
   ``max-update-norm-factor`` x the median norm of the round's replies that passed everything else.
+
+:func:`answers_to` keeps only the replies that answer one of the round's own messages (a straggler's
+late reply of an earlier round is rejected); :func:`validated` applies the checks above to a round's
+replies and records each rejected one as that node's failure.
 """
 
 from __future__ import annotations
@@ -22,15 +26,15 @@ import math
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 from fedlinear.common import model as lm
+from fedlinear.common import protocol
 from fedlinear.common.errors import untrusted_text
+from fedlinear.server import progress
 
 MAX_FEATURES = 1_000_000
-TRAIN_METRICS = {"num-examples", "train-loss", "client-key", "unit-weight"}
-SHARD_KEYS = {"num-features", "num-examples", "client-key"}
-OPTIONAL_SHARD_KEYS = {"data-uri", "fingerprints", "partition-id"}
 
 
 def _number(value: Any) -> bool:
@@ -39,30 +43,31 @@ def _number(value: Any) -> bool:
 
 def check_shard(info: dict[str, Any]) -> str | None:
     """Why a ``describe`` reply's shard record is unacceptable, or None. Fingerprints are parsed in place."""
-    missing = SHARD_KEYS - set(info)
+    missing = protocol.SHARD_KEYS - set(info)
     if missing:
         return f"malformed shard description: missing {', '.join(sorted(missing))}"
-    extra = set(info) - SHARD_KEYS - OPTIONAL_SHARD_KEYS
+    extra = set(info) - protocol.SHARD_KEYS - protocol.OPTIONAL_SHARD_KEYS
     if extra:
         return f"malformed shard description: unexpected {', '.join(sorted(extra))}"
-    for key in ("num-features", "num-examples", "client-key"):
+    for key in (protocol.SHARD_NUM_FEATURES, protocol.SHARD_NUM_EXAMPLES, protocol.SHARD_CLIENT_KEY):
         if not isinstance(info[key], int) or isinstance(info[key], bool):
             return f"malformed shard description: {key} is not an integer"
-    if not 1 <= info["num-features"] <= MAX_FEATURES:
-        return f"malformed shard description: num-features {info['num-features']}"
-    if info["num-examples"] < 1:
-        return f"malformed shard description: num-examples {info['num-examples']}"
-    if "data-uri" in info and not isinstance(info["data-uri"], str):
+    if not 1 <= info[protocol.SHARD_NUM_FEATURES] <= MAX_FEATURES:
+        return f"malformed shard description: num-features {info[protocol.SHARD_NUM_FEATURES]}"
+    if info[protocol.SHARD_NUM_EXAMPLES] < 1:
+        return f"malformed shard description: num-examples {info[protocol.SHARD_NUM_EXAMPLES]}"
+    uri = protocol.SHARD_DATA_URI
+    if uri in info and not isinstance(info[uri], str):
         return "malformed shard description: data-uri is not text"
-    if "data-uri" in info:  # printed and stored: one printable line, bounded
-        info["data-uri"] = untrusted_text(info["data-uri"])
+    if uri in info:  # printed and stored: one printable line, bounded
+        info[uri] = untrusted_text(info[uri])
     try:
-        fingerprints = [json.loads(fp) for fp in info.get("fingerprints", [])]
+        fingerprints = [json.loads(fp) for fp in info.get(protocol.SHARD_FINGERPRINTS, [])]
     except (TypeError, ValueError):
         return "malformed shard description: fingerprints are not JSON"
     if not all(isinstance(fp, dict) for fp in fingerprints):
         return "malformed shard description: fingerprints are not JSON objects"
-    info["fingerprints"] = fingerprints
+    info[protocol.SHARD_FINGERPRINTS] = fingerprints
     return None
 
 
@@ -73,12 +78,12 @@ def check_train_reply(msg: Message, num_features: int, declared: dict[str, Any],
     (far above anything training produces: a reply past it is garbage or an attack on the scale).
     """
     content = msg.content
-    if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
+    if set(content.array_records) != {protocol.RECORD_ARRAYS} or set(content.metric_records) != {protocol.RECORD_METRICS}:
         return (
             "malformed train reply: records "
             f"{sorted(content.array_records) + sorted(content.metric_records)}, expected arrays and metrics"
         )
-    arrays = content["arrays"]
+    arrays = content[protocol.RECORD_ARRAYS]
     if set(arrays.keys()) != set(lm.WEIGHT_NAMES):
         return f"malformed train reply: arrays {sorted(arrays.keys())}, expected {sorted(lm.WEIGHT_NAMES)}"
     expected = {lm.KERNEL: (num_features, 1), lm.BIAS: (1,)}
@@ -100,17 +105,15 @@ def check_train_reply(msg: Message, num_features: int, declared: dict[str, Any],
         total += float(np.sum(value.astype(np.float64) ** 2))
     if math.sqrt(total) > max_norm:
         return f"train reply rejected: weights of norm {math.sqrt(total):.3g}, above the plausible bound {max_norm:.3g}"
-    metrics = content["metrics"]
-    if set(metrics.keys()) != TRAIN_METRICS:
-        return f"malformed train reply: metrics {sorted(metrics.keys())}, expected {sorted(TRAIN_METRICS)}"
-    if not all(_number(metrics[key]) for key in TRAIN_METRICS):
+    metrics = content[protocol.RECORD_METRICS]
+    if set(metrics.keys()) != protocol.TRAIN_METRICS:
+        return f"malformed train reply: metrics {sorted(metrics.keys())}, expected {sorted(protocol.TRAIN_METRICS)}"
+    if not all(_number(metrics[key]) for key in protocol.TRAIN_METRICS):
         return "malformed train reply: a metric is not a finite number"
-    if metrics["num-examples"] != declared["num-examples"]:
-        return (
-            f"train reply rejected: claims {metrics['num-examples']} examples, "
-            f"the shard query said {declared['num-examples']}"
-        )
-    if metrics["client-key"] != declared["client-key"] or metrics["unit-weight"] != 1:
+    claimed, said = metrics[protocol.METRIC_NUM_EXAMPLES], declared[protocol.SHARD_NUM_EXAMPLES]
+    if claimed != said:
+        return f"train reply rejected: claims {claimed} examples, the shard query said {said}"
+    if metrics[protocol.METRIC_CLIENT_KEY] != declared[protocol.SHARD_CLIENT_KEY] or metrics[protocol.METRIC_UNIT_WEIGHT] != 1:
         return "train reply rejected: client key or weight differs from the shard query"
     return None
 
@@ -118,7 +121,7 @@ def check_train_reply(msg: Message, num_features: int, declared: dict[str, Any],
 def update_norm(msg: Message, global_arrays) -> float:
     """The L2 norm of a (well-formed) train reply's update: its weights minus the global weights the
     round sent, in the standardized variables the clients train in, over kernel and bias together."""
-    arrays = msg.content["arrays"]
+    arrays = msg.content[protocol.RECORD_ARRAYS]
     squared = 0.0
     for name in lm.WEIGHT_NAMES:
         delta = arrays[name].numpy().astype(np.float64) - global_arrays[name].numpy().astype(np.float64)
@@ -170,3 +173,86 @@ def check_update_norm_factor(norms: dict[int, float], factor: float, server_roun
         for nid, norm in sorted(norms.items())
         if norm > bound
     }
+
+
+# A weight vector this long is garbage or an attack: training from standardized data moves weights
+# by O(1); raw-space runs (standardize = none) by what the data's scale allows.
+WEIGHT_NORM_BOUND = 1e12
+
+
+def validated(
+    ordered: list[Message], failures: list[dict], healthy: dict[int, dict], eligible: dict[int, int],
+    num_features: int, arrays: ArrayRecord, max_update_norm: float = 0.0, max_update_norm_factor: float = 0.0,
+    server_round: int = 0,
+) -> list[Message]:
+    """The replies that pass the checks above (and, if > 0, ``max-update-norm`` on their update
+    from ``arrays``, then ``max-update-norm-factor`` against the median update norm of the replies that
+    passed everything else); each rejected one is added to ``failures``: first those of the per-reply
+    checks, in ``ordered``'s order, then those of the median bound, in ``ordered``'s order."""
+    kept = []
+    for msg in ordered:
+        nid = msg.metadata.src_node_id
+        if msg.has_error():
+            kept.append(msg)  # already a failure; the strategy (and Flower's DP wrappers) see it as one
+            continue
+        problem = (
+            "reply from a node that was not asked" if nid not in healthy
+            else check_train_reply(msg, num_features, healthy[nid], WEIGHT_NORM_BOUND)
+        )  # fmt: skip
+        if problem is None and max_update_norm > 0:
+            problem = check_update_norm(msg, arrays, max_update_norm, nid)
+        if problem is None:
+            kept.append(msg)
+        else:
+            failures.append({"node-id": nid, "client-key": eligible.get(nid), "reason": problem})
+    if max_update_norm_factor > 0:
+        norms = {msg.metadata.src_node_id: update_norm(msg, arrays)
+                 for msg in kept if not msg.has_error()}  # fmt: skip
+        skipped = median_bound_skipped(norms)
+        if skipped and norms:  # with no reply there is nothing to say
+            progress.say(f"round {server_round}: 'max-update-norm-factor' not applied: {skipped}")
+        rejected = check_update_norm_factor(norms, max_update_norm_factor, server_round)
+        failures += [
+            {"node-id": msg.metadata.src_node_id, "client-key": eligible.get(msg.metadata.src_node_id),
+             "reason": rejected[msg.metadata.src_node_id]}
+            for msg in kept if not msg.has_error() and msg.metadata.src_node_id in rejected
+        ]  # fmt: skip
+        kept = [msg for msg in kept if msg.has_error() or msg.metadata.src_node_id not in rejected]
+    return kept
+
+
+def answers_to(
+    messages: list[Message], replies: list[Message], eligible: dict[int, int]
+) -> tuple[list[Message], list[dict]]:
+    """(the replies that answer one of this round's ``messages``, a failure for each that does not).
+
+    A reply must name one of the messages sent in this call (``reply_to_message_id``; Flower's grid sets
+    each message id when it pushes it), come from the node that message went to, and carry the round's
+    group id, at most once per message. Flower 1.42's grid pulls only the ids it pushed in the same
+    ``send_and_receive``, so a straggler's late reply of round r never comes back in round r+1; this
+    check holds whatever grid (or SuperLink) the ServerApp runs over.
+    """
+    by_id = all(msg.metadata.message_id for msg in messages)  # a grid that sets no ids: match by node
+    sent = {(msg.metadata.message_id if by_id else msg.metadata.dst_node_id): msg for msg in messages}
+    kept, rejected, seen = [], [], set()
+    for reply in replies:
+        meta = reply.metadata
+        key = meta.reply_to_message_id if by_id else meta.src_node_id
+        asked = sent.get(key)
+        if asked is not None and by_id and reply.has_error() and meta.src_node_id == SUPERLINK_NODE_ID:
+            # the SuperLink's own error reply for a node (unavailable, reply lost): that node's failure
+            node = asked.metadata.dst_node_id
+            reason = f"the SuperLink reports: {reply.error.reason}"
+            rejected.append({"node-id": node, "client-key": eligible.get(node), "reason": reason})
+            seen.add(key)
+            continue
+        if asked is None or asked.metadata.dst_node_id != meta.src_node_id or asked.metadata.group_id != meta.group_id:
+            reason = "reply rejected: it does not answer a message of this round (a late reply of an earlier round?)"
+        elif key in seen:
+            reason = "reply rejected: a second reply to the same message"
+        else:
+            seen.add(key)
+            kept.append(reply)
+            continue
+        rejected.append({"node-id": meta.src_node_id, "client-key": eligible.get(meta.src_node_id), "reason": reason})
+    return kept, rejected

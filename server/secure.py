@@ -80,19 +80,17 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from fedlinear.common import secagg_prg
+from fedlinear.common import protocol, secagg_prg
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
+from fedlinear.server import progress
 
 # Flower 1.42 expands mask seeds through a 32-bit seed: use full-strength masks (common/secagg_prg.py),
 # as clients/secure.py does on the other side
 SecAggPlusWorkflow.unmask_stage.__globals__["pseudo_rand_gen"] = secagg_prg.pseudo_rand_gen
 
-# The clients' SecAgg+ handler: ``@app.train(ACTION)`` (clients/secure.py), message type ``train.secagg``.
-ACTION = "secagg"
-MESSAGE_TYPE = f"{MessageType.TRAIN}.{ACTION}"
-# Train-config key telling the clients which weight to report: "equal" (1) or "num-examples" (nᵢ).
-KEY_WEIGHTING = "secagg-weighting"
+# The clients' SecAgg+ handler is ``@app.train(protocol.SECAGG_ACTION)`` (clients/secure.py): message type
+# ``train.secagg``; the train config's ``secagg-weighting`` tells the clients which weight to report.
 # Masks and sums live modulo 2**32 (Flower's default; its pseudo-random masks are drawn below it).
 MODULUS_RANGE = 2**32
 STAGE_NAMES = {
@@ -190,7 +188,7 @@ def train_round(
     """
     messages = list(messages)
     sampled = [msg.metadata.dst_node_id for msg in messages]
-    weighting = "equal" if cfg.dp != "none" or num_examples is None else "num-examples"
+    weighting = protocol.WEIGHTING_EQUAL if cfg.dp != "none" or num_examples is None else protocol.WEIGHTING_NUM_EXAMPLES
     if len(messages) < 2:
         reason = (
             f"secure aggregation needs at least 2 parties, {len(messages)} sampled "
@@ -203,7 +201,7 @@ def train_round(
             f"'secagg-quantization-range' = {cfg.secagg_quantization_range}: it must be below "
             f"{MODULUS_RANGE // len(messages)} for this many parties (lower it, or sample fewer with 'fraction-train')"
         )
-    if weighting == "num-examples":
+    if weighting == protocol.WEIGHTING_NUM_EXAMPLES:
         unknown = [nid for nid in sampled if nid not in num_examples]
         if unknown:
             raise FedLinearError(f"secure aggregation: shard sizes of nodes {unknown} are unknown")
@@ -214,9 +212,9 @@ def train_round(
     contents: dict[int, RecordDict] = {}
     for msg in messages:
         content = RecordDict(dict(msg.content.items()))  # one RecordDict per party: the workflow writes into it
-        config = ConfigRecord(dict(content.config_records.get("config", ConfigRecord()).items()))
-        config[KEY_WEIGHTING] = weighting
-        content["config"] = config
+        config = ConfigRecord(dict(content.config_records.get(protocol.RECORD_CONFIG, ConfigRecord()).items()))
+        config[protocol.KEY_SECAGG_WEIGHTING] = weighting
+        content[protocol.RECORD_CONFIG] = config
         contents[msg.metadata.dst_node_id] = content
 
     stage_grid = _StageGrid(grid)
@@ -252,7 +250,7 @@ def train_round(
         if not largest <= clipping_range * (1 + 1e-9) + 2 * clipping_range / cfg.secagg_quantization_range:
             halted = f"secure aggregation: the unmasked aggregate has a coordinate of {largest:.3g}, outside ±{clipping_range:g}: the masks did not cancel"
     if halted is None and strategy.aggregate is not None:
-        template = messages[0].content["arrays"]
+        template = messages[0].content[protocol.RECORD_ARRAYS]
         update = _named(strategy.aggregate, template)
         arrays = apply_update(template, update)
     else:
@@ -260,7 +258,7 @@ def train_round(
         why = halted or "secure aggregation produced no aggregate"
         failures += [{"node-id": nid, "reason": why} for nid in sampled if nid not in {f["node-id"] for f in failures}]
     for nid in sorted(lost & set(aggregated)):
-        _say(f"round {server_round}: node {nid} dropped out during unmasking; its update is in the aggregate")
+        progress.say(f"round {server_round}: node {nid} dropped out during unmasking; its update is in the aggregate")
     return SecureRound(sampled, aggregated, arrays, update, weighting, failures)
 
 
@@ -283,10 +281,6 @@ def _named(ndarrays: list[np.ndarray], template: ArrayRecord) -> ArrayRecord:
     return ArrayRecord(out)
 
 
-def _say(text: str) -> None:
-    print(f"[fedlinear] {text}", flush=True)
-
-
 class _StageGrid:
     """The run's grid as the SecAgg+ workflow sees it: its train messages go out as ``train.secagg``
     (so only the clients' SecAgg+ handler gets them), and every stage's replies are recorded."""
@@ -299,7 +293,7 @@ class _StageGrid:
         messages = list(messages)
         stage = "?"
         for msg in messages:
-            msg.metadata.message_type = MESSAGE_TYPE
+            msg.metadata.message_type = protocol.SECAGG_MESSAGE_TYPE
             stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, stage))
         replies = list(self.grid.send_and_receive(messages, timeout=timeout)) if messages else []
         self.stages.append((STAGE_NAMES.get(stage, stage), [m.metadata.dst_node_id for m in messages], replies))
@@ -416,4 +410,4 @@ def describe(cfg: RunConfig) -> str:
     )
 
 
-__all__ = ["ACTION", "KEY_WEIGHTING", "MESSAGE_TYPE", "SecureRound", "apply_update", "describe", "quantization_bound", "train_round"]
+__all__ = ["SecureRound", "apply_update", "describe", "quantization_bound", "train_round"]

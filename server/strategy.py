@@ -13,9 +13,11 @@ secure aggregation) plug into. The strategies are Flower's classes with one mixi
 optimizers FedAdam / FedYogi / FedAdagrad (Reddi et al.), and the robust rules FedMedian,
 FedTrimmedAvg, Krum, MultiKrum, Bulyan, all Flower 1.42's own classes. Around them:
 
-* the mixin's ``configure_train`` does what the bypassed Flower ``configure_train`` did: FedProx's
-  ``proximal-mu`` goes into every train config, FedAvgM / FedOpt remember the global weights the
-  round starts from (their pseudo-gradient is taken against them);
+* the mixin's ``configure_train`` does what the bypassed Flower ``configure_train`` did: the round's
+  ``config`` (what the server resolved for the round: learning rate, standardization, ...) goes into
+  every task with ``server-round``, FedProx's ``proximal-mu`` into every train config, FedAvgM /
+  FedOpt remember the global weights the round starts from (their pseudo-gradient is taken against
+  them);
 * the server optimizers' result is cast back to the model's float32 (FedAdam's bias-corrected step
   is a NumPy float64 and would promote the global model), so a checkpoint holds exactly the live
   model, and their state (momentum, ``m_t``, ``v_t``) goes into every checkpoint
@@ -53,10 +55,9 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
+from fedlinear.common import protocol
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
-
-UNIT_WEIGHT = "unit-weight"  # a metric every train reply carries, 1: equal client weights (DP, robust rules)
 
 
 class DeterministicMixin:
@@ -65,13 +66,6 @@ class DeterministicMixin:
     seed: int = 0
     # node id -> stable client key, set by the server after the pre-round query
     eligible: dict[int, int]
-    last_failures: list[dict]
-    # config values added to every train message (the resolved learning rate)
-    train_config: dict
-    # config values added to every train and evaluate message (the standardization transform)
-    task_config: dict
-    # records added to every train and evaluate message
-    extra_records: dict
 
     def _sample(self, grid: Grid, server_round: int, fraction: float, minimum: int, stream: int) -> list[int]:
         connected = set(grid.get_node_ids())
@@ -91,18 +85,12 @@ class DeterministicMixin:
             return []
         minimum = self.min_train_nodes if train else self.min_evaluate_nodes
         node_ids = self._sample(grid, server_round, fraction, minimum, 1 if train else 2)
-        config["server-round"] = server_round
-        for key, value in getattr(self, "task_config", {}).items():
-            config[key] = value
+        config[protocol.KEY_SERVER_ROUND] = server_round  # what FedAvg's configure_* (bypassed here) do
         if train:
             self._remember_global(arrays)
             if isinstance(self, FedProx):  # what FedProx.configure_train (bypassed here) does
-                config["proximal-mu"] = float(self.proximal_mu)
-            for key, value in getattr(self, "train_config", {}).items():
-                config[key] = value
+                config[protocol.KEY_PROXIMAL_MU] = float(self.proximal_mu)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        for name, extra in getattr(self, "extra_records", {}).items():
-            record[name] = extra  # e.g. the standardization transform, for train and evaluate alike
         return self._construct_messages(record, node_ids, MessageType.TRAIN if train else MessageType.EVALUATE)
 
     def _remember_global(self, arrays: ArrayRecord) -> None:
@@ -127,7 +115,7 @@ class DeterministicMixin:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Evaluation losses weighted by the examples evaluated, whatever weighs the train replies
         (evaluate replies carry no ``unit-weight``: Flower would refuse them under DP or a robust rule)."""
-        weighted_by, self.weighted_by_key = self.weighted_by_key, "num-examples"
+        weighted_by, self.weighted_by_key = self.weighted_by_key, protocol.METRIC_NUM_EXAMPLES
         try:
             return super().aggregate_evaluate(server_round, replies)
         finally:
@@ -314,7 +302,7 @@ def sample_size(num_nodes: int, fraction: float, minimum: int = 1) -> int:
 @dataclasses.dataclass
 class Strategies:
     """What the server drives: ``strategy`` (the configured strategy, or a DP wrapper around FedAvg),
-    ``base`` (the Flower strategy that samples and carries the per-task config) and the privacy
+    ``base`` (the Flower strategy that samples the nodes and builds their tasks) and the privacy
     accountant, if any."""
 
     strategy: object
@@ -350,8 +338,11 @@ def make_base(cfg: RunConfig, num_sampled: int) -> DeterministicMixin:
         "min_available_nodes": 1,
         # under DP every client counts the same (Flower's accounted wrappers require equal weights);
         # the robust rules count parties, not examples (a party's claimed size cannot be trusted)
-        "weighted_by_key": UNIT_WEIGHT if cfg.dp != "none" or cfg.strategy in ROBUST else "num-examples",
-    }
+        "weighted_by_key": protocol.METRIC_UNIT_WEIGHT if cfg.dp != "none" or cfg.strategy in ROBUST
+        else protocol.METRIC_NUM_EXAMPLES,
+        "arrayrecord_key": protocol.RECORD_ARRAYS,
+        "configrecord_key": protocol.RECORD_CONFIG,
+    }  # fmt: skip
     name, f = cfg.strategy, cfg.num_malicious_nodes
     need = {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(name)
     if need is not None and num_sampled < need:
@@ -400,10 +391,6 @@ def build_strategy(cfg: RunConfig, eligible: dict[int, int]) -> Strategies:
     base = make_base(cfg, num_sampled)
     base.seed = cfg.seed
     base.eligible = dict(eligible)
-    base.last_failures = []
-    base.train_config = {}
-    base.task_config = {}
-    base.extra_records = {}
     strategy, accountant = base, None
     if cfg.dp != "none":
         from fedlinear.server import privacy

@@ -7,6 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedlinear.clients import client_app as ca
+from fedlinear.common import config as run_configs
 from fedlinear.common import model as lm
 from fedlinear.common.csvio import load_csv, to_csv_bytes
 from fedlinear.common.synth import make_synthetic
@@ -16,7 +17,7 @@ from tests.conftest import REPO, task_identity
 @pytest.fixture(autouse=True)
 def client_task():
     """A node's task identity (Messages are stamped with it) and empty per-process caches."""
-    ca._SHARDS.clear(), ca._CONFIGS.clear()
+    ca._SHARDS.clear(), run_configs._PARSED.clear()
     with task_identity(7, 1, 1):
         yield
 
@@ -80,16 +81,31 @@ def test_train_reply_is_local_sgd_on_the_nodes_own_shard(shards, tmp_path):
             assert metrics["num-examples"] == data.num_examples
             assert metrics["client-key"] == partition_id
             assert metrics["train-loss"] == pytest.approx(loss, rel=1e-6)
-    assert len(ca._CONFIGS) == 1  # one run config, parsed once
+    assert len(run_configs._PARSED) == 1  # one run config, parsed once
 
 
 def test_a_changed_run_config_is_parsed_again(shards, tmp_path):
     uri = str(tmp_path / "client-{partition-id}.csv")
     w0 = lm.initial_weights(4, seed=1)
-    slow = ca.train(train_message(w0, 1), context(0, run_config(**{"data-uri": uri, "learning-rate": 0.001})))
-    fast = ca.train(train_message(w0, 1), context(0, run_config(**{"data-uri": uri, "learning-rate": 0.1})))
-    step = [np.abs(r.content["arrays"]["kernel"].numpy() - w0.kernel).max() for r in (slow, fast)]
+    short = ca.train(train_message(w0, 1, 0.001), context(0, run_config(**{"data-uri": uri, "local-epochs": 1})))
+    long = ca.train(train_message(w0, 1, 0.001), context(0, run_config(**{"data-uri": uri, "local-epochs": 20})))
+    step = [np.abs(r.content["arrays"]["kernel"].numpy() - w0.kernel).max() for r in (short, long)]
     assert step[1] > 10 * step[0]
+
+
+def test_the_learning_rate_comes_only_from_the_task(shards, tmp_path):
+    """The server resolves the step size and sends it in the round's config; the run config's own
+    ``learning-rate`` is never a fallback (it may be ``auto``, or differ from what the server resolved)."""
+    uri = str(tmp_path / "client-{partition-id}.csv")
+    w0 = lm.initial_weights(4, seed=1)
+    for value in (None, 0.0, "0.1", True, 12.0):
+        task = train_message(w0, 1, value) if value is not None else train_message(w0, 1)
+        reply = ca.train(task, context(0, run_config(**{"data-uri": uri, "learning-rate": 0.1})))
+        assert reply.has_error() and reply.error.code == ca.ERROR_CODE_USER
+        assert "no usable learning rate in the task" in reply.error.reason
+    sent = ca.train(train_message(w0, 1, 0.1), context(0, run_config(**{"data-uri": uri, "learning-rate": 0.001})))
+    same = ca.train(train_message(w0, 1, 0.1), context(0, run_config(**{"data-uri": uri, "learning-rate": 0.1})))
+    np.testing.assert_array_equal(sent.content["arrays"]["kernel"].numpy(), same.content["arrays"]["kernel"].numpy())
 
 
 def test_problems_become_one_line_error_replies(shards, tmp_path):

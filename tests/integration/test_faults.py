@@ -26,7 +26,7 @@ from fedlinear.clients import client_app as ca
 from fedlinear.common import model as lm
 from fedlinear.common.csvio import load_csv
 from fedlinear.common.errors import FedLinearError, untrusted_text
-from fedlinear.server import server_app
+from fedlinear.server import progress
 from tests.conftest import run_cli, write_federation
 from tests.inprocess import InProcessGrid, run_in_process, write_synthetic_shards
 
@@ -220,7 +220,7 @@ def test_untrusted_text_is_one_printable_bounded_line():
 def test_hostile_error_reasons_are_stored_and_printed_sanitised(data, tmp_path, monkeypatch):
     uris, test = data
     said: list[str] = []
-    monkeypatch.setattr(server_app, "say", lambda text: said.append(text))
+    monkeypatch.setattr(progress, "say", lambda text: said.append(text))
 
     def sabotage(node_id, msg):
         kind = msg.metadata.message_type

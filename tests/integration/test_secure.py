@@ -31,7 +31,7 @@ from fedlinear.clients import client_app as ca
 from fedlinear.common import scaling
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
-from fedlinear.server import secure, server_app
+from fedlinear.server import rounds, secure
 from tests.conftest import REPO, run_cli, write_federation
 from tests.inprocess import drive, write_synthetic_shards
 
@@ -178,7 +178,7 @@ def test_equal_weights_and_client_clipping_under_dp(shards, tmp_path, monkeypatc
     run_config = {"run-dir": str(tmp_path / "run"), **SAME_TRAINING, "secure-aggregation": True, "dp": "central-client-clip"}
     cfg = RunConfig.from_run_config(run_config)
     grid = SecureGrid(shards, run_config)
-    weights = ca.to_record(server_app.initial_weights(5, 5, scaling.Transform.identity(5)))
+    weights = ca.to_record(rounds.initial_weights(5, 5, scaling.Transform.identity(5)))
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     messages = [
         Message(

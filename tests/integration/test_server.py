@@ -13,7 +13,8 @@ from fedlinear.common.config import RunConfig
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
 from fedlinear.common.runstore import RunStore
-from fedlinear.server.server_app import Evaluator, resume_or_start, trajectory_key
+from fedlinear.server.evaluation import Evaluator
+from fedlinear.server.resume import resume_or_start, trajectory_key
 from fedlinear.server.strategy import build_strategy, fixed_order
 
 

@@ -168,3 +168,21 @@ def test_a_one_row_shard_sends_no_statistics_but_its_update_gives_the_row_away(t
             recovered = (got_k.astype(np.float64) - sent_k).ravel() / float(got_b[0] - sent_b[0])
             np.testing.assert_allclose(recovered, row_x.ravel(), rtol=1e-3, atol=1e-4)
     assert lonely is not None
+
+
+def test_the_protocol_names_keep_their_wire_values():
+    """common/protocol.py names the wire once; the values themselves are what older servers, clients and
+    run directories speak, so a rename there must not change them."""
+    from flwr.app import MessageType
+
+    from fedlinear.common import protocol, scaling
+
+    assert protocol.SECAGG_MESSAGE_TYPE == f"{MessageType.TRAIN}.{protocol.SECAGG_ACTION}" == "train.secagg"
+    assert protocol.TRANSFORM_ARRAYS == tuple(scaling.Transform.identity(2).arrays())
+    assert (protocol.RECORD_CONFIG, protocol.RECORD_ARRAYS, protocol.RECORD_METRICS) == ("config", "arrays", "metrics")
+    assert (protocol.STAGE_DESCRIBE, protocol.STAGE_SCATTER, protocol.STAGE_FEDOLS_R) == ("describe", "scatter", "fedols-r")
+    assert set(protocol.SHARD_KEYS | protocol.OPTIONAL_SHARD_KEYS) == SHARD_KEYS
+    assert protocol.TRAIN_METRICS == {"num-examples", "train-loss", "client-key", "unit-weight"}
+    assert (protocol.KEY_SERVER_ROUND, protocol.KEY_LEARNING_RATE, protocol.KEY_PROXIMAL_MU) == (
+        "server-round", "learning-rate", "proximal-mu")  # fmt: skip
+    assert (protocol.ERROR_CODE_USER, protocol.ERROR_CODE_INTERNAL) == (4001, 4002)

@@ -84,7 +84,7 @@ def _train_reply(node_id: int, key: int, new: lm.LinearWeights, n: int, loss: fl
     from flwr.app import Array, ArrayRecord, Metadata, MetricRecord, RecordDict
     from flwr.app.message.message import make_message
 
-    from fedlinear.server.strategy import UNIT_WEIGHT
+    from fedlinear.common.protocol import METRIC_UNIT_WEIGHT as UNIT_WEIGHT
 
     meta = Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=1, reply_to_message_id="q",
                     group_id="1", created_at=0.0, ttl=60.0, message_type="train")  # fmt: skip
@@ -98,7 +98,7 @@ def federated_rounds(shards, rounds: int, batch_size: int, learning_rate: float,
     (fixed_order) and aggregated by the strategy build_strategy makes (Flower's FedAvg, by num-examples)."""
     from fedlinear.common.config import RunConfig
     from fedlinear.server.strategy import build_strategy, fixed_order
-    from fedlinear.server.server_app import from_record, to_record
+    from fedlinear.server.rounds import from_record, to_record
 
     eligible = {100 + key: key for key in range(len(shards))}
     strategy = build_strategy(RunConfig(seed=seed), eligible).strategy

@@ -18,7 +18,8 @@ from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
 from fedlinear.common.runstore import RunStore
 from fedlinear.server import replies
-from fedlinear.server.server_app import resume_or_start, trajectory_key, validated
+from fedlinear.server.replies import validated
+from fedlinear.server.resume import resume_or_start, trajectory_key
 
 FEATURES = 3
 GLOBAL = ArrayRecord(

@@ -25,7 +25,7 @@ from fedlinear.common import storage
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
 from fedlinear.common.runstore import RunStore
-from fedlinear.server import server_app
+from fedlinear.server import resume, server_app
 from tests.conftest import REPO, run_cli
 from tests.inprocess import Crash, InProcessGrid, crash_after, run_in_process, write_synthetic_shards
 
@@ -89,8 +89,8 @@ def test_a_crash_between_temp_file_and_rename_keeps_the_previous_checkpoint(tmp_
     assert hidden(tmp_path / "run" / "checkpoints") == []  # the temp file was removed on the way out
     # and the run resumes after round 1
     cfg = RunConfig(num_server_rounds=3)
-    store.write_checkpoint(1, weights(1.0), server_app.trajectory_key(cfg, 3))
-    assert server_app.resume_or_start(store, cfg, 3).first_round == 2
+    store.write_checkpoint(1, weights(1.0), resume.trajectory_key(cfg, 3))
+    assert resume.resume_or_start(store, cfg, 3).first_round == 2
 
 
 KILLER = r"""
@@ -406,7 +406,7 @@ def test_resume_refuses_changed_settings_naming_them(shards, tmp_path):
 
 
 def test_a_checkpoint_from_before_a_key_existed_resumes_with_that_key_at_its_default(shards, tmp_path):
-    """A checkpoint written by a version without a key added since (server_app.ADDED_KEYS) ran as that
+    """A checkpoint written by a version without a key added since (server.resume.ADDED_KEYS) ran as that
     key's default does: resuming with the default continues it; another value is refused, naming the
     default as the old value. Any other missing trajectory key is still a different run."""
     uris, test = shards

@@ -1,0 +1,180 @@
+"""The wire protocol between fedlinear's ServerApp and its ClientApp: every name that crosses it.
+
+Both sides import these names; nobody else spells them. The values are part of the protocol (a
+server and a client of different versions must agree on them) and of what a run directory records,
+so they never change.
+
+A Flower Message has a type (Flower's ``MessageType``: ``query``, ``train``, ``evaluate``, or
+``train.secagg`` for secure aggregation) and a content of named records:
+
+Query (``query``), the shard query before round 1, one stage per message, named in ``config``:
+
+* ``describe``: config ``{stage, want-moments, private}`` -> ``shard`` ConfigRecord (:data:`SHARD_KEYS`,
+  and :data:`OPTIONAL_SHARD_KEYS` unless ``private``), plus ``moments`` ArrayRecord ``{total: Σ[x y]}``
+  when ``want-moments``;
+* ``scatter``: config ``{stage, full}``, ``centre`` ArrayRecord ``{centre: μ}`` -> ``scatter``
+  ArrayRecord ``{scatter: Σ(z − μ)(z − μ)ᵀ}`` (its diagonal unless ``full``);
+* ``fedols-r``: config ``{stage}``, ``centre`` -> ``r`` ArrayRecord ``{r: R of [x − μx, 1, y − μy]}``.
+
+Train (``train``): ``arrays`` (the global weights, :data:`WEIGHT_NAMES`) and ``config``: the settings
+the server resolved for the round (:func:`train_config`: ``learning-rate``, the standardization
+transform), ``server-round`` and, by strategy and privacy mechanism, ``proximal-mu`` (FedProx), the
+``local-dp-*`` keys (``dp = local``, :mod:`common.privacy`), Flower's ``clipping_norm``
+(``flwr.supercore.differential_privacy.KEY_CLIPPING_NORM``, set by Flower's client-side clipping
+wrapper). Reply: ``arrays`` (the new weights) and ``metrics`` (:data:`TRAIN_METRICS`).
+
+Evaluate (``evaluate``): ``arrays`` and ``config`` (:func:`evaluate_config`, ``server-round``) ->
+``metrics`` ``{num-examples, eval-mse}``.
+
+Secure train (``train.secagg``): Flower's SecAgg+ stages and records; the stage that collects the
+masked vectors carries the train task's ``arrays`` and ``config`` (plus ``secagg-weighting``).
+
+A task that fails is answered with an error reply: :data:`ERROR_CODE_USER` or :data:`ERROR_CODE_INTERNAL`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from fedlinear.common import scaling
+from fedlinear.common.errors import FedLinearError
+from fedlinear.common.model import WEIGHT_NAMES  # noqa: F401 - the arrays of ``arrays``: kernel (d, 1), bias (1,)
+
+# -- message types (besides Flower's MessageType.QUERY / TRAIN / EVALUATE) ---------------------------
+SECAGG_ACTION = "secagg"  # the clients' ``@app.train("secagg")`` handler
+SECAGG_MESSAGE_TYPE = f"train.{SECAGG_ACTION}"  # MessageType.TRAIN + "." + the action
+
+# -- record names: the keys of a message's content ---------------------------------------------------
+RECORD_CONFIG = "config"  # every request's ConfigRecord (Flower's strategies' ``configrecord_key``)
+RECORD_ARRAYS = "arrays"  # the model's weights, both ways (Flower's strategies' ``arrayrecord_key``)
+RECORD_METRICS = "metrics"  # train and evaluate replies
+RECORD_SHARD = "shard"  # describe reply: the shard's description
+RECORD_MOMENTS = "moments"  # describe reply: column sums
+RECORD_CENTRE = "centre"  # scatter and fedols-r requests: the pooled mean
+RECORD_SCATTER = "scatter"  # scatter reply
+RECORD_R = "r"  # fedols-r reply
+
+# -- array names inside those records (``arrays`` holds WEIGHT_NAMES) --------------------------------
+ARRAY_TOTAL = "total"  # in ``moments``: Σ[x y], (d + 1,)
+ARRAY_CENTRE = "centre"  # in ``centre``: μ, (d + 1,)
+ARRAY_SCATTER = "scatter"  # in ``scatter``: (d + 1, d + 1), or (d + 1,) for the diagonal
+ARRAY_R = "r"  # in ``r``: (d + 2, d + 2) upper triangular
+
+# -- query stages and the query's config keys --------------------------------------------------------
+KEY_STAGE = "stage"
+STAGE_DESCRIBE = "describe"
+STAGE_SCATTER = "scatter"
+STAGE_FEDOLS_R = "fedols-r"
+KEY_WANT_MOMENTS = "want-moments"  # describe: send ``moments`` too
+KEY_PRIVATE = "private"  # describe: a privacy mechanism is on, keep the shard's path and hash on the node
+KEY_FULL = "full"  # scatter: the full matrix, not only its diagonal
+
+# -- the shard description (``shard``) ---------------------------------------------------------------
+SHARD_NUM_FEATURES = "num-features"
+SHARD_NUM_EXAMPLES = "num-examples"
+SHARD_CLIENT_KEY = "client-key"
+SHARD_DATA_URI = "data-uri"
+SHARD_FINGERPRINTS = "fingerprints"  # JSON texts, one per source file
+SHARD_PARTITION_ID = "partition-id"
+SHARD_KEYS = frozenset({SHARD_NUM_FEATURES, SHARD_NUM_EXAMPLES, SHARD_CLIENT_KEY})
+OPTIONAL_SHARD_KEYS = frozenset({SHARD_DATA_URI, SHARD_FINGERPRINTS, SHARD_PARTITION_ID})
+
+# -- train and evaluate config keys ------------------------------------------------------------------
+KEY_SERVER_ROUND = "server-round"  # the name Flower's own strategies use
+KEY_LEARNING_RATE = "learning-rate"  # the resolved step size of local SGD (never "auto")
+KEY_PROXIMAL_MU = "proximal-mu"  # FedProx's μ (the name Flower's FedProx uses); absent: no proximal term
+TRANSFORM_PREFIX = "transform-"  # + each of TRANSFORM_ARRAYS: the standardization, as float lists
+TRANSFORM_ARRAYS = ("x-shift", "x-matrix", "y-shift-scale")  # scaling.Transform.arrays()
+KEY_LOCAL_DP_CLIPPING_NORM = "local-dp-clipping-norm"  # dp = local (common/privacy.py LocalDp)
+KEY_LOCAL_DP_NOISE_MULTIPLIER = "local-dp-noise-multiplier"
+KEY_DP_NOISE_SEED = "dp-noise-seed"
+KEY_SECAGG_WEIGHTING = "secagg-weighting"  # secure aggregation: which weight a party reports
+WEIGHTING_EQUAL = "equal"  # every party weighs 1
+WEIGHTING_NUM_EXAMPLES = "num-examples"  # a party weighs its shard size
+
+# -- metrics -----------------------------------------------------------------------------------------
+METRIC_NUM_EXAMPLES = "num-examples"  # FedAvg's weight (Flower's default ``weighted_by_key``)
+METRIC_TRAIN_LOSS = "train-loss"
+METRIC_CLIENT_KEY = "client-key"
+METRIC_UNIT_WEIGHT = "unit-weight"  # always 1: the weight when every client counts the same
+METRIC_EVAL_MSE = "eval-mse"
+TRAIN_METRICS = frozenset({METRIC_NUM_EXAMPLES, METRIC_TRAIN_LOSS, METRIC_CLIENT_KEY, METRIC_UNIT_WEIGHT})
+EVALUATE_METRICS = frozenset({METRIC_NUM_EXAMPLES, METRIC_EVAL_MSE})
+
+# -- error replies -----------------------------------------------------------------------------------
+ERROR_CODE_USER = 4001  # a FedLinearError: bad shard, bad config, bad task
+ERROR_CODE_INTERNAL = 4002  # anything else
+
+# A learning rate a client accepts (RunConfig refuses any other in the config).
+LEARNING_RATE_RANGE = (0.0, 10.0)
+
+
+# -- the settings the server resolves for a round ----------------------------------------------------
+
+
+def transform_config(transform: scaling.Transform) -> dict[str, Any]:
+    """The standardization transform as config values (none for raw variables).
+
+    It travels in the task's one ConfigRecord: Flower's ``fixedclipping_mod`` refuses a task with a
+    second ArrayRecord.
+    """
+    if transform.kind == "none":
+        return {}
+    return {f"{TRANSFORM_PREFIX}{name}": value.ravel().tolist() for name, value in transform.arrays().items()}
+
+
+def train_config(learning_rate: float, transform: scaling.Transform) -> dict[str, Any]:
+    """What every train task of a run carries in its config, besides the round's own keys."""
+    return {**transform_config(transform), KEY_LEARNING_RATE: float(learning_rate)}
+
+
+def evaluate_config(transform: scaling.Transform) -> dict[str, Any]:
+    """What every evaluate task of a run carries in its config, besides ``server-round``."""
+    return transform_config(transform)
+
+
+# -- reading a task's config (client side) -----------------------------------------------------------
+
+
+def server_round(config: Mapping[str, Any]) -> int:
+    """The task's round number."""
+    value = config.get(KEY_SERVER_ROUND)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise FedLinearError(f"the task's '{KEY_SERVER_ROUND}' must be an integer >= 0, got {value!r}")
+    return value
+
+
+def learning_rate(config: Mapping[str, Any]) -> float:
+    """The step size the server resolved for this task; a task without a usable one is refused."""
+    value = config.get(KEY_LEARNING_RATE)
+    low, high = LEARNING_RATE_RANGE
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low < value < high:
+        raise FedLinearError(f"no usable learning rate in the task ({value!r})")
+    return float(value)
+
+
+def proximal_mu(config: Mapping[str, Any]) -> float:
+    """FedProx's ``proximal-mu`` of the task (Flower's FedProx sends it), 0 when absent."""
+    raw = config.get(KEY_PROXIMAL_MU, 0.0)
+    try:
+        mu = float(raw)
+    except (TypeError, ValueError):
+        mu = float("nan")
+    if isinstance(raw, bool) or not (0 <= mu < math.inf):
+        raise FedLinearError(f"the task's '{KEY_PROXIMAL_MU}' must be a finite number >= 0, got {raw!r}")
+    return mu
+
+
+def transform(config: Mapping[str, Any], num_features: int) -> scaling.Transform | None:
+    """The standardization transform a train or evaluate task carries (None: raw variables)."""
+    if f"{TRANSFORM_PREFIX}{TRANSFORM_ARRAYS[0]}" not in config:
+        return None
+    try:
+        arrays = {name: np.asarray(config[f"{TRANSFORM_PREFIX}{name}"], dtype=np.float64) for name in TRANSFORM_ARRAYS}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FedLinearError(f"malformed standardization transform in the task: {exc}") from None
+    return scaling.Transform.from_arrays(arrays, num_features)

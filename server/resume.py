@@ -1,0 +1,183 @@
+"""Checkpoint identity: whether a run directory's last checkpoint continues this run, and from where.
+
+Every checkpoint (``checkpoints/latest.json`` beside ``round-NNNN.npz``) records, besides the weights,
+the trajectory settings (:data:`TRAJECTORY_KEYS`, :func:`trajectory_key`), the data it was trained on
+(:func:`data_identity`), the standardization transform and the resolved learning rate, the privacy
+accountant's state and the strategy's state. :func:`resume_or_start` compares them with this run's
+and refuses, naming what changed, a checkpoint of another run. Keys added to the trajectory after
+checkpoints without them were written are listed in :data:`ADDED_KEYS` with the value those runs
+behaved as, so such a checkpoint still resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from fedlinear.common import model as lm
+from fedlinear.common import protocol
+from fedlinear.common import scaling
+from fedlinear.common import target as targets
+from fedlinear.common.config import RunConfig
+from fedlinear.common.dataset import Dataset
+from fedlinear.common.errors import FedLinearError
+from fedlinear.common.runstore import RunStore
+from fedlinear.common.storage import fingerprint
+
+# What must match for a checkpoint to continue the same trajectory (num-server-rounds may grow, down
+# to the checkpointed round); the data itself is compared by data_identity.
+TRAJECTORY_KEYS = (
+    "seed", "learning-rate", "batch-size", "local-epochs", "fraction-train", "engine", "standardize",
+    "target-column", "header", "reference",
+    "dp", "dp-noise-multiplier", "dp-clipping-norm", "dp-clipping", "dp-target-quantile", "dp-clip-learning-rate",
+    "dp-clipped-count-stddev", "dp-noise-seed", "dp-public-statistics",
+    "secure-aggregation", "secagg-clipping-range", "secagg-quantization-range",
+    "strategy", "proximal-mu", "server-learning-rate", "server-momentum", "eta", "beta-1", "beta-2", "tau",
+    "trimmed-beta", "num-malicious-nodes", "num-nodes-to-select", "max-update-norm", "max-update-norm-factor",
+)  # fmt: skip
+# Trajectory keys added after checkpoints without them were written, with the value that behaves as
+# those runs did (off). Only keys listed here are defaulted: a checkpoint lacking any other trajectory key
+# (e.g. `standardize`, whose default changed what training does) is refused as a different run.
+ADDED_KEYS = {"max-update-norm-factor": 0.0}
+
+
+def trajectory_key(cfg: RunConfig, num_features: int) -> dict[str, Any]:
+    """The settings a checkpoint records and a resumed run must repeat."""
+    settings = cfg.as_dict()
+    return {"num-features": num_features, **{key: settings[key] for key in TRAJECTORY_KEYS}}
+
+
+def _content(fp: dict | str) -> dict:
+    """A data fingerprint without its path (the same bytes moved elsewhere are the same data)."""
+    fp = json.loads(fp) if isinstance(fp, str) else dict(fp)
+    return {k: v for k, v in sorted(fp.items()) if k != "uri"}
+
+
+def data_identity(healthy: dict[int, dict], test: Dataset | None) -> dict[str, Any]:
+    """What the run trains and tests on, as recorded in every checkpoint and compared on resume.
+
+    Per shard (by client key): its size and, unless the node withholds them (privacy on), the
+    content fingerprints of its files (SHA-256 and size, or S3 ETag and size); the test set's
+    fingerprints.
+    """
+    shards = []
+    for info in sorted(healthy.values(), key=lambda info: int(info[protocol.SHARD_CLIENT_KEY])):
+        shard = {"client-key": int(info[protocol.SHARD_CLIENT_KEY]), "num-examples": int(info[protocol.SHARD_NUM_EXAMPLES])}
+        if info.get(protocol.SHARD_FINGERPRINTS):  # none under privacy
+            shard["fingerprints"] = [_content(fp) for fp in info[protocol.SHARD_FINGERPRINTS]]
+        shards.append(shard)
+    return {"shards": shards, "test-set": [_content(fingerprint(uri)) for uri in test.sources] if test else []}
+
+
+def data_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between the data a checkpoint was trained on and the data there now."""
+    changes = []
+    before = {s["client-key"]: s for s in recorded.get("shards", [])}
+    now = {s["client-key"]: s for s in current["shards"]}
+    if set(before) - set(now):
+        changes.append(f"shards of client keys {sorted(set(before) - set(now))} are missing")
+    if set(now) - set(before):
+        changes.append(f"shards of client keys {sorted(set(now) - set(before))} are new")
+    for key in sorted(set(before) & set(now)):
+        old, new = before[key], now[key]
+        if old["num-examples"] != new["num-examples"]:
+            changes.append(f"the shard of client key {key} has {new['num-examples']} rows, was {old['num-examples']}")
+        elif "fingerprints" in old and "fingerprints" in new and old["fingerprints"] != new["fingerprints"]:
+            changes.append(f"the shard of client key {key} has different content (fingerprint)")
+    if recorded.get("test-set", []) != current["test-set"]:
+        changes.append("the test set ('test-uri') has different content (fingerprint)")
+    return changes
+
+
+@dataclasses.dataclass
+class Start:
+    """Where the rounds start: weights (standardized space), first round, history, transform, step size."""
+
+    weights: lm.LinearWeights
+    first_round: int
+    history: dict
+    transform: scaling.Transform | None  # None: not in the checkpoint, derive it
+    learning_rate: float | None
+    accountant_state: dict | None = None
+    strategy_state: dict | None = None  # Strategies.state_dict(): optimizer state, adaptive clipping norm
+
+
+def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int, data: dict[str, Any] | None = None) -> Start:
+    """The weights and first round to run: from the last checkpoint if the run dir has one.
+
+    Sampling and batch order are functions of (seed, round, client), not of RNG state carried
+    across rounds, and the checkpoint holds the standardization transform and the step size the
+    run started with, so a resumed run continues exactly as the uninterrupted run would have.
+    Refused, naming what changed: a different trajectory (TRAJECTORY_KEYS), different data
+    (``data``, see :func:`data_identity`; compared when the checkpoint recorded it), or fewer
+    ``num-server-rounds`` than the checkpoint already has.
+    """
+    latest = store.read_latest_checkpoint()
+    if latest is None:
+        return Start(lm.initial_weights(num_features, cfg.seed), 1, {}, None, None)
+    pointer, weights = latest
+    expected = trajectory_key(cfg, num_features)
+    recorded = {**ADDED_KEYS, **pointer}  # a checkpoint from before a key was added ran as its default does
+    changed = [key for key, value in expected.items() if recorded.get(key) != value]
+    if changed:
+        detail = ", ".join(f"{key} {recorded.get(key)!r} -> {expected[key]!r}" for key in changed)
+        raise FedLinearError(
+            f"{store.run_dir} holds checkpoints of a different run ({detail}); "
+            "resume with the same settings or choose another run-dir"
+        )
+    done = int(pointer["round"])
+    if data is not None and "data" in pointer:
+        moved = data_changes(pointer["data"], data)
+        if moved:
+            raise FedLinearError(
+                f"{store.run_dir} holds checkpoints trained on other data: {'; '.join(moved)}; "
+                "resume with the same data or choose another run-dir"
+            )
+    if cfg.num_server_rounds < done:
+        raise FedLinearError(
+            f"{store.run_dir} holds a checkpoint after round {done} but 'num-server-rounds' is {cfg.num_server_rounds}; "
+            f"set it to {done} or more to resume, or choose another run-dir"
+        )
+    history = store.read_history()
+    history["rounds"] = [row for row in history["rounds"] if row["round"] <= done]
+    for key in ("stopped", "reached-target-at", "stopped-at-target"):  # the end of this run says them again
+        history.pop(key, None)
+    at = targets.reached_at(history["rounds"], cfg.target_mse_ratio) if cfg.stop_at_target else None
+    if at is not None and at < done:
+        raise FedLinearError(
+            f"{store.run_dir}: 'target-mse-ratio' {cfg.target_mse_ratio:g} was reached at round {at}, before the "
+            f"checkpoint after round {done} this run resumes from, so 'stop-at-target' cannot stop there; resume "
+            f"without it (round {at}'s weights are in checkpoints/round-{at:04d}.npz), or choose another run-dir"
+        )
+    transform = scaling.Transform.from_json(pointer["transform"]) if "transform" in pointer else None
+    rate = float(pointer["resolved-learning-rate"]) if "resolved-learning-rate" in pointer else None
+    return Start(weights, done + 1, history, transform, rate, pointer.get("accountant"),
+                 pointer.get("strategy-state", {"clipping": pointer["clipping"]} if "clipping" in pointer else None))
+
+
+class Checkpoints:
+    """Writes the checkpoint of every round with what :func:`resume_or_start` reads back.
+
+    ``latest.json`` holds the trajectory key, the data identity, the transform and the resolved
+    learning rate (fixed for the run), the accountant's state (under DP) and the strategy's state
+    (:meth:`server.strategy.Strategies.state_dict`), both as of the round written.
+    """
+
+    def __init__(
+        self, store: RunStore, cfg: RunConfig, num_features: int, data: dict[str, Any],
+        transform: scaling.Transform, learning_rate: float,
+    ) -> None:  # fmt: skip
+        self.store = store
+        self.state: dict[str, Any] = {
+            **trajectory_key(cfg, num_features),
+            "data": data,
+            "transform": transform.to_json(),
+            "resolved-learning-rate": learning_rate,
+        }
+
+    def write(self, server_round: int, weights: lm.LinearWeights, accountant, strategies) -> None:
+        if accountant is not None:
+            self.state["accountant"] = accountant.state_dict()
+        self.state["strategy-state"] = strategies.state_dict()
+        self.store.write_checkpoint(server_round, weights, self.state)

@@ -1,0 +1,440 @@
+"""The rounds of an iterative strategy, shaped like Flower's ``Strategy.start``.
+
+Before round 1 (:meth:`Rounds.__init__`): where the run starts (fresh, or after the last checkpoint,
+:mod:`server.resume`), the standardization transform and the learning rate the clients train with,
+the yardstick (:mod:`server.evaluation`), the strategy (:mod:`server.strategy`), and round 0's row.
+
+Each round (:meth:`Rounds.play`), in the phases of ``Strategy.start``:
+
+1. configure train: the strategy samples the nodes and builds their train tasks from the round's
+   config, as ``Strategy.start`` passes ``train_config``: what every client needs for the round
+   (the resolved learning rate, the standardization transform, the local DP settings) travels in
+   it and nowhere else; the strategy adds ``server-round`` (and FedProx ``proximal-mu``), Flower's
+   client-side clipping wrapper its clipping norm;
+2. train (ClientApp side): the tasks go out in the clear, and the replies are checked before
+   anything else sees them (:mod:`server.replies`), or they go through SecAgg+ (:mod:`server.secure`);
+3. aggregate train: unless fewer than ``min-train-nodes`` valid updates came back;
+4. evaluate (ClientApp side): only when ``fraction-evaluate`` > 0;
+5. evaluate (ServerApp side): the yardstick metrics of the new global model;
+6. record: the history row first, then the checkpoint; stop on divergence, after
+   ``max-failed-rounds`` rounds without an update, or at the target.
+
+After the last round (:meth:`Rounds.finish`): the target's outcome, then :func:`server.finish.complete`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
+
+from fedlinear.common import model as lm
+from fedlinear.common import privacy as private_noise
+from fedlinear.common import protocol, scaling
+from fedlinear.common import target as targets
+from fedlinear.common.config import RunConfig
+from fedlinear.common.dataset import Dataset
+from fedlinear.common.errors import FedLinearError, one_line, untrusted_text
+from fedlinear.common.runstore import RunStore
+from fedlinear.server import evaluation, finish, privacy, progress, replies, resume, secure
+from fedlinear.server.nodes import Parties
+from fedlinear.server.strategy import build_strategy, fixed_order
+
+
+def to_record(weights: lm.LinearWeights) -> ArrayRecord:
+    """The global weights as the ArrayRecord a train or evaluate task carries."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in weights.as_dict().items()})
+
+
+def from_record(record: ArrayRecord) -> lm.LinearWeights:
+    return lm.LinearWeights.from_dict({name: record[name].numpy() for name in lm.WEIGHT_NAMES})
+
+
+def initial_weights(num_features: int, seed: int, transform: scaling.Transform) -> lm.LinearWeights:
+    """Keras' Glorot-uniform start, with the coordinates the transform leaves out at zero."""
+    weights = lm.initial_weights(num_features, seed)
+    weights.kernel[transform.unused, 0] = 0.0
+    return weights
+
+
+def resolve_learning_rate(
+    cfg: RunConfig, pooled: scaling.PooledStats | None, transform: scaling.Transform, sizes: list[int]
+) -> tuple[float, str]:
+    """The step size of local SGD (``learning-rate``, ``auto`` resolved) and how it was chosen."""
+    if cfg.learning_rate != "auto":
+        return float(cfg.learning_rate), f"learning rate {float(cfg.learning_rate):g} (set in the config)"
+    return scaling.auto_learning_rate(
+        scaling.design_second_moment(pooled, transform),
+        sizes,
+        cfg.batch_size,
+        cfg.local_epochs,
+        cfg.num_server_rounds,
+    )
+
+
+def participation_floor(cfg: RunConfig, num_eligible: int, num_sampled: int) -> int:
+    """``min-train-nodes`` as a count of valid replies; an error when no round could ever reach it."""
+    floor = cfg.min_train_count(num_eligible)
+    if floor > num_sampled:
+        raise FedLinearError(
+            f"config key 'min-train-nodes' = {cfg.min_train_nodes:g} asks for {floor} valid updates a round, but only "
+            f"{num_sampled} of the {num_eligible} eligible nodes are sampled a round ('fraction-train' = "
+            f"{cfg.fraction_train:g}): no round could be aggregated"
+        )
+    return floor
+
+
+def local_dp_config(cfg: RunConfig) -> dict[str, Any]:
+    if cfg.dp != "local":
+        return {}
+    return {
+        protocol.KEY_LOCAL_DP_CLIPPING_NORM: cfg.dp_clipping_norm,
+        protocol.KEY_LOCAL_DP_NOISE_MULTIPLIER: cfg.dp_noise_multiplier,
+        protocol.KEY_DP_NOISE_SEED: cfg.dp_noise_seed,
+    }
+
+
+def secure_with_dp(cfg: RunConfig, secured, arrays: ArrayRecord, built, server_round: int, population: int):
+    """The new global weights from a securely aggregated round, with central DP noise when asked.
+
+    Under ``central-client-clip`` the clients clipped their updates before masking (the server cannot
+    clip what it cannot see); the server adds ``N(0, (zC/m)²)`` to the aggregated mean and accounts
+    one Gaussian release, exactly as Flower's wrapper does in the clear, and, as there, a round in which
+    fewer than the m sampled updates were aggregated releases nothing (the noise is calibrated to m).
+    """
+    if secured.update is None:
+        return None, None
+    if cfg.dp not in ("central-client-clip", "central-server-clip"):
+        return secure.apply_update(arrays, secured.update), secured.metrics
+    strategy = built.strategy
+    getattr(strategy, "_pending_events", {}).pop(server_round, None)  # released (below) or voided here
+    if secured.num_aggregated != built.num_sampled:
+        progress.say(
+            f"round {server_round}: {secured.num_aggregated} of {built.num_sampled} updates aggregated: "
+            "nothing released (the DP noise is calibrated to all sampled clients)"
+        )
+        return None, None
+    std = cfg.dp_noise_multiplier * cfg.dp_clipping_norm / built.num_sampled
+    noisy = ArrayRecord(
+        {
+            name: Array(value + np.random.normal(0.0, std, value.shape))
+            for name, value in ((name, secured.update[name].numpy()) for name in secured.update)
+        }
+    )
+    built.accountant.compose(privacy.release_event(cfg, built.num_sampled, population))
+    return secure.apply_update(arrays, noisy), secured.metrics
+
+
+@dataclasses.dataclass
+class Trained:
+    """What phase 2 (train, ClientApp side) gave: the valid replies in client-key order (clear path)
+    or the secure round's result, and the round's failures so far."""
+
+    ordered: list[Message]
+    failures: list[dict]
+    secured: secure.SecureRound | None = None
+
+    @property
+    def num_valid(self) -> int:
+        if self.secured is not None:
+            return self.secured.num_aggregated
+        return sum(1 for msg in self.ordered if not msg.has_error())
+
+
+class Rounds:
+    """One run of an iterative strategy over the parties of the shard query."""
+
+    def __init__(
+        self, grid: Grid, context: Context, store: RunStore, cfg: RunConfig, parties: Parties,
+        test: Dataset | None, started: float,
+    ) -> None:  # fmt: skip
+        self.grid, self.context, self.store, self.cfg = grid, context, store, cfg
+        self.parties, self.test, self.started = parties, test, started
+        healthy, num_features = parties.healthy, parties.num_features
+        data = resume.data_identity(healthy, test)
+        start = resume.resume_or_start(store, cfg, num_features, data)
+        pooled, reference_source, training_stats = privacy.choose_statistics(cfg, parties.pooled, num_features)
+        if start.transform is not None:
+            transform = start.transform  # a resumed run keeps the transform it trained in
+        else:
+            transform = privacy.build_transform(cfg, training_stats, num_features)
+        for note in transform.notes:
+            progress.say(f"standardization: {note}")
+        sizes = [int(info[protocol.SHARD_NUM_EXAMPLES]) for info in healthy.values()]
+        if start.learning_rate is not None:
+            learning_rate, rate_note = start.learning_rate, f"learning rate {start.learning_rate:.4g} (from the checkpoint)"
+        else:
+            learning_rate, rate_note = resolve_learning_rate(cfg, training_stats, transform, sizes)
+        evaluate = evaluation.Evaluator(test, pooled, transform)
+        if evaluate.optimum is not None:
+            evaluate.reference["source"] = reference_source
+        evaluation.check_target(cfg, evaluate, reference_source)  # before round 1: a target needs the ratio
+        progress.say(
+            f"{len(healthy)} shards, {num_features} features, {sum(sizes)} samples; "
+            f"standardize = {transform.kind}; {rate_note}"
+            + (f"; pooled least-squares test MSE {evaluate.reference['test-mse']:.6g}" if "test-mse" in evaluate.reference else "")
+        )
+
+        self.eligible = parties.eligible
+        built = build_strategy(cfg, self.eligible)
+        self.built, self.strategy, self.accountant = built, built.strategy, built.accountant
+        # the settings every task of the run carries in its ConfigRecord (Strategy.start's train_config
+        # and evaluate_config): the one channel by which they reach the clients
+        self.train_config = {**protocol.train_config(learning_rate, transform), **local_dp_config(cfg)}
+        self.evaluate_config = protocol.evaluate_config(transform)
+        if cfg.secure_aggregation:  # secure aggregation hook
+            progress.say(secure.describe(cfg))
+        if cfg.dp != "none":
+            progress.say(
+                f"privacy: {privacy.MECHANISMS[cfg.dp]}; z = {cfg.dp_noise_multiplier:g}, C = {cfg.dp_clipping_norm:g}, "
+                f"δ = {cfg.dp_delta:g}, {built.num_sampled} of {len(self.eligible)} clients a round"
+                + (f", budget ε <= {cfg.dp_max_epsilon:g}" if cfg.dp_max_epsilon else "")
+            )
+        weights, self.first_round, history = start.weights, start.first_round, start.history
+        if self.first_round > 1:
+            progress.say(f"resuming after round {self.first_round - 1} from {store.uri('checkpoints', 'latest.json')}")
+        else:
+            weights = initial_weights(num_features, cfg.seed, transform)
+            history = {"run-id": context.run_id, "rounds": []}
+            row = {"round": 0, "elapsed-s": time.monotonic() - started, "clients-ok": 0, "clients-failed": 0}
+            row.update(evaluate(weights))
+            if self.accountant is not None:
+                row["epsilon"] = 0.0
+            history["rounds"].append(row)
+        history["reference"] = evaluate.reference
+        history["standardization"] = transform.to_json()
+        history["learning-rate"] = {"value": learning_rate, "how": rate_note}
+        history["target-mse-ratio"] = cfg.target_mse_ratio  # the outcome (reached-target-at, ...) after the rounds
+        if self.accountant is not None and start.accountant_state is not None:
+            self.accountant.load_state_dict(start.accountant_state)  # a resumed run never resets ε
+        if start.strategy_state is not None:
+            built.load_state_dict(start.strategy_state)  # momentum / moments, the adaptive clipping norm reached
+        history["query-failures"] = parties.failures
+        shown = (protocol.SHARD_CLIENT_KEY, protocol.SHARD_PARTITION_ID, protocol.SHARD_NUM_EXAMPLES)
+        history["parties"] = [  # the report: who took part, by node id, with their shard descriptions
+            {"node-id": nid} | {k: healthy[nid][k] for k in shown if k in healthy[nid]}
+            for nid in parties.in_key_order()
+        ]
+        history.setdefault("resumed-at", [])
+        if self.first_round > 1:
+            history["resumed-at"].append(self.first_round - 1)
+        store.write_history(history)
+
+        self.transform, self.learning_rate, self.rate_note, self.evaluate = transform, learning_rate, rate_note, evaluate
+        self.history, self.weights, self.arrays = history, weights, to_record(weights)
+        self.checkpoints = resume.Checkpoints(store, cfg, num_features, data, transform, learning_rate)
+        self.baseline = dict(history["rounds"][0])
+        self.failed_in_a_row = 0
+        self.stopped: str | None = None  # why training stopped before its last round (the privacy budget)
+        self.min_train = participation_floor(cfg, len(self.eligible), built.num_sampled)  # min-train-nodes as a count
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Every round still to play, then the end of the run."""
+        cfg = self.cfg
+        first_round = self.first_round
+        if cfg.stop_at_target and targets.reached_at(self.history["rounds"], cfg.target_mse_ratio) is not None:
+            first_round = cfg.num_server_rounds + 1  # the checkpoint is the round that reached it: done
+        for server_round in range(first_round, cfg.num_server_rounds + 1):
+            if not self.play(server_round):
+                break
+        self.finish()
+
+    def play(self, server_round: int) -> bool:
+        """One round; False when the run stops after it (or before it: the privacy budget)."""
+        messages = self.configure_train(server_round)
+        if messages is None:
+            return False
+        trained = self.train(server_round, messages)
+        row, aggregated = self.aggregate_train(server_round, messages, trained)
+        if aggregated:
+            self.evaluate_clientapp(server_round, row)
+        self.evaluate_serverapp(row)
+        return self.record(server_round, row, trained.failures)
+
+    # -- the phases ----------------------------------------------------------------------------------
+
+    def configure_train(self, server_round: int) -> list[Message] | None:
+        """Phase 1: the round's train tasks; None when the privacy budget stops training before it."""
+        cfg, accountant = self.cfg, self.accountant
+        try:
+            config = ConfigRecord(dict(self.train_config))
+            messages = list(self.strategy.configure_train(server_round, self.arrays, config, self.grid))
+            if cfg.dp == "local" and accountant.config.max_epsilon is not None:
+                event = privacy.release_event(cfg, len(messages), len(self.eligible))
+                if messages and accountant.would_exceed(event):
+                    raise PrivacyBudgetExhausted("the next release would exceed max_epsilon")
+        except PrivacyBudgetExhausted:
+            self.stopped = (
+                f"training stopped before round {server_round}: its release would take ε past the budget "
+                f"dp-max-epsilon = {cfg.dp_max_epsilon:g} (ε spent {privacy.epsilon(accountant, cfg.dp_delta):.4g} "
+                f"at δ = {cfg.dp_delta:g}); the model of round {server_round - 1} is the result"
+            )
+            progress.say(self.stopped)
+            self.history["stopped"] = {"round": server_round - 1, "reason": self.stopped}
+            return None
+        except ValueError as exc:  # Flower's DP wrapper: fewer nodes connected than the accounted sample
+            progress.say(f"round {server_round}: not configured: {one_line(exc)}")
+            return []
+        return messages
+
+    def train(self, server_round: int, messages: list[Message]) -> Trained:
+        """Phase 2: send the tasks and check what comes back (or run them through SecAgg+)."""
+        cfg, eligible = self.cfg, self.eligible
+        if cfg.secure_aggregation and messages:  # secure aggregation hook: SecAgg+ instead of clear replies
+            sizes_by_node = {nid: int(info[protocol.SHARD_NUM_EXAMPLES]) for nid, info in self.parties.healthy.items()}
+            secured = secure.train_round(self.grid, cfg, server_round, messages, sizes_by_node)
+            return Trained([], secured.failures, secured)
+        received = list(self.grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else []
+        answers, stale = replies.answers_to(messages, received, eligible)  # a late reply of an earlier round is not one
+        ordered, failures = fixed_order(answers, eligible)
+        failures += stale
+        ordered = replies.validated(ordered, failures, self.parties.healthy, eligible, self.parties.num_features,
+                                    self.arrays, cfg.max_update_norm, cfg.max_update_norm_factor, server_round)  # fmt: skip
+        answered = {msg.metadata.src_node_id for msg in answers} | {f["node-id"] for f in stale}
+        failures += [
+            {"node-id": msg.metadata.dst_node_id, "client-key": eligible.get(msg.metadata.dst_node_id),
+             "reason": f"no reply within 'round-timeout' ({cfg.round_timeout:g} s)"}
+            for msg in messages if msg.metadata.dst_node_id not in answered
+        ]  # fmt: skip
+        return Trained(ordered, failures)
+
+    def aggregate_train(
+        self, server_round: int, messages: list[Message], trained: Trained
+    ) -> tuple[dict[str, Any], bool]:
+        """Phase 3: the new global model (unless too few valid updates); the round's history row and
+        whether the global model changed."""
+        cfg, strategy, accountant = self.cfg, self.strategy, self.accountant
+        ordered, failures, secured = trained.ordered, trained.failures, trained.secured
+        if cfg.dp != "none":
+            # Flower's wrappers draw noise from NumPy's global RNG: seed it per round (dp-noise-seed)
+            private_noise.seed_global_numpy(cfg.dp_noise_seed, cfg.seed, server_round, private_noise.CENTRAL_DP_STREAM)
+        valid = trained.num_valid
+        too_few = valid < self.min_train  # min-train-nodes: not aggregated (nor noised, nor accounted centrally)
+        if too_few:
+            getattr(strategy, "_pending_events", {}).pop(server_round, None)  # Flower's DP wrapper: nothing released
+            new_arrays, train_metrics = None, None
+        else:
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, ordered) if ordered else (None, None)
+        if secured is not None and not too_few:  # secure aggregation hook: the aggregate (central DP noise goes on secured.update)
+            new_arrays, train_metrics = secure_with_dp(cfg, secured, self.arrays, self.built, server_round, len(self.eligible))
+        released = any(not msg.has_error() for msg in ordered) or (secured is not None and secured.num_aggregated > 0)
+        if cfg.dp == "local" and released:
+            accountant.compose(privacy.release_event(cfg, len(messages), len(self.eligible)))
+        row = {
+            "round": server_round,
+            "clients-ok": sum(1 for msg in ordered if not msg.has_error())
+            + (secured.num_aggregated if secured is not None else 0),  # secure aggregation hook
+            "clients-failed": len(failures),
+            "failures": failures,
+        }
+        if len(messages) != len(self.eligible):  # the report's party x round grid: who was asked (absent: everyone)
+            row["sampled"] = sorted(msg.metadata.dst_node_id for msg in messages)
+        for failure in failures:  # party-supplied text: one printable line, bounded (common.errors)
+            failure["round"] = server_round
+            failure["reason"] = untrusted_text(failure["reason"])
+        if accountant is not None:
+            row["epsilon"] = privacy.epsilon(accountant, cfg.dp_delta)
+        if hasattr(strategy, "clipping_norm") and cfg.dp_clipping == "adaptive":
+            row["clipping-norm"] = strategy.clipping_norm  # for the next round
+            row["unclipped-fraction"] = strategy.last_unclipped_fraction
+        for failure in failures:
+            progress.say(f"round {server_round}: node {failure['node-id']} failed: {failure['reason']}")
+        if new_arrays is None:
+            self.failed_in_a_row += 1
+            if too_few:
+                row["not-aggregated"] = (
+                    f"{valid} valid update(s), fewer than 'min-train-nodes' = {cfg.min_train_nodes:g} ({self.min_train})"
+                )
+                progress.say(f"round {server_round}: not aggregated: {row['not-aggregated']}; the global model is unchanged")
+            else:
+                row["not-aggregated"] = "no client update"
+                progress.say(f"round {server_round}: no client update; the global model is unchanged")
+        else:
+            self.failed_in_a_row = 0
+            self.arrays = new_arrays
+            self.weights = from_record(new_arrays)
+        if train_metrics is not None:
+            row["train-loss"] = float(train_metrics[protocol.METRIC_TRAIN_LOSS])
+            self.baseline.setdefault("train-loss", row["train-loss"])
+        return row, new_arrays is not None
+
+    def evaluate_clientapp(self, server_round: int, row: dict[str, Any]) -> None:
+        """Phase 4: federated evaluation of the new global model (only with ``fraction-evaluate`` > 0)."""
+        if self.cfg.fraction_evaluate > 0:
+            eval_replies = self.grid.send_and_receive(
+                self.strategy.configure_evaluate(server_round, self.arrays, ConfigRecord(dict(self.evaluate_config)), self.grid),
+                timeout=self.cfg.round_timeout,
+            )
+            eval_metrics = self.strategy.aggregate_evaluate(server_round, eval_replies)
+            if eval_metrics is not None:
+                row["eval-mse"] = float(eval_metrics[protocol.METRIC_EVAL_MSE])
+
+    def evaluate_serverapp(self, row: dict[str, Any]) -> None:
+        """Phase 5: centralized evaluation, the yardstick metrics (:class:`server.evaluation.Evaluator`)."""
+        row.update(self.evaluate(self.weights))
+        row["elapsed-s"] = time.monotonic() - self.started
+
+    def record(self, server_round: int, row: dict[str, Any], failures: list[dict]) -> bool:
+        """Phase 6: history, then checkpoint; False when the run stops here (an error when it fails)."""
+        cfg, history = self.cfg, self.history
+        history["rounds"].append(row)
+        weights = self.weights
+        diverged = (
+            "has non-finite weights" if not np.isfinite(weights.vector()).all() else evaluation.divergence(row, self.baseline)
+        )
+        if diverged:
+            history["stopped"] = {"round": server_round, "reason": f"diverged: {diverged}"}
+            self.store.write_history(history)
+            progress.say(progress.progress_line(row))
+            raise FedLinearError(
+                f"training diverged in round {server_round}: the global model {diverged}; no model was exported. "
+                f"Lower 'learning-rate' (now {self.learning_rate:.4g}) or set 'standardize' = auto"
+                + (" (now none)" if self.transform.kind == "none" else "")
+                + ", and start again in a new run-dir"
+            )
+        self.store.write_history(history)  # history first: a checkpoint never runs ahead of the history
+        self.checkpoints.write(server_round, weights, self.accountant, self.built)
+        progress.say(progress.progress_line(row))
+        if self.failed_in_a_row >= cfg.max_failed_rounds:
+            last = failures[-1]["reason"] if failures else row.get("not-aggregated", "no replies within 'round-timeout'")
+            raise FedLinearError(
+                f"no client update was aggregated in {self.failed_in_a_row} consecutive rounds "
+                f"(config key 'max-failed-rounds' = {cfg.max_failed_rounds}); last failure: {last}. "
+                f"Fix the cause and run the same command again to resume after round {server_round}"
+            )
+        return not (cfg.stop_at_target and targets.reached(row, cfg.target_mse_ratio))  # this round is the result
+
+    # -- the end -------------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """The target's outcome in the history, then the model, the manifest and the status."""
+        cfg, history, weights = self.cfg, self.history, self.weights
+        outcome = targets.outcome(history["rounds"], cfg.target_mse_ratio, cfg.stop_at_target)
+        history.update(outcome)
+        target_lines = targets.summary_lines(history, cfg.num_server_rounds)
+        if outcome["stopped-at-target"]:
+            history["stopped"] = {"round": history["rounds"][-1]["round"], "reason": "; ".join(target_lines)}
+        self.store.write_history(history)
+        for line in target_lines:
+            progress.say(line)
+        raw_kernel, raw_bias = self.transform.to_raw(weights.kernel, float(weights.bias[0]))
+        result = finish.Result(
+            kernel=raw_kernel,
+            bias=raw_bias,
+            transform=self.transform,
+            learning_rate={"value": self.learning_rate, "how": self.rate_note},
+            method={"privacy": privacy.summary(cfg, self.accountant, self.stopped)},
+            reference=self.evaluate.reference,
+            final_row=history["rounds"][-1],
+            standardized=weights,
+            outcome=outcome,
+            status_message=self.stopped or (history["stopped"]["reason"] if outcome["stopped-at-target"] else ""),
+        )
+        finish.complete(self.store, self.context, cfg, self.parties, self.test, self.started, result)
