@@ -29,7 +29,8 @@ from flwr.common.constant import SType
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedlinear.clients import secure  # secure aggregation hook
-from fedlinear.clients import faults, flower_fixes
+from fedlinear import flower_fixes
+from fedlinear.clients import faults
 from fedlinear.clients.errors import ERROR_CODE_INTERNAL, ERROR_CODE_USER, error_reply  # noqa: F401 - codes re-exported
 from fedlinear.common import model as lm
 from fedlinear.common import npy

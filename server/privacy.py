@@ -22,7 +22,7 @@ from typing import Any
 from flwr.serverapp import PrivacyConfig, RdpAccountant
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, SamplingMethod
 
-from fedlinear.clients import flower_fixes
+from fedlinear import flower_fixes
 from fedlinear.common import protocol, scaling
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError

@@ -22,7 +22,9 @@ def package_copy(dest: str) -> str:
     """``dest/fedlinear`` with every room's ``.py`` files inside it; returns ``dest``."""
     root = os.path.join(dest, "fedlinear")
     os.makedirs(root)
-    shutil.copy2(os.path.join(REPO, "fedlinear", "__init__.py"), root)
+    for name in os.listdir(os.path.join(REPO, "fedlinear")):  # the package's own modules (not the redirects)
+        if name.endswith(".py"):
+            shutil.copy2(os.path.join(REPO, "fedlinear", name), root)
     for room in fedlinear.ROOMS:
         shutil.copytree(os.path.join(REPO, room), os.path.join(root, room),
                         ignore=lambda folder, names: [n for n in names if n == "__pycache__" or

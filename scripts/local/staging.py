@@ -14,9 +14,9 @@ def app_files(app_dir: str) -> dict[str, bytes | Path]:
     """The app's source files as ``{path in the repository's layout: file on disk, or its bytes}``.
 
     ``app_dir`` is a checkout (or any app laid out like one) or, for fedlinear installed from the
-    wheel, the package folder: there the package's ``__init__.py`` stands for the repository's
-    ``fedlinear/__init__.py`` and each room gets the redirect the repository has in
-    ``fedlinear/<room>/__init__.py``. Virtualenvs, hidden directories and caches are pruned.
+    wheel, the package folder: there the package's own modules (``__init__.py``, ``flower_fixes.py``)
+    stand for the repository's ``fedlinear/*.py`` and each room gets the redirect the repository has
+    in ``fedlinear/<room>/__init__.py``. Virtualenvs, hidden directories and caches are pruned.
     """
     import fedlinear
 
@@ -30,7 +30,8 @@ def app_files(app_dir: str) -> dict[str, bytes | Path]:
         ]
         for name in files:
             rel = os.path.relpath(os.path.join(root, name), app_dir).replace(os.sep, "/")
-            found["fedlinear/__init__.py" if installed and rel == "__init__.py" else rel] = Path(root, name)
+            own_module = installed and "/" not in rel and rel.endswith(".py")
+            found[f"fedlinear/{rel}" if own_module else rel] = Path(root, name)
     if installed:
         for room in fedlinear.ROOMS:
             found[f"fedlinear/{room}/__init__.py"] = fedlinear.ROOM_REDIRECT.encode()

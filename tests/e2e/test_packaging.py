@@ -42,6 +42,7 @@ def test_the_wheel_holds_one_top_level_package_and_the_app_definition(wheel):
         assert f"fedlinear/{room}/__init__.py" in names
         assert zipfile.ZipFile(wheel).read(f"fedlinear/{room}/__init__.py").decode() != fedlinear.ROOM_REDIRECT
     assert "fedlinear/pyproject.toml" in names and "fedlinear/server/server_app.py" in names
+    assert "fedlinear/flower_fixes.py" in names
     assert not any(name.startswith(("fedlinear/tests", "fedlinear/benchmarks")) for name in names)
 
 

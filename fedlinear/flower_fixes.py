@@ -1,4 +1,7 @@
-"""Work-arounds for defects found in Flower 1.42, applied by the code that needs them.
+"""Work-arounds for defects found in Flower 1.42, applied by both apps (ServerApp and ClientApp).
+
+It sits at the package root, beside the rooms, because the server and the clients both need it and
+neither may import the other, while ``common`` stays free of Flower.
 
 * ``flwr.supercore.differential_privacy.clip_inputs_inplace`` computes
   ``min(1, clipping_norm / input_norm)`` and raises ``ZeroDivisionError`` for an update whose norm is
