@@ -397,6 +397,7 @@ def fault_free(five_nodes):
     return history(root / "clean")
 
 
+@pytest.mark.e2e  # a real federation (Flower's runtime, real processes)
 def test_five_supernodes_survive_a_kill_a_raise_and_a_straggler(five_nodes, fault_free):
     data_dir, root = five_nodes
     out = root / "faulty"

@@ -302,6 +302,7 @@ print(json.dumps(m.signatures["serving_default"](x=tf.constant(x))["y"].numpy().
 """
 
 
+@pytest.mark.e2e  # a real federation (Flower's runtime, real processes)
 @pytest.mark.parametrize("mode", ["processes", "simulation"])
 def test_real_runtime_solves_in_one_round(federation_dir, tmp_path, mode):
     out = tmp_path / "run"

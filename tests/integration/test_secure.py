@@ -403,6 +403,7 @@ def simulation_runs(fed_data, tmp_path_factory):
     return str(base / "clear"), str(base / "secure"), done
 
 
+@pytest.mark.e2e  # a real federation (Flower's runtime, real processes)
 def test_simulation_mode_secure_run_matches_the_clear_run(simulation_runs):
     clear, secured, done = simulation_runs
     assert "secure aggregation (SecAgg+)" in done.stdout
@@ -460,6 +461,7 @@ def kill_supernode_on_task(proc, out, partition, task, within):
     return len(victims)
 
 
+@pytest.mark.e2e  # a real federation (Flower's runtime, real processes)
 def test_processes_mode_secure_round_matches_the_clear_round(processes_runs):
     clear, secured, _, stdout = processes_runs
     assert "secure aggregation (SecAgg+)" in stdout
@@ -468,6 +470,7 @@ def test_processes_mode_secure_round_matches_the_clear_round(processes_runs):
     assert_within_bound(checkpoint(secured, 1), checkpoint(clear, 1), 1)
 
 
+@pytest.mark.e2e  # a real federation (Flower's runtime, real processes)
 def test_processes_mode_a_supernode_killed_after_sharing_keys_does_not_stop_the_round(processes_runs):
     _, secured, killed, stdout = processes_runs
     assert killed >= 1

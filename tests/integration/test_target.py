@@ -306,6 +306,7 @@ def test_the_report_draws_the_target_and_says_whether_it_was_reached(stopped_run
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e  # a real federation (Flower's runtime, real processes)
 def test_cli_stops_at_the_target_and_a_second_run_is_refused_as_completed(tmp_path):
     data = tmp_path / "data"
     write_federation(str(data), clients=2)
