@@ -20,9 +20,10 @@ import math
 
 import numpy as np
 
-from fedlinear.common.errors import FedLinearError
+from fedlinear.common.errors import FedLinearError, untrusted_text
 
 MAGIC = b"\x93NUMPY"
+VERSIONS = ((1, 0), (2, 0), (3, 0))  # what np.load reads (numpy.lib.format._check_version)
 _MAX_CACHED = 256  # distinct (dtype, shape) pairs kept; a model has a handful
 
 _HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
@@ -57,33 +58,48 @@ def dumps(array: np.ndarray) -> bytes:
 
 
 def loads(data: bytes) -> np.ndarray:
-    """The array in ``.npy`` bytes (as ``np.load(..., allow_pickle=False)`` reads them)."""
+    """The array in ``.npy`` bytes (as ``np.load(..., allow_pickle=False)`` reads them).
+
+    A header seen for the first time is parsed here and then confirmed by ``np.load`` itself on the
+    whole input (which must agree on dtype and shape), so nothing is accepted that numpy refuses; only
+    then is it cached, and later inputs with the same header skip both parsers.
+    """
     view = memoryview(data)
     if bytes(view[:6]) != MAGIC or len(view) < 10:
         raise NpyError("not .npy data (bad magic string)")
-    major = view[6]
-    if major == 1:
-        end = 10 + int.from_bytes(view[8:10], "little")
-    elif major in (2, 3):
-        end = 12 + int.from_bytes(view[8:12], "little")
-    else:
-        raise NpyError(f"unsupported .npy format version {major}.{view[7]}")
+    major, minor = view[6], view[7]
+    if (major, minor) not in VERSIONS:
+        raise NpyError(f"unsupported .npy format version {major}.{minor}")
+    end = 10 + int.from_bytes(view[8:10], "little") if major == 1 else 12 + int.from_bytes(view[8:12], "little")
     header = bytes(view[:end])
     parsed = _PARSED.get(header)
-    if parsed is None:
+    known = parsed is not None
+    if not known:
         parsed = _parse_header(header)
-        _remember(_PARSED, header, parsed)
     dtype, shape, fortran = parsed
     count = math.prod(shape)
     if len(view) - end < count * dtype.itemsize:
         raise NpyError(f".npy data truncated: {len(view) - end} bytes for {count} x {dtype}")
+    if not known:
+        _confirm_with_numpy(data, dtype, shape)
+        _remember(_PARSED, header, parsed)
     try:
         if dtype.itemsize == 0:  # "|V0", "|S0", "<U0": nothing to read (np.load gives empty items too)
             return np.ndarray(shape, dtype=dtype, order="F" if fortran else "C")  # np.zeros would widen "S0"
         flat = np.frombuffer(data, dtype=dtype, count=count, offset=end)
         return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
     except ValueError as exc:  # e.g. shape (0, 2**31, 2**31): no data, but more elements than numpy can index
-        raise NpyError(f".npy header describes an impossible array {shape} x {dtype}: {exc}") from None
+        raise NpyError(untrusted_text(f".npy header describes an impossible array {shape} x {dtype}: {exc}", 300)) from None
+
+
+def _confirm_with_numpy(data: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """Refuse what ``np.load`` refuses, or reads differently (a header this module has not seen)."""
+    try:
+        theirs = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - numpy raises ValueError, EOFError, OverflowError, ...
+        raise NpyError(untrusted_text(f".npy data is not valid: {exc}", 300)) from None
+    if not isinstance(theirs, np.ndarray) or theirs.dtype != dtype or theirs.shape != shape:
+        raise NpyError(".npy header is not valid: numpy reads it differently")
 
 
 def _np_save(array: np.ndarray) -> bytes:
@@ -99,9 +115,9 @@ def _parse_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = reader(stream)
     except Exception as exc:  # noqa: BLE001 - numpy's parser raises ValueError, SyntaxError, TokenError, ...
-        raise NpyError(f".npy header is not valid: {' '.join(str(exc).split())}"[:300]) from None
+        raise NpyError(untrusted_text(f".npy header is not valid: {exc}", 300)) from None
     if dtype.hasobject:
         raise NpyError("object arrays cannot be loaded without pickle")
     if not all(isinstance(n, int) and n >= 0 for n in shape):
-        raise NpyError(f".npy header has an invalid shape {tuple(shape)}")  # np.load refuses it too
+        raise NpyError(untrusted_text(f".npy header has an invalid shape {tuple(shape)}", 300))  # np.load refuses it too
     return dtype, tuple(shape), bool(fortran)

@@ -8,11 +8,18 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from fedlinear.common.csvio import to_csv_bytes
 from fedlinear.common.synth import make_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# In CI (CI=true) the property tests draw the same examples every run, so a green run means the same
+# thing twice; elsewhere they keep exploring. Failures found either way are kept as @example cases.
+hypothesis_settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
+
 E2E = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e")
 
 
