@@ -76,7 +76,8 @@ def collect_r(
 
 def _check_reply(msg: Message, d: int, num_examples: int) -> str | None:
     record = msg.content.array_records.get(protocol.RECORD_R)
-    if set(msg.content.array_records) != {protocol.RECORD_R} or record is None or set(record.keys()) != {protocol.ARRAY_R}:
+    only_r = set(msg.content.array_records) == {protocol.RECORD_R}
+    if not only_r or record is None or set(record.keys()) != {protocol.ARRAY_R}:
         return f"malformed R-factor reply: expected one array '{protocol.ARRAY_R}'"
     array = record[protocol.ARRAY_R]
     if array.dtype != "float64" or len(array.data) > 8 * (d + 2) ** 2 + 4096:

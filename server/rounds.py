@@ -34,7 +34,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedlinear.common import model as lm
-from fedlinear.common import privacy as private_noise
 from fedlinear.common import protocol, scaling
 from fedlinear.common import target as targets
 from fedlinear.common.config import RunConfig
@@ -89,47 +88,6 @@ def participation_floor(cfg: RunConfig, num_eligible: int, num_sampled: int) -> 
     return floor
 
 
-def local_dp_config(cfg: RunConfig) -> dict[str, Any]:
-    if cfg.dp != "local":
-        return {}
-    return {
-        protocol.KEY_LOCAL_DP_CLIPPING_NORM: cfg.dp_clipping_norm,
-        protocol.KEY_LOCAL_DP_NOISE_MULTIPLIER: cfg.dp_noise_multiplier,
-        protocol.KEY_DP_NOISE_SEED: cfg.dp_noise_seed,
-    }
-
-
-def secure_with_dp(cfg: RunConfig, secured, arrays: ArrayRecord, built, server_round: int, population: int):
-    """The new global weights from a securely aggregated round, with central DP noise when asked.
-
-    Under ``central-client-clip`` the clients clipped their updates before masking (the server cannot
-    clip what it cannot see); the server adds ``N(0, (zC/m)²)`` to the aggregated mean and accounts
-    one Gaussian release, exactly as Flower's wrapper does in the clear, and, as there, a round in which
-    fewer than the m sampled updates were aggregated releases nothing (the noise is calibrated to m).
-    """
-    if secured.update is None:
-        return None, None
-    if cfg.dp not in ("central-client-clip", "central-server-clip"):
-        return secure.apply_update(arrays, secured.update), secured.metrics
-    strategy = built.strategy
-    getattr(strategy, "_pending_events", {}).pop(server_round, None)  # released (below) or voided here
-    if secured.num_aggregated != built.num_sampled:
-        progress.say(
-            f"round {server_round}: {secured.num_aggregated} of {built.num_sampled} updates aggregated: "
-            "nothing released (the DP noise is calibrated to all sampled clients)"
-        )
-        return None, None
-    std = cfg.dp_noise_multiplier * cfg.dp_clipping_norm / built.num_sampled
-    noisy = ArrayRecord(
-        {
-            name: Array(value + np.random.normal(0.0, std, value.shape))
-            for name, value in ((name, secured.update[name].numpy()) for name in secured.update)
-        }
-    )
-    built.accountant.compose(privacy.release_event(cfg, built.num_sampled, population))
-    return secure.apply_update(arrays, noisy), secured.metrics
-
-
 @dataclasses.dataclass
 class Trained:
     """What phase 2 (train, ClientApp side) gave: the valid replies in client-key order (clear path)
@@ -144,6 +102,13 @@ class Trained:
         if self.secured is not None:
             return self.secured.num_aggregated
         return sum(1 for msg in self.ordered if not msg.has_error())
+
+    @property
+    def released(self) -> bool:
+        """Whether any client's update reached the server (what local DP accounts)."""
+        return any(not msg.has_error() for msg in self.ordered) or (
+            self.secured is not None and self.secured.num_aggregated > 0
+        )
 
 
 class Rounds:
@@ -183,18 +148,15 @@ class Rounds:
         self.eligible = parties.eligible
         built = build_strategy(cfg, self.eligible)
         self.built, self.strategy, self.accountant = built, built.strategy, built.accountant
+        self.privacy = privacy.RoundPrivacy(cfg, built, len(self.eligible))
         # the settings every task of the run carries in its ConfigRecord (Strategy.start's train_config
         # and evaluate_config): the one channel by which they reach the clients
-        self.train_config = {**protocol.train_config(learning_rate, transform), **local_dp_config(cfg)}
+        self.train_config = {**protocol.train_config(learning_rate, transform), **privacy.local_dp_config(cfg)}
         self.evaluate_config = protocol.evaluate_config(transform)
-        if cfg.secure_aggregation:  # secure aggregation hook
+        if privacy.secure_rounds(cfg):  # secure aggregation hook
             progress.say(secure.describe(cfg))
-        if cfg.dp != "none":
-            progress.say(
-                f"privacy: {privacy.MECHANISMS[cfg.dp]}; z = {cfg.dp_noise_multiplier:g}, C = {cfg.dp_clipping_norm:g}, "
-                f"δ = {cfg.dp_delta:g}, {built.num_sampled} of {len(self.eligible)} clients a round"
-                + (f", budget ε <= {cfg.dp_max_epsilon:g}" if cfg.dp_max_epsilon else "")
-            )
+        if self.privacy.describe():
+            progress.say(self.privacy.describe())
         weights, self.first_round, history = start.weights, start.first_round, start.history
         if self.first_round > 1:
             progress.say(f"resuming after round {self.first_round - 1} from {store.uri('checkpoints', 'latest.json')}")
@@ -203,8 +165,7 @@ class Rounds:
             history = {"run-id": context.run_id, "rounds": []}
             row = {"round": 0, "elapsed-s": time.monotonic() - started, "clients-ok": 0, "clients-failed": 0}
             row.update(evaluate(weights))
-            if self.accountant is not None:
-                row["epsilon"] = 0.0
+            row.update(self.privacy.initial_row())
             history["rounds"].append(row)
         history["reference"] = evaluate.reference
         history["standardization"] = transform.to_json()
@@ -262,20 +223,12 @@ class Rounds:
 
     def configure_train(self, server_round: int) -> list[Message] | None:
         """Phase 1: the round's train tasks; None when the privacy budget stops training before it."""
-        cfg, accountant = self.cfg, self.accountant
         try:
             config = ConfigRecord(dict(self.train_config))
             messages = list(self.strategy.configure_train(server_round, self.arrays, config, self.grid))
-            if cfg.dp == "local" and accountant.config.max_epsilon is not None:
-                event = privacy.release_event(cfg, len(messages), len(self.eligible))
-                if messages and accountant.would_exceed(event):
-                    raise PrivacyBudgetExhausted("the next release would exceed max_epsilon")
+            self.privacy.check_budget(messages)  # dp = local; the central wrappers check it themselves
         except PrivacyBudgetExhausted:
-            self.stopped = (
-                f"training stopped before round {server_round}: its release would take ε past the budget "
-                f"dp-max-epsilon = {cfg.dp_max_epsilon:g} (ε spent {privacy.epsilon(accountant, cfg.dp_delta):.4g} "
-                f"at δ = {cfg.dp_delta:g}); the model of round {server_round - 1} is the result"
-            )
+            self.stopped = self.privacy.budget_stop(server_round)
             progress.say(self.stopped)
             self.history["stopped"] = {"round": server_round - 1, "reason": self.stopped}
             return None
@@ -287,7 +240,7 @@ class Rounds:
     def train(self, server_round: int, messages: list[Message]) -> Trained:
         """Phase 2: send the tasks and check what comes back (or run them through SecAgg+)."""
         cfg, eligible = self.cfg, self.eligible
-        if cfg.secure_aggregation and messages:  # secure aggregation hook: SecAgg+ instead of clear replies
+        if privacy.secure_rounds(cfg) and messages:  # secure aggregation hook: SecAgg+ instead of clear replies
             sizes_by_node = {nid: int(info[protocol.SHARD_NUM_EXAMPLES]) for nid, info in self.parties.healthy.items()}
             secured = secure.train_round(self.grid, cfg, server_round, messages, sizes_by_node)
             return Trained([], secured.failures, secured)
@@ -310,23 +263,21 @@ class Rounds:
     ) -> tuple[dict[str, Any], bool]:
         """Phase 3: the new global model (unless too few valid updates); the round's history row and
         whether the global model changed."""
-        cfg, strategy, accountant = self.cfg, self.strategy, self.accountant
+        cfg = self.cfg
         ordered, failures, secured = trained.ordered, trained.failures, trained.secured
-        if cfg.dp != "none":
-            # Flower's wrappers draw noise from NumPy's global RNG: seed it per round (dp-noise-seed)
-            private_noise.seed_global_numpy(cfg.dp_noise_seed, cfg.seed, server_round, private_noise.CENTRAL_DP_STREAM)
+        self.privacy.seed_noise(server_round)
         valid = trained.num_valid
         too_few = valid < self.min_train  # min-train-nodes: not aggregated (nor noised, nor accounted centrally)
         if too_few:
-            getattr(strategy, "_pending_events", {}).pop(server_round, None)  # Flower's DP wrapper: nothing released
+            self.privacy.void(server_round)
             new_arrays, train_metrics = None, None
         else:
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, ordered) if ordered else (None, None)
-        if secured is not None and not too_few:  # secure aggregation hook: the aggregate (central DP noise goes on secured.update)
-            new_arrays, train_metrics = secure_with_dp(cfg, secured, self.arrays, self.built, server_round, len(self.eligible))
-        released = any(not msg.has_error() for msg in ordered) or (secured is not None and secured.num_aggregated > 0)
-        if cfg.dp == "local" and released:
-            accountant.compose(privacy.release_event(cfg, len(messages), len(self.eligible)))
+            new_arrays, train_metrics = self.strategy.aggregate_train(server_round, ordered) if ordered else (None, None)
+        if secured is not None and not too_few:  # secure aggregation hook: the aggregate, noised under central DP
+            update = self.privacy.secure_update(secured, server_round)
+            new_arrays = None if update is None else secure.apply_update(self.arrays, update)
+            train_metrics = None if update is None else secured.metrics
+        self.privacy.account(trained.released, len(messages))
         row = {
             "round": server_round,
             "clients-ok": sum(1 for msg in ordered if not msg.has_error())
@@ -339,11 +290,7 @@ class Rounds:
         for failure in failures:  # party-supplied text: one printable line, bounded (common.errors)
             failure["round"] = server_round
             failure["reason"] = untrusted_text(failure["reason"])
-        if accountant is not None:
-            row["epsilon"] = privacy.epsilon(accountant, cfg.dp_delta)
-        if hasattr(strategy, "clipping_norm") and cfg.dp_clipping == "adaptive":
-            row["clipping-norm"] = strategy.clipping_norm  # for the next round
-            row["unclipped-fraction"] = strategy.last_unclipped_fraction
+        row.update(self.privacy.row())  # ε so far, the adaptive clipping norm for the next round
         for failure in failures:
             progress.say(f"round {server_round}: node {failure['node-id']} failed: {failure['reason']}")
         if new_arrays is None:
@@ -368,9 +315,9 @@ class Rounds:
     def evaluate_clientapp(self, server_round: int, row: dict[str, Any]) -> None:
         """Phase 4: federated evaluation of the new global model (only with ``fraction-evaluate`` > 0)."""
         if self.cfg.fraction_evaluate > 0:
+            config = ConfigRecord(dict(self.evaluate_config))
             eval_replies = self.grid.send_and_receive(
-                self.strategy.configure_evaluate(server_round, self.arrays, ConfigRecord(dict(self.evaluate_config)), self.grid),
-                timeout=self.cfg.round_timeout,
+                self.strategy.configure_evaluate(server_round, self.arrays, config, self.grid), timeout=self.cfg.round_timeout
             )
             eval_metrics = self.strategy.aggregate_evaluate(server_round, eval_replies)
             if eval_metrics is not None:
@@ -430,7 +377,7 @@ class Rounds:
             bias=raw_bias,
             transform=self.transform,
             learning_rate={"value": self.learning_rate, "how": self.rate_note},
-            method={"privacy": privacy.summary(cfg, self.accountant, self.stopped)},
+            method={"privacy": self.privacy.summary(self.stopped)},
             reference=self.evaluate.reference,
             final_row=history["rounds"][-1],
             standardized=weights,
