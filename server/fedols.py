@@ -1,7 +1,8 @@
 """``strategy = "fedols"``: the pooled least-squares (or ridge) solution in one round, exactly.
 
-Called by :func:`server.server_app.run` after the shard query (:func:`server.nodes.query_nodes`) (describe + scatter stages), which
-already gave every healthy party's ``n``, ``Σ[x y]`` and centred scatter and the pooled statistics:
+Called by :func:`server.server_app.run` after the shard query (:func:`server.nodes.query_nodes`:
+describe + scatter stages), which already gave every healthy party's ``n``, ``Σ[x y]`` and centred
+scatter and the pooled statistics:
 
 * ``fedols-method = normal`` solves from those pooled statistics (no further message);
 * ``fedols-method = qr`` sends one more query, stage ``fedols-r`` with the pooled mean, and each
