@@ -230,17 +230,13 @@ def _fingerprint_json(uri: str) -> str:
 
 
 def local_dp(
-    old: lm.LinearWeights, new: lm.LinearWeights, config: ConfigRecord, cfg: RunConfig, server_round: int, key: int
-) -> lm.LinearWeights:
+    old: lm.LinearWeights, new: lm.LinearWeights, settings: privacy.LocalDp, cfg: RunConfig, server_round: int,
+    key: int,
+) -> lm.LinearWeights:  # fmt: skip
     """``dp = local``: clip this node's update and add Gaussian noise before it leaves (common/privacy.py)."""
-    seed = str(config[protocol.KEY_DP_NOISE_SEED])
-    rng = privacy.noise_rng(seed, cfg.seed, server_round, key, privacy.LOCAL_DP_STREAM)
+    rng = privacy.noise_rng(settings.noise_seed, cfg.seed, server_round, key, privacy.LOCAL_DP_STREAM)
     (kernel, bias), _ = privacy.local_dp_release(
-        [new.kernel, new.bias],
-        [old.kernel, old.bias],
-        float(config[protocol.KEY_LOCAL_DP_CLIPPING_NORM]),
-        float(config[protocol.KEY_LOCAL_DP_NOISE_MULTIPLIER]),
-        rng,
+        [new.kernel, new.bias], [old.kernel, old.bias], settings.clipping_norm, settings.noise_multiplier, rng
     )
     return lm.LinearWeights(kernel=kernel, bias=bias)
 
@@ -287,8 +283,9 @@ def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]
             f"{uri}: local training diverged (non-finite weights); lower 'learning-rate' (now {learning_rate:g}) "
             "or set 'standardize' to auto"
         )
-    if protocol.KEY_LOCAL_DP_CLIPPING_NORM in config:
-        new_weights = local_dp(weights, new_weights, config, cfg, server_round, key)
+    local = privacy.LocalDp.from_config(config)  # dp = local: the task says so
+    if local is not None:
+        new_weights = local_dp(weights, new_weights, local, cfg, server_round, key)
     metrics = MetricRecord({
         protocol.METRIC_NUM_EXAMPLES: data.num_examples,
         protocol.METRIC_TRAIN_LOSS: loss,

@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from fedlinear.common import privacy
 from fedlinear.common.errors import FedLinearError
 
 ENGINES = ("numpy", "keras")
@@ -467,8 +468,8 @@ class RunConfig:
 
     @property
     def private(self) -> bool:
-        """Whether a privacy mechanism is on (then no node sends statistics in the clear)."""
-        return self.dp != "none" or bool(getattr(self, "secure_aggregation", False))
+        """Whether a privacy mechanism is on (then no node sends statistics in the clear): common.privacy.is_private."""
+        return privacy.is_private(self.dp, getattr(self, "secure_aggregation", False))
 
     def _validate_secure_aggregation(self) -> None:
         """The ``secagg-*`` keys (checked whether or not ``secure-aggregation`` is on)."""

@@ -1,4 +1,12 @@
-"""Client-side pieces of differential privacy, Flower-free: clipping an update and local DP noise.
+"""The privacy rules both sides need, Flower-free: whether a run is private, how clients weigh, the
+local DP settings a train task carries, clipping an update and local DP noise.
+
+The server's decisions (which Flower wrapper, what the nodes are asked for, what a round releases,
+the accountant) are in server/privacy.py, which lists every rule of a run and where it is applied.
+
+Private (:func:`is_private`): under any DP mechanism or secure aggregation no node sends statistics,
+nor its shard's path and hash, in the clear (the shard query says so to the nodes). Equal weights
+(:func:`equal_weights`): under DP every client counts the same in the aggregate.
 
 Local DP (``dp = "local"``): each client clips its update ``Δ = w_new − w_global`` (all arrays
 flattened together) to L2 norm ``C`` and adds Gaussian noise with standard deviation ``z · 2C`` to
@@ -15,12 +23,64 @@ fresh 128-bit seed from the operating system for every release.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
+from fedlinear.common import protocol
+
 LOCAL_DP_STREAM = 0x10CA1
 CENTRAL_DP_STREAM = 0xCE7A1
+NO_DP = "none"
+LOCAL = "local"
+CENTRAL = ("central-server-clip", "central-client-clip")
+
+
+def is_private(dp: str, secure_aggregation: bool) -> bool:
+    """Whether a privacy mechanism is on: then no node sends statistics, nor its shard's path and
+    hash, in the clear, and the server's yardstick comes from outside the federation if at all."""
+    return dp != NO_DP or bool(secure_aggregation)
+
+
+def equal_weights(dp: str) -> bool:
+    """Whether every client weighs the same in the aggregate (FedAvg's weights, SecAgg+'s): under DP,
+    whose noise is calibrated to a mean of equally weighted, clipped updates (and Flower's accounted
+    wrappers require equal weights)."""
+    return dp != NO_DP
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalDp:
+    """``dp = local``: what every train task carries so its client clips and noises its own update.
+
+    The server puts these in the round's config (:meth:`to_config`); the client releases its update
+    with them (:meth:`from_config`, :func:`local_dp_release`) and with nothing else: a task without
+    them is trained without local noise.
+    """
+
+    clipping_norm: float
+    noise_multiplier: float
+    noise_seed: str  # "seed" or "secure" (dp-noise-seed)
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            protocol.KEY_LOCAL_DP_CLIPPING_NORM: self.clipping_norm,
+            protocol.KEY_LOCAL_DP_NOISE_MULTIPLIER: self.noise_multiplier,
+            protocol.KEY_DP_NOISE_SEED: self.noise_seed,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> LocalDp | None:
+        if protocol.KEY_LOCAL_DP_CLIPPING_NORM not in config:
+            return None
+        return cls(
+            float(config[protocol.KEY_LOCAL_DP_CLIPPING_NORM]),
+            float(config[protocol.KEY_LOCAL_DP_NOISE_MULTIPLIER]),
+            str(config[protocol.KEY_DP_NOISE_SEED]),
+        )
 
 
 def noise_rng(mode: str, *words: int) -> np.random.Generator:

@@ -1,7 +1,8 @@
 """``strategy = "fedols"``: the pooled least-squares (or ridge) solution in one round, exactly.
 
-Called by :func:`server.server_app.run` after the shard query (:func:`server.nodes.query_nodes`) (describe + scatter stages), which
-already gave every healthy party's ``n``, ``Σ[x y]`` and centred scatter and the pooled statistics:
+Called by :func:`server.server_app.run` after the shard query (:func:`server.nodes.query_nodes`:
+describe + scatter stages), which already gave every healthy party's ``n``, ``Σ[x y]`` and centred
+scatter and the pooled statistics:
 
 * ``fedols-method = normal`` solves from those pooled statistics (no further message);
 * ``fedols-method = qr`` sends one more query, stage ``fedols-r`` with the pooled mean, and each
@@ -76,7 +77,8 @@ def collect_r(
 
 def _check_reply(msg: Message, d: int, num_examples: int) -> str | None:
     record = msg.content.array_records.get(protocol.RECORD_R)
-    if set(msg.content.array_records) != {protocol.RECORD_R} or record is None or set(record.keys()) != {protocol.ARRAY_R}:
+    only_r = set(msg.content.array_records) == {protocol.RECORD_R}
+    if not only_r or record is None or set(record.keys()) != {protocol.ARRAY_R}:
         return f"malformed R-factor reply: expected one array '{protocol.ARRAY_R}'"
     array = record[protocol.ARRAY_R]
     if array.dtype != "float64" or len(array.data) > 8 * (d + 2) ** 2 + 4096:

@@ -70,7 +70,9 @@ def versions() -> dict[str, str]:
 def manifest_data(healthy: dict[int, dict], test: Dataset | None) -> dict[str, list]:
     """The manifest's ``shards`` (in client-key order; paths withheld under privacy) and ``test-set``:
     each shard's description as its node sent it."""
-    kept = (protocol.SHARD_DATA_URI, protocol.SHARD_NUM_EXAMPLES, protocol.SHARD_FINGERPRINTS, protocol.SHARD_PARTITION_ID)
+    kept = (
+        protocol.SHARD_DATA_URI, protocol.SHARD_NUM_EXAMPLES, protocol.SHARD_FINGERPRINTS, protocol.SHARD_PARTITION_ID
+    )  # fmt: skip
     withheld = {protocol.SHARD_DATA_URI: "withheld by the node (privacy on)"}
     return {
         "shards": [

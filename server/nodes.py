@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from fedlinear.common import protocol, scaling
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError, untrusted_text
-from fedlinear.server import progress
+from fedlinear.server import privacy, progress
 from fedlinear.server import replies as replies_check
 
 
@@ -101,12 +101,11 @@ def query_nodes(grid: Grid, cfg: RunConfig, nodes: list[int]) -> Parties:
     scatter about it (full when ``reference = auto``, the diagonal otherwise). Both are sums, added
     in client-key order so the result does not depend on reply order.
     """
-    # under any privacy mechanism no node sends statistics (nor its shard's path and hash) in the clear
-    want_moments = not cfg.private and (cfg.reference == "auto" or cfg.standardize != "none")
+    want_moments = privacy.wants_moments(cfg)
     describe = {
         protocol.KEY_STAGE: protocol.STAGE_DESCRIBE,
         protocol.KEY_WANT_MOMENTS: want_moments,
-        protocol.KEY_PRIVATE: cfg.private,
+        protocol.KEY_PRIVATE: privacy.withholds_statistics(cfg),
     }
     messages = [
         Message(
@@ -217,7 +216,9 @@ def pooled_statistics(
         Message(
             RecordDict(
                 {
-                    protocol.RECORD_CONFIG: ConfigRecord({protocol.KEY_STAGE: protocol.STAGE_SCATTER, protocol.KEY_FULL: full}),
+                    protocol.RECORD_CONFIG: ConfigRecord(
+                        {protocol.KEY_STAGE: protocol.STAGE_SCATTER, protocol.KEY_FULL: full}
+                    ),
                     protocol.RECORD_CENTRE: ArrayRecord({protocol.ARRAY_CENTRE: Array(np.ascontiguousarray(centre))}),
                 }
             ),

@@ -1,31 +1,74 @@
-"""The privacy side of a run: strategy wrappers from Flower 1.42, the accountant, the budget.
+"""Every privacy decision of a run, in one place (what the clients need of them: common/privacy.py).
 
-* ``central-server-clip`` / ``central-client-clip``: Flower's
-  ``DifferentialPrivacyServerSideFixedClipping`` / ``...ClientSideFixedClipping`` around FedAvg, with
-  Flower's ``RdpAccountant`` (Google's dp-accounting underneath). Client-level guarantee, add-or-remove
-  one client, **no sampling amplification**: Flower's fixed-size sampling without replacement is not
-  Poisson, and its wrappers accept only ``no-amplification`` accounting, so every round is charged as
-  a full Gaussian release with noise multiplier z whatever ``fraction-train`` is. The reported ε is
-  therefore valid (an upper bound) for any ``fraction-train``; with ``fraction-train < 1`` it is
-  conservative.
-* ``local``: clients clip and noise their own update (common/privacy.py); the server composes one
-  Gaussian release with noise multiplier z per round (each client releases at most once a round), with
-  the same accountant: ε is per client, an upper bound for a client that took part in every round.
+The rules, in the order a run meets them, and where the other side acts on them:
 
-The accountant's state is part of every checkpoint, so a resumed run never resets ε.
+Before round 1
+
+1. **Nothing in the clear** (:func:`withholds_statistics`): under any DP mechanism or secure
+   aggregation no node sends statistics, nor its shard's path and hash; the shard query's ``private``
+   flag tells the nodes (clients/client_app.py ``query`` obeys it).
+2. **What the nodes are asked for** (:func:`wants_moments`): column sums and scatter only without privacy.
+3. **The yardstick and what training may use** (:func:`choose_statistics`): under privacy the pooled
+   least-squares optimum comes from ``statistics-uri`` if given (computed outside the federation), and
+   training (standardization, ``learning-rate = auto``) uses it only when declared public.
+4. **Standardization under privacy** (:func:`build_transform`): raw variables unless the statistics are public.
+
+The strategy
+
+5. **Equal weights** (:func:`equal_weights`): under DP every client weighs 1, in FedAvg and in SecAgg+.
+   **Secure aggregation** (:func:`secure_rounds`): every round's updates go through SecAgg+
+   (server/secure.py), so the server sees only their weighted mean.
+6. **Which wrapper** (:func:`wrap`): ``central-server-clip`` / ``central-client-clip``: Flower's
+   ``DifferentialPrivacyServerSideFixedClipping`` / ``...ClientSideFixedClipping`` around FedAvg (the
+   latter puts its clipping norm in every train task; the clients clip with Flower's
+   ``fixedclipping_mod``, or before masking under SecAgg+, clients/secure.py); ``dp-clipping =
+   adaptive``: :class:`ServerSideAdaptiveClipping`; ``local``: no wrapper, the round's config carries
+   :func:`local_dp_config` and each client clips and noises its own update (clients/client_app.py ``fit``).
+   Every mechanism is accounted by Flower's ``RdpAccountant`` (:func:`make_accountant`): client-level,
+   add-or-remove-one, **no sampling amplification**: Flower's fixed-size sampling without replacement is
+   not Poisson, and its wrappers accept only ``no-amplification`` accounting, so every round is charged
+   as a full Gaussian release with noise multiplier z whatever ``fraction-train`` is. The reported ε is
+   therefore valid (an upper bound) for any ``fraction-train``; with ``fraction-train < 1`` it is
+   conservative. Under ``local`` one Gaussian release per round (each client releases at most once a
+   round): ε is per client, an upper bound for a client that took part in every round.
+
+Each round (:class:`RoundPrivacy`)
+
+7. **The budget** (:meth:`RoundPrivacy.check_budget`, and the wrappers themselves): training stops
+   before the round whose release would take ε past ``dp-max-epsilon``; the previous round's model is the result.
+8. **The noise source** (:meth:`RoundPrivacy.seed_noise`): Flower's wrappers draw from NumPy's global
+   RNG, seeded per round from ``dp-noise-seed``.
+9. **What a round releases, and what a failed reply does**: with a central mechanism in the clear, a
+   round with any error reply (or fewer replies than sampled) releases nothing and is not accounted
+   (Flower's wrappers, :class:`ServerSideAdaptiveClipping`); a round not aggregated for
+   ``min-train-nodes`` releases nothing (:meth:`RoundPrivacy.void`); under secure aggregation the
+   server adds the central noise to the secure aggregate and accounts it only when every sampled
+   update is in it (:meth:`RoundPrivacy.secure_update`); under ``local`` a round in which any client's
+   update arrived counts as one release (:meth:`RoundPrivacy.account`).
+10. **What the history says** (:meth:`RoundPrivacy.row`): ε so far, the adaptive clipping norm.
+
+At the end
+
+11. **The manifest** (:func:`summary`); the accountant's state is part of every checkpoint
+    (server/resume.py), so a resumed run never resets ε.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp import PrivacyConfig, RdpAccountant
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, SamplingMethod
 
 from fedlinear import flower_fixes
+from fedlinear.common import privacy as common_privacy
 from fedlinear.common import protocol, scaling
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
+from fedlinear.server import progress
 
 flower_fixes.apply()  # Flower 1.42's clipping divides by a zero update norm
 
@@ -35,6 +78,74 @@ MECHANISMS = {
     "DifferentialPrivacyClientSideFixedClipping)",
     "local": "local DP: each client clips its update to C and adds N(0, (2Cz)^2) per coordinate",
 }
+
+
+# -- before round 1 ----------------------------------------------------------------------------------
+
+
+def withholds_statistics(cfg: RunConfig) -> bool:
+    """Rule 1: whether no node sends statistics, nor its shard's path and hash (``RunConfig.private``)."""
+    return cfg.private
+
+
+def wants_moments(cfg: RunConfig) -> bool:
+    """Rule 2: whether the shard query asks for column sums (and then the scatter)."""
+    return not withholds_statistics(cfg) and (cfg.reference == "auto" or cfg.standardize != "none")
+
+
+def choose_statistics(
+    cfg: RunConfig, from_nodes: scaling.PooledStats | None, num_features: int
+) -> tuple[scaling.PooledStats | None, str, scaling.PooledStats | None]:
+    """Rule 3: (statistics for the yardstick, where they came from, statistics the training may use).
+
+    Without privacy the nodes' sums serve both. Under privacy the nodes send none: the yardstick comes
+    from ``statistics-uri`` if given (``fedlinear run`` computes it from the shards on its machine; it
+    never reaches the model), and training uses those statistics only when they are declared public.
+    """
+    if not withholds_statistics(cfg):
+        return from_nodes, "pooled least squares from centred additive sums (n, Σ[x y], Σ(z−μ)(z−μ)ᵀ) of every node", from_nodes
+    if not cfg.statistics_uri:
+        return None, "none: privacy is on and no statistics-uri was given", None
+    local = scaling.PooledStats.load(cfg.statistics_uri, num_features)
+    source = (
+        f"pooled least squares from {cfg.statistics_uri}, computed outside the federation (by fedlinear run from the "
+        "shards on its machine); no node sent statistics"
+    )
+    return local, source, local if cfg.dp_public_statistics else None
+
+
+def build_transform(cfg: RunConfig, stats: scaling.PooledStats | None, num_features: int) -> scaling.Transform:
+    """Rule 4: the standardization transform; under privacy only from statistics declared public."""
+    private = withholds_statistics(cfg)
+    if private and stats is None and cfg.standardize != "none":
+        if cfg.standardize != "auto":
+            raise FedLinearError(
+                f"standardize = {cfg.standardize} needs pooled statistics, which no node sends under privacy: "
+                "declare statistics public with 'dp-public-statistics' = true and 'statistics-uri', or set 'standardize' = none"
+            )
+        transform = scaling.Transform.identity(num_features)
+        transform.notes = (
+            "standardize = auto trains on raw data under privacy: the statistics would leak; declare them public "
+            "('dp-public-statistics' = true with 'statistics-uri') to standardize",
+        )
+        return transform
+    transform = scaling.build_transform(cfg.standardize, stats, num_features)
+    if private and stats is not None and transform.kind != "none":
+        transform.notes = (*transform.notes, f"standardization statistics declared public ({cfg.statistics_uri}); not covered by ε")
+    return transform
+
+
+# -- the strategy ------------------------------------------------------------------------------------
+
+
+def equal_weights(cfg: RunConfig) -> bool:
+    """Rule 5: whether every client weighs 1 in the aggregate (common.privacy.equal_weights)."""
+    return common_privacy.equal_weights(cfg.dp)
+
+
+def secure_rounds(cfg: RunConfig) -> bool:
+    """Rule 5: whether the rounds' updates go through SecAgg+ instead of in the clear."""
+    return bool(cfg.secure_aggregation)
 
 
 def make_accountant(cfg: RunConfig, population: int) -> RdpAccountant:
@@ -49,6 +160,38 @@ def make_accountant(cfg: RunConfig, population: int) -> RdpAccountant:
     )
 
 
+def wrap(base, cfg: RunConfig, num_sampled: int, population: int) -> tuple[Any, RdpAccountant | None]:
+    """Rule 6: (the strategy the server drives: ``base`` or a DP wrapper around it, the accountant or None)."""
+    if cfg.dp == common_privacy.NO_DP:
+        return base, None
+    accountant = make_accountant(cfg, population)
+    if cfg.dp == "central-server-clip" and cfg.dp_clipping == "adaptive":
+        try:
+            return ServerSideAdaptiveClipping(base, cfg, num_sampled, accountant), accountant
+        except AdaptiveClippingError as exc:
+            raise FedLinearError(str(exc)) from None
+    if cfg.dp in common_privacy.CENTRAL:
+        from flwr.serverapp.strategy import (
+            DifferentialPrivacyClientSideFixedClipping,
+            DifferentialPrivacyServerSideFixedClipping,
+        )
+
+        wrapper = (
+            DifferentialPrivacyServerSideFixedClipping
+            if cfg.dp == "central-server-clip"
+            else DifferentialPrivacyClientSideFixedClipping
+        )
+        return wrapper(base, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, num_sampled, accountant=accountant), accountant
+    return base, accountant  # local: the clients noise, the server accounts (RoundPrivacy.account)
+
+
+def local_dp_config(cfg: RunConfig) -> dict[str, Any]:
+    """Rule 6, ``dp = local``: what every train task's config carries so its client clips and noises."""
+    if cfg.dp != common_privacy.LOCAL:
+        return {}
+    return common_privacy.LocalDp(cfg.dp_clipping_norm, cfg.dp_noise_multiplier, cfg.dp_noise_seed).to_config()
+
+
 def release_event(cfg: RunConfig, sample_size: int, population: int) -> GaussianPrivacyEvent:
     return GaussianPrivacyEvent(
         noise_multiplier=cfg.dp_noise_multiplier, sample_size=max(1, sample_size), population_size=max(1, population)
@@ -61,9 +204,125 @@ def epsilon(accountant: RdpAccountant | None, delta: float) -> float | None:
     return float(accountant.get_epsilon(delta))
 
 
+# -- each round --------------------------------------------------------------------------------------
+
+
+class RoundPrivacy:
+    """The privacy side of the round loop (server/rounds.py): the startup line, the budget, the noise
+    source, what each round releases and accounts, and what its history row says (rules 7 to 10).
+
+    ``strategies`` is :class:`server.strategy.Strategies` (the driven strategy, its accountant, the
+    sample size); ``population`` the number of eligible clients.
+    """
+
+    def __init__(self, cfg: RunConfig, strategies, population: int) -> None:
+        self.cfg = cfg
+        self.strategy = strategies.strategy
+        self.accountant = strategies.accountant
+        self.num_sampled = strategies.num_sampled
+        self.population = population
+
+    def describe(self) -> str | None:
+        """The run's privacy line (None without DP)."""
+        cfg = self.cfg
+        if cfg.dp == common_privacy.NO_DP:
+            return None
+        return (
+            f"privacy: {MECHANISMS[cfg.dp]}; z = {cfg.dp_noise_multiplier:g}, C = {cfg.dp_clipping_norm:g}, "
+            f"δ = {cfg.dp_delta:g}, {self.num_sampled} of {self.population} clients a round"
+            + (f", budget ε <= {cfg.dp_max_epsilon:g}" if cfg.dp_max_epsilon else "")
+        )
+
+    def initial_row(self) -> dict[str, float]:
+        """What round 0's row says: ε = 0 under DP."""
+        return {"epsilon": 0.0} if self.accountant is not None else {}
+
+    def check_budget(self, messages: list) -> None:
+        """Rule 7 for ``dp = local`` (the central wrappers check it in their configure_train): raise
+        PrivacyBudgetExhausted when this round's release would take ε past the budget."""
+        cfg, accountant = self.cfg, self.accountant
+        if cfg.dp == common_privacy.LOCAL and accountant.config.max_epsilon is not None:
+            event = release_event(cfg, len(messages), self.population)
+            if messages and accountant.would_exceed(event):
+                raise PrivacyBudgetExhausted("the next release would exceed max_epsilon")
+
+    def budget_stop(self, server_round: int) -> str:
+        """Why training stopped before ``server_round`` (the budget)."""
+        cfg = self.cfg
+        return (
+            f"training stopped before round {server_round}: its release would take ε past the budget "
+            f"dp-max-epsilon = {cfg.dp_max_epsilon:g} (ε spent {epsilon(self.accountant, cfg.dp_delta):.4g} "
+            f"at δ = {cfg.dp_delta:g}); the model of round {server_round - 1} is the result"
+        )
+
+    def seed_noise(self, server_round: int) -> None:
+        """Rule 8: Flower's wrappers draw noise from NumPy's global RNG: seed it per round (dp-noise-seed)."""
+        cfg = self.cfg
+        if cfg.dp != common_privacy.NO_DP:
+            common_privacy.seed_global_numpy(
+                cfg.dp_noise_seed, cfg.seed, server_round, common_privacy.CENTRAL_DP_STREAM
+            )
+
+    def void(self, server_round: int) -> None:
+        """Rule 9: a round that is not aggregated releases nothing (Flower's wrapper accounts a round when
+        its updates are aggregated: its pending event goes)."""
+        getattr(self.strategy, "_pending_events", {}).pop(server_round, None)
+
+    def secure_update(self, secured, server_round: int) -> ArrayRecord | None:
+        """Rule 9 under secure aggregation: the update the round releases (None: nothing).
+
+        Under ``central-client-clip`` the clients clipped their updates before masking (the server cannot
+        clip what it cannot see); the server adds ``N(0, (zC/m)²)`` to the aggregated mean and accounts
+        one Gaussian release, exactly as Flower's wrapper does in the clear, and, as there, a round in which
+        fewer than the m sampled updates were aggregated releases nothing (the noise is calibrated to m).
+        """
+        if secured.update is None:
+            return None
+        cfg = self.cfg
+        if cfg.dp not in common_privacy.CENTRAL:
+            return secured.update
+        self.void(server_round)  # released (below) or voided here: the wrapper never sees this round's replies
+        if secured.num_aggregated != self.num_sampled:
+            progress.say(
+                f"round {server_round}: {secured.num_aggregated} of {self.num_sampled} updates aggregated: "
+                "nothing released (the DP noise is calibrated to all sampled clients)"
+            )
+            return None
+        std = cfg.dp_noise_multiplier * cfg.dp_clipping_norm / self.num_sampled
+        noisy = ArrayRecord(
+            {
+                name: Array(value + np.random.normal(0.0, std, value.shape))
+                for name, value in ((name, secured.update[name].numpy()) for name in secured.update)
+            }
+        )
+        self.accountant.compose(release_event(cfg, self.num_sampled, self.population))
+        return noisy
+
+    def account(self, released: bool, num_messages: int) -> None:
+        """Rule 9 under ``dp = local``: a round in which any client's update arrived is one release."""
+        if self.cfg.dp == common_privacy.LOCAL and released:
+            self.accountant.compose(release_event(self.cfg, num_messages, self.population))
+
+    def row(self) -> dict[str, Any]:
+        """Rule 10: what the round's history row says: ε so far, the adaptive clipping norm (for the next round)."""
+        out: dict[str, Any] = {}
+        if self.accountant is not None:
+            out["epsilon"] = epsilon(self.accountant, self.cfg.dp_delta)
+        if hasattr(self.strategy, "clipping_norm") and self.cfg.dp_clipping == "adaptive":
+            out["clipping-norm"] = self.strategy.clipping_norm
+            out["unclipped-fraction"] = self.strategy.last_unclipped_fraction
+        return out
+
+    def summary(self, stopped: str | None) -> dict[str, Any]:
+        return summary(self.cfg, self.accountant, stopped)
+
+
+# -- at the end --------------------------------------------------------------------------------------
+
+
 def summary(cfg: RunConfig, accountant: RdpAccountant | None, stopped: str | None) -> dict[str, Any]:
-    """What the manifest says about privacy."""
-    if cfg.dp == "none":
+    """Rule 11: what the manifest says about privacy."""
+    if cfg.dp == common_privacy.NO_DP:
         return {"mechanism": "none", "epsilon": None, "delta": None, "secure-aggregation": cfg.private}
     return {
         "mechanism": cfg.dp,
@@ -85,45 +344,7 @@ def summary(cfg: RunConfig, accountant: RdpAccountant | None, stopped: str | Non
     }
 
 
-def choose_statistics(
-    cfg: RunConfig, from_nodes: scaling.PooledStats | None, num_features: int
-) -> tuple[scaling.PooledStats | None, str, scaling.PooledStats | None]:
-    """(statistics for the yardstick, where they came from, statistics the training may use).
-
-    Without privacy the nodes' sums serve both. Under privacy the nodes send none: the yardstick comes
-    from ``statistics-uri`` if given (``fedlinear run`` computes it from the shards on its machine; it
-    never reaches the model), and training uses those statistics only when they are declared public.
-    """
-    if not cfg.private:
-        return from_nodes, "pooled least squares from centred additive sums (n, Σ[x y], Σ(z−μ)(z−μ)ᵀ) of every node", from_nodes
-    if not cfg.statistics_uri:
-        return None, "none: privacy is on and no statistics-uri was given", None
-    local = scaling.PooledStats.load(cfg.statistics_uri, num_features)
-    source = (
-        f"pooled least squares from {cfg.statistics_uri}, computed outside the federation (by fedlinear run from the "
-        "shards on its machine); no node sent statistics"
-    )
-    return local, source, local if cfg.dp_public_statistics else None
-
-
-def build_transform(cfg: RunConfig, stats: scaling.PooledStats | None, num_features: int) -> scaling.Transform:
-    """The standardization transform; under privacy only from statistics declared public."""
-    if cfg.private and stats is None and cfg.standardize != "none":
-        if cfg.standardize != "auto":
-            raise FedLinearError(
-                f"standardize = {cfg.standardize} needs pooled statistics, which no node sends under privacy: "
-                "declare statistics public with 'dp-public-statistics' = true and 'statistics-uri', or set 'standardize' = none"
-            )
-        transform = scaling.Transform.identity(num_features)
-        transform.notes = (
-            "standardize = auto trains on raw data under privacy: the statistics would leak; declare them public "
-            "('dp-public-statistics' = true with 'statistics-uri') to standardize",
-        )
-        return transform
-    transform = scaling.build_transform(cfg.standardize, stats, num_features)
-    if cfg.private and stats is not None and transform.kind != "none":
-        transform.notes = (*transform.notes, f"standardization statistics declared public ({cfg.statistics_uri}); not covered by ε")
-    return transform
+# -- the adaptive clipping wrapper (rule 6) ----------------------------------------------------------
 
 
 class AdaptiveClippingError(ValueError):
@@ -179,8 +400,6 @@ class ServerSideAdaptiveClipping:
         self.clipping_norm = float(state["clipping-norm"])
 
     def configure_train(self, server_round, arrays, config, grid):
-        from flwr.serverapp.exception import PrivacyBudgetExhausted
-
         self.current = arrays
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         event = GaussianPrivacyEvent(self.noise_multiplier, max(1, len(messages)), max(1, self.population))
@@ -195,9 +414,6 @@ class ServerSideAdaptiveClipping:
         return self.strategy.aggregate_evaluate(server_round, replies)
 
     def aggregate_train(self, server_round, replies):
-        import numpy as np
-        from flwr.app import Array, ArrayRecord
-
         replies = list(replies)
         if any(msg.has_error() for msg in replies) or len(replies) != self.num_sampled:
             return None, None  # nothing released, nothing accounted

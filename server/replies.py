@@ -78,7 +78,8 @@ def check_train_reply(msg: Message, num_features: int, declared: dict[str, Any],
     (far above anything training produces: a reply past it is garbage or an attack on the scale).
     """
     content = msg.content
-    if set(content.array_records) != {protocol.RECORD_ARRAYS} or set(content.metric_records) != {protocol.RECORD_METRICS}:
+    records = (set(content.array_records), set(content.metric_records))
+    if records != ({protocol.RECORD_ARRAYS}, {protocol.RECORD_METRICS}):
         return (
             "malformed train reply: records "
             f"{sorted(content.array_records) + sorted(content.metric_records)}, expected arrays and metrics"
@@ -113,7 +114,8 @@ def check_train_reply(msg: Message, num_features: int, declared: dict[str, Any],
     claimed, said = metrics[protocol.METRIC_NUM_EXAMPLES], declared[protocol.SHARD_NUM_EXAMPLES]
     if claimed != said:
         return f"train reply rejected: claims {claimed} examples, the shard query said {said}"
-    if metrics[protocol.METRIC_CLIENT_KEY] != declared[protocol.SHARD_CLIENT_KEY] or metrics[protocol.METRIC_UNIT_WEIGHT] != 1:
+    same_key = metrics[protocol.METRIC_CLIENT_KEY] == declared[protocol.SHARD_CLIENT_KEY]
+    if not same_key or metrics[protocol.METRIC_UNIT_WEIGHT] != 1:
         return "train reply rejected: client key or weight differs from the shard query"
     return None
 

@@ -63,7 +63,8 @@ def data_identity(healthy: dict[int, dict], test: Dataset | None) -> dict[str, A
     """
     shards = []
     for info in sorted(healthy.values(), key=lambda info: int(info[protocol.SHARD_CLIENT_KEY])):
-        shard = {"client-key": int(info[protocol.SHARD_CLIENT_KEY]), "num-examples": int(info[protocol.SHARD_NUM_EXAMPLES])}
+        key, size = int(info[protocol.SHARD_CLIENT_KEY]), int(info[protocol.SHARD_NUM_EXAMPLES])
+        shard = {"client-key": key, "num-examples": size}
         if info.get(protocol.SHARD_FINGERPRINTS):  # none under privacy
             shard["fingerprints"] = [_content(fp) for fp in info[protocol.SHARD_FINGERPRINTS]]
         shards.append(shard)

@@ -34,7 +34,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedlinear.common import model as lm
-from fedlinear.common import privacy as private_noise
 from fedlinear.common import protocol, scaling
 from fedlinear.common import target as targets
 from fedlinear.common.config import RunConfig
@@ -89,47 +88,6 @@ def participation_floor(cfg: RunConfig, num_eligible: int, num_sampled: int) -> 
     return floor
 
 
-def local_dp_config(cfg: RunConfig) -> dict[str, Any]:
-    if cfg.dp != "local":
-        return {}
-    return {
-        protocol.KEY_LOCAL_DP_CLIPPING_NORM: cfg.dp_clipping_norm,
-        protocol.KEY_LOCAL_DP_NOISE_MULTIPLIER: cfg.dp_noise_multiplier,
-        protocol.KEY_DP_NOISE_SEED: cfg.dp_noise_seed,
-    }
-
-
-def secure_with_dp(cfg: RunConfig, secured, arrays: ArrayRecord, built, server_round: int, population: int):
-    """The new global weights from a securely aggregated round, with central DP noise when asked.
-
-    Under ``central-client-clip`` the clients clipped their updates before masking (the server cannot
-    clip what it cannot see); the server adds ``N(0, (zC/m)²)`` to the aggregated mean and accounts
-    one Gaussian release, exactly as Flower's wrapper does in the clear, and, as there, a round in which
-    fewer than the m sampled updates were aggregated releases nothing (the noise is calibrated to m).
-    """
-    if secured.update is None:
-        return None, None
-    if cfg.dp not in ("central-client-clip", "central-server-clip"):
-        return secure.apply_update(arrays, secured.update), secured.metrics
-    strategy = built.strategy
-    getattr(strategy, "_pending_events", {}).pop(server_round, None)  # released (below) or voided here
-    if secured.num_aggregated != built.num_sampled:
-        progress.say(
-            f"round {server_round}: {secured.num_aggregated} of {built.num_sampled} updates aggregated: "
-            "nothing released (the DP noise is calibrated to all sampled clients)"
-        )
-        return None, None
-    std = cfg.dp_noise_multiplier * cfg.dp_clipping_norm / built.num_sampled
-    noisy = ArrayRecord(
-        {
-            name: Array(value + np.random.normal(0.0, std, value.shape))
-            for name, value in ((name, secured.update[name].numpy()) for name in secured.update)
-        }
-    )
-    built.accountant.compose(privacy.release_event(cfg, built.num_sampled, population))
-    return secure.apply_update(arrays, noisy), secured.metrics
-
-
 @dataclasses.dataclass
 class Trained:
     """What phase 2 (train, ClientApp side) gave: the valid replies in client-key order (clear path)
@@ -145,6 +103,13 @@ class Trained:
             return self.secured.num_aggregated
         return sum(1 for msg in self.ordered if not msg.has_error())
 
+    @property
+    def released(self) -> bool:
+        """Whether any client's update reached the server (what local DP accounts)."""
+        return any(not msg.has_error() for msg in self.ordered) or (
+            self.secured is not None and self.secured.num_aggregated > 0
+        )
+
 
 class Rounds:
     """One run of an iterative strategy over the parties of the shard query."""
@@ -155,10 +120,22 @@ class Rounds:
     ) -> None:  # fmt: skip
         self.grid, self.context, self.store, self.cfg = grid, context, store, cfg
         self.parties, self.test, self.started = parties, test, started
-        healthy, num_features = parties.healthy, parties.num_features
-        data = resume.data_identity(healthy, test)
-        start = resume.resume_or_start(store, cfg, num_features, data)
-        pooled, reference_source, training_stats = privacy.choose_statistics(cfg, parties.pooled, num_features)
+        data = resume.data_identity(parties.healthy, test)
+        start = resume.resume_or_start(store, cfg, parties.num_features, data)
+        self._settle_training(start)
+        self._build_strategy()
+        self._open_history(start)
+        self.checkpoints = resume.Checkpoints(store, cfg, parties.num_features, data, self.transform, self.learning_rate)
+        self.baseline = dict(self.history["rounds"][0])
+        self.failed_in_a_row = 0
+        self.stopped: str | None = None  # why training stopped before its last round (the privacy budget)
+        self.min_train = participation_floor(cfg, len(self.eligible), self.built.num_sampled)  # min-train-nodes as a count
+
+    def _settle_training(self, start: resume.Start) -> None:
+        """The transform and the learning rate the clients train with (a resumed run keeps its own), and
+        the yardstick of every round."""
+        cfg, healthy, num_features = self.cfg, self.parties.healthy, self.parties.num_features
+        pooled, reference_source, training_stats = privacy.choose_statistics(cfg, self.parties.pooled, num_features)
         if start.transform is not None:
             transform = start.transform  # a resumed run keeps the transform it trained in
         else:
@@ -170,68 +147,70 @@ class Rounds:
             learning_rate, rate_note = start.learning_rate, f"learning rate {start.learning_rate:.4g} (from the checkpoint)"
         else:
             learning_rate, rate_note = resolve_learning_rate(cfg, training_stats, transform, sizes)
-        evaluate = evaluation.Evaluator(test, pooled, transform)
+        evaluate = evaluation.Evaluator(self.test, pooled, transform)
         if evaluate.optimum is not None:
             evaluate.reference["source"] = reference_source
         evaluation.check_target(cfg, evaluate, reference_source)  # before round 1: a target needs the ratio
+        test_mse = evaluate.reference.get("test-mse")
         progress.say(
             f"{len(healthy)} shards, {num_features} features, {sum(sizes)} samples; "
             f"standardize = {transform.kind}; {rate_note}"
-            + (f"; pooled least-squares test MSE {evaluate.reference['test-mse']:.6g}" if "test-mse" in evaluate.reference else "")
+            + (f"; pooled least-squares test MSE {test_mse:.6g}" if test_mse is not None else "")
         )
+        self.transform, self.learning_rate, self.rate_note, self.evaluate = transform, learning_rate, rate_note, evaluate
 
-        self.eligible = parties.eligible
-        built = build_strategy(cfg, self.eligible)
-        self.built, self.strategy, self.accountant = built, built.strategy, built.accountant
-        # the settings every task of the run carries in its ConfigRecord (Strategy.start's train_config
-        # and evaluate_config): the one channel by which they reach the clients
-        self.train_config = {**protocol.train_config(learning_rate, transform), **local_dp_config(cfg)}
-        self.evaluate_config = protocol.evaluate_config(transform)
-        if cfg.secure_aggregation:  # secure aggregation hook
+    def _build_strategy(self) -> None:
+        """The strategy (with its DP wrapper), the privacy side of the rounds, and the settings every
+        task carries in its ConfigRecord (Strategy.start's ``train_config`` and ``evaluate_config``):
+        the one channel by which they reach the clients."""
+        cfg = self.cfg
+        self.eligible = self.parties.eligible
+        self.built = build_strategy(cfg, self.eligible)
+        self.strategy, self.accountant = self.built.strategy, self.built.accountant
+        self.privacy = privacy.RoundPrivacy(cfg, self.built, len(self.eligible))
+        self.train_config = {
+            **protocol.train_config(self.learning_rate, self.transform),
+            **privacy.local_dp_config(cfg),
+        }
+        self.evaluate_config = protocol.evaluate_config(self.transform)
+        if privacy.secure_rounds(cfg):  # secure aggregation hook
             progress.say(secure.describe(cfg))
-        if cfg.dp != "none":
-            progress.say(
-                f"privacy: {privacy.MECHANISMS[cfg.dp]}; z = {cfg.dp_noise_multiplier:g}, C = {cfg.dp_clipping_norm:g}, "
-                f"δ = {cfg.dp_delta:g}, {built.num_sampled} of {len(self.eligible)} clients a round"
-                + (f", budget ε <= {cfg.dp_max_epsilon:g}" if cfg.dp_max_epsilon else "")
-            )
+        if self.privacy.describe():
+            progress.say(self.privacy.describe())
+
+    def _open_history(self, start: resume.Start) -> None:
+        """The weights the rounds start from and the history: round 0 (the initial model) for a fresh
+        run, the checkpoint's rows for a resumed one (with the accountant and strategy state restored)."""
+        cfg, healthy = self.cfg, self.parties.healthy
         weights, self.first_round, history = start.weights, start.first_round, start.history
         if self.first_round > 1:
-            progress.say(f"resuming after round {self.first_round - 1} from {store.uri('checkpoints', 'latest.json')}")
+            progress.say(f"resuming after round {self.first_round - 1} from {self.store.uri('checkpoints', 'latest.json')}")
         else:
-            weights = initial_weights(num_features, cfg.seed, transform)
-            history = {"run-id": context.run_id, "rounds": []}
-            row = {"round": 0, "elapsed-s": time.monotonic() - started, "clients-ok": 0, "clients-failed": 0}
-            row.update(evaluate(weights))
-            if self.accountant is not None:
-                row["epsilon"] = 0.0
+            weights = initial_weights(self.parties.num_features, cfg.seed, self.transform)
+            history = {"run-id": self.context.run_id, "rounds": []}
+            row = {"round": 0, "elapsed-s": time.monotonic() - self.started, "clients-ok": 0, "clients-failed": 0}
+            row.update(self.evaluate(weights))
+            row.update(self.privacy.initial_row())
             history["rounds"].append(row)
-        history["reference"] = evaluate.reference
-        history["standardization"] = transform.to_json()
-        history["learning-rate"] = {"value": learning_rate, "how": rate_note}
+        history["reference"] = self.evaluate.reference
+        history["standardization"] = self.transform.to_json()
+        history["learning-rate"] = {"value": self.learning_rate, "how": self.rate_note}
         history["target-mse-ratio"] = cfg.target_mse_ratio  # the outcome (reached-target-at, ...) after the rounds
         if self.accountant is not None and start.accountant_state is not None:
             self.accountant.load_state_dict(start.accountant_state)  # a resumed run never resets ε
         if start.strategy_state is not None:
-            built.load_state_dict(start.strategy_state)  # momentum / moments, the adaptive clipping norm reached
-        history["query-failures"] = parties.failures
+            self.built.load_state_dict(start.strategy_state)  # momentum / moments, the adaptive clipping norm reached
+        history["query-failures"] = self.parties.failures
         shown = (protocol.SHARD_CLIENT_KEY, protocol.SHARD_PARTITION_ID, protocol.SHARD_NUM_EXAMPLES)
         history["parties"] = [  # the report: who took part, by node id, with their shard descriptions
             {"node-id": nid} | {k: healthy[nid][k] for k in shown if k in healthy[nid]}
-            for nid in parties.in_key_order()
+            for nid in self.parties.in_key_order()
         ]
         history.setdefault("resumed-at", [])
         if self.first_round > 1:
             history["resumed-at"].append(self.first_round - 1)
-        store.write_history(history)
-
-        self.transform, self.learning_rate, self.rate_note, self.evaluate = transform, learning_rate, rate_note, evaluate
+        self.store.write_history(history)
         self.history, self.weights, self.arrays = history, weights, to_record(weights)
-        self.checkpoints = resume.Checkpoints(store, cfg, num_features, data, transform, learning_rate)
-        self.baseline = dict(history["rounds"][0])
-        self.failed_in_a_row = 0
-        self.stopped: str | None = None  # why training stopped before its last round (the privacy budget)
-        self.min_train = participation_floor(cfg, len(self.eligible), built.num_sampled)  # min-train-nodes as a count
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -252,8 +231,10 @@ class Rounds:
         if messages is None:
             return False
         trained = self.train(server_round, messages)
-        row, aggregated = self.aggregate_train(server_round, messages, trained)
-        if aggregated:
+        new_arrays, train_metrics, too_few = self.aggregate_train(server_round, messages, trained)
+        row = self.round_row(server_round, messages, trained, new_arrays is not None, train_metrics, too_few)
+        if new_arrays is not None:
+            self.arrays, self.weights = new_arrays, from_record(new_arrays)
             self.evaluate_clientapp(server_round, row)
         self.evaluate_serverapp(row)
         return self.record(server_round, row, trained.failures)
@@ -262,20 +243,12 @@ class Rounds:
 
     def configure_train(self, server_round: int) -> list[Message] | None:
         """Phase 1: the round's train tasks; None when the privacy budget stops training before it."""
-        cfg, accountant = self.cfg, self.accountant
         try:
             config = ConfigRecord(dict(self.train_config))
             messages = list(self.strategy.configure_train(server_round, self.arrays, config, self.grid))
-            if cfg.dp == "local" and accountant.config.max_epsilon is not None:
-                event = privacy.release_event(cfg, len(messages), len(self.eligible))
-                if messages and accountant.would_exceed(event):
-                    raise PrivacyBudgetExhausted("the next release would exceed max_epsilon")
+            self.privacy.check_budget(messages)  # dp = local; the central wrappers check it themselves
         except PrivacyBudgetExhausted:
-            self.stopped = (
-                f"training stopped before round {server_round}: its release would take ε past the budget "
-                f"dp-max-epsilon = {cfg.dp_max_epsilon:g} (ε spent {privacy.epsilon(accountant, cfg.dp_delta):.4g} "
-                f"at δ = {cfg.dp_delta:g}); the model of round {server_round - 1} is the result"
-            )
+            self.stopped = self.privacy.budget_stop(server_round)
             progress.say(self.stopped)
             self.history["stopped"] = {"round": server_round - 1, "reason": self.stopped}
             return None
@@ -287,7 +260,7 @@ class Rounds:
     def train(self, server_round: int, messages: list[Message]) -> Trained:
         """Phase 2: send the tasks and check what comes back (or run them through SecAgg+)."""
         cfg, eligible = self.cfg, self.eligible
-        if cfg.secure_aggregation and messages:  # secure aggregation hook: SecAgg+ instead of clear replies
+        if privacy.secure_rounds(cfg) and messages:  # secure aggregation hook: SecAgg+ instead of clear replies
             sizes_by_node = {nid: int(info[protocol.SHARD_NUM_EXAMPLES]) for nid, info in self.parties.healthy.items()}
             secured = secure.train_round(self.grid, cfg, server_round, messages, sizes_by_node)
             return Trained([], secured.failures, secured)
@@ -307,29 +280,33 @@ class Rounds:
 
     def aggregate_train(
         self, server_round: int, messages: list[Message], trained: Trained
-    ) -> tuple[dict[str, Any], bool]:
-        """Phase 3: the new global model (unless too few valid updates); the round's history row and
-        whether the global model changed."""
-        cfg, strategy, accountant = self.cfg, self.strategy, self.accountant
-        ordered, failures, secured = trained.ordered, trained.failures, trained.secured
-        if cfg.dp != "none":
-            # Flower's wrappers draw noise from NumPy's global RNG: seed it per round (dp-noise-seed)
-            private_noise.seed_global_numpy(cfg.dp_noise_seed, cfg.seed, server_round, private_noise.CENTRAL_DP_STREAM)
-        valid = trained.num_valid
-        too_few = valid < self.min_train  # min-train-nodes: not aggregated (nor noised, nor accounted centrally)
+    ) -> tuple[ArrayRecord | None, Any, bool]:
+        """Phase 3: (the new global weights or None, the aggregated train metrics or None, whether the
+        round had fewer valid updates than ``min-train-nodes``)."""
+        ordered, secured = trained.ordered, trained.secured
+        self.privacy.seed_noise(server_round)
+        too_few = trained.num_valid < self.min_train  # not aggregated (nor noised, nor accounted centrally)
         if too_few:
-            getattr(strategy, "_pending_events", {}).pop(server_round, None)  # Flower's DP wrapper: nothing released
+            self.privacy.void(server_round)
             new_arrays, train_metrics = None, None
         else:
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, ordered) if ordered else (None, None)
-        if secured is not None and not too_few:  # secure aggregation hook: the aggregate (central DP noise goes on secured.update)
-            new_arrays, train_metrics = secure_with_dp(cfg, secured, self.arrays, self.built, server_round, len(self.eligible))
-        released = any(not msg.has_error() for msg in ordered) or (secured is not None and secured.num_aggregated > 0)
-        if cfg.dp == "local" and released:
-            accountant.compose(privacy.release_event(cfg, len(messages), len(self.eligible)))
+            new_arrays, train_metrics = self.strategy.aggregate_train(server_round, ordered) if ordered else (None, None)
+        if secured is not None and not too_few:  # secure aggregation hook: the aggregate, noised under central DP
+            update = self.privacy.secure_update(secured, server_round)
+            new_arrays = None if update is None else secure.apply_update(self.arrays, update)
+            train_metrics = None if update is None else secured.metrics
+        self.privacy.account(trained.released, len(messages))
+        return new_arrays, train_metrics, too_few
+
+    def round_row(
+        self, server_round: int, messages: list[Message], trained: Trained, aggregated: bool, train_metrics, too_few: bool
+    ) -> dict[str, Any]:
+        """The round's history row so far (who took part and failed, ε, why nothing was aggregated, the
+        train loss), its failures said; counts the rounds in a row without an update."""
+        cfg, failures, secured = self.cfg, trained.failures, trained.secured
         row = {
             "round": server_round,
-            "clients-ok": sum(1 for msg in ordered if not msg.has_error())
+            "clients-ok": sum(1 for msg in trained.ordered if not msg.has_error())
             + (secured.num_aggregated if secured is not None else 0),  # secure aggregation hook
             "clients-failed": len(failures),
             "failures": failures,
@@ -339,38 +316,33 @@ class Rounds:
         for failure in failures:  # party-supplied text: one printable line, bounded (common.errors)
             failure["round"] = server_round
             failure["reason"] = untrusted_text(failure["reason"])
-        if accountant is not None:
-            row["epsilon"] = privacy.epsilon(accountant, cfg.dp_delta)
-        if hasattr(strategy, "clipping_norm") and cfg.dp_clipping == "adaptive":
-            row["clipping-norm"] = strategy.clipping_norm  # for the next round
-            row["unclipped-fraction"] = strategy.last_unclipped_fraction
+        row.update(self.privacy.row())  # ε so far, the adaptive clipping norm for the next round
         for failure in failures:
             progress.say(f"round {server_round}: node {failure['node-id']} failed: {failure['reason']}")
-        if new_arrays is None:
+        if aggregated:
+            self.failed_in_a_row = 0
+        else:
             self.failed_in_a_row += 1
             if too_few:
                 row["not-aggregated"] = (
-                    f"{valid} valid update(s), fewer than 'min-train-nodes' = {cfg.min_train_nodes:g} ({self.min_train})"
+                    f"{trained.num_valid} valid update(s), fewer than 'min-train-nodes' = {cfg.min_train_nodes:g} "
+                    f"({self.min_train})"
                 )
                 progress.say(f"round {server_round}: not aggregated: {row['not-aggregated']}; the global model is unchanged")
             else:
                 row["not-aggregated"] = "no client update"
                 progress.say(f"round {server_round}: no client update; the global model is unchanged")
-        else:
-            self.failed_in_a_row = 0
-            self.arrays = new_arrays
-            self.weights = from_record(new_arrays)
         if train_metrics is not None:
             row["train-loss"] = float(train_metrics[protocol.METRIC_TRAIN_LOSS])
             self.baseline.setdefault("train-loss", row["train-loss"])
-        return row, new_arrays is not None
+        return row
 
     def evaluate_clientapp(self, server_round: int, row: dict[str, Any]) -> None:
         """Phase 4: federated evaluation of the new global model (only with ``fraction-evaluate`` > 0)."""
         if self.cfg.fraction_evaluate > 0:
+            config = ConfigRecord(dict(self.evaluate_config))
             eval_replies = self.grid.send_and_receive(
-                self.strategy.configure_evaluate(server_round, self.arrays, ConfigRecord(dict(self.evaluate_config)), self.grid),
-                timeout=self.cfg.round_timeout,
+                self.strategy.configure_evaluate(server_round, self.arrays, config, self.grid), timeout=self.cfg.round_timeout
             )
             eval_metrics = self.strategy.aggregate_evaluate(server_round, eval_replies)
             if eval_metrics is not None:
@@ -430,7 +402,7 @@ class Rounds:
             bias=raw_bias,
             transform=self.transform,
             learning_rate={"value": self.learning_rate, "how": self.rate_note},
-            method={"privacy": privacy.summary(cfg, self.accountant, self.stopped)},
+            method={"privacy": self.privacy.summary(self.stopped)},
             reference=self.evaluate.reference,
             final_row=history["rounds"][-1],
             standardized=weights,

@@ -67,7 +67,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import FitIns, Parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server import ServerConfig
@@ -83,7 +83,7 @@ from flwr.serverapp import Grid
 from fedlinear.common import protocol, secagg_prg
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
-from fedlinear.server import progress
+from fedlinear.server import privacy, progress
 
 # Flower 1.42 expands mask seeds through a 32-bit seed: use full-strength masks (common/secagg_prg.py),
 # as clients/secure.py does on the other side
@@ -188,7 +188,8 @@ def train_round(
     """
     messages = list(messages)
     sampled = [msg.metadata.dst_node_id for msg in messages]
-    weighting = protocol.WEIGHTING_EQUAL if cfg.dp != "none" or num_examples is None else protocol.WEIGHTING_NUM_EXAMPLES
+    equal = privacy.equal_weights(cfg) or num_examples is None
+    weighting = protocol.WEIGHTING_EQUAL if equal else protocol.WEIGHTING_NUM_EXAMPLES
     if len(messages) < 2:
         reason = (
             f"secure aggregation needs at least 2 parties, {len(messages)} sampled "

@@ -58,6 +58,7 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 from fedlinear.common import protocol
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
+from fedlinear.server import privacy
 
 
 class DeterministicMixin:
@@ -336,9 +337,9 @@ def make_base(cfg: RunConfig, num_sampled: int) -> DeterministicMixin:
         "min_train_nodes": 1,
         "min_evaluate_nodes": 1,
         "min_available_nodes": 1,
-        # under DP every client counts the same (Flower's accounted wrappers require equal weights);
-        # the robust rules count parties, not examples (a party's claimed size cannot be trusted)
-        "weighted_by_key": protocol.METRIC_UNIT_WEIGHT if cfg.dp != "none" or cfg.strategy in ROBUST
+        # under DP every client counts the same (server/privacy.py); the robust rules count parties, not
+        # examples (a party's claimed size cannot be trusted)
+        "weighted_by_key": protocol.METRIC_UNIT_WEIGHT if privacy.equal_weights(cfg) or cfg.strategy in ROBUST
         else protocol.METRIC_NUM_EXAMPLES,
         "arrayrecord_key": protocol.RECORD_ARRAYS,
         "configrecord_key": protocol.RECORD_CONFIG,
@@ -386,35 +387,10 @@ def make_base(cfg: RunConfig, num_sampled: int) -> DeterministicMixin:
 
 
 def build_strategy(cfg: RunConfig, eligible: dict[int, int]) -> Strategies:
-    """The strategy for this run (``strategy``), FedAvg wrapped by Flower's DP wrappers when asked."""
+    """The strategy for this run (``strategy``), wrapped for differential privacy when asked (:func:`server.privacy.wrap`)."""
     num_sampled = sample_size(len(eligible), cfg.fraction_train)
     base = make_base(cfg, num_sampled)
     base.seed = cfg.seed
     base.eligible = dict(eligible)
-    strategy, accountant = base, None
-    if cfg.dp != "none":
-        from fedlinear.server import privacy
-
-        accountant = privacy.make_accountant(cfg, len(eligible))
-    if cfg.dp == "central-server-clip" and cfg.dp_clipping == "adaptive":
-        from fedlinear.server import privacy
-
-        try:
-            strategy = privacy.ServerSideAdaptiveClipping(base, cfg, num_sampled, accountant)
-        except privacy.AdaptiveClippingError as exc:
-            raise FedLinearError(str(exc)) from None
-    elif cfg.dp in ("central-server-clip", "central-client-clip"):
-        from flwr.serverapp.strategy import (
-            DifferentialPrivacyClientSideFixedClipping,
-            DifferentialPrivacyServerSideFixedClipping,
-        )
-
-        wrapper = (
-            DifferentialPrivacyServerSideFixedClipping
-            if cfg.dp == "central-server-clip"
-            else DifferentialPrivacyClientSideFixedClipping
-        )
-        strategy = wrapper(
-            base, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, num_sampled, accountant=accountant
-        )
+    strategy, accountant = privacy.wrap(base, cfg, num_sampled, len(eligible))  # DP: which wrapper, the accountant
     return Strategies(strategy, base, accountant, num_sampled)
