@@ -266,6 +266,7 @@ class RoundPrivacy:
     def void(self, server_round: int) -> None:
         """Rule 9: a round that is not aggregated releases nothing (Flower's wrapper accounts a round when
         its updates are aggregated: its pending event goes)."""
+        # Flower 1.42 has no public way to drop a pending accounting event; its wrapper keeps them here.
         getattr(self.strategy, "_pending_events", {}).pop(server_round, None)
 
     def secure_update(self, secured, server_round: int) -> ArrayRecord | None:
