@@ -1,6 +1,6 @@
 """``fedlinear certs``, ``preflight``, ``superlink`` and ``node``: multi-machine federations (see docs/deploy.md).
 
-    fedlinear certs     --out DIR [--address HOST_OR_IP ...] [--party NAME ...] [--days N]
+    fedlinear certs     --out DIR [--address HOST_OR_IP ...] [--party NAME ...] [--days N] | --rotate NAME
     fedlinear preflight [--ca CA.crt] [--cert SERVER.crt [--server-key KEY]] [--address HOST ...]
                         [--node-key NAME.key ...] [--public-key NAME.pub ...] [--flwr-config FILE]
                         [--superlink HOST:PORT] [--probe]
@@ -40,6 +40,14 @@ def _abs(path: str) -> str:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
+    if args.rotate:
+        if args.address or args.party:
+            raise FedLinearError("--rotate replaces party keys; give --address / --party in another call")
+        lines = []
+        for name in args.rotate:
+            lines += pki.rotate_party(_abs(args.out), name)
+        print("\n".join(lines))
+        return 0
     if not args.address and not args.party and os.path.exists(os.path.join(_abs(args.out), pki.CA_CERT)):
         raise FedLinearError(
             f"{os.path.join(_abs(args.out), pki.CA_CERT)} already exists; refusing to overwrite it "
@@ -102,8 +110,29 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     fail(superlink.check_superlink(ca, cert, key, args.host, args.port, args.control_port, args.address))
     database = _abs(args.database) if args.database else None
     return superlink.serve_superlink(
-        ca, cert, key, args.host, args.port, args.control_port, _abs(args.workdir), database, args.startup_timeout
+        ca, cert, key, args.host, args.port, args.control_port, _abs(args.workdir), database, args.startup_timeout,
+        limits=front_limits(args), key_dir=os.path.dirname(ca),
     )
+
+
+def front_limits(args: argparse.Namespace):
+    """The Fleet front's limits from ``fedlinear superlink``'s options (each checked, one line)."""
+    from fedlinear.scripts.deploy.fleetfront import FrontLimits, default_body_limits
+
+    for name in ("max_connections", "max_per_peer", "header_timeout", "max_object_mib"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise FedLinearError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    limits = FrontLimits()
+    if args.max_connections is not None:
+        limits.max_connections = args.max_connections
+    if args.max_per_peer is not None:
+        limits.max_per_peer = args.max_per_peer
+    if args.header_timeout is not None:
+        limits.header_timeout = args.header_timeout
+    if args.max_object_mib is not None:
+        limits.body_limits = default_body_limits(max_object=int(args.max_object_mib * 1024 * 1024))
+    return limits
 
 
 def node_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -157,6 +186,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     certs.add_argument("--address", action="append", metavar="HOST_OR_IP",
                        help="an address or name the SuperLink is dialled on (repeatable; 127.0.0.1 is always added)")  # fmt: skip
     certs.add_argument("--party", action="append", metavar="NAME", help="make NAME.key/NAME.pub for a party (repeatable)")
+    certs.add_argument("--rotate", action="append", metavar="NAME",
+                       help="replace party NAME's key pair (the old one is kept as NAME.revoked-<time>.*; repeatable)")
     certs.add_argument("--days", type=int, default=365, help="validity of the CA and the server certificate")
     certs.set_defaults(func=cmd_certs)
 
@@ -186,6 +217,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     link.add_argument("--database", help="SuperLink state file (default: in memory)")
     link.add_argument("--workdir", default="fedlinear-superlink", help="logs and the private FLWR_HOME")
     link.add_argument("--startup-timeout", type=float, default=60.0)
+    link.add_argument("--max-connections", type=int,
+                      help="Fleet front: connections at once (default: half the open-file limit left, at most 4096)")
+    link.add_argument("--max-per-peer", type=int, help="Fleet front: connections at once from one address (default 32)")
+    link.add_argument("--header-timeout", type=float,
+                      help="Fleet front: seconds for the TLS handshake and the request headers, in total (default 10)")
+    link.add_argument("--max-object-mib", type=float,
+                      help="Fleet front: largest push-object body in MiB (default 8: Flower's 5 MiB array chunks)")
     link.set_defaults(func=cmd_superlink)
 
     node = sub.add_parser("node", help="a party's SuperNode: TLS, its own key and shard, bounded retries")

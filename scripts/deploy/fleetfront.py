@@ -69,6 +69,7 @@ HOP_BY_HOP = frozenset(
      "transfer-encoding", "upgrade", "host", "content-length", "expect", "proxy-connection"}
 )  # fmt: skip
 PUBLIC_KEY_HEADER = b"flwr-public-key"  # flwr.supercore.constant.FLEET_HTTP_PUBLIC_KEY_HEADER
+ACTIVATE = "/v1/fleet/activate-node"
 KIB, MIB = 1024, 1024 * 1024
 CHUNK = 64 * KIB
 PLAINTEXT_REPLY = (
@@ -194,6 +195,16 @@ def openssh_fingerprint(key) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
+def activated_node_id(answer: bytes) -> int | None:
+    """The node id in the SuperLink's answer to activate-node (an ``ActivateNodeResponse``), if any."""
+    try:
+        from flwr.proto.fleet_pb2 import ActivateNodeResponse
+
+        return ActivateNodeResponse.FromString(answer).node_id or None
+    except Exception:  # noqa: BLE001 - not protobuf, or another Flower: the id is a nicety
+        return None
+
+
 class NodeAddresses:
     """Which address each node key was last accepted from. A key seen from a new address is logged
     (and appended to ``records`` as one JSON line): a party that moved, or someone else with its key."""
@@ -204,8 +215,9 @@ class NodeAddresses:
         self.log, self.names, self.records = log, dict(names or {}), records
         self.fingerprints: dict[bytes, str | None] = {}
         self.last: dict[str, tuple[str, float]] = {}  # fingerprint -> (address, time)
+        self.node_ids: dict[str, int] = {}  # fingerprint -> the SuperLink's node id (from activate-node)
 
-    def accepted(self, header_value: bytes, address: str, path: str) -> None:
+    def accepted(self, header_value: bytes, address: str, path: str, node_id: int | None = None) -> None:
         if header_value not in self.fingerprints:
             if len(self.fingerprints) >= self.MAX_KEYS:
                 self.fingerprints.clear()
@@ -216,10 +228,19 @@ class NodeAddresses:
         previous = self.last.get(fingerprint)
         now = time.time()
         self.last[fingerprint] = (address, now)
+        new_id = node_id is not None and self.node_ids.get(fingerprint) != node_id
+        if node_id is not None:
+            if len(self.node_ids) >= self.MAX_KEYS:
+                self.node_ids.clear()
+            self.node_ids[fingerprint] = node_id
         if previous is not None and previous[0] == address:
+            if new_id:
+                name = self.names.get(fingerprint)
+                self.log(f"node key {fingerprint}" + (f" ({name})" if name else "")
+                         + f" is node {node_id}, activated from {address}")  # fmt: skip
             return
         name = self.names.get(fingerprint)
-        label = f"node key {fingerprint}" + (f" ({name})" if name else "")
+        label = f"node key {fingerprint}" + self._name(fingerprint)
         if previous is None:
             event = "first-seen"
             self.log(f"{label} accepted from {address} ({path})")
@@ -231,10 +252,17 @@ class NodeAddresses:
                 "if that party did not move, another machine holds its key; see docs/deploy.md, 'A stolen party key'"
             )
         if self.records:
-            entry = {"time": round(now, 3), "event": event, "key": fingerprint, "name": name, "address": address,
+            entry = {"time": round(now, 3), "event": event, "key": fingerprint, "name": name,
+                     "node-id": self.node_ids.get(fingerprint), "address": address,
                      "previous": previous[0] if previous else None, "path": path}  # fmt: skip
             with contextlib.suppress(OSError), open(self.records, "a") as handle:
                 handle.write(json.dumps(entry) + "\n")
+
+    def _name(self, fingerprint: str) -> str:
+        parts = [self.names[fingerprint]] if fingerprint in self.names else []
+        if fingerprint in self.node_ids:
+            parts.append(f"node {self.node_ids[fingerprint]}")
+        return f" ({', '.join(parts)})" if parts else ""
 
 
 class _Refuse(Exception):
@@ -602,14 +630,16 @@ class FleetFront:
                     response = await self._next_event(upstream, up_reader)
                     if not isinstance(response, h11.Response):
                         raise h11.RemoteProtocolError("no response")
-                    if public_key is not None and 200 <= response.status_code < 300:
-                        self.nodes.accepted(public_key, peer, target)
+                    accepted = public_key is not None and 200 <= response.status_code < 300
+                    answer = b""  # activate-node's answer names the node id (a few bytes of protobuf)
                     out = [(k, v) for k, v in response.headers if k.decode() not in HOP_BY_HOP or k == b"content-length"]
                     writer.write(conn.send(h11.Response(status_code=response.status_code, headers=out,
                                                         reason=response.reason)))  # fmt: skip
                     while True:
                         event = await self._next_event(upstream, up_reader)
                         if isinstance(event, h11.Data):
+                            if accepted and target == ACTIVATE and len(answer) < 4 * KIB:
+                                answer += bytes(event.data[: 4 * KIB])
                             writer.write(conn.send(event))
                             await writer.drain()
                         elif isinstance(event, h11.EndOfMessage):
@@ -618,6 +648,8 @@ class FleetFront:
                             break
                         else:
                             raise h11.RemoteProtocolError("the SuperLink closed mid-answer")
+                    if accepted:
+                        self.nodes.accepted(public_key, peer, target, activated_node_id(answer) if answer else None)
             except (TimeoutError, h11.ProtocolError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
                 if isinstance(exc, h11.LocalProtocolError):
                     raise _Gone from None

@@ -18,9 +18,15 @@ from fedlinear.scripts.deploy import preflight
 # What flower-supernode prints for each way it can be refused -> what to tell the party.
 REFUSALS: list[tuple[re.Pattern[str], str]] = [
     (
-        re.compile(r"\[code: 2004\]|Failed to activate SuperNode|No SuperNode found", re.I),
+        # Flower's 2004 covers both "no node with this key" and "that node is online already"; the
+        # SuperNode is told only the code, so the message names both causes
+        re.compile(r"\[code: 2004\]|Failed to activate SuperNode|No SuperNode found|could not be activated", re.I),
         "the SuperLink at {superlink} refused this node's key {key}: it is not registered there "
-        "(on the server: flwr supernode register {pub})",
+        "(on the server: flwr supernode register {pub}), or another process holds this identity right now. "
+        "If no other node of yours runs with {key}, someone else has this key: ask the operator to check "
+        "where it connects from (the Fleet front logs 'node key ... came back from a new address'), "
+        "unregister it (flwr supernode unregister NODE_ID) and register a new one "
+        "(fedlinear certs --out DIR --rotate NAME)",
     ),
     (
         re.compile(r"\[code: 2001\]|must be registered via the CLI", re.I),

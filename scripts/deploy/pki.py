@@ -277,3 +277,47 @@ def covers(cert: x509.Certificate, host: str) -> bool:
         if name.startswith("*.") and "." in host and host.split(".", 1)[1] == name[2:]:
             return True
     return False
+
+
+def public_key_fingerprint(path: str) -> str:
+    """OpenSSH ``SHA256:`` fingerprint of ``NAME.pub`` (as ``ssh-keygen -lf`` and the Fleet front print it)."""
+    import base64
+    import hashlib
+
+    with open(path, "rb") as handle:
+        fields = handle.read().split()
+    try:
+        blob = base64.b64decode(fields[1], validate=True)
+    except (IndexError, ValueError) as exc:
+        raise FedLinearError(f"{path}: not an OpenSSH public key") from exc
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def rotate_party(out: str, name: str) -> list[str]:
+    """Replace party ``name``'s key pair: the old ``NAME.key``/``NAME.pub`` are kept (never deleted) as
+    ``NAME.revoked-<UTC time>.key/.pub`` (so the Fleet front still names the old key if it shows up
+    again), a new pair is written, and the lines say what the operator does next."""
+    if not PARTY_NAME.match(name) or name in ("ca", "server"):
+        raise FedLinearError(f"--rotate '{name}': not a party name")
+    key, pub = os.path.join(out, f"{name}.key"), os.path.join(out, f"{name}.pub")
+    if not os.path.exists(pub):
+        raise FedLinearError(f"{pub}: no such file; --rotate replaces an existing party's key (use --party for a new one)")
+    old = public_key_fingerprint(pub)
+    stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
+    moved_key, moved_pub = os.path.join(out, f"{name}.revoked-{stamp}.key"), os.path.join(out, f"{name}.revoked-{stamp}.pub")
+    for path in (moved_key, moved_pub):
+        if os.path.exists(path):
+            raise FedLinearError(f"{path} already exists; wait a second and retry")
+    private, public = make_node_keys(comment=f"fedlinear-{name}")
+    if os.path.exists(key):
+        os.rename(key, moved_key)
+    os.rename(pub, moved_pub)
+    write_new(key, private, private=True)
+    write_new(pub, public, private=False)
+    return [
+        f"{moved_pub}  the old public key of '{name}' ({old}), kept so the Fleet front names it if it comes back",
+        f"{key}  party '{name}''s new SuperNode key (0600; give it to the party only, over a channel you trust)",
+        f"{pub}  its public key ({public_key_fingerprint(pub)})",
+        f"next, on the server: flwr supernode unregister NODE_ID CONNECTION  (NODE_ID: the old key's node, named in the "
+        f"Fleet front's log and node-addresses.jsonl as '{old}'), then flwr supernode register {pub} CONNECTION",
+    ]

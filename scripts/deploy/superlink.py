@@ -86,11 +86,13 @@ def check_superlink(
 
 def serve_superlink(
     ca: str, cert: str, key: str, host: str, port: int, control_port: int, workdir: str, database: str | None,
-    startup_timeout: float,
+    startup_timeout: float, limits=None, key_dir: str | None = None,
 ) -> int:
     """Run the SuperLink and its Fleet front until the SuperLink exits (an error) or SIGTERM / SIGHUP
-    (0); ``workdir`` holds the log and the private FLWR_HOME."""
-    from fedlinear.scripts.deploy.fleetfront import FleetFront
+    (0); ``workdir`` holds the log, the private FLWR_HOME and ``node-addresses.jsonl`` (where each node
+    key was accepted from; ``key_dir``'s ``NAME.pub`` files name them). ``limits``: a
+    :class:`~fedlinear.scripts.deploy.fleetfront.FrontLimits`."""
+    from fedlinear.scripts.deploy.fleetfront import FleetFront, key_names
     from fedlinear.scripts.local.flower import flower_env
     from fedlinear.scripts.local.processes import ProcessGroup
 
@@ -114,11 +116,17 @@ def serve_superlink(
     try:
         superlink = group.start("superlink", argv, env, log_path)
         wait_healthy_tls(control_port, ca, superlink, startup_timeout, log_path)
-        front = FleetFront((host, port), ("127.0.0.1", control_port), cert, key, ca)
+        records = os.path.join(workdir, "node-addresses.jsonl")
+        front = FleetFront((host, port), ("127.0.0.1", control_port), cert, key, ca, limits=limits,
+                           key_names=key_names(key_dir), records=records)  # fmt: skip
         front.start()
         dns, ips = pki.cert_sans(pki.load_cert(cert))
         print(f"fedlinear superlink: Fleet API (SuperNodes only) on https://{host}:{port}, "
               f"certificate SANs: {', '.join(dns + ips)}", flush=True)  # fmt: skip
+        lim = front.limits
+        print(f"fedlinear superlink: front limits: {lim.max_connections} connections, {lim.max_per_peer} per address, "
+              f"headers within {lim.header_timeout:g} s, push-object bodies up to "
+              f"{lim.body_limit('/v1/fleet/push-object')} bytes; node keys' addresses in {records}", flush=True)  # fmt: skip
         print(f"fedlinear superlink: Control and Runtime APIs on 127.0.0.1:{control_port} only "
               f"(this host: flwr run, flwr supernode register/list); log {log_path}", flush=True)  # fmt: skip
         print("fedlinear superlink: connection for $FLWR_HOME/config.toml on this host:", flush=True)

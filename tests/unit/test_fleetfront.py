@@ -55,6 +55,10 @@ class _Counting(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         type(self).requests.append((self.path, len(body), hashlib.sha256(body).hexdigest()))
         reply = hashlib.sha256(body).hexdigest().encode()
+        if self.path == "/v1/fleet/activate-node":
+            from flwr.proto.fleet_pb2 import ActivateNodeResponse
+
+            reply = ActivateNodeResponse(node_id=4242).SerializeToString()
         self.send_response(200)
         self.send_header("Content-Length", str(len(reply)))
         self.end_headers()
@@ -222,7 +226,8 @@ def test_bodies_under_the_limit_are_streamed_through_intact(front, creds):
     assert resp.status == 200 and resp.read().decode() == hashlib.sha256(body).hexdigest()
     for path in sorted(FLEET_PATHS):  # and the same kept-alive connection carries on
         conn.request("POST", path, body=b"small")
-        assert conn.getresponse().read().decode() == hashlib.sha256(b"small").hexdigest()
+        answer = conn.getresponse().read()
+        assert path.endswith("activate-node") or answer.decode() == hashlib.sha256(b"small").hexdigest()
     conn.close()
     assert _Counting.requests[0][:2] == ("/v1/fleet/push-object", len(body))
 
@@ -352,12 +357,12 @@ def test_a_flood_of_malformed_requests_logs_a_bounded_number_of_lines(creds, bac
     assert len(logs) == 6 and logs[-1] == "(suppressed 35 similar lines: refused)"
 
 
-def _signed_post(creds, port, name, source):
+def _signed_post(creds, port, name, source, path="/v1/fleet/send-node-heartbeat"):
     with open(os.path.join(creds, f"{name}.pub"), "rb") as handle:
         key = serialization.load_ssh_public_key(handle.read())
     pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     with tls_socket(creds, port, source=source) as sock:
-        sock.sendall(b"POST /v1/fleet/send-node-heartbeat HTTP/1.1\r\nHost: x\r\nflwr-public-key: "
+        sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nflwr-public-key: "
                      + base64.b64encode(pem) + b"\r\nContent-Length: 0\r\n\r\n")  # fmt: skip
         return _recv(sock)
 
@@ -373,12 +378,14 @@ def test_a_node_key_from_a_new_address_is_logged_and_recorded(creds, backend, tm
         assert _signed_post(creds, port, "alice", "127.0.0.1").startswith(b"HTTP/1.1 200")
         assert _signed_post(creds, port, "alice", "127.0.0.1").startswith(b"HTTP/1.1 200")
         assert _signed_post(creds, port, "bob", "127.0.0.1").startswith(b"HTTP/1.1 200")
-        assert _signed_post(creds, port, "alice", "127.0.0.9").startswith(b"HTTP/1.1 200")
+        assert _signed_post(creds, port, "alice", "127.0.0.1", "/v1/fleet/activate-node").startswith(b"HTTP/1.1 200")
+        assert _signed_post(creds, port, "alice", "127.0.0.9", "/v1/fleet/activate-node").startswith(b"HTTP/1.1 200")
     finally:
         server.stop()
     fingerprint = next(line.split()[2] for line in logs if "(alice) accepted from 127.0.0.1" in line)
+    assert any(line.endswith("(alice) is node 4242, activated from 127.0.0.1") for line in logs)  # its node id, once known
     moved = [line for line in logs if "came back from a new address" in line]
-    assert len(moved) == 1 and "(alice)" in moved[0] and "127.0.0.9" in moved[0] and "127.0.0.1" in moved[0]
+    assert len(moved) == 1 and "(alice, node 4242)" in moved[0] and "127.0.0.9" in moved[0] and "127.0.0.1" in moved[0]
     entries = [json.loads(line) for line in open(records)]
     assert [(e["event"], e["name"], e["address"]) for e in entries] == [
         ("first-seen", "alice", "127.0.0.1"), ("first-seen", "bob", "127.0.0.1"), ("new-address", "alice", "127.0.0.9"),
@@ -387,3 +394,28 @@ def test_a_node_key_from_a_new_address_is_logged_and_recorded(creds, backend, tm
     keygen = subprocess.run(["ssh-keygen", "-lf", os.path.join(creds, "alice.pub")], capture_output=True, text=True)
     if keygen.returncode == 0:
         assert keygen.stdout.split()[1] == fingerprint
+
+
+def test_certs_rotate_replaces_a_party_key_and_keeps_the_old_one(tmp_path, capsys):
+    from fedlinear.scripts import cli
+
+    out = tmp_path / "c"
+    pki.make_credentials(str(out), [], ["alice", "bob"])
+    old_pub = (out / "alice.pub").read_bytes()
+    old_fp = pki.public_key_fingerprint(str(out / "alice.pub"))
+    assert cli.main(["certs", "--out", str(out), "--rotate", "alice"]) == 0
+    printed = capsys.readouterr().out
+    revoked = sorted(p.name for p in out.glob("alice.revoked-*"))
+    assert len(revoked) == 2 and (out / revoked[1]).read_bytes() == old_pub
+    new_fp = pki.public_key_fingerprint(str(out / "alice.pub"))
+    assert new_fp != old_fp and old_fp in printed and new_fp in printed
+    assert "flwr supernode unregister" in printed and f"flwr supernode register {out}/alice.pub" in printed
+    assert oct((out / "alice.key").stat().st_mode & 0o777) == "0o600"
+    # the new key is one Flower accepts, and the front names both (the old one as revoked)
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    load_ssh_private_key((out / "alice.key").read_bytes(), None)
+    names = key_names(str(out))
+    assert names[new_fp] == "alice" and names[old_fp].startswith("alice.revoked-")
+    assert cli.main(["certs", "--out", str(out), "--rotate", "carol"]) != 0
+    assert "no such file" in capsys.readouterr().err
