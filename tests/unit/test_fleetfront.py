@@ -419,3 +419,15 @@ def test_certs_rotate_replaces_a_party_key_and_keeps_the_old_one(tmp_path, capsy
     assert names[new_fp] == "alice" and names[old_fp].startswith("alice.revoked-")
     assert cli.main(["certs", "--out", str(out), "--rotate", "carol"]) != 0
     assert "no such file" in capsys.readouterr().err
+
+
+def test_body_limits_fit_real_fleet_messages_of_any_model_size():
+    from fedlinear.scripts.deploy.fleetsizes import request_sizes
+
+    limits = default_body_limits()
+    for features in (10, 2_000_000):  # one array chunk, and a 16 MB kernel split into four
+        sizes = request_sizes(features)
+        assert sizes["largest-push-object"] <= limits["/v1/fleet/push-object"]
+        assert sizes["object-tree"] * 100 < limits["/v1/fleet/push-messages"]
+    assert sizes["objects"] > 4 and sizes["all-push-objects"] > limits["/v1/fleet/push-object"]  # chunked, not one body
+    assert 50 * 1024 * 1024 > limits["/v1/fleet/push-object"]
