@@ -431,3 +431,13 @@ def test_body_limits_fit_real_fleet_messages_of_any_model_size():
         assert sizes["object-tree"] * 100 < limits["/v1/fleet/push-messages"]
     assert sizes["objects"] > 4 and sizes["all-push-objects"] > limits["/v1/fleet/push-object"]  # chunked, not one body
     assert 50 * 1024 * 1024 > limits["/v1/fleet/push-object"]
+
+
+def test_superlink_refuses_a_bad_front_limit_before_starting_anything(creds, capsys, tmp_path):
+    from fedlinear.scripts import cli
+
+    code = cli.main(["superlink", "--certs", creds, "--host", "127.0.0.1", "--port", str(free_port()),
+                     "--control-port", str(free_port()), "--max-per-peer", "0", "--workdir", str(tmp_path / "w")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0 and "--max-per-peer must be positive, got 0" in err and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
