@@ -258,6 +258,24 @@ class NodeAddresses:
             with contextlib.suppress(OSError), open(self.records, "a") as handle:
                 handle.write(json.dumps(entry) + "\n")
 
+    def refused_activation(self, header_value: bytes, address: str) -> None:
+        fingerprint = self.fingerprints.get(header_value) or key_fingerprint(header_value)
+        if fingerprint is None:
+            return
+        last = self.last.get(fingerprint)
+        where = f"last accepted from {last[0]}" if last else "never accepted since the front started"
+        self.log(
+            f"node key {fingerprint}{self._name(fingerprint)} was refused activation from {address} ({where}): "
+            "the SuperLink has this node online already, or the key is no longer registered. If the node is "
+            "online from another address, two machines hold this key; see docs/deploy.md, 'A stolen party key'"
+        )
+        if self.records:
+            entry = {"time": round(time.time(), 3), "event": "refused-activation", "key": fingerprint,
+                     "name": self.names.get(fingerprint), "node-id": self.node_ids.get(fingerprint),
+                     "address": address, "previous": last[0] if last else None, "path": ACTIVATE}  # fmt: skip
+            with contextlib.suppress(OSError), open(self.records, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+
     def _name(self, fingerprint: str) -> str:
         parts = [self.names[fingerprint]] if fingerprint in self.names else []
         if fingerprint in self.node_ids:
@@ -631,6 +649,10 @@ class FleetFront:
                     if not isinstance(response, h11.Response):
                         raise h11.RemoteProtocolError("no response")
                     accepted = public_key is not None and 200 <= response.status_code < 300
+                    if public_key is not None and target == ACTIVATE and response.status_code == 412:
+                        # a valid signature (the SuperLink checks it first: 401 otherwise), refused
+                        # activation: the node is online already, or its key was unregistered
+                        self.nodes.refused_activation(public_key, peer)
                     answer = b""  # activate-node's answer names the node id (a few bytes of protobuf)
                     out = [(k, v) for k, v in response.headers if k.decode() not in HOP_BY_HOP or k == b"content-length"]
                     writer.write(conn.send(h11.Response(status_code=response.status_code, headers=out,

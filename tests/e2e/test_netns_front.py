@@ -374,3 +374,10 @@ def test_a_stolen_key_is_seen_coming_back_from_a_new_address(fed):
     assert real.returncode == 1, text
     assert "another process holds this identity" in text and "fedlinear certs --out DIR --rotate NAME" in text, text
     assert thief.poll() is None
+    # and the server saw both sides: the real party refused while the copy holds the node
+    log = open(fed["srv_log"]).read()
+    assert any("(p1, node " in line and f"was refused activation from {SUBNET}.11" in line
+               and f"last accepted from {ROGUE_IP}" in line for line in log.splitlines()), log[-3000:]  # fmt: skip
+    records = [json.loads(line) for line in open(os.path.join(fed["work"], "srv", "node-addresses.jsonl"))]
+    print("node-addresses.jsonl:", *records, sep="\n")
+    assert ("refused-activation", f"{SUBNET}.11") in [(r["event"], r["address"]) for r in records if r["name"] == "p1"]

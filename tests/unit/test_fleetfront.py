@@ -55,11 +55,14 @@ class _Counting(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         type(self).requests.append((self.path, len(body), hashlib.sha256(body).hexdigest()))
         reply = hashlib.sha256(body).hexdigest().encode()
+        status = 200
         if self.path == "/v1/fleet/activate-node":
             from flwr.proto.fleet_pb2 import ActivateNodeResponse
 
             reply = ActivateNodeResponse(node_id=4242).SerializeToString()
-        self.send_response(200)
+            if self.headers.get("x-test-online"):  # what Flower answers when the node is online already
+                status, reply = 412, b'{"code": 2004, "message": "Failed to activate SuperNode."}'
+        self.send_response(status)
         self.send_header("Content-Length", str(len(reply)))
         self.end_headers()
         self.wfile.write(reply)
@@ -357,13 +360,13 @@ def test_a_flood_of_malformed_requests_logs_a_bounded_number_of_lines(creds, bac
     assert len(logs) == 6 and logs[-1] == "(suppressed 35 similar lines: refused)"
 
 
-def _signed_post(creds, port, name, source, path="/v1/fleet/send-node-heartbeat"):
+def _signed_post(creds, port, name, source, path="/v1/fleet/send-node-heartbeat", extra=b""):
     with open(os.path.join(creds, f"{name}.pub"), "rb") as handle:
         key = serialization.load_ssh_public_key(handle.read())
     pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     with tls_socket(creds, port, source=source) as sock:
         sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nflwr-public-key: "
-                     + base64.b64encode(pem) + b"\r\nContent-Length: 0\r\n\r\n")  # fmt: skip
+                     + base64.b64encode(pem) + b"\r\n" + extra + b"Content-Length: 0\r\n\r\n")  # fmt: skip
         return _recv(sock)
 
 
@@ -380,6 +383,9 @@ def test_a_node_key_from_a_new_address_is_logged_and_recorded(creds, backend, tm
         assert _signed_post(creds, port, "bob", "127.0.0.1").startswith(b"HTTP/1.1 200")
         assert _signed_post(creds, port, "alice", "127.0.0.1", "/v1/fleet/activate-node").startswith(b"HTTP/1.1 200")
         assert _signed_post(creds, port, "alice", "127.0.0.9", "/v1/fleet/activate-node").startswith(b"HTTP/1.1 200")
+        # the real alice comes back while the copy holds the node online
+        reply = _signed_post(creds, port, "alice", "127.0.0.1", "/v1/fleet/activate-node", b"x-test-online: 1\r\n")
+        assert reply.startswith(b"HTTP/1.1 412")
     finally:
         server.stop()
     fingerprint = next(line.split()[2] for line in logs if "(alice) accepted from 127.0.0.1" in line)
@@ -389,7 +395,10 @@ def test_a_node_key_from_a_new_address_is_logged_and_recorded(creds, backend, tm
     entries = [json.loads(line) for line in open(records)]
     assert [(e["event"], e["name"], e["address"]) for e in entries] == [
         ("first-seen", "alice", "127.0.0.1"), ("first-seen", "bob", "127.0.0.1"), ("new-address", "alice", "127.0.0.9"),
+        ("refused-activation", "alice", "127.0.0.1"),
     ]  # fmt: skip
+    refused = [line for line in logs if "was refused activation from 127.0.0.1" in line]
+    assert len(refused) == 1 and "(alice, node 4242)" in refused[0] and "last accepted from 127.0.0.9" in refused[0]
     # the fingerprint is the one ssh-keygen prints for alice.pub, so an operator can match it by hand
     keygen = subprocess.run(["ssh-keygen", "-lf", os.path.join(creds, "alice.pub")], capture_output=True, text=True)
     if keygen.returncode == 0:
