@@ -43,6 +43,7 @@ class _Counting(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     connections = 0
     requests: list[tuple[str, int, str]] = []  # path, body length, sha256
+    folded: list[str] = []
 
     def setup(self):
         type(self).connections += 1
@@ -53,6 +54,8 @@ class _Counting(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if self.headers.get("x-folded") is not None:
+            type(self).folded.append(self.headers.get("x-folded"))
         type(self).requests.append((self.path, len(body), hashlib.sha256(body).hexdigest()))
         reply = hashlib.sha256(body).hexdigest().encode()
         status = 200
@@ -199,6 +202,15 @@ def test_every_malformed_request_gets_a_4xx_and_one_log_line(front, creds, capfd
     assert any("malformed request" in line and "Content-Length" in line.replace("content-length", "Content-Length")
                for line in logs[:1])  # fmt: skip
     assert any("above the" in line and "/v1/fleet/push-object" in line for line in logs)
+
+
+def test_an_obs_folded_header_reaches_the_superlink_on_one_line(front, creds):
+    server, _ = front
+    _Counting.folded.clear()
+    reply = exchange(creds, server.server_address[1], b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\n"
+                     b"X-Folded: a\r\n b\r\nContent-Length: 0\r\n\r\n")  # fmt: skip
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert _Counting.folded == ["a b"]  # joined by h11, re-serialised on one line: nothing to read differently
 
 
 def test_a_large_body_is_refused_before_the_superlink_sees_a_byte(front, creds):
