@@ -161,6 +161,8 @@ class Rounds:
             f"{len(healthy)} shards, {num_features} features, {sum(sizes)} samples; "
             f"standardize = {transform.kind}; {rate_note}"
             + (f"; pooled least-squares test MSE {test_mse:.6g}" if test_mse is not None else "")
+            + (f"; yardstick by {evaluate.yardstick.method}, condition number {evaluate.yardstick.condition_number:.4g}"
+               if evaluate.yardstick is not None else "")
         )
         self.transform, self.learning_rate, self.rate_note, self.evaluate = transform, learning_rate, rate_note, evaluate
 

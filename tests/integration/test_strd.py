@@ -108,3 +108,21 @@ def test_default_fedavg_comes_within_one_percent_of_the_certified_fit(name, tmp_
     ratio = final["train-mse"] / (data.certified_rss / data.n)
     print(f"{name}: default FedAvg train MSE {ratio:.5f} x the certified fit's after round {final['round']}")
     assert ratio <= 1.01
+
+
+@pytest.mark.parametrize("name", ["NoInt1", "NoInt2", "Norris", "Longley"])
+def test_fedols_normal_matches_nist_on_the_well_conditioned_sets(name, tmp_path):
+    """The additive normal equations (centred, or about the origin without an intercept) on the sets
+    whose condition number they can afford; the yardstick of the run is still the R factors'."""
+    data = strd.load(name)
+    uris = write_shards(data, tmp_path / "data", parties_for(name))
+    status, manifest = run_in_process(
+        uris, str(tmp_path / "run"), **{"strategy": "fedols", "fedols-method": "normal"}, **intercept_settings(data)
+    )
+    assert status["status"] == "completed", status
+    weights = manifest["weights"]
+    estimate = np.array(([weights["bias"]] if data.intercept else []) + weights["kernel"])
+    assert lre(estimate, data.certified) >= 9
+    history = history_of(tmp_path / "run")
+    assert history["reference"]["method"] == "tsqr"
+    assert close_to_certified(history["rounds"][0]["train-mse"], data)
