@@ -137,10 +137,11 @@ class PooledStats:
         moments = Moments.of(x, y)
         return cls.combine(moments, Scatter.of(x, y, moments.mean, full), moments.mean)
 
-    def save(self, uri: str) -> None:
-        """Write ``count``, ``mean`` and ``scatter`` as an ``.npz`` (local path or ``s3://``)."""
+    def save(self, uri: str, extra: dict[str, np.ndarray] | None = None) -> None:
+        """Write ``count``, ``mean`` and ``scatter`` (and any ``extra`` arrays: the yardstick's R
+        factors, :func:`common.yardstick.local_factors`) as an ``.npz`` (local path or ``s3://``)."""
         buf = io.BytesIO()
-        np.savez(buf, count=np.array(self.count), mean=self.mean, scatter=self.scatter)
+        np.savez(buf, count=np.array(self.count), mean=self.mean, scatter=self.scatter, **(extra or {}))
         storage.write_bytes(uri, buf.getvalue())
 
     @classmethod

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from fedlinear.common import scaling
-from fedlinear.common.fedols import back_substitute
+from fedlinear.common.fedols import back_substitute, local_r
 
 # Smallest-to-largest singular value ratio (unit-norm columns) at or below which the design counts as
 # rank-deficient on the factor route: ~ n x float64's unit roundoff for the data sizes here.
@@ -254,6 +254,17 @@ def from_factors(
         notes=tuple(constant_notes(np.asarray(unused, bool), centre if fit_intercept else np.zeros(d + 1),
                                    fit_intercept) + notes),
     )  # fmt: skip
+
+
+# R factors of one machine's data (``fedlinear run`` under privacy: the statistics file)
+FILE_FACTORS = {True: "r-centred", False: "r-origin"}  # by fit_intercept
+
+
+def local_factors(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """The R factors a statistics file stores beside the sums: of ``[x − μx, 1, y − μy]`` (for a
+    model with an intercept) and of ``[x, 1, y]`` (without), over the data in one place."""
+    mean = scaling.Moments.of(x, y).mean
+    return {FILE_FACTORS[True]: local_r(x, y, mean), FILE_FACTORS[False]: local_r(x, y, np.zeros_like(mean))}
 
 
 # ----------------------------------------------------------------------------------------------

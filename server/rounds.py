@@ -40,7 +40,7 @@ from fedlinear.common.config import RunConfig
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError, one_line, untrusted_text
 from fedlinear.common.runstore import RunStore
-from fedlinear.server import evaluation, finish, privacy, progress, replies, resume, secure
+from fedlinear.server import evaluation, finish, privacy, progress, replies, resume, secure, yardstick
 from fedlinear.server.nodes import Parties
 from fedlinear.server.strategy import build_strategy, fixed_order
 
@@ -149,9 +149,10 @@ class Rounds:
             learning_rate, rate_note = start.learning_rate, f"learning rate {start.learning_rate:.4g} (from the checkpoint)"
         else:
             learning_rate, rate_note = resolve_learning_rate(cfg, training_stats, transform, sizes)
-        stable = self.parties.optimum if pooled is self.parties.pooled else None  # R factors: no privacy
+        from_nodes = pooled is self.parties.pooled  # no privacy: the parties' sums (and R factors)
+        stable = self.parties.optimum if from_nodes else yardstick.from_statistics_file(cfg, pooled)
         evaluate = evaluation.Evaluator(self.test, pooled, transform, stable, cfg.fit_intercept)
-        if evaluate.optimum is not None and stable is None:
+        if evaluate.optimum is not None and not (from_nodes and stable is not None):
             evaluate.reference["source"] = reference_source
         for note in evaluate.reference.get("notes", []):
             progress.say(f"yardstick: {note}")

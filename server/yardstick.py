@@ -6,6 +6,10 @@ asked once for the R factor of its block ``[x − c, 1, y − c_y]`` (``c`` the 
 model without an intercept), checked as ``strategy = fedols`` checks it
 (:func:`server.fedols.collect_r`), and the optimum is solved by TSQR (:func:`common.yardstick.from_factors`).
 
+Under privacy no party sends a factor; when ``statistics-uri`` holds one (``fedlinear run`` computes it
+with the sums from the shards on its machine) the yardstick is solved from it the same way
+(:func:`from_statistics_file`), else from the scatter.
+
 When a party does not send a usable factor, a training run keeps the party (it trains) and the
 yardstick falls back to the pooled scatter of every party (:func:`common.yardstick.from_scatter`),
 saying so; ``strategy = fedols`` with ``fedols-method = qr`` leaves the party out of its solve and of
@@ -14,11 +18,14 @@ the yardstick, as before.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from flwr.serverapp import Grid
 
-from fedlinear.common import protocol, yardstick
+from fedlinear.common import fedols, protocol, scaling, storage, yardstick
 from fedlinear.common.config import RunConfig
+from fedlinear.common.errors import FedLinearError, one_line
 from fedlinear.server import progress
 from fedlinear.server.fedols import collect_r
 from fedlinear.server.nodes import Parties
@@ -53,6 +60,29 @@ def gather(grid: Grid, cfg: RunConfig, parties: Parties) -> None:
     parties.optimum = yardstick.from_factors(
         [factors[nid] for nid in order], centre, yardstick.unused_features(pooled, fit_intercept), fit_intercept, count
     )
+
+
+def from_statistics_file(cfg: RunConfig, pooled: scaling.PooledStats | None) -> yardstick.Optimum | None:
+    """Under privacy: the stable optimum from the R factor in the ``statistics-uri`` file (``fedlinear run``
+    writes it from the shards on its machine, :func:`common.yardstick.local_factors`), or None when the
+    file has none (then the scatter route)."""
+    if not cfg.statistics_uri or pooled is None or not pooled.full:
+        return None
+    fit_intercept = fit_intercept_of(cfg)
+    key = yardstick.FILE_FACTORS[fit_intercept]
+    where = f"{cfg.statistics_uri} (config key 'statistics-uri')"
+    try:
+        with np.load(io.BytesIO(storage.read_bytes(cfg.statistics_uri)), allow_pickle=False) as arrays:
+            if key not in arrays.files:
+                return None
+            r = np.asarray(arrays[key], np.float64)
+    except (ValueError, OSError) as exc:
+        raise FedLinearError(f"{where}: not a statistics file: {one_line(exc)}") from None
+    problem = fedols.check_r(r, pooled.num_features, pooled.count)
+    if problem is not None:
+        raise FedLinearError(f"{where}: its '{key}' array is not the R factor of these statistics: {problem}")
+    centre = pooled.mean.copy() if fit_intercept else np.zeros(pooled.num_features + 1)
+    return yardstick.from_factors([r], centre, yardstick.unused_features(pooled, fit_intercept), fit_intercept, pooled.count)
 
 
 def fit_intercept_of(cfg: RunConfig) -> bool:

@@ -126,3 +126,30 @@ def test_fedols_normal_matches_nist_on_the_well_conditioned_sets(name, tmp_path)
     history = history_of(tmp_path / "run")
     assert history["reference"]["method"] == "tsqr"
     assert close_to_certified(history["rounds"][0]["train-mse"], data)
+
+
+def test_under_privacy_the_statistics_file_gives_the_stable_yardstick_and_the_scatter_says_its_limits(tmp_path):
+    """``fedlinear run`` under privacy writes the statistics file from the shards on its machine, with the R
+    factors: the yardstick is as exact as without privacy. A file of sums alone gives the scatter route,
+    which on Filip cannot be right and says so."""
+    from fedlinear.common.config import RunConfig
+    from fedlinear.common.scaling import PooledStats
+    from fedlinear.scripts.cli.run import write_local_statistics
+
+    data = strd.load("Filip")
+    uris = write_shards(data, tmp_path / "data", 3)
+    settings = {"dp": "central-server-clip", "dp-public-statistics": True, "num-server-rounds": 1}
+    with_r = write_local_statistics(uris, str(tmp_path / "statistics.npz"), RunConfig())
+    status, _ = run_in_process(uris, str(tmp_path / "run"), **settings, **{"statistics-uri": with_r})
+    assert status["status"] == "completed", status
+    reference = history_of(tmp_path / "run")["reference"]
+    assert reference["method"] == "tsqr" and close_to_certified(reference["train-mse"], data)
+    assert "no node sent statistics" in reference["source"]
+
+    sums_only = str(tmp_path / "sums.npz")
+    PooledStats.of(data.x, data.y).save(sums_only)
+    status, _ = run_in_process(uris, str(tmp_path / "scatter"), **settings, **{"statistics-uri": sums_only})
+    assert status["status"] == "completed", status
+    reference = history_of(tmp_path / "scatter")["reference"]
+    assert reference["method"] == "scatter"
+    assert any("significant digits of the optimum remain" in note for note in reference["notes"])
