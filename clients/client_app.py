@@ -147,11 +147,15 @@ def to_record(weights: lm.LinearWeights) -> ArrayRecord:
     return ArrayRecord({name: to_array(np.ascontiguousarray(a)) for name, a in weights.as_dict().items()})
 
 
-def from_record(record: ArrayRecord, num_features: int, uri: str) -> lm.LinearWeights:
-    missing = [name for name in lm.WEIGHT_NAMES if name not in record]
+def from_record(record: ArrayRecord, num_features: int, uri: str, fit_intercept: bool = True) -> lm.LinearWeights:
+    names = lm.weight_names(fit_intercept)
+    missing = [name for name in names if name not in record]
     if missing:
         raise FedLinearError(f"server sent weights without {', '.join(missing)}")
-    weights = lm.LinearWeights.from_dict({name: to_numpy(record[name]) for name in lm.WEIGHT_NAMES})
+    extra = sorted(set(record.keys()) - set(names))
+    if extra:
+        raise FedLinearError(f"server sent weights {', '.join(extra)} that 'fit-intercept' = {str(fit_intercept).lower()} has not")
+    weights = lm.LinearWeights.from_dict({name: to_numpy(record[name]) for name in names})
     if weights.num_features != num_features:
         raise FedLinearError(
             f"{uri}: shard has {num_features} features but the global model has {weights.num_features}"
@@ -184,7 +188,7 @@ def query(msg: Message, context: Context) -> Message:
     uri, data = load_shard(context, cfg)
     request = msg.content.config_records.get(protocol.RECORD_CONFIG, ConfigRecord())
     stage = str(request.get(protocol.KEY_STAGE, protocol.STAGE_DESCRIBE))
-    if stage == protocol.STAGE_FEDOLS_R:  # strategy = fedols, method qr
+    if stage == protocol.STAGE_FEDOLS_R:  # the yardstick (server/yardstick.py) and strategy = fedols, method qr
         r = fedols.local_r(data.x, data.y, _centre(msg, stage, uri, data))
         return Message(RecordDict({protocol.RECORD_R: ArrayRecord({protocol.ARRAY_R: Array(r)})}), reply_to=msg)
     if stage == protocol.STAGE_SCATTER:
@@ -235,10 +239,10 @@ def local_dp(
 ) -> lm.LinearWeights:  # fmt: skip
     """``dp = local``: clip this node's update and add Gaussian noise before it leaves (common/privacy.py)."""
     rng = privacy.noise_rng(settings.noise_seed, cfg.seed, server_round, key, privacy.LOCAL_DP_STREAM)
-    (kernel, bias), _ = privacy.local_dp_release(
-        [new.kernel, new.bias], [old.kernel, old.bias], settings.clipping_norm, settings.noise_multiplier, rng
+    released, _ = privacy.local_dp_release(  # over whatever weights the model has (no bias without an intercept)
+        new.arrays(), old.arrays(), settings.clipping_norm, settings.noise_multiplier, rng
     )
-    return lm.LinearWeights(kernel=kernel, bias=bias)
+    return lm.LinearWeights.from_arrays(released)
 
 
 def clip_when_asked(msg: Message, context: Context, call_next) -> Message:
@@ -257,7 +261,7 @@ def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]
     ``train`` and the secure aggregation path, clients/secure.py)."""
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
-    weights = from_record(msg.content[protocol.RECORD_ARRAYS], data.num_features, uri)
+    weights = from_record(msg.content[protocol.RECORD_ARRAYS], data.num_features, uri, cfg.fit_intercept)
     config = msg.content[protocol.RECORD_CONFIG]  # the round's settings, as the server resolved them
     server_round = protocol.server_round(config)
     faults.inject(context, server_round)  # a test hook, inert unless FEDLINEAR_TEST_FAULTS is set
@@ -316,13 +320,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     """MSE of the global weights on this node's shard, in the target's own units."""
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
-    weights = from_record(msg.content[protocol.RECORD_ARRAYS], data.num_features, uri)
+    weights = from_record(msg.content[protocol.RECORD_ARRAYS], data.num_features, uri, cfg.fit_intercept)
     config = msg.content.config_records.get(protocol.RECORD_CONFIG, ConfigRecord())
     transform = protocol.transform(config, data.num_features)
     if transform is None:
         residual = weights.predict(data.x) - data.y
     else:
-        kernel, bias = transform.to_raw(weights.kernel, float(weights.bias[0]))
+        kernel, bias = transform.to_raw(weights.kernel, weights.bias_value)
         residual = data.x @ kernel + bias - data.y
     metrics = MetricRecord({
         protocol.METRIC_NUM_EXAMPLES: data.num_examples,

@@ -185,6 +185,12 @@ class RunConfig:
         Each round, a train reply whose update norm is above this multiple of the median update norm
         of the replies that passed every other check (at least 3 of them) is rejected as that node's
         failure; 0 = off, else finite and > 1 (``max-update-norm-factor``).
+    fit_intercept : bool (default: true)
+        Whether the model has an intercept (scikit-learn's name; ``fit-intercept``). ``false`` fits a
+        model through the origin, ``y = x @ kernel``: the weights, the exported SavedModel and every
+        strategy have no bias; standardization scales without centring (root mean square in place of
+        the standard deviation); FedOLS solves without centring; the yardstick is the least-squares
+        fit through the origin. A run's checkpoints resume only with the same value.
     fedols_method : str (default: "qr")
         ``strategy = fedols``: ``qr`` (each party sends the R of its centred block, TSQR; never forms
         XᵀX) or ``normal`` (the centred, additive normal equations) (``fedols-method``).
@@ -251,6 +257,7 @@ class RunConfig:
     num_nodes_to_select: int = 0
     max_update_norm: float = 0.0
     max_update_norm_factor: float = 0.0
+    fit_intercept: bool = True
     fedols_method: str = "qr"
     fedols_l2: float = 0.0
     target_mse_ratio: float = 0.0

@@ -1,7 +1,8 @@
 """Export the linear model as a TensorFlow SavedModel anyone can load and serve.
 
-The SavedModel holds a ``tf.Module`` with two variables (``kernel`` (d, 1), ``bias`` (1,)) and one
-signature, ``serving_default``: input ``x`` float32 ``[None, d]`` -> output ``y`` float32 ``[None, 1]``.
+The SavedModel holds a ``tf.Module`` with two variables (``kernel`` (d, 1), ``bias`` (1,)), or the
+kernel alone for a model without an intercept (``fit-intercept = false``), and one signature,
+``serving_default``: input ``x`` float32 ``[None, d]`` -> output ``y`` float32 ``[None, 1]``.
 Load it with plain TensorFlow, no fedlinear needed::
 
     m = tf.saved_model.load("RUN_DIR/model")
@@ -65,11 +66,13 @@ def export_savedmodel(weights: LinearWeights, uri: str) -> None:
         def __init__(self) -> None:
             super().__init__(name="fedlinear")
             self.kernel = tf.Variable(weights.kernel.astype(np.float32), name="kernel")
-            self.bias = tf.Variable(weights.bias.astype(np.float32), name="bias")
+            if weights.bias is not None:
+                self.bias = tf.Variable(weights.bias.astype(np.float32), name="bias")
 
         @tf.function(input_signature=[tf.TensorSpec([None, num_features], tf.float32, name="x")])
         def serve(self, x):
-            return {"y": tf.matmul(x, self.kernel) + self.bias}
+            y = tf.matmul(x, self.kernel)
+            return {"y": y + self.bias if weights.bias is not None else y}
 
     module = LinearRegression()
     with tempfile.TemporaryDirectory(prefix="fedlinear-export-") as tmp:

@@ -105,27 +105,32 @@ def _constant_notes(constant: np.ndarray, mean: np.ndarray) -> list[str]:
     ]
 
 
-def solve_qr(rs: list[np.ndarray], centre: np.ndarray, l2: float, constant: np.ndarray) -> Solution:
+def solve_qr(
+    rs: list[np.ndarray], centre: np.ndarray, l2: float, constant: np.ndarray, fit_intercept: bool = True
+) -> Solution:
     """TSQR: stack the parties' ``R`` (in a fixed order), factorise, back-substitute.
 
-    ``centre`` is the pooled mean the parties centred on; ``constant`` masks features that do not
-    vary in the pooled data (weight 0, left out of the solve).
+    ``centre`` is the pooled mean the parties centred on (zeros without an intercept: nothing is
+    centred); ``constant`` masks features left out of the solve (weight 0: constant ones with an
+    intercept, identically zero ones without). Without an intercept the parties' intercept column
+    is dropped before the solve (its norm still checks the rows each party declared).
     """
     centre = np.asarray(centre, np.float64)
     d = centre.shape[0] - 1
     live = np.flatnonzero(~constant)
-    columns = [*live, d, d + 1]  # live features, intercept, target
+    columns = [*live, d, d + 1] if fit_intercept else [*live, d + 1]  # live features, (intercept,) target
     stacked = np.vstack([r[:, columns] for r in rs])
     k = live.size
-    condition = _scaled_condition(stacked[:, :k])  # of the data's centred design, before any ridge rows
+    m = k + int(fit_intercept)  # the model's columns
+    condition = _scaled_condition(stacked[:, :k])  # of the data's (centred) design, before any ridge rows
     if l2 > 0:
-        ridge = np.zeros((k, k + 2))
+        ridge = np.zeros((k, m + 1))
         ridge[:, :k] = np.sqrt(l2) * np.eye(k)
         stacked = np.vstack([stacked, ridge])
     r = np.linalg.qr(stacked, mode="r")
-    if r.shape[0] < k + 2:
-        r = np.vstack([r, np.zeros((k + 2 - r.shape[0], k + 2))])
-    r11, r12 = r[: k + 1, : k + 1], r[: k + 1, k + 1]
+    if r.shape[0] < m + 1:
+        r = np.vstack([r, np.zeros((m + 1 - r.shape[0], m + 1))])
+    r11, r12 = r[:m, :m], r[:m, m]
     norms = np.linalg.norm(r11, axis=0)
     norms[norms == 0] = 1.0
     singular = np.linalg.svd(r11 / norms, compute_uv=False)
@@ -135,10 +140,13 @@ def solve_qr(rs: list[np.ndarray], centre: np.ndarray, l2: float, constant: np.n
     else:
         scaled, *_ = np.linalg.lstsq(r11 / norms, r12, rcond=RANK_TOLERANCE)
         theta, solver = scaled / norms, "minimum-norm solve of the stacked R (SVD; collinear columns)"
-        notes.append("the design's columns are collinear: the minimum-norm solution (in unit-norm columns) is given")
+        notes.append(
+            f"the design's columns are collinear (smallest singular value with unit-norm columns at most "
+            f"{RANK_TOLERANCE:g} of the largest): the minimum-norm solution (in unit-norm columns) is given"
+        )
     kernel = np.zeros(d)
     kernel[live] = theta[:k]
-    bias = float(centre[d] + theta[k] - centre[:d] @ kernel)
+    bias = float(centre[d] + theta[k] - centre[:d] @ kernel) if fit_intercept else 0.0
     return Solution(kernel, bias, "qr", float(l2), condition, solver, tuple(notes))
 
 
@@ -161,13 +169,18 @@ def back_substitute(r: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x
 
 
-def solve_normal(pooled: scaling.PooledStats, l2: float) -> Solution:
+def solve_normal(pooled: scaling.PooledStats, l2: float, fit_intercept: bool = True) -> Solution:
     """The centred normal equations from the pooled statistics, columns scaled to unit variance.
+
+    Without an intercept the same solve runs on the second moments about the origin
+    (:func:`common.scaling.about_origin`: nothing centred, the bias is 0).
 
     ``l2 = 0`` is exactly :meth:`common.scaling.PooledStats.solve` (the run's least-squares
     yardstick). Ridge solves ``(C + l2 D⁻²) β = D⁻¹ Sxy``, ``w = D⁻¹ β`` with ``C`` the correlation-
     like scaled scatter and ``D`` the column norms: the same as ``(Sxx + l2 I) w = Sxy``.
     """
+    if not fit_intercept:
+        pooled = scaling.about_origin(pooled)
     d = pooled.num_features
     sxx, sxy = pooled.scatter[:d, :d], pooled.scatter[:d, d]
     constant = pooled.constant_features()
@@ -182,7 +195,11 @@ def solve_normal(pooled: scaling.PooledStats, l2: float) -> Solution:
         kernel, bias = pooled.solve()
         solver = "centred normal equations, unit-variance columns (SVD, cut-off 1e-10)"
         if eigenvalues[0] <= scaling.EIGEN_TOLERANCE * eigenvalues[-1]:
-            notes.append("the design's columns are collinear: the minimum-norm solution (in unit-variance columns) is given")
+            notes.append(
+                f"the centred scatter is numerically singular (correlation eigenvalue at most {scaling.EIGEN_TOLERANCE:g} "
+                "of the largest: collinear columns, or a condition number above 1e5 the normal equations cannot "
+                "resolve; fedols-method = qr can): the minimum-norm solution (in unit-variance columns) is given"
+            )
         return Solution(kernel, bias, "normal", 0.0, condition, solver, tuple(notes))
     scaled = corr + l2 * np.diag(1.0 / std[live] ** 2)
     beta = np.linalg.solve(scaled, (sxy / std)[live])

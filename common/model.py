@@ -4,7 +4,9 @@ Weight layout (shared by clients, server, checkpoints and the export): two float
 like the variables of a Keras ``Dense(1)`` layer, in ``Dense.get_weights()`` order:
 
 * ``kernel``: shape ``(d, 1)``
-* ``bias``: shape ``(1,)``
+* ``bias``: shape ``(1,)``, only when the model has an intercept (``fit-intercept = true``, the
+  default); a model through the origin (``fit-intercept = false``) has the kernel alone, as a Keras
+  ``Dense(1, use_bias=False)``
 
 so that ``y_hat = x @ kernel + bias`` with ``x`` of shape ``(n, d)`` and ``y_hat`` of shape ``(n, 1)``.
 
@@ -33,44 +35,71 @@ import numpy as np
 
 KERNEL = "kernel"
 BIAS = "bias"
-WEIGHT_NAMES = (KERNEL, BIAS)
+WEIGHT_NAMES = (KERNEL, BIAS)  # the layout of a model with an intercept (the default)
+
+
+def weight_names(fit_intercept: bool = True) -> tuple[str, ...]:
+    """The arrays of the model: ``(kernel, bias)``, or ``(kernel,)`` without an intercept."""
+    return WEIGHT_NAMES if fit_intercept else (KERNEL,)
 
 
 @dataclasses.dataclass
 class LinearWeights:
-    """The model's parameters in the documented layout."""
+    """The model's parameters in the documented layout (``bias`` None: a model without an intercept)."""
 
     kernel: np.ndarray  # (d, 1) float32
-    bias: np.ndarray  # (1,) float32
+    bias: np.ndarray | None  # (1,) float32, or None without an intercept
 
     @property
     def num_features(self) -> int:
         return int(self.kernel.shape[0])
 
+    @property
+    def fit_intercept(self) -> bool:
+        return self.bias is not None
+
+    @property
+    def bias_value(self) -> float:
+        """The intercept as a float (0.0 for a model without one)."""
+        return 0.0 if self.bias is None else float(self.bias[0])
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return weight_names(self.fit_intercept)
+
+    def arrays(self) -> list[np.ndarray]:
+        """The arrays in layout order: ``[kernel, bias]`` or ``[kernel]``."""
+        return [self.kernel] if self.bias is None else [self.kernel, self.bias]
+
+    @classmethod
+    def from_arrays(cls, arrays: list[np.ndarray]) -> LinearWeights:
+        """The inverse of :meth:`arrays`."""
+        return cls(kernel=arrays[0], bias=arrays[1] if len(arrays) > 1 else None)
+
     def as_dict(self) -> dict[str, np.ndarray]:
-        return {KERNEL: self.kernel, BIAS: self.bias}
+        return dict(zip(self.names, self.arrays(), strict=True))
 
     @classmethod
     def from_dict(cls, arrays: dict[str, np.ndarray]) -> LinearWeights:
         kernel = np.asarray(arrays[KERNEL], dtype=np.float32)
-        bias = np.asarray(arrays[BIAS], dtype=np.float32).reshape(1)
+        bias = np.asarray(arrays[BIAS], dtype=np.float32).reshape(1) if BIAS in arrays else None
         return cls(kernel=kernel.reshape(-1, 1), bias=bias)
 
     def vector(self) -> np.ndarray:
-        """``[w_1..w_d, b]`` as float64."""
-        return np.concatenate([self.kernel.ravel(), self.bias]).astype(np.float64)
+        """``[w_1..w_d, b]`` (``[w_1..w_d]`` without an intercept) as float64."""
+        return np.concatenate([a.ravel() for a in self.arrays()]).astype(np.float64)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predictions of shape ``(n,)`` (float64)."""
-        return x @ self.kernel.astype(np.float64).ravel() + float(self.bias[0])
+        return x @ self.kernel.astype(np.float64).ravel() + self.bias_value
 
 
-def initial_weights(num_features: int, seed: int) -> LinearWeights:
-    """Glorot-uniform kernel (Keras' Dense default) drawn from ``seed``; zero bias."""
+def initial_weights(num_features: int, seed: int, fit_intercept: bool = True) -> LinearWeights:
+    """Glorot-uniform kernel (Keras' Dense default) drawn from ``seed``; zero bias (none without an intercept)."""
     limit = np.sqrt(6.0 / (num_features + 1))
     rng = np.random.default_rng([seed, 0x1A17])
     kernel = rng.uniform(-limit, limit, size=(num_features, 1)).astype(np.float32)
-    return LinearWeights(kernel=kernel, bias=np.zeros(1, dtype=np.float32))
+    return LinearWeights(kernel=kernel, bias=np.zeros(1, dtype=np.float32) if fit_intercept else None)
 
 
 def mse(weights: LinearWeights, x: np.ndarray, y: np.ndarray) -> float:
@@ -140,7 +169,7 @@ def train_numpy(
     x32 = np.asarray(x, dtype=np.float32)  # no copy when the caller keeps float32 copies (the client does)
     y32 = np.asarray(y, dtype=np.float32).reshape(-1, 1)
     kernel = weights.kernel.astype(np.float32, copy=True).reshape(-1, 1)
-    bias = weights.bias.astype(np.float32, copy=True).reshape(1)
+    bias = None if weights.bias is None else weights.bias.astype(np.float32, copy=True).reshape(1)
     lr = np.float32(learning_rate)
     # Per-batch work is a few tiny BLAS calls, so Python overhead dominates: in-place updates and
     # plain-float loss bookkeeping keep it low (the float32 arithmetic is the same as Keras').
@@ -161,12 +190,12 @@ def _proximal(weights: LinearWeights, mu: float) -> tuple[np.float32, np.ndarray
     return (
         np.float32(mu),
         weights.kernel.astype(np.float32, copy=True).reshape(-1, 1),
-        weights.bias.astype(np.float32, copy=True).reshape(1),
+        None if weights.bias is None else weights.bias.astype(np.float32, copy=True).reshape(1),
     )
 
 
 def _sgd_epochs(x32, y32, kernel, bias, lr, batch_size, orders, epochs, prox=None):
-    """The epochs of :func:`train_numpy`, updating ``kernel`` and ``bias`` in place."""
+    """The epochs of :func:`train_numpy`, updating ``kernel`` and ``bias`` (None: no intercept) in place."""
     two = np.float32(2.0)
     epoch_loss = 0.0
     for epoch in range(epochs):
@@ -177,47 +206,51 @@ def _sgd_epochs(x32, y32, kernel, bias, lr, batch_size, orders, epochs, prox=Non
             xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
             size = xb.shape[0]
             residual = xb @ kernel
-            residual += bias
+            if bias is not None:
+                residual += bias
             residual -= yb  # (B, 1) = prediction - target
             scale = two / np.float32(size)
             grad_kernel = xb.T @ residual
             grad_kernel *= scale
-            grad_bias = residual.sum(axis=0)
-            grad_bias *= scale
             flat = residual.ravel()
             weighted_loss += float(np.dot(flat, flat))  # = size x the batch's mean squared error
             seen += size
             if prox is not None:  # FedProx: the gradient of (mu / 2) ||theta - theta_start||²
-                mu, anchor_kernel, anchor_bias = prox
-                grad_kernel += mu * (kernel - anchor_kernel)
-                grad_bias += mu * (bias - anchor_bias)
+                grad_kernel += prox[0] * (kernel - prox[1])
             grad_kernel *= lr
             kernel -= grad_kernel
-            grad_bias *= lr
-            bias -= grad_bias
+            if bias is not None:
+                grad_bias = residual.sum(axis=0)
+                grad_bias *= scale
+                if prox is not None:
+                    grad_bias += prox[0] * (bias - prox[2])
+                grad_bias *= lr
+                bias -= grad_bias
         epoch_loss = weighted_loss / seen if seen else 0.0
     return kernel, bias, epoch_loss
 
 
-_KERAS_MODELS: dict[tuple[int, bool], object] = {}
+_KERAS_MODELS: dict[tuple[int, bool, bool], object] = {}
 
 
-def keras_model(num_features: int, proximal: bool = False):
+def keras_model(num_features: int, proximal: bool = False, use_bias: bool = True):
     """A compiled Keras Dense(1) model for ``num_features`` inputs, built once per process.
 
     ``proximal``: the model whose kernel and bias carry FedProx regularizers (``model.proximal``:
     the anchors and ``mu`` are Keras variables, assigned per task without recompiling), compiled
     with an MSE metric so the data term can be reported apart from the proximal one.
     """
-    model = _KERAS_MODELS.get((num_features, proximal))
+    model = _KERAS_MODELS.get((num_features, proximal, use_bias))
     if model is None:
         import keras  # TensorFlow is imported only when the keras engine is used
 
         if proximal:
             terms = (_keras_proximal(keras, (num_features, 1)), _keras_proximal(keras, (1,)))
-            layer = keras.layers.Dense(1, kernel_regularizer=terms[0], bias_regularizer=terms[1])
+            layer = keras.layers.Dense(
+                1, use_bias=use_bias, kernel_regularizer=terms[0], bias_regularizer=terms[1] if use_bias else None
+            )
         else:
-            layer = keras.layers.Dense(1)
+            layer = keras.layers.Dense(1, use_bias=use_bias)
         model = keras.Sequential([keras.Input(shape=(num_features,)), layer])
         model.compile(
             optimizer=keras.optimizers.SGD(learning_rate=0.01),
@@ -226,7 +259,7 @@ def keras_model(num_features: int, proximal: bool = False):
         )
         if proximal:
             model.proximal = terms
-        _KERAS_MODELS[(num_features, proximal)] = model
+        _KERAS_MODELS[(num_features, proximal, use_bias)] = model
     return model
 
 
@@ -258,14 +291,15 @@ def train_keras(
 ) -> tuple[LinearWeights, float]:
     """The same local training with TensorFlow's Keras (model reused, never recompiled)."""
     prox = _proximal(weights, proximal_mu)
-    model = keras_model(weights.num_features, proximal=prox is not None)
+    model = keras_model(weights.num_features, proximal=prox is not None, use_bias=weights.fit_intercept)
     model.optimizer.learning_rate.assign(learning_rate)
-    model.set_weights([weights.kernel, weights.bias])
+    model.set_weights(weights.arrays())
     if prox is not None:  # FedProx: anchor the regularizers at the weights the task started from
         mu, anchor_kernel, anchor_bias = prox
         for term, anchor in zip(model.proximal, (anchor_kernel, anchor_bias), strict=True):
-            term.mu.assign(mu)
-            term.anchor.assign(anchor)
+            if anchor is not None:
+                term.mu.assign(mu)
+                term.anchor.assign(anchor)
     x32 = np.asarray(x, dtype=np.float32)
     y32 = np.asarray(y, dtype=np.float32).reshape(-1, 1)
     loss = 0.0
@@ -281,8 +315,8 @@ def train_keras(
             losses.append(float(out["mean_squared_error"] if prox is not None else out["loss"]))
             counts.append(len(xs[start : start + batch_size]))
         loss = float(np.average(losses, weights=counts))
-    kernel, bias = model.get_weights()
-    return LinearWeights(kernel=np.asarray(kernel, np.float32), bias=np.asarray(bias, np.float32)), loss
+    trained = [np.asarray(a, np.float32) for a in model.get_weights()]
+    return LinearWeights.from_arrays(trained), loss
 
 
 ENGINES = {"numpy": train_numpy, "keras": train_keras}

@@ -158,7 +158,7 @@ class RunStore:
     def write_checkpoint(self, server_round: int, weights: LinearWeights, state: dict[str, Any]) -> None:
         name = f"round-{server_round:04d}.npz"
         buf = io.BytesIO()
-        np.savez(buf, kernel=weights.kernel, bias=weights.bias)
+        np.savez(buf, **weights.as_dict())  # no bias array for a model without an intercept
         pointer = {"round": server_round, "file": name, **state}
         self._write(
             [
@@ -178,7 +178,7 @@ class RunStore:
             raise FedLinearError(f"{pointer_uri}: not a checkpoint pointer ({one_line(exc)})") from None
         try:
             with np.load(io.BytesIO(storage.read_bytes(checkpoint_uri)), allow_pickle=False) as arrays:
-                weights = LinearWeights.from_dict({KERNEL: arrays[KERNEL], BIAS: arrays[BIAS]})
+                weights = LinearWeights.from_dict({name: arrays[name] for name in (KERNEL, BIAS) if name in arrays.files})
         except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise FedLinearError(f"{checkpoint_uri}: not a readable checkpoint ({one_line(exc)})") from None
         return pointer, weights

@@ -137,10 +137,11 @@ class PooledStats:
         moments = Moments.of(x, y)
         return cls.combine(moments, Scatter.of(x, y, moments.mean, full), moments.mean)
 
-    def save(self, uri: str) -> None:
-        """Write ``count``, ``mean`` and ``scatter`` as an ``.npz`` (local path or ``s3://``)."""
+    def save(self, uri: str, extra: dict[str, np.ndarray] | None = None) -> None:
+        """Write ``count``, ``mean`` and ``scatter`` (and any ``extra`` arrays: the yardstick's R
+        factors, :func:`common.yardstick.local_factors`) as an ``.npz`` (local path or ``s3://``)."""
         buf = io.BytesIO()
-        np.savez(buf, count=np.array(self.count), mean=self.mean, scatter=self.scatter)
+        np.savez(buf, count=np.array(self.count), mean=self.mean, scatter=self.scatter, **(extra or {}))
         storage.write_bytes(uri, buf.getvalue())
 
     @classmethod
@@ -333,8 +334,23 @@ def resolve_mode(mode: str, pooled: PooledStats | None) -> str:
     return "scale"
 
 
-def build_transform(mode: str, pooled: PooledStats | None, num_features: int) -> Transform:
-    """The transform for ``standardize = mode`` from the pooled statistics (identity for ``none``)."""
+def about_origin(pooled: PooledStats) -> PooledStats:
+    """The statistics of a model without an intercept: "mean" 0 and the second moments about the
+    origin, ``Σzzᵀ = scatter + n μμᵀ`` (sums of non-negative terms: no cancellation)."""
+    if pooled.full:
+        matrix = pooled.scatter + pooled.count * np.outer(pooled.mean, pooled.mean)
+    else:
+        matrix = pooled.scatter + pooled.count * pooled.mean * pooled.mean
+    return PooledStats(pooled.count, np.zeros_like(pooled.mean), matrix)
+
+
+def build_transform(mode: str, pooled: PooledStats | None, num_features: int, fit_intercept: bool = True) -> Transform:
+    """The transform for ``standardize = mode`` from the pooled statistics (identity for ``none``).
+
+    Without an intercept (``fit_intercept`` false) nothing is centred: the columns and the target are
+    scaled by their root mean square (whitening uses the second moments about the origin), so the
+    model through the origin stays one through the origin.
+    """
     kind = resolve_mode(mode, pooled)
     if kind == "none":
         return Transform.identity(num_features)
@@ -342,6 +358,8 @@ def build_transform(mode: str, pooled: PooledStats | None, num_features: int) ->
         raise FedLinearError(f"standardize = {mode} needs the pooled statistics, which were not gathered")
     if kind == "whiten" and not pooled.full:
         raise FedLinearError("standardize = whiten needs the pooled cross-products (config key 'reference' = auto)")
+    if not fit_intercept:
+        return _origin_notes(build_transform(mode, about_origin(pooled), num_features, True))
     d = num_features
     notes: list[str] = []
     variances = pooled.variances()
@@ -369,8 +387,9 @@ def build_transform(mode: str, pooled: PooledStats | None, num_features: int) ->
             dropped = live.size - int(keep.sum())
             if dropped:
                 notes.append(
-                    f"{dropped} of {live.size} non-constant feature directions are collinear with the others "
-                    "(correlation eigenvalue below 1e-10 of the largest): the model uses the remaining "
+                    f"{dropped} of {live.size} non-constant feature directions are collinear with the others or too "
+                    "ill-conditioned for training in float64 (correlation eigenvalue below 1e-10 of the largest, i.e. "
+                    "a condition number above 1e5 in those directions): the model uses the remaining "
                     f"{int(keep.sum())}, which gives the minimum-norm least-squares fit"
                 )
     y_std = math.sqrt(variances[d])
@@ -378,6 +397,16 @@ def build_transform(mode: str, pooled: PooledStats | None, num_features: int) ->
     if y_scale == 1.0 and y_std <= CONSTANT_TOLERANCE * max(abs(pooled.mean[d]), np.finfo(np.float64).tiny):
         notes.append(f"the target is constant ({pooled.mean[d]:.6g}) in the pooled training data")
     return Transform(kind, pooled.mean[:d].copy(), matrix, float(pooled.mean[d]), float(y_scale), tuple(notes))
+
+
+def _origin_notes(transform: Transform) -> Transform:
+    """The notes of a transform built from :func:`about_origin` statistics, in those terms."""
+    notes = tuple(
+        note.replace("is constant (0) in the pooled training data", "is identically zero in the pooled training data")
+        .replace("the target is constant (0)", "the target is identically zero")
+        for note in transform.notes
+    )
+    return dataclasses.replace(transform, notes=notes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,10 +424,15 @@ NOISE_FRACTION = 0.02
 CONVERGENCE_STEPS = 2.5
 
 
-def design_second_moment(pooled: PooledStats | None, transform: Transform) -> tuple[float, float] | None:
-    """``(λmax, trace)`` of ``G = E[[z, 1][z, 1]ᵀ]`` in the training space, or None if unknown."""
+def design_second_moment(
+    pooled: PooledStats | None, transform: Transform, fit_intercept: bool = True
+) -> tuple[float, float] | None:
+    """``(λmax, trace)`` of ``G = E[[z, 1][z, 1]ᵀ]`` in the training space (``E[zzᵀ]`` without an
+    intercept), or None if unknown."""
     if pooled is None:
         return None
+    if not fit_intercept:
+        return _second_moment_without_intercept(pooled, transform)
     d = pooled.num_features
     mean_z = (pooled.mean[:d] - transform.shift) @ transform.matrix
     if pooled.full:
@@ -414,6 +448,20 @@ def design_second_moment(pooled: PooledStats | None, transform: Transform) -> tu
     var_z = pooled.variances()[:d] * np.diagonal(transform.matrix) ** 2
     trace = float(var_z.sum() + mean_z @ mean_z + 1.0)
     return trace, trace  # without cross-products λmax is only bounded by the trace
+
+
+def _second_moment_without_intercept(pooled: PooledStats, transform: Transform) -> tuple[float, float] | None:
+    d = pooled.num_features
+    mean_z = (pooled.mean[:d] - transform.shift) @ transform.matrix
+    if pooled.full:
+        g = transform.matrix.T @ (pooled.scatter[:d, :d] / pooled.count) @ transform.matrix + np.outer(mean_z, mean_z)
+        eigenvalues = np.linalg.eigvalsh(g) if d else np.zeros(1)
+        return float(max(eigenvalues.max(), np.finfo(float).tiny)), float(np.trace(g))
+    if not np.allclose(transform.matrix, np.diag(np.diagonal(transform.matrix))):
+        return None
+    var_z = pooled.variances()[:d] * np.diagonal(transform.matrix) ** 2
+    trace = float(max(var_z.sum() + mean_z @ mean_z, np.finfo(float).tiny))
+    return trace, trace
 
 
 def auto_learning_rate(

@@ -3,7 +3,9 @@
 The server evaluates the global model itself (Flower's ``evaluate_fn`` in ``Strategy.start``), in
 raw units, on its test set (``test-uri``) and against the pooled least-squares optimum when the
 pooled statistics are known: test MSE, the optimum's test MSE and the ratio to it, the pooled train
-MSE and its excess over the optimum's, the distance to the optimal weights. :func:`divergence` says
+MSE and its excess over the optimum's, the distance to the optimal weights. The optimum and every
+train MSE come from :mod:`common.yardstick`: residual norms of the parties' stacked R factors when
+they were gathered (:mod:`server.yardstick`), else the pooled scatter (under privacy). :func:`divergence` says
 when those numbers mean the run has diverged; :func:`check_target` refuses, before round 1, a
 ``target-mse-ratio`` the run could not measure.
 """
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fedlinear.common import model as lm
-from fedlinear.common import scaling
+from fedlinear.common import scaling, yardstick
 from fedlinear.common.config import RunConfig
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
@@ -31,26 +33,32 @@ class Evaluator:
     the raw-space model they fold into (what the SavedModel computes).
     """
 
-    def __init__(self, test: Dataset | None, pooled: scaling.PooledStats | None, transform: scaling.Transform) -> None:
+    def __init__(
+        self, test: Dataset | None, pooled: scaling.PooledStats | None, transform: scaling.Transform,
+        optimum: yardstick.Optimum | None = None, fit_intercept: bool = True,
+    ) -> None:  # fmt: skip
+        """``optimum``: the stable yardstick from R factors; without it the pooled scatter's (if full)."""
         self.test = test
         self.pooled = pooled if pooled is not None and pooled.full else None
         self.transform = transform
+        if optimum is None and self.pooled is not None:
+            optimum = yardstick.from_scatter(self.pooled, fit_intercept)
+        self.yardstick = optimum
         self.optimum: tuple[np.ndarray, float] | None = None
         self.reference: dict[str, Any] = {}
-        if self.pooled is not None:
-            kernel, bias = self.pooled.solve()
-            self.optimum = (kernel, bias)
-            self.reference["train-mse"] = self.pooled.optimum_sse(kernel) / self.pooled.count
-            self.reference["weights"] = [*kernel.tolist(), bias]
-            self.reference["num-examples"] = self.pooled.count
+        if optimum is not None:
+            self.optimum = (optimum.kernel, optimum.bias)
+            self.reference.update(optimum.reference())
             self.reference["source"] = (
-                "pooled least squares from centred additive sums (n, Σ[x y], Σ(z−μ)(z−μ)ᵀ) of every node"
+                "pooled least squares from the parties' R factors of their centred blocks, stacked (TSQR)"
+                if optimum.method == "tsqr"
+                else "pooled least squares from centred additive sums (n, Σ[x y], Σ(z−μ)(z−μ)ᵀ) of every node"
             )
             if test is not None:
-                self.reference["test-mse"] = mse(kernel, bias, test)
+                self.reference["test-mse"] = mse(optimum.kernel, optimum.bias, test)
 
     def raw(self, weights: lm.LinearWeights) -> tuple[np.ndarray, float]:
-        return self.transform.to_raw(weights.kernel, float(weights.bias[0]))
+        return self.transform.to_raw(weights.kernel, weights.bias_value)
 
     def __call__(self, weights: lm.LinearWeights) -> dict[str, float]:
         kernel, bias = self.raw(weights)
@@ -59,8 +67,8 @@ class Evaluator:
             out["test-mse"] = mse(kernel, bias, self.test)
         if self.optimum is not None:
             opt_kernel, opt_bias = self.optimum
-            excess = self.pooled.excess_mse(kernel, bias, opt_kernel, opt_bias)
-            out["train-mse"] = self.reference["train-mse"] + excess
+            excess = self.yardstick.excess_sse(kernel, bias) / self.yardstick.count  # a residual norm, no yᵀy
+            out["train-mse"] = self.yardstick.train_mse + excess
             out["excess-train-mse"] = excess
             out["weight-distance"] = float(np.linalg.norm(np.r_[kernel - opt_kernel, bias - opt_bias]))
             if "test-mse" in out:

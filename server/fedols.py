@@ -25,7 +25,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedlinear.common import fedols, protocol
+from fedlinear.common import fedols, protocol, yardstick
 from fedlinear.common import model as lm
 from fedlinear.common import scaling
 from fedlinear.common.config import RunConfig
@@ -37,9 +37,11 @@ from fedlinear.server.nodes import Parties, in_key_order
 
 
 def collect_r(
-    grid: Grid, cfg: RunConfig, healthy: dict[int, dict], centre: np.ndarray, failures: list[dict]
+    grid: Grid, cfg: RunConfig, healthy: dict[int, dict], centre: np.ndarray, failures: list[dict],
+    left_out: bool = True,
 ) -> dict[int, np.ndarray]:
-    """Stage ``fedols-r``: each healthy party's checked R factor (failures are appended and said)."""
+    """Stage ``fedols-r``: each healthy party's checked R factor (failures are appended, and said when
+    the party is ``left_out`` of the solve; the yardstick of a training run says them itself)."""
     d = int(next(iter(healthy.values()))[protocol.SHARD_NUM_FEATURES])
     order = in_key_order(healthy)
     messages = [
@@ -71,7 +73,8 @@ def collect_r(
                 factors[nid] = np.asarray(msg.content[protocol.RECORD_R][protocol.ARRAY_R].numpy(), np.float64)
                 continue
         failures.append({"node-id": nid, "client-key": healthy[nid].get(protocol.SHARD_CLIENT_KEY), "reason": reason})
-        progress.say(f"node {nid} left out: {reason}")
+        if left_out:
+            progress.say(f"node {nid} left out: {reason}")
     return factors
 
 
@@ -103,27 +106,39 @@ def run(
     failures: list[dict] = []
     solved_by = parties.in_key_order()
     if cfg.fedols_method == "qr":
-        factors = collect_r(grid, cfg, healthy, pooled.mean, failures)
+        if parties.factors is None:  # gathered with the shard query (server.yardstick) when statistics flow
+            centre = pooled.mean if cfg.fit_intercept else np.zeros(num_features + 1)
+            factors = collect_r(grid, cfg, healthy, centre, failures)
+        else:
+            factors = parties.factors
+            failures.extend(parties.factor_failures or [])
         if not factors:
             raise FedLinearError(
                 "no party sent a usable R factor: " + "; ".join(f"node {f['node-id']}: {f['reason']}" for f in failures)
             )
         solved_by = [nid for nid in solved_by if nid in factors]
-        solution = fedols.solve_qr([factors[nid] for nid in solved_by], pooled.mean, cfg.fedols_l2, pooled.constant_features())
+        centre = pooled.mean if cfg.fit_intercept else np.zeros(num_features + 1)
+        solution = fedols.solve_qr(
+            [factors[nid] for nid in solved_by], centre, cfg.fedols_l2,
+            yardstick.unused_features(pooled, cfg.fit_intercept), cfg.fit_intercept,
+        )  # fmt: skip
     else:
-        solution = fedols.solve_normal(pooled, cfg.fedols_l2)
+        solution = fedols.solve_normal(pooled, cfg.fedols_l2, cfg.fit_intercept)
     kernel, bias = solution.kernel, solution.bias
     for note in solution.notes:
         progress.say(f"fedols: {note}")
 
     transform = scaling.Transform.identity(num_features)
-    evaluate = evaluation.Evaluator(test, pooled, transform)
+    evaluate = evaluation.Evaluator(test, pooled, transform, parties.optimum, cfg.fit_intercept)  # same factors
+    for note in evaluate.reference.get("notes", []):
+        if evaluate.yardstick is not None and evaluate.yardstick.method != "tsqr":
+            progress.say(f"yardstick: {note}")
     row = {
         "round": 1,
         "clients-ok": len(solved_by),
         "clients-failed": len(failures),
         "failures": failures,
-        **evaluate(lm.LinearWeights(kernel=kernel.reshape(-1, 1), bias=np.array([bias]))),  # float64
+        **evaluate(lm.LinearWeights(kernel=kernel.reshape(-1, 1), bias=np.array([bias]) if cfg.fit_intercept else None)),
         "elapsed-s": time.monotonic() - started,
     }
     samples = sum(int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]) for nid in solved_by)
@@ -131,7 +146,8 @@ def run(
         **solution.to_json(),
         "parties": len(solved_by),
         "num-examples": samples,
-        "objective": "minimise ||y - X w - b||^2 + l2 ||w||^2 over the pooled raw data (bias not penalised)",
+        "objective": "minimise ||y - X w - b||^2 + l2 ||w||^2 over the pooled raw data (bias not penalised)"
+        if cfg.fit_intercept else "minimise ||y - X w||^2 + l2 ||w||^2 over the pooled raw data (no intercept)",
     }
     history = {
         "run-id": context.run_id,

@@ -91,7 +91,7 @@ def complete(
     """Export the model (rounded to float32), write ``manifest.json`` and the ``completed`` status."""
     exported = lm.LinearWeights(
         kernel=np.asarray(result.kernel).astype(np.float32).reshape(-1, 1),
-        bias=np.array([result.bias], dtype=np.float32),
+        bias=np.array([result.bias], dtype=np.float32) if cfg.fit_intercept else None,  # no intercept: no bias
     )
     model_uri = store.uri("model")
     export_savedmodel(exported, model_uri)
@@ -102,11 +102,12 @@ def complete(
         "versions": versions(),
         "num-features": parties.num_features,
         "weights": {"kernel": result.kernel.tolist(), "bias": result.bias},
-        "exported-weights": {"kernel": exported.kernel.ravel().tolist(), "bias": float(exported.bias[0])},
+        "exported-weights": {"kernel": exported.kernel.ravel().tolist(), "bias": exported.bias_value},
+        "fit-intercept": cfg.fit_intercept,
     }
     if result.standardized is not None:
         weights = result.standardized
-        manifest["standardized-weights"] = {"kernel": weights.kernel.ravel().tolist(), "bias": float(weights.bias[0])}
+        manifest["standardized-weights"] = {"kernel": weights.kernel.ravel().tolist(), "bias": weights.bias_value}
     manifest.update({
         "standardization": result.transform.to_json(),
         "learning-rate": result.learning_rate,

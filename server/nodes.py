@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -40,11 +41,17 @@ class Parties:
         ``{"node-id", "reason"}`` for every node left out before round 1.
     pooled : PooledStats or None
         The pooled statistics from the nodes' sums; None when none were asked for.
+    factors, factor_failures, optimum
+        The parties' R factors (node id -> R), the parties that sent none, and the stable yardstick
+        from them (:mod:`server.yardstick`); None when the statistics do not flow (privacy).
     """
 
     healthy: dict[int, dict]
     failures: list[dict]
     pooled: scaling.PooledStats | None
+    factors: dict[int, np.ndarray] | None = None
+    factor_failures: list[dict] | None = None
+    optimum: Any = None  # common.yardstick.Optimum
 
     @property
     def num_features(self) -> int:

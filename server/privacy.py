@@ -129,7 +129,7 @@ def build_transform(cfg: RunConfig, stats: scaling.PooledStats | None, num_featu
             "('dp-public-statistics' = true with 'statistics-uri') to standardize",
         )
         return transform
-    transform = scaling.build_transform(cfg.standardize, stats, num_features)
+    transform = scaling.build_transform(cfg.standardize, stats, num_features, cfg.fit_intercept)
     if private and stats is not None and transform.kind != "none":
         transform.notes = (*transform.notes, f"standardization statistics declared public ({cfg.statistics_uri}); not covered by ε")
     return transform

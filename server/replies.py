@@ -71,7 +71,9 @@ def check_shard(info: dict[str, Any]) -> str | None:
     return None
 
 
-def check_train_reply(msg: Message, num_features: int, declared: dict[str, Any], max_norm: float) -> str | None:
+def check_train_reply(
+    msg: Message, num_features: int, declared: dict[str, Any], max_norm: float, names: tuple[str, ...] = lm.WEIGHT_NAMES
+) -> str | None:
     """Why a train reply is unacceptable, or None.
 
     ``declared`` is what the node said in the shard query; ``max_norm`` bounds the weights' L2 norm
@@ -85,9 +87,9 @@ def check_train_reply(msg: Message, num_features: int, declared: dict[str, Any],
             f"{sorted(content.array_records) + sorted(content.metric_records)}, expected arrays and metrics"
         )
     arrays = content[protocol.RECORD_ARRAYS]
-    if set(arrays.keys()) != set(lm.WEIGHT_NAMES):
-        return f"malformed train reply: arrays {sorted(arrays.keys())}, expected {sorted(lm.WEIGHT_NAMES)}"
-    expected = {lm.KERNEL: (num_features, 1), lm.BIAS: (1,)}
+    if set(arrays.keys()) != set(names):  # ``names``: the arrays the global model has (no bias without an intercept)
+        return f"malformed train reply: arrays {sorted(arrays.keys())}, expected {sorted(names)}"
+    expected = {name: shape for name, shape in ((lm.KERNEL, (num_features, 1)), (lm.BIAS, (1,))) if name in names}
     total = 0.0
     for name, shape in expected.items():
         array = arrays[name]
@@ -125,7 +127,7 @@ def update_norm(msg: Message, global_arrays) -> float:
     round sent, in the standardized variables the clients train in, over kernel and bias together."""
     arrays = msg.content[protocol.RECORD_ARRAYS]
     squared = 0.0
-    for name in lm.WEIGHT_NAMES:
+    for name in global_arrays.keys():
         delta = arrays[name].numpy().astype(np.float64) - global_arrays[name].numpy().astype(np.float64)
         squared += float(np.sum(delta * delta))
     return math.sqrt(squared)
@@ -199,7 +201,7 @@ def validated(
             continue
         problem = (
             "reply from a node that was not asked" if nid not in healthy
-            else check_train_reply(msg, num_features, healthy[nid], WEIGHT_NORM_BOUND)
+            else check_train_reply(msg, num_features, healthy[nid], WEIGHT_NORM_BOUND, tuple(arrays.keys()))
         )  # fmt: skip
         if problem is None and max_update_norm > 0:
             problem = check_update_norm(msg, arrays, max_update_norm, nid)

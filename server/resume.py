@@ -35,11 +35,12 @@ TRAJECTORY_KEYS = (
     "secure-aggregation", "secagg-clipping-range", "secagg-quantization-range",
     "strategy", "proximal-mu", "server-learning-rate", "server-momentum", "eta", "beta-1", "beta-2", "tau",
     "trimmed-beta", "num-malicious-nodes", "num-nodes-to-select", "max-update-norm", "max-update-norm-factor",
+    "fit-intercept",
 )  # fmt: skip
 # Trajectory keys added after checkpoints without them were written, with the value that behaves as
 # those runs did (off). Only keys listed here are defaulted: a checkpoint lacking any other trajectory key
 # (e.g. `standardize`, whose default changed what training does) is refused as a different run.
-ADDED_KEYS = {"max-update-norm-factor": 0.0}
+ADDED_KEYS = {"max-update-norm-factor": 0.0, "fit-intercept": True}
 
 
 def trajectory_key(cfg: RunConfig, num_features: int) -> dict[str, Any]:
@@ -116,7 +117,7 @@ def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int, data: di
     """
     latest = store.read_latest_checkpoint()
     if latest is None:
-        return Start(lm.initial_weights(num_features, cfg.seed), 1, {}, None, None)
+        return Start(lm.initial_weights(num_features, cfg.seed, cfg.fit_intercept), 1, {}, None, None)
     pointer, weights = latest
     expected = trajectory_key(cfg, num_features)
     recorded = {**ADDED_KEYS, **pointer}  # a checkpoint from before a key was added ran as its default does

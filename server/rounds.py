@@ -40,7 +40,7 @@ from fedlinear.common.config import RunConfig
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError, one_line, untrusted_text
 from fedlinear.common.runstore import RunStore
-from fedlinear.server import evaluation, finish, privacy, progress, replies, resume, secure
+from fedlinear.server import evaluation, finish, privacy, progress, replies, resume, secure, yardstick
 from fedlinear.server.nodes import Parties
 from fedlinear.server.strategy import build_strategy, fixed_order
 
@@ -51,12 +51,14 @@ def to_record(weights: lm.LinearWeights) -> ArrayRecord:
 
 
 def from_record(record: ArrayRecord) -> lm.LinearWeights:
-    return lm.LinearWeights.from_dict({name: record[name].numpy() for name in lm.WEIGHT_NAMES})
+    return lm.LinearWeights.from_dict({name: record[name].numpy() for name in lm.WEIGHT_NAMES if name in record})
 
 
-def initial_weights(num_features: int, seed: int, transform: scaling.Transform) -> lm.LinearWeights:
+def initial_weights(
+    num_features: int, seed: int, transform: scaling.Transform, fit_intercept: bool = True
+) -> lm.LinearWeights:
     """Keras' Glorot-uniform start, with the coordinates the transform leaves out at zero."""
-    weights = lm.initial_weights(num_features, seed)
+    weights = lm.initial_weights(num_features, seed, fit_intercept)
     weights.kernel[transform.unused, 0] = 0.0
     return weights
 
@@ -68,7 +70,7 @@ def resolve_learning_rate(
     if cfg.learning_rate != "auto":
         return float(cfg.learning_rate), f"learning rate {float(cfg.learning_rate):g} (set in the config)"
     return scaling.auto_learning_rate(
-        scaling.design_second_moment(pooled, transform),
+        scaling.design_second_moment(pooled, transform, cfg.fit_intercept),
         sizes,
         cfg.batch_size,
         cfg.local_epochs,
@@ -147,15 +149,21 @@ class Rounds:
             learning_rate, rate_note = start.learning_rate, f"learning rate {start.learning_rate:.4g} (from the checkpoint)"
         else:
             learning_rate, rate_note = resolve_learning_rate(cfg, training_stats, transform, sizes)
-        evaluate = evaluation.Evaluator(self.test, pooled, transform)
-        if evaluate.optimum is not None:
+        from_nodes = pooled is self.parties.pooled  # no privacy: the parties' sums (and R factors)
+        stable = self.parties.optimum if from_nodes else yardstick.from_statistics_file(cfg, pooled)
+        evaluate = evaluation.Evaluator(self.test, pooled, transform, stable, cfg.fit_intercept)
+        if evaluate.optimum is not None and not (from_nodes and stable is not None):
             evaluate.reference["source"] = reference_source
+        for note in evaluate.reference.get("notes", []):
+            progress.say(f"yardstick: {note}")
         evaluation.check_target(cfg, evaluate, reference_source)  # before round 1: a target needs the ratio
         test_mse = evaluate.reference.get("test-mse")
         progress.say(
             f"{len(healthy)} shards, {num_features} features, {sum(sizes)} samples; "
             f"standardize = {transform.kind}; {rate_note}"
             + (f"; pooled least-squares test MSE {test_mse:.6g}" if test_mse is not None else "")
+            + (f"; yardstick by {evaluate.yardstick.method}, condition number {evaluate.yardstick.condition_number:.4g}"
+               if evaluate.yardstick is not None else "")
         )
         self.transform, self.learning_rate, self.rate_note, self.evaluate = transform, learning_rate, rate_note, evaluate
 
@@ -186,7 +194,7 @@ class Rounds:
         if self.first_round > 1:
             progress.say(f"resuming after round {self.first_round - 1} from {self.store.uri('checkpoints', 'latest.json')}")
         else:
-            weights = initial_weights(self.parties.num_features, cfg.seed, self.transform)
+            weights = initial_weights(self.parties.num_features, cfg.seed, self.transform, cfg.fit_intercept)
             history = {"run-id": self.context.run_id, "rounds": []}
             row = {"round": 0, "elapsed-s": time.monotonic() - self.started, "clients-ok": 0, "clients-failed": 0}
             row.update(self.evaluate(weights))
@@ -396,7 +404,7 @@ class Rounds:
         self.store.write_history(history)
         for line in target_lines:
             progress.say(line)
-        raw_kernel, raw_bias = self.transform.to_raw(weights.kernel, float(weights.bias[0]))
+        raw_kernel, raw_bias = self.transform.to_raw(weights.kernel, weights.bias_value)
         result = finish.Result(
             kernel=raw_kernel,
             bias=raw_bias,

@@ -32,7 +32,7 @@ from fedlinear.common.config import RunConfig
 from fedlinear.common.csvio import load_csv
 from fedlinear.common.errors import FedLinearError, one_line
 from fedlinear.common.runstore import RunStore
-from fedlinear.server import fedols, nodes, progress
+from fedlinear.server import fedols, nodes, progress, yardstick
 from fedlinear.server.rounds import Rounds
 
 app = ServerApp()
@@ -45,6 +45,7 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
     connected = nodes.wait_for_nodes(grid, cfg)
     progress.say(f"{len(connected)} nodes connected; querying shards")
     parties = nodes.query_nodes(grid, cfg, connected)
+    yardstick.gather(grid, cfg, parties)  # the stable optimum from R factors, when the statistics flow
     num_features = parties.num_features
     test = load_csv(cfg.test_uri, cfg.target_column, cfg.header) if cfg.test_uri else None
     if test is not None and test.num_features != num_features:

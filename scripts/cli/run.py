@@ -112,9 +112,11 @@ def write_local_statistics(shards: list[str], uri: str, cfg: RunConfig) -> str:
 
     from fedlinear.common.csvio import load_csv
     from fedlinear.common.scaling import PooledStats
+    from fedlinear.common.yardstick import local_factors
 
     parts = [load_csv(shard, cfg.target_column, cfg.header) for shard in shards]
-    PooledStats.of(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts])).save(uri)
+    x, y = np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts])
+    PooledStats.of(x, y).save(uri, local_factors(x, y))  # with the R factors: the yardstick solved stably
     return uri
 
 

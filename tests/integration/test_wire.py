@@ -51,6 +51,8 @@ def expected(kind: str, stage: str | None, *, moments: bool, full: bool) -> dict
         if moments:
             out["moments"] = ("arrays", {"total": ((D + 1,), "float64")})
         return out
+    if kind == "query" and stage == "fedols-r":  # the yardstick's R factor: its RᵀR is the Gram of [x − μ, 1, y − μ]
+        return {"r": ("arrays", {"r": ((D + 2, D + 2), "float64")})}
     if kind == "query":
         shape = (D + 1, D + 1) if full else (D + 1,)
         return {"scatter": ("arrays", {"scatter": (shape, "float64")})}
@@ -124,7 +126,7 @@ def test_the_server_receives_only_arrays_metrics_and_sums(tmp_path, settings, mo
             shard = reply.content["shard"]
             assert shard["num-examples"] == 40 and shard["num-features"] == D
     stages = {("query", "describe"), ("train", None), ("evaluate", None)}
-    assert seen == stages | ({("query", "scatter")} if moments else set())
+    assert seen == stages | ({("query", "scatter")} if moments else set()) | ({("query", "fedols-r")} if full else set())
 
 
 def test_the_check_would_see_a_row(tmp_path):

@@ -61,3 +61,21 @@ def test_savedmodel_reloads_in_fresh_process_and_predicts_xw_plus_b(tmp_path):
         f"fedlinear: error: {wrong}: has 2 columns; the model takes 4 features "
         "(give 4 feature columns, optionally followed by the target)"
     ]
+
+
+def test_a_model_without_an_intercept_exports_the_kernel_alone(tmp_path):
+    """``fit-intercept = false``: no bias variable, ``serving_default`` still takes x and gives x @ w."""
+    rng = np.random.default_rng(3)
+    weights = lm.LinearWeights(kernel=rng.normal(size=(3, 1)).astype(np.float32), bias=None)
+    target = str(tmp_path / "model")
+    export_savedmodel(weights, target)
+    x = rng.normal(size=(5, 3))
+    probe = LOADER + "print(json.dumps([hasattr(m, 'kernel'), hasattr(m, 'bias')]))\n"
+    out = subprocess.run(
+        [sys.executable, "-c", probe, target, json.dumps(x.tolist())], capture_output=True, text=True, check=True
+    )
+    *_, served, variables = out.stdout.strip().splitlines()
+    result = json.loads(served)
+    assert result["in_shape"] == [None, 3] and result["outputs"] == ["y"] and result["shape"] == [5, 1]
+    np.testing.assert_allclose(np.array(result["y"]), x.astype(np.float32) @ weights.kernel, atol=1e-5)
+    assert json.loads(variables) == [True, False]

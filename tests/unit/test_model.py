@@ -153,3 +153,23 @@ def test_fedavg_weights_clients_by_their_examples():
     assert np.linalg.norm(pooled - equal) > 1.0  # the two answers are far apart
     weights = federated_rounds(shards, rounds=300, batch_size=1500, learning_rate=0.05, seed=3)
     assert np.linalg.norm(weights.vector() - pooled) < 1e-3 * np.linalg.norm(pooled)
+
+
+def test_a_model_without_an_intercept_has_no_bias_in_either_engine(problem):
+    """``fit-intercept = false``: the layout is the kernel alone; numpy and Keras (Dense(use_bias=False)) agree."""
+    x, y = problem
+    w0 = lm.initial_weights(6, 11, fit_intercept=False)
+    assert w0.bias is None and w0.names == ("kernel",) and list(w0.as_dict()) == ["kernel"]
+    orders = [lm.batch_order(len(x), 11, 1, 0, e) for e in range(2)]
+    kwargs = dict(epochs=2, batch_size=32, learning_rate=0.05, orders=orders)
+    w_np, loss_np = lm.train_numpy(w0, x, y, **kwargs)
+    w_keras, loss_keras = lm.train_keras(w0, x, y, **kwargs)
+    assert w_np.bias is None and w_keras.bias is None
+    np.testing.assert_allclose(w_np.kernel, w_keras.kernel, atol=1e-5)
+    assert loss_np == pytest.approx(loss_keras, rel=1e-4)
+    # one step is SGD on the MSE of x @ w, with no intercept moving
+    one, _ = lm.train_numpy(w0, x[:5], y[:5], epochs=1, batch_size=5, learning_rate=0.1, orders=[np.arange(5)])
+    k = w0.kernel.astype(np.float64).ravel()
+    expected = k - 0.1 * 2.0 / 5 * x[:5].T @ (x[:5] @ k - y[:5])
+    np.testing.assert_allclose(one.kernel.ravel(), expected, rtol=1e-5)
+    assert np.array_equal(lm.LinearWeights.from_dict(w_np.as_dict()).kernel, w_np.kernel)
