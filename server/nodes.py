@@ -157,7 +157,9 @@ def query_nodes(grid: Grid, cfg: RunConfig, nodes: list[int]) -> Parties:
     if privacy.secure_statistics(cfg):  # secure aggregation hook: the sums through SecAgg+ (server/securestats.py)
         from fedlinear.server import securestats
 
-        return Parties(healthy, failures, securestats.pooled_statistics(grid, cfg, healthy, in_key_order(healthy), failures))
+        return Parties(
+            healthy, failures, securestats.pooled_statistics(grid, cfg, healthy, in_key_order(healthy), failures, scatter_problem)
+        )
     if not want_moments:
         return Parties(healthy, failures, None)
     return Parties(healthy, failures, pooled_statistics(grid, cfg, healthy, totals, failures))

@@ -20,6 +20,8 @@ that party's own sums as the difference of two pooled ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from flwr.serverapp import Grid
 
@@ -32,9 +34,13 @@ from fedlinear.server import progress, secure
 WINDOW_MARGIN = 4.0
 
 
-def pooled_statistics(grid: Grid, cfg: RunConfig, healthy: dict[int, dict], order: list[int], failures: list[dict]) -> scaling.PooledStats:
+def pooled_statistics(
+    grid: Grid, cfg: RunConfig, healthy: dict[int, dict], order: list[int], failures: list[dict],
+    scatter_problem: Callable[[np.ndarray], str | None],
+) -> scaling.PooledStats:  # fmt: skip
     """The pooled statistics of the parties ``order`` (healthy node ids in client-key order), every
-    sum through SecAgg+. Parties left out are removed from ``healthy`` and added to ``failures``."""
+    sum through SecAgg+. Parties left out are removed from ``healthy`` and added to ``failures``;
+    ``scatter_problem`` is the clear path's check of a scatter matrix (server/nodes.py)."""
     d = int(next(iter(healthy.values()))[protocol.SHARD_NUM_FEATURES])
     full = cfg.reference == "auto"
     first = _sum(grid, cfg, order, protocol.STAT_MOMENTS, {"count": (1,), "total": (d + 1,)}, None, None, healthy, failures)
@@ -64,8 +70,6 @@ def pooled_statistics(grid: Grid, cfg: RunConfig, healthy: dict[int, dict], orde
         matrix = np.diag(diagonal)
         matrix[rows, cols] = third.sums["upper"]
         matrix[cols, rows] = third.sums["upper"]
-        from fedlinear.server.nodes import scatter_problem  # the clear path's own check of a scatter
-
         problem = scatter_problem(matrix)
         if problem is not None:
             raise FedLinearError(f"secure statistics: the pooled scatter is not one ({problem})")
