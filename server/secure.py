@@ -403,6 +403,43 @@ def secure_sum(
     return SecureSum(sums, aggregated, failures)
 
 
+# The training range is at least this many times the largest coordinate of the initial weights and of
+# the pooled optimum in the training variables (see training_clipping_range).
+RANGE_FACTOR = 8.0
+
+
+def training_clipping_range(cfg: RunConfig, pooled, transform, initial) -> tuple[float, str]:
+    """SecAgg+'s clipping range for the training rounds, in the variables the clients train in, and
+    a line saying how it was chosen.
+
+    An update moves the weights from the global model toward the optimum of a party's shard; in a
+    stable run the weights stay between where they started and the pooled optimum, so coordinates of
+    an update are of the order of those of the initial weights and of the optimum. With the pooled
+    statistics known (``pooled`` full: the secure sums, or the clear ones) the range is
+    ``max(secagg-clipping-range, 8 x the largest |coordinate| of the initial weights and of the pooled
+    optimum, both in the training variables)``: standardized, the optimum is O(1) and the configured
+    range (default 8) stands; on raw or collinear variables it grows with them, so no honest update
+    is refused for its scale. The quantization step ``2c/Q`` grows in proportion, i.e. stays the same
+    relative to the weights. Without the pooled optimum the configured range is used as it is.
+    """
+    configured = float(cfg.secagg_clipping_range)
+    if pooled is None or not getattr(pooled, "full", False):
+        return configured, f"clipping range ±{configured:g} (secagg-clipping-range)"
+    kernel, bias = pooled.solve()
+    scale = transform.y_scale
+    weights = np.linalg.pinv(transform.matrix) @ (np.asarray(kernel, np.float64) / scale)
+    bias_t = (bias - transform.y_shift + float(transform.shift @ kernel)) / scale
+    start = np.abs(np.asarray(initial.vector(), np.float64)).max()
+    largest = max(float(np.abs(weights).max(initial=0.0)), abs(float(bias_t)), float(start))
+    chosen = max(configured, RANGE_FACTOR * largest)
+    if chosen == configured:
+        return configured, f"clipping range ±{configured:g} (secagg-clipping-range; the pooled optimum's largest coordinate in the training variables is {largest:.3g})"
+    return chosen, (
+        f"clipping range ±{chosen:.4g}: {RANGE_FACTOR:g} x the largest coordinate ({largest:.3g}) of the initial weights and "
+        f"of the pooled optimum in the training variables (above secagg-clipping-range = {configured:g})"
+    )
+
+
 def _share_setting(value: float) -> int | float:
     """A config value as Flower's ``num_shares`` / ``reconstruction_threshold``: <= 1 a fraction, else a count."""
     return float(value) if value <= 1 else int(value)
@@ -552,4 +589,4 @@ def describe(cfg: RunConfig) -> str:
     )
 
 
-__all__ = ["SecureRound", "SecureSum", "apply_update", "describe", "quantization_bound", "run_protocol", "secure_sum", "train_round"]
+__all__ = ["SecureRound", "SecureSum", "apply_update", "describe", "quantization_bound", "run_protocol", "secure_sum", "train_round", "training_clipping_range"]
