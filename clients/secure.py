@@ -209,7 +209,12 @@ def masked_statistics(msg: Message, context: Context, load: Load) -> Message:
     for name in names:
         enc = fixedpoint.from_parts(
             lows[name].numpy(),
-            {"limbs": config[f"{protocol.KEY_SUM_LIMBS_PREFIX}{name}"], "bits": bits, "num-parties": config[protocol.KEY_SUM_PARTIES]},
+            {
+                "limbs": config[f"{protocol.KEY_SUM_LIMBS_PREFIX}{name}"],
+                "span": config[f"{protocol.KEY_SUM_SPAN_PREFIX}{name}"],
+                "bits": bits,
+                "num-parties": config[protocol.KEY_SUM_PARTIES],
+            },
         )
         limbs.append(fixedpoint.encode(values[name], enc, name))
     fitres = FitRes(

@@ -64,6 +64,7 @@ class Encoding:
     limbs: int
     bits: int
     num_parties: int
+    span: int = FULL_HI - FULL_LO  # a party's |V| must be below 2**span (the window: |v| < 2**(lo + span))
 
     @property
     def modulus(self) -> int:
@@ -75,8 +76,9 @@ class Encoding:
         return 1 << (self.bits - 1)
 
     def bound(self) -> int:
-        """Largest ``|V|`` one party may send so that the sum of ``num_parties`` cannot wrap."""
-        return (self.modulus >> 1) // self.num_parties - 1
+        """Largest ``|V|`` one party may send: inside its window, and so that the sum of
+        ``num_parties`` cannot wrap."""
+        return min((self.modulus >> 1) // self.num_parties - 1, (1 << self.span) - 1)
 
 
 def full(size: int, num_parties: int) -> Encoding:
@@ -91,7 +93,7 @@ def window(hi: np.ndarray, num_parties: int) -> Encoding:
     hi = np.asarray(hi, np.int64).ravel()
     lo = np.maximum(hi - PRECISION_BITS, FULL_LO)
     span = int((hi - lo).max()) if hi.size else 1
-    return Encoding(lo.astype(np.int64), width(0, span, num_parties, bits), bits, num_parties)
+    return Encoding(lo.astype(np.int64), width(0, span, num_parties, bits), bits, num_parties, PRECISION_BITS)
 
 
 def _to_int(value: float, lo: int) -> int:
@@ -118,7 +120,7 @@ def encode(values: np.ndarray, enc: Encoding, what: str) -> np.ndarray:
         big = _to_int(v, lo)
         if abs(big) > limit:
             raise FedLinearError(
-                f"secure sum: '{what}' value {i} ({v:.6g}) is outside the window the server announced (below 2**{lo + limit.bit_length()})"
+                f"secure sum: '{what}' value {i} ({v:.6g}) is outside the window the server announced (below 2**{lo + enc.span})"
             )
         unsigned = big % enc.modulus
         for j in range(enc.limbs):
@@ -159,15 +161,17 @@ def limb_sums_from_mean(mean: np.ndarray, enc: Encoding, num_parties: int) -> np
 
 
 def to_config(enc: Encoding) -> dict:
-    return {"limbs": enc.limbs, "bits": enc.bits, "num-parties": enc.num_parties}
+    return {"limbs": enc.limbs, "bits": enc.bits, "num-parties": enc.num_parties, "span": enc.span}
 
 
 def from_parts(lo: np.ndarray, config: dict) -> Encoding:
     try:
         limbs, bits, parties = int(config["limbs"]), int(config["bits"]), int(config["num-parties"])
+        span = int(config.get("span", FULL_HI - FULL_LO))
     except (KeyError, TypeError, ValueError) as exc:
         raise FedLinearError(f"secure sum: malformed encoding ({exc})") from None
     lo = np.asarray(lo, np.int64).ravel()
-    if not (1 <= bits <= 30 and 1 <= limbs <= 4096 and parties >= 1 and (lo >= FULL_LO).all() and (lo <= FULL_HI).all()):
+    if not (1 <= bits <= 30 and 1 <= limbs <= 4096 and parties >= 1 and 1 <= span <= FULL_HI - FULL_LO
+            and (lo >= FULL_LO).all() and (lo <= FULL_HI).all()):  # fmt: skip
         raise FedLinearError("secure sum: encoding out of range")
-    return Encoding(lo, limbs, bits, parties)
+    return Encoding(lo, limbs, bits, parties, span)

@@ -30,7 +30,8 @@ Secure train (``train.secagg``): Flower's SecAgg+ stages and records; the stage 
 masked vectors carries the train task's ``arrays`` and ``config`` (plus ``secagg-weighting``).
 
 Secure sum (``train.secsum``): the same SecAgg+ stages; the stage that collects the masked vectors
-carries ``config`` (``statistic``, ``sum-names``, ``sum-limbs-<name>``, ``sum-bits``, ``sum-parties``),
+carries ``config`` (``statistic``, ``sum-names``, ``sum-limbs-<name>``, ``sum-span-<name>``, ``sum-bits``,
+``sum-parties``),
 ``secure-sum-lo`` (the grid exponent of every value) and ``arguments``; the node replies with the
 masked fixed-point limbs of its statistics only (common/fixedpoint.py).
 
@@ -86,6 +87,7 @@ KEY_FULL = "full"  # scatter: the full matrix, not only its diagonal
 KEY_STATISTIC = "statistic"  # the name of what each node computes (clients.secure.STATISTICS)
 KEY_SUM_NAMES = "sum-names"  # the arrays summed, in order
 KEY_SUM_LIMBS_PREFIX = "sum-limbs-"  # + name: limbs per value
+KEY_SUM_SPAN_PREFIX = "sum-span-"  # + name: a value must be below 2**(lo + span) in magnitude
 KEY_SUM_BITS = "sum-bits"  # bits per limb
 KEY_SUM_PARTIES = "sum-parties"  # parties asked (the limbs leave room for this many)
 STAT_MOMENTS = "moments"  # -> count (1,), total Σ[x y] (d + 1,)

@@ -55,6 +55,14 @@ differ by as much (plus float32 rounding when stored). With the defaults ``c = 8
 error every round. Larger ``Q`` shrinks the step, but the integer sums live modulo 2³²: at most
 ``2³²/Q − 1`` parties (1023 at the default) can take part in one round, and more is refused.
 
+Secure sums of statistics
+-------------------------
+:func:`secure_sum` runs the same four stages (:func:`run_protocol`) as message type ``train.secsum``
+to sum named arrays that each node computes from its shard (the clients' registry,
+``clients.secure.STATISTICS``): every value travels as exact fixed-point limbs (common/fixedpoint.py),
+every party weighs 1, so the result is the exact sum (server/securestats.py uses it for the pooled
+count, mean and centred scatter under ``secure-aggregation = true``).
+
 What the server still sees: who was sampled and who answered each stage, every party's weight
 (shard size, or 1 under DP), the aggregate itself, and the round's timing. Per-node train losses are
 not sent under secure aggregation (they would be per-node statistics in the clear), so the round has
@@ -367,6 +375,7 @@ def secure_sum(
         protocol.KEY_STATISTIC: statistic,
         protocol.KEY_SUM_NAMES: list(shapes),
         **{f"{protocol.KEY_SUM_LIMBS_PREFIX}{name}": enc.limbs for name, enc in encodings.items()},
+        **{f"{protocol.KEY_SUM_SPAN_PREFIX}{name}": enc.span for name, enc in encodings.items()},
         protocol.KEY_SUM_BITS: bits,
         protocol.KEY_SUM_PARTIES: len(nodes),
     }

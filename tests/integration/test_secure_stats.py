@@ -145,6 +145,39 @@ def test_fixed_point_limbs_round_trip_any_float64_exactly():
         fixedpoint.encode(np.array([1.0, 2.0**40]), window, "w")
 
 
+def test_secure_sum_sums_any_registered_statistic_and_refuses_values_outside_their_window(tmp_path, monkeypatch):
+    """The interface other code reuses (DP-FedOLS): register what a node computes, ask for the named
+    arrays, get the pooled arrays. A party whose value breaks the announced window drops out with the
+    reason; the others' sum comes back."""
+    from fedlinear.clients import secure as client_secure
+
+    shards = mixed_scales(tmp_path)
+    monkeypatch.setitem(
+        client_secure.STATISTICS, "gram", lambda x, y, args: {"xtx": (x * args["scale"]).T @ x, "xty": x.T @ y}
+    )
+    grid = SecureGrid(shards, {"secure-aggregation": True})
+    cfg = RunConfig.from_run_config({"secure-aggregation": True})
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    d = 5
+    result = secure.secure_sum(grid, cfg, grid.get_node_ids(), "gram", {"xtx": (d, d), "xty": (d,)}, arguments={"scale": np.ones(d)})
+    data = [load_csv(uri) for uri in shards]
+    assert result.aggregated == sorted(grid.nodes) and result.failures == []
+    exact = [[float(sum(Fraction(float((p.x.T @ p.x)[i, j])) for p in data)) for j in range(d)] for i in range(d)]
+    np.testing.assert_array_equal(result.sums["xtx"], np.array(exact))
+    np.testing.assert_allclose(result.sums["xty"], sum(p.x.T @ p.y for p in data), rtol=1e-12)
+    # a window of 2**48 on every entry: the two largest shards exceed it and drop out (a threshold of
+    # half the shares lets the protocol recover two dropouts of four)
+    cfg = RunConfig.from_run_config({"secure-aggregation": True, "secagg-reconstruction-threshold": 0.5})
+    windows = {"xtx": np.full((d, d), 48), "xty": np.full(d, 48)}
+    small = [np.abs(p.x.T @ p.x).max() < 2.0**48 and np.abs(p.x.T @ p.y).max() < 2.0**48 for p in data]
+    assert not all(small) and sum(small) >= 2, small
+    result = secure.secure_sum(grid, cfg, grid.get_node_ids(), "gram", {"xtx": (d, d), "xty": (d,)}, windows, {"scale": np.ones(d)})
+    kept = [nid for nid, ok in zip(sorted(grid.nodes), small, strict=True) if ok]
+    assert result.aggregated == kept
+    assert all("outside the window" in f["reason"] for f in result.failures)
+    np.testing.assert_allclose(result.sums["xty"], sum(p.x.T @ p.y for p, ok in zip(data, small, strict=True) if ok), rtol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # acceptance: a real table at defaults
 # ---------------------------------------------------------------------------------------------
