@@ -314,6 +314,18 @@ def train_secure(msg: Message, context: Context) -> Message:
     return secure.masked_update(msg, context, fit)
 
 
+def _shard_xy(context: Context) -> tuple[np.ndarray, np.ndarray]:
+    """This node's shard as float64 ``(x, y)`` (for the secure sums)."""
+    _, data = load_shard(context, run_config(context))
+    return data.x, data.y
+
+
+@app.train(protocol.SECSUM_ACTION, mods=secure.MODS)  # secure aggregation hook: statistics summed through SecAgg+
+def train_secure_sum(msg: Message, context: Context) -> Message:
+    """SecAgg+ sums of statistics (``train.secsum``): only the masked limbs of this shard's sums leave."""
+    return secure.masked_statistics(msg, context, _shard_xy)
+
+
 @app.evaluate()
 @_guarded
 def evaluate(msg: Message, context: Context) -> Message:

@@ -38,7 +38,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedlinear.common import model as lm
-from fedlinear.common import protocol, secagg_prg
+from fedlinear.common import fixedpoint, protocol, scaling, secagg_prg
 from fedlinear.clients.errors import error_reply
 from fedlinear.common.config import parsed
 from fedlinear.common.errors import FedLinearError
@@ -143,3 +143,84 @@ def check_fits(update: list[np.ndarray], weight: int, context: Context) -> None:
             f"secure aggregation: the local update has a coordinate outside ±{clipping_range:g}, which "
             "SecAgg+ would clip silently; raise 'secagg-clipping-range' (or standardize the data)"
         )
+
+
+# -- secure sums of statistics (``train.secsum``, server/secure.py secure_sum) ------------------------
+
+Load = Callable[[Context], tuple[np.ndarray, np.ndarray]]
+
+
+def _centre(arguments: dict[str, np.ndarray], width: int) -> np.ndarray:
+    centre = np.asarray(arguments.get(protocol.ARG_CENTRE, np.empty(0)), np.float64).ravel()
+    if centre.shape != (width,) or not np.isfinite(centre).all():
+        raise FedLinearError(f"secure sum: the server's centre has {centre.size} values, the shard has {width} columns")
+    return centre
+
+
+def _moments(x: np.ndarray, y: np.ndarray, arguments: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    moments = scaling.Moments.of(x, y)
+    return {"count": np.array([float(moments.count)]), "total": moments.total}
+
+
+def _diagonal(x: np.ndarray, y: np.ndarray, arguments: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    centre = _centre(arguments, x.shape[1] + 1)
+    return {"diagonal": scaling.Scatter.of(x, y, centre, full=False).matrix}
+
+
+def _upper(x: np.ndarray, y: np.ndarray, arguments: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    centre = _centre(arguments, x.shape[1] + 1)
+    matrix = scaling.Scatter.of(x, y, centre, full=True).matrix
+    return {"upper": matrix[np.triu_indices(matrix.shape[0], k=1)]}
+
+
+# What a node may be asked to sum securely: name -> f(x, y, arguments) -> {array name: float64 array}.
+# Each is a sum over the shard's rows (so the pooled value is the sum over the parties'), and nothing
+# else is computed on the server's request.
+STATISTICS: dict[str, Callable[[np.ndarray, np.ndarray, dict[str, np.ndarray]], dict[str, np.ndarray]]] = {
+    protocol.STAT_MOMENTS: _moments,
+    protocol.STAT_DIAGONAL: _diagonal,
+    protocol.STAT_UPPER: _upper,
+}
+
+
+def masked_statistics(msg: Message, context: Context, load: Load) -> Message:
+    """Compute the requested statistic of this node's shard (``load`` gives ``(x, y)``) and reply with
+    its fixed-point limbs (common/fixedpoint.py) in the ``fitres`` format ``secaggplus_mod`` masks.
+    Raises FedLinearError when the task is malformed or a value does not fit the announced window."""
+    config = msg.content.config_records.get(protocol.RECORD_CONFIG)
+    if config is None or str(config.get(protocol.KEY_STATISTIC, "")) not in STATISTICS:
+        raise FedLinearError("secure sum: unknown statistic")
+    compute = STATISTICS[str(config[protocol.KEY_STATISTIC])]
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    if state is None or "clipping_range" not in state:
+        raise FedLinearError("secure sum: task without a protocol setup")
+    bits = int(config[protocol.KEY_SUM_BITS])
+    if float(state["clipping_range"]) != float(1 << (bits - 1)) or int(state["target_range"]) != 1 << bits or float(state["max_weight"]) != 1.0:
+        raise FedLinearError("secure sum: the protocol's ranges do not carry the fixed-point limbs exactly")
+    lows = msg.content.array_records.get(protocol.RECORD_SUM_LO)
+    arguments_record = msg.content.array_records.get(protocol.RECORD_ARGUMENTS)
+    arguments = {name: arguments_record[name].numpy() for name in arguments_record} if arguments_record is not None else {}
+    x, y = load(context)
+    values = compute(x, y, arguments)
+    names = list(config[protocol.KEY_SUM_NAMES])
+    if sorted(names) != sorted(values) or lows is None:
+        raise FedLinearError(f"secure sum: the server asked for {names}, the statistic gives {sorted(values)}")
+    limbs = []
+    for name in names:
+        enc = fixedpoint.from_parts(
+            lows[name].numpy(),
+            {
+                "limbs": config[f"{protocol.KEY_SUM_LIMBS_PREFIX}{name}"],
+                "span": config[f"{protocol.KEY_SUM_SPAN_PREFIX}{name}"],
+                "bits": bits,
+                "num-parties": config[protocol.KEY_SUM_PARTIES],
+            },
+        )
+        limbs.append(fixedpoint.encode(values[name], enc, name))
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="Success"),
+        parameters=ndarrays_to_parameters(limbs),
+        num_examples=1,
+        metrics={},
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

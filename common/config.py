@@ -145,9 +145,12 @@ class RunConfig:
         ``secagg-num-shares``). Higher resists more colluding parties; each party tolerates
         ``shares - threshold`` dropped neighbours.
     secagg_clipping_range : float (default: 8.0)
-        Every update coordinate must lie in ``±`` this (``secagg-clipping-range``); a client whose
-        update does not fails the round's task rather than be silently clipped. Quantization
-        error per coordinate is below ``2 * range / quantization-range``.
+        Every update coordinate must lie in ``±`` this (``secagg-clipping-range``), in the variables
+        the clients train in; a client whose update does not fails the round's task rather than be
+        silently clipped. When the pooled statistics are known the rounds use at least 8 x the
+        largest coordinate of the initial weights and of the pooled optimum there (so the range
+        follows the training variables' scale; see :func:`server.secure.training_clipping_range`).
+        Quantization error per coordinate is below ``2 * range / quantization-range``.
     secagg_quantization_range : int (default: 4194304 = 2**22)
         Integer levels an update coordinate is quantized to (``secagg-quantization-range``); the
         number of parties in a round times this must stay below 2**32.

@@ -45,6 +45,13 @@ def is_private(dp: str, secure_aggregation: bool) -> bool:
     return dp != NO_DP or bool(secure_aggregation)
 
 
+def secure_statistics(dp: str, secure_aggregation: bool) -> bool:
+    """Whether the pooled statistics (standardization, the yardstick) are summed through SecAgg+:
+    under secure aggregation without DP (server/securestats.py). The server then learns the pooled
+    count, mean and centred scatter, and no party's."""
+    return dp == NO_DP and bool(secure_aggregation)
+
+
 def equal_weights(dp: str) -> bool:
     """Whether every client weighs the same in the aggregate (FedAvg's weights, SecAgg+'s): under DP,
     whose noise is calibrated to a mean of equally weighted, clipped updates (and Flower's accounted

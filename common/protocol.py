@@ -29,6 +29,12 @@ Evaluate (``evaluate``): ``arrays`` and ``config`` (:func:`evaluate_config`, ``s
 Secure train (``train.secagg``): Flower's SecAgg+ stages and records; the stage that collects the
 masked vectors carries the train task's ``arrays`` and ``config`` (plus ``secagg-weighting``).
 
+Secure sum (``train.secsum``): the same SecAgg+ stages; the stage that collects the masked vectors
+carries ``config`` (``statistic``, ``sum-names``, ``sum-limbs-<name>``, ``sum-span-<name>``, ``sum-bits``,
+``sum-parties``),
+``secure-sum-lo`` (the grid exponent of every value) and ``arguments``; the node replies with the
+masked fixed-point limbs of its statistics only (common/fixedpoint.py).
+
 A task that fails is answered with an error reply: :data:`ERROR_CODE_USER` or :data:`ERROR_CODE_INTERNAL`.
 """
 
@@ -47,6 +53,8 @@ from fedlinear.common.model import WEIGHT_NAMES  # noqa: F401 - the arrays of ``
 # -- message types (besides Flower's MessageType.QUERY / TRAIN / EVALUATE) ---------------------------
 SECAGG_ACTION = "secagg"  # the clients' ``@app.train("secagg")`` handler
 SECAGG_MESSAGE_TYPE = f"train.{SECAGG_ACTION}"  # MessageType.TRAIN + "." + the action
+SECSUM_ACTION = "secsum"  # the clients' ``@app.train("secsum")`` handler: statistics summed through SecAgg+
+SECSUM_MESSAGE_TYPE = f"train.{SECSUM_ACTION}"
 
 # -- record names: the keys of a message's content ---------------------------------------------------
 RECORD_CONFIG = "config"  # every request's ConfigRecord (Flower's strategies' ``configrecord_key``)
@@ -57,6 +65,8 @@ RECORD_MOMENTS = "moments"  # describe reply: column sums
 RECORD_CENTRE = "centre"  # scatter and fedols-r requests: the pooled mean
 RECORD_SCATTER = "scatter"  # scatter reply
 RECORD_R = "r"  # fedols-r reply
+RECORD_SUM_LO = "secure-sum-lo"  # secure sum task: the fixed-point grid exponent of every value, per name
+RECORD_ARGUMENTS = "arguments"  # secure sum task: what the statistic gets besides the shard (the centre)
 
 # -- array names inside those records (``arrays`` holds WEIGHT_NAMES) --------------------------------
 ARRAY_TOTAL = "total"  # in ``moments``: Σ[x y], (d + 1,)
@@ -72,6 +82,18 @@ STAGE_FEDOLS_R = "fedols-r"
 KEY_WANT_MOMENTS = "want-moments"  # describe: send ``moments`` too
 KEY_PRIVATE = "private"  # describe: a privacy mechanism is on, keep the shard's path and hash on the node
 KEY_FULL = "full"  # scatter: the full matrix, not only its diagonal
+
+# -- secure sum task config (``train.secsum``, server/secure.py secure_sum, clients/secure.py) -------
+KEY_STATISTIC = "statistic"  # the name of what each node computes (clients.secure.STATISTICS)
+KEY_SUM_NAMES = "sum-names"  # the arrays summed, in order
+KEY_SUM_LIMBS_PREFIX = "sum-limbs-"  # + name: limbs per value
+KEY_SUM_SPAN_PREFIX = "sum-span-"  # + name: a value must be below 2**(lo + span) in magnitude
+KEY_SUM_BITS = "sum-bits"  # bits per limb
+KEY_SUM_PARTIES = "sum-parties"  # parties asked (the limbs leave room for this many)
+STAT_MOMENTS = "moments"  # -> count (1,), total Σ[x y] (d + 1,)
+STAT_DIAGONAL = "scatter-diagonal"  # centre -> diagonal Σ(z − μ)² (d + 1,)
+STAT_UPPER = "scatter-upper"  # centre -> strict upper triangle of Σ(z − μ)(z − μ)ᵀ, row-major ((d+1)d/2,)
+ARG_CENTRE = "centre"
 
 # -- the shard description (``shard``) ---------------------------------------------------------------
 SHARD_NUM_FEATURES = "num-features"

@@ -161,6 +161,12 @@ def query_nodes(grid: Grid, cfg: RunConfig, nodes: list[int]) -> Parties:
             for nid, info in sorted(healthy.items())
         )
         raise FedLinearError(f"shards disagree on the number of features: {detail}")
+    if privacy.secure_statistics(cfg):  # secure aggregation hook: the sums through SecAgg+ (server/securestats.py)
+        from fedlinear.server import securestats
+
+        return Parties(
+            healthy, failures, securestats.pooled_statistics(grid, cfg, healthy, in_key_order(healthy), failures, scatter_problem)
+        )
     if not want_moments:
         return Parties(healthy, failures, None)
     return Parties(healthy, failures, pooled_statistics(grid, cfg, healthy, totals, failures))

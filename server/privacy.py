@@ -7,11 +7,15 @@ Before round 1
 1. **Nothing in the clear** (:func:`withholds_statistics`): under any DP mechanism or secure
    aggregation no node sends statistics, nor its shard's path and hash; the shard query's ``private``
    flag tells the nodes (clients/client_app.py ``query`` obeys it).
-2. **What the nodes are asked for** (:func:`wants_moments`): column sums and scatter only without privacy.
-3. **The yardstick and what training may use** (:func:`choose_statistics`): under privacy the pooled
-   least-squares optimum comes from ``statistics-uri`` if given (computed outside the federation), and
-   training (standardization, ``learning-rate = auto``) uses it only when declared public.
-4. **Standardization under privacy** (:func:`build_transform`): raw variables unless the statistics are public.
+2. **What the nodes are asked for** (:func:`wants_moments`): column sums and scatter in the clear only
+   without privacy; under secure aggregation without DP (:func:`secure_statistics`) the same sums go
+   through SecAgg+ (server/securestats.py), so the server learns only the pooled ones.
+3. **The yardstick and what training may use** (:func:`choose_statistics`): the securely summed
+   statistics serve both; under DP the pooled least-squares optimum comes from ``statistics-uri`` if
+   given (computed outside the federation), and training (standardization, ``learning-rate = auto``)
+   uses it only when declared public.
+4. **Standardization under privacy** (:func:`build_transform`): from the securely summed statistics,
+   else raw variables unless the statistics are public.
 
 The strategy
 
@@ -93,6 +97,14 @@ def wants_moments(cfg: RunConfig) -> bool:
     return not withholds_statistics(cfg) and (cfg.reference == "auto" or cfg.standardize != "none")
 
 
+def secure_statistics(cfg: RunConfig) -> bool:
+    """Rule 2: whether the pooled sums are gathered through SecAgg+ (secure aggregation, no DP, and
+    standardization or the yardstick needs them)."""
+    return common_privacy.secure_statistics(cfg.dp, cfg.secure_aggregation) and (
+        cfg.reference == "auto" or cfg.standardize != "none"
+    )
+
+
 def choose_statistics(
     cfg: RunConfig, from_nodes: scaling.PooledStats | None, num_features: int
 ) -> tuple[scaling.PooledStats | None, str, scaling.PooledStats | None]:
@@ -104,6 +116,8 @@ def choose_statistics(
     """
     if not withholds_statistics(cfg):
         return from_nodes, "pooled least squares from centred additive sums (n, Σ[x y], Σ(z−μ)(z−μ)ᵀ) of every node", from_nodes
+    if secure_statistics(cfg) and from_nodes is not None:
+        return from_nodes, "pooled least squares from centred additive sums (n, Σ[x y], Σ(z−μ)(z−μ)ᵀ) summed through SecAgg+: the server learned only the pooled sums", from_nodes
     if not cfg.statistics_uri:
         return None, "none: privacy is on and no statistics-uri was given", None
     local = scaling.PooledStats.load(cfg.statistics_uri, num_features)
@@ -130,7 +144,9 @@ def build_transform(cfg: RunConfig, stats: scaling.PooledStats | None, num_featu
         )
         return transform
     transform = scaling.build_transform(cfg.standardize, stats, num_features, cfg.fit_intercept)
-    if private and stats is not None and transform.kind != "none":
+    if private and secure_statistics(cfg) and transform.kind != "none":
+        transform.notes = (*transform.notes, "from the pooled statistics summed through SecAgg+ (no party's own sums reached the server)")
+    elif private and stats is not None and transform.kind != "none":
         transform.notes = (*transform.notes, f"standardization statistics declared public ({cfg.statistics_uri}); not covered by ε")
     return transform
 

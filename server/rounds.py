@@ -166,6 +166,7 @@ class Rounds:
                if evaluate.yardstick is not None else "")
         )
         self.transform, self.learning_rate, self.rate_note, self.evaluate = transform, learning_rate, rate_note, evaluate
+        self.training_stats = training_stats
 
     def _build_strategy(self) -> None:
         """The strategy (with its DP wrapper), the privacy side of the rounds, and the settings every
@@ -181,8 +182,12 @@ class Rounds:
             **privacy.local_dp_config(cfg),
         }
         self.evaluate_config = protocol.evaluate_config(self.transform)
-        if privacy.secure_rounds(cfg):  # secure aggregation hook
-            progress.say(secure.describe(cfg))
+        self.secure_cfg = cfg
+        if privacy.secure_rounds(cfg):  # secure aggregation hook: the clipping range follows the training variables
+            start = initial_weights(self.parties.num_features, cfg.seed, self.transform)
+            clipping_range, how = secure.training_clipping_range(cfg, self.training_stats, self.transform, start)
+            self.secure_cfg = dataclasses.replace(cfg, secagg_clipping_range=clipping_range)
+            progress.say(secure.describe(self.secure_cfg) + f"; {how}")
         if self.privacy.describe():
             progress.say(self.privacy.describe())
 
@@ -270,7 +275,7 @@ class Rounds:
         cfg, eligible = self.cfg, self.eligible
         if privacy.secure_rounds(cfg) and messages:  # secure aggregation hook: SecAgg+ instead of clear replies
             sizes_by_node = {nid: int(info[protocol.SHARD_NUM_EXAMPLES]) for nid, info in self.parties.healthy.items()}
-            secured = secure.train_round(self.grid, cfg, server_round, messages, sizes_by_node)
+            secured = secure.train_round(self.grid, self.secure_cfg, server_round, messages, sizes_by_node)
             return Trained([], secured.failures, secured)
         received = list(self.grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else []
         answers, stale = replies.answers_to(messages, received, eligible)  # a late reply of an earlier round is not one

@@ -55,6 +55,14 @@ differ by as much (plus float32 rounding when stored). With the defaults ``c = 8
 error every round. Larger ``Q`` shrinks the step, but the integer sums live modulo 2³²: at most
 ``2³²/Q − 1`` parties (1023 at the default) can take part in one round, and more is refused.
 
+Secure sums of statistics
+-------------------------
+:func:`secure_sum` runs the same four stages (:func:`run_protocol`) as message type ``train.secsum``
+to sum named arrays that each node computes from its shard (the clients' registry,
+``clients.secure.STATISTICS``): every value travels as exact fixed-point limbs (common/fixedpoint.py),
+every party weighs 1, so the result is the exact sum (server/securestats.py uses it for the pooled
+count, mean and centred scatter under ``secure-aggregation = true``).
+
 What the server still sees: who was sampled and who answered each stage, every party's weight
 (shard size, or 1 under DP), the aggregate itself, and the round's timing. Per-node train losses are
 not sent under secure aggregation (they would be per-node statistics in the clear), so the round has
@@ -80,7 +88,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from fedlinear.common import protocol, secagg_prg
+from fedlinear.common import fixedpoint, protocol, secagg_prg
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
 from fedlinear.server import privacy, progress
@@ -218,27 +226,11 @@ def train_round(
         content[protocol.RECORD_CONFIG] = config
         contents[msg.metadata.dst_node_id] = content
 
-    stage_grid = _StageGrid(grid)
-    strategy = _Capture(sampled, stage_grid)
-    context = LegacyContext(
-        Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-        config=ServerConfig(num_rounds=server_round),
-        strategy=strategy,
-        client_manager=SimpleClientManager(),
-    )
-    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
-    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
-    workflow = _Workflow(
-        num_shares=_share_setting(cfg.secagg_num_shares),
-        reconstruction_threshold=_share_setting(cfg.secagg_reconstruction_threshold),
-        max_weight=max_weight,
-        clipping_range=clipping_range,
-        quantization_range=int(cfg.secagg_quantization_range),
-        modulus_range=MODULUS_RANGE,
-        timeout=float(cfg.secagg_timeout),
-    )
-    halted = workflow.run_round(stage_grid, context, contents)
-
+    protocol_run = run_protocol(
+        grid, cfg, server_round, contents, protocol.SECAGG_MESSAGE_TYPE, max_weight, clipping_range,
+        int(cfg.secagg_quantization_range),
+    )  # fmt: skip
+    stage_grid, workflow, strategy, halted = protocol_run.grid, protocol_run.workflow, protocol_run.strategy, protocol_run.halted
     failures = stage_grid.failures(cfg.secagg_timeout)
     aggregated = sorted(workflow.aggregated)
     lost = {f["node-id"] for f in failures}
@@ -261,6 +253,200 @@ def train_round(
     for nid in sorted(lost & set(aggregated)):
         progress.say(f"round {server_round}: node {nid} dropped out during unmasking; its update is in the aggregate")
     return SecureRound(sampled, aggregated, arrays, update, weighting, failures)
+
+
+
+@dataclasses.dataclass
+class ProtocolRun:
+    """One run of Flower's four SecAgg+ stages (:func:`run_protocol`)."""
+
+    grid: _StageGrid
+    workflow: _Workflow
+    strategy: _Capture
+    halted: str | None
+
+
+def run_protocol(
+    grid: Grid,
+    cfg: RunConfig,
+    group: int,
+    contents: dict[int, RecordDict],
+    message_type: str,
+    max_weight: float,
+    clipping_range: float,
+    quantization_range: int,
+) -> ProtocolRun:
+    """Flower's SecAgg+ over the nodes of ``contents`` (node id -> what its stage 3 carries), as
+    message type ``message_type``, protocol group ``group`` (the round; 0 before round 1). The
+    training rounds (:func:`train_round`) and the secure sums (:func:`secure_sum`) both run it."""
+    nodes = list(contents)
+    stage_grid = _StageGrid(grid, message_type)
+    strategy = _Capture(nodes, stage_grid)
+    context = LegacyContext(
+        Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+        config=ServerConfig(num_rounds=max(1, group)),
+        strategy=strategy,
+        client_manager=SimpleClientManager(),
+    )
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: group})
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+    workflow = _Workflow(
+        num_shares=_share_setting(cfg.secagg_num_shares),
+        reconstruction_threshold=_share_setting(cfg.secagg_reconstruction_threshold),
+        max_weight=max_weight,
+        clipping_range=clipping_range,
+        quantization_range=int(quantization_range),
+        modulus_range=MODULUS_RANGE,
+        timeout=float(cfg.secagg_timeout),
+    )
+    halted = workflow.run_round(stage_grid, context, contents)
+    return ProtocolRun(stage_grid, workflow, strategy, halted)
+
+
+# -- secure sums of statistics -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SecureSum:
+    """The outcome of :func:`secure_sum`.
+
+    Attributes
+    ----------
+    sums : dict[str, numpy.ndarray] or None
+        Name -> the pooled array (float64, the requested shape): the sum over ``aggregated`` of the
+        parties' arrays; None when the protocol produced no sum.
+    aggregated : list[int]
+        Node ids whose arrays are in the sums.
+    failures : list[dict]
+        ``{"node-id", "reason"}`` for every node asked whose arrays are not in the sums.
+    """
+
+    sums: dict[str, np.ndarray] | None
+    aggregated: list[int]
+    failures: list[dict]
+
+
+def secure_sum(
+    grid: Grid,
+    cfg: RunConfig,
+    nodes: list[int],
+    statistic: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    windows: Mapping[str, np.ndarray | None] | None = None,
+    arguments: Mapping[str, np.ndarray] | None = None,
+    group: int = 0,
+) -> SecureSum:
+    """Sum, over ``nodes``, the named arrays each node's ``statistic`` computes on its shard, through
+    SecAgg+: the server learns only the sums.
+
+    Parameters
+    ----------
+    statistic : str
+        A name in the clients' registry (``clients.secure.STATISTICS``): what each node computes from
+        its shard and ``arguments``; it must return exactly the arrays of ``shapes``.
+    shapes : mapping name -> shape
+        The arrays summed, in this order.
+    windows : mapping name -> int array of ``shape`` or None, optional
+        ``hi`` per element: every party's value is promised to satisfy ``|v| < 2**hi`` (a party whose
+        value does not drops out); the sum keeps :data:`common.fixedpoint.PRECISION_BITS` bits below it.
+        None (the default, per name): any finite float64, summed exactly (common/fixedpoint.py).
+    arguments : mapping name -> array, optional
+        What every node's ``statistic`` gets besides its shard (e.g. the pooled mean to centre on).
+    group : int
+        The protocol's group id (0: before round 1).
+
+    Every party weighs 1; each value travels as fixed-point limbs that SecAgg+ adds exactly, so with
+    full windows the result is the exact sum of the parties' float64 values, rounded once. Parties
+    that drop out after sharing their keys are recovered (their arrays are then not in the sum) and
+    reported in ``failures``; at least 2 parties must be aggregated (one party's sum is its own).
+    """
+    nodes = list(nodes)
+    if len(nodes) < 2:
+        reason = f"secure sum needs at least 2 parties, {len(nodes)} asked (one party's sum is its own statistics)"
+        return SecureSum(None, [], [{"node-id": n, "reason": reason} for n in nodes])
+    windows = dict(windows or {})
+    encodings = {}
+    for name, shape in shapes.items():
+        size = int(np.prod(shape))
+        hi = windows.get(name)
+        encodings[name] = fixedpoint.full(size, len(nodes)) if hi is None else fixedpoint.window(np.asarray(hi).reshape(size), len(nodes))
+    bits = next(iter(encodings.values())).bits
+    config = {
+        protocol.KEY_STATISTIC: statistic,
+        protocol.KEY_SUM_NAMES: list(shapes),
+        **{f"{protocol.KEY_SUM_LIMBS_PREFIX}{name}": enc.limbs for name, enc in encodings.items()},
+        **{f"{protocol.KEY_SUM_SPAN_PREFIX}{name}": enc.span for name, enc in encodings.items()},
+        protocol.KEY_SUM_BITS: bits,
+        protocol.KEY_SUM_PARTIES: len(nodes),
+    }
+    lows = ArrayRecord({name: Array(np.ascontiguousarray(enc.lo)) for name, enc in encodings.items()})
+    args = ArrayRecord({name: Array(np.ascontiguousarray(np.asarray(v, np.float64))) for name, v in (arguments or {}).items()})
+    contents = {
+        nid: RecordDict({protocol.RECORD_CONFIG: ConfigRecord(dict(config)), protocol.RECORD_SUM_LO: lows, protocol.RECORD_ARGUMENTS: args})
+        for nid in nodes
+    }
+    quantization_range = 1 << bits
+    run = run_protocol(
+        grid, cfg, group, contents, protocol.SECSUM_MESSAGE_TYPE, 1.0, float(quantization_range // 2), quantization_range
+    )
+    failures = run.grid.failures(cfg.secagg_timeout)
+    aggregated = sorted(run.workflow.aggregated)
+    failures = [f for f in failures if f["node-id"] not in aggregated]
+    halted = run.halted
+    sums = None
+    if halted is None and run.strategy.aggregate is not None:
+        try:
+            if len(run.strategy.aggregate) != len(encodings):
+                raise FedLinearError(f"secure sum has {len(run.strategy.aggregate)} arrays, {len(encodings)} asked for")
+            sums = {}
+            for (name, enc), mean in zip(encodings.items(), run.strategy.aggregate, strict=True):
+                limb_sums = fixedpoint.limb_sums_from_mean(mean, enc, len(aggregated))
+                sums[name] = fixedpoint.decode(limb_sums, enc, len(aggregated), name).reshape(shapes[name])
+        except FedLinearError as exc:
+            sums, halted = None, str(exc)
+    if sums is None:
+        why = halted or "secure sum produced no result"
+        failed = {f["node-id"] for f in failures}
+        failures += [{"node-id": nid, "reason": why} for nid in nodes if nid not in failed]
+        aggregated = []
+    return SecureSum(sums, aggregated, failures)
+
+
+# The training range is at least this many times the largest coordinate of the initial weights and of
+# the pooled optimum in the training variables (see training_clipping_range).
+RANGE_FACTOR = 8.0
+
+
+def training_clipping_range(cfg: RunConfig, pooled, transform, initial) -> tuple[float, str]:
+    """SecAgg+'s clipping range for the training rounds, in the variables the clients train in, and
+    a line saying how it was chosen.
+
+    An update moves the weights from the global model toward the optimum of a party's shard; in a
+    stable run the weights stay between where they started and the pooled optimum, so coordinates of
+    an update are of the order of those of the initial weights and of the optimum. With the pooled
+    statistics known (``pooled`` full: the secure sums, or the clear ones) the range is
+    ``max(secagg-clipping-range, 8 x the largest |coordinate| of the initial weights and of the pooled
+    optimum, both in the training variables)``: standardized, the optimum is O(1) and the configured
+    range (default 8) stands; on raw or collinear variables it grows with them, so no honest update
+    is refused for its scale. The quantization step ``2c/Q`` grows in proportion, i.e. stays the same
+    relative to the weights. Without the pooled optimum the configured range is used as it is.
+    """
+    configured = float(cfg.secagg_clipping_range)
+    if pooled is None or not getattr(pooled, "full", False):
+        return configured, f"clipping range ±{configured:g} (secagg-clipping-range)"
+    kernel, bias = pooled.solve()
+    scale = transform.y_scale
+    weights = np.linalg.pinv(transform.matrix) @ (np.asarray(kernel, np.float64) / scale)
+    bias_t = (bias - transform.y_shift + float(transform.shift @ kernel)) / scale
+    start = np.abs(np.asarray(initial.vector(), np.float64)).max()
+    largest = max(float(np.abs(weights).max(initial=0.0)), abs(float(bias_t)), float(start))
+    chosen = max(configured, RANGE_FACTOR * largest)
+    if chosen == configured:
+        return configured, f"clipping range ±{configured:g} (secagg-clipping-range; the pooled optimum's largest coordinate in the training variables is {largest:.3g})"
+    return chosen, (
+        f"clipping range ±{chosen:.4g}: {RANGE_FACTOR:g} x the largest coordinate ({largest:.3g}) of the initial weights and "
+        f"of the pooled optimum in the training variables (above secagg-clipping-range = {configured:g})"
+    )
 
 
 def _share_setting(value: float) -> int | float:
@@ -286,15 +472,16 @@ class _StageGrid:
     """The run's grid as the SecAgg+ workflow sees it: its train messages go out as ``train.secagg``
     (so only the clients' SecAgg+ handler gets them), and every stage's replies are recorded."""
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, message_type: str = protocol.SECAGG_MESSAGE_TYPE) -> None:
         self.grid = grid
+        self.message_type = message_type
         self.stages: list[tuple[str, list[int], list[Message]]] = []
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
         stage = "?"
         for msg in messages:
-            msg.metadata.message_type = protocol.SECAGG_MESSAGE_TYPE
+            msg.metadata.message_type = self.message_type
             stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, stage))
         replies = list(self.grid.send_and_receive(messages, timeout=timeout)) if messages else []
         self.stages.append((STAGE_NAMES.get(stage, stage), [m.metadata.dst_node_id for m in messages], replies))
@@ -411,4 +598,4 @@ def describe(cfg: RunConfig) -> str:
     )
 
 
-__all__ = ["SecureRound", "apply_update", "describe", "quantization_bound", "train_round"]
+__all__ = ["SecureRound", "SecureSum", "apply_update", "describe", "quantization_bound", "run_protocol", "secure_sum", "train_round", "training_clipping_range"]

@@ -16,6 +16,7 @@ from fedlinear.common import storage
 from fedlinear.common import target as targets
 from fedlinear.common.config import RunConfig, parse_assignments
 from fedlinear.common.errors import FedLinearError, one_line
+from fedlinear.common.privacy import secure_statistics
 from fedlinear.common.shards import CLIENT_FILE, attach_heterogeneity, find_shards, heterogeneity_line
 from fedlinear.scripts.cli.data import cmd_data_synth
 from fedlinear.scripts.cli.options import HETEROGENEITY_OPTIONS, abs_uri, add_heterogeneity_args, heterogeneity_of
@@ -260,9 +261,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if previous is not None and previous.get("status") == "running":
         # nobody holds the lock, so the run that wrote this was killed before it could say so
         print(f"fedlinear: the last run in {out} was interrupted ({last_round_text(store)}); it resumes from there")
-    if cfg.private and not cfg.statistics_uri and shards:
-        # Under privacy no node sends statistics: this machine holds every shard, so it computes the
+    if cfg.private and not secure_statistics(cfg.dp, cfg.secure_aggregation) and not cfg.statistics_uri and shards:
+        # Under DP no node sends statistics: this machine holds every shard, so it computes the
         # pooled statistics itself, for the yardstick (and for standardization if declared public).
+        # Under secure aggregation alone the nodes sum them through SecAgg+ (server/securestats.py).
         run_config["statistics-uri"] = write_local_statistics(shards[:clients], store.uri("statistics.npz"), cfg)
         print(f"privacy on: pooled statistics for the yardstick computed here from the shards -> {run_config['statistics-uri']}")
     workdir = os.path.join(out, "logs") if not storage.is_s3(out) else tempfile.mkdtemp(prefix="fedlinear-logs-")
