@@ -267,3 +267,9 @@ def origin(uri: str, version: int | None = None) -> Origin:
     if name == "model" and storage.exists(storage.join(parent, MANIFEST)):  # RUN_DIR/model
         return Origin(located.uri, "run", uri, None, run_info(parent))
     return Origin(located.uri, "model", uri, None, {})
+
+
+def publish_run(run_dir: str, base: str) -> tuple[int, str]:
+    """Publish a finished run's ``model/`` as the next version under ``base`` (with the run's facts)."""
+    with storage.local_copy_of_dir(storage.join(run_dir, "model")) as path:
+        return publish(path, base, run_info(run_dir))
