@@ -18,6 +18,7 @@ plus any version a label names), ``all``, ``specific:1,3``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections.abc import Callable
 
@@ -101,7 +102,7 @@ def parse_models(items: list[str], policy: Policy, labels: list[str]) -> list[Mo
         name, sep, path = item.partition("=")
         if not sep or "/" in name or ":" in name:
             name, path = "", item
-        uri = path if storage.is_s3(path) else __import__("os").path.abspath(__import__("os").path.expanduser(path))
+        uri = path if storage.is_s3(path) else os.path.abspath(os.path.expanduser(path))
         located = modelrepo.locate(uri)
         if not name:
             name = _default_name(located)

@@ -70,6 +70,9 @@ def serve(opts: ServeOptions) -> int:
     repository.poll()  # every model loaded (or its failure reported) before the port opens
     for name in repository.names():
         snap = repository.snapshot(name)
+        if not snap.versions and repository.sources[name].located.kind != "base":
+            failure = next(iter(snap.failures.values()), None)
+            raise FedLinearError(f"model {name}: {failure.message if failure else 'nothing to load'}")
         if not snap.versions:
             problems = "; ".join(f"version {f.version}: {f.message}" for f in snap.failures.values()) or "no version found yet"
             say(f"fedlinear serve: {name}: nothing to serve yet ({problems}); polling every {opts.poll_seconds:g} s")
