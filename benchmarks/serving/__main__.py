@@ -76,12 +76,13 @@ def locust(port: int, payload: str, seconds: float, users: int, workdir: str, ta
     agg = next(r for r in rows if r["Name"] == "Aggregated")
     if done.returncode not in (0, 1):
         raise SystemExit(f"locust failed ({done.returncode}): {done.stderr[-2000:]}")
+    number = lambda v: float("nan") if v in ("N/A", "") else float(v)  # noqa: E731 - N/A: no request finished
     return {
         "requests": int(agg["Request Count"]),
         "failures": int(agg["Failure Count"]),
-        "rps": float(agg["Requests/s"]),
-        "p50": float(agg["50%"]),
-        "p99": float(agg["99%"]),
+        "rps": number(agg["Requests/s"]),
+        "p50": number(agg["50%"]),
+        "p99": number(agg["99%"]),
     }
 
 
@@ -93,7 +94,7 @@ def check(port: int, x: np.ndarray, want: np.ndarray, who: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="load time per case (default 20)")
-    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured load before each case (default 3)")
+    parser.add_argument("--warmup", type=float, default=8.0, help="unmeasured load before each case (default 8)")
     parser.add_argument("--users", type=int, default=8, help="concurrent locust users (default 8)")
     parser.add_argument("--features", type=int, default=10)
     parser.add_argument("--out", help="write the results as JSON here")

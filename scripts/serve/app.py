@@ -25,6 +25,7 @@ import time
 import traceback
 from collections.abc import Callable
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -45,6 +46,23 @@ _V1 = re.compile(
 
 class TooLarge(Exception):
     pass
+
+
+class FastJSON(JSONResponse):
+    """A JSONResponse written by orjson (when installed): prediction bodies are mostly numbers."""
+
+    def render(self, content) -> bytes:
+        if protocol.orjson is None:
+            return super().render(content)
+        return protocol.orjson.dumps(content)
+
+
+async def compute(sig, x):
+    """The signature's predictions for ``x``; NumPy inline, TensorFlow in a worker thread."""
+    y = sig.predict(x) if sig.engine == "numpy" else await run_in_threadpool(sig.predict, x)
+    if not np.isfinite(y).all():  # finite inputs and weights give finite outputs: this is a fault, not input
+        raise ValueError("the model produced a non-finite prediction")
+    return y
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -160,12 +178,10 @@ def build_app(repository: Repository, max_body: int = DEFAULT_MAX_BODY, say: Cal
         body = await read_json(request)
         if verb == "predict":
             sig, x, rows = protocol.predict_input(served, body)
-            y = sig.predict(x) if sig.engine == "numpy" else await run_in_threadpool(sig.predict, x)
-            return JSONResponse(protocol.predict_output(sig, y, rows))
+            return FastJSON(protocol.predict_output(sig, await compute(sig, x), rows))
         if verb == "regress":
             sig, x = protocol.regress_input(served, body)
-            y = sig.predict(x) if sig.engine == "numpy" else await run_in_threadpool(sig.predict, x)
-            return JSONResponse({"result": y.reshape(-1).tolist()})
+            return FastJSON({"result": (await compute(sig, x)).reshape(-1).tolist()})
         if verb == "classify":
             raise protocol.BadRequest("classify: a linear regression model has no classes (use :predict or :regress)")
         raise NotFound(f"Malformed request: unknown verb ':{verb[:20]}'")
@@ -211,8 +227,7 @@ def build_app(repository: Repository, max_body: int = DEFAULT_MAX_BODY, say: Cal
         _snap, served = v2_servable(request)
         body = await read_json(request)
         sig, x, extra = protocol.infer_input(served, body)
-        y = sig.predict(x) if sig.engine == "numpy" else await run_in_threadpool(sig.predict, x)
-        return JSONResponse(protocol.infer_output(served, sig, y, extra))
+        return FastJSON(protocol.infer_output(served, sig, await compute(sig, x), extra))
 
     # Operations ------------------------------------------------------------------------------
     async def prometheus(request: Request) -> Response:

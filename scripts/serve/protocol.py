@@ -14,6 +14,11 @@ from typing import Any
 
 import numpy as np
 
+try:
+    import orjson
+except ImportError:  # pragma: no cover - pinned in pyproject; the standard library is the fallback
+    orjson = None
+
 from fedlinear.common.errors import FedLinearError
 from fedlinear.scripts.serve.loader import F32_MAX, Servable, Signature
 
@@ -27,7 +32,20 @@ def _refuse_constant(name: str):
 
 
 def parse_json(body: bytes) -> Any:
-    """Parse a request body (strict: no NaN/Infinity, bounded nesting)."""
+    """Parse a request body (strict: no NaN/Infinity, bounded nesting).
+
+    orjson is strict JSON already (it refuses NaN and infinities, integers beyond 64 bits, nesting
+    deeper than 1024); the standard library's parser is the fallback, made as strict.
+    """
+    if orjson is not None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            token = body[exc.pos : exc.pos + 9].lstrip(b"-")
+            for name in ("NaN", "Infinity"):
+                if token.startswith(name.encode()):
+                    _refuse_constant(name)
+            raise BadRequest(f"JSON Parse error: {exc}") from None
     try:
         return json.loads(body, parse_constant=_refuse_constant)
     except BadRequest:
@@ -57,6 +75,15 @@ def _matrix(rows: Any, sig: Signature, where: str) -> np.ndarray:
         raise BadRequest(f"{where}: expected a list of instances, got {type(rows).__name__}")
     if not rows:
         raise BadRequest(f"{where}: no instances")
+    # fast path: a list of d-lists of JSON numbers (one type check per value, one conversion); anything
+    # else, or a value that is out of range, goes through the checks below for a message naming it
+    if all(type(row) is list and len(row) == d for row in rows) and {type(v) for row in rows for v in row} <= {float, int}:
+        try:
+            x = np.array(rows, dtype=np.float64)
+        except OverflowError:
+            x = None
+        if x is not None and np.all(np.abs(x) <= F32_MAX):
+            return x.astype(np.float32)
     out = np.empty((len(rows), d), np.float64)
     for i, row in enumerate(rows):
         if isinstance(row, dict):  # row format with named inputs: {"x": [...]}

@@ -49,16 +49,16 @@ def tf_predict(model_dir: str, x: np.ndarray, tmp_path) -> np.ndarray:
 class Server:
     """A `fedlinear serve` process on a free loopback port."""
 
-    def __init__(self, args: list[str], log_path) -> None:
+    def __init__(self, args: list[str], log_path, verify: str | None = None) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if verify else 'http'}://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fedlinear.scripts.cli", "serve", *args, "--port", str(self.port)],
             cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
-        self.client = httpx.Client(base_url=self.url, timeout=60)
+        self.client = httpx.Client(base_url=self.url, timeout=60, **({"verify": verify} if verify else {}))
         deadline = time.monotonic() + STARTUP_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -320,6 +320,25 @@ def test_refuses_a_public_address_without_tls(finished_run):
         "fedlinear: error: --host 0.0.0.0 exposes the server beyond this machine: give --tls-cert and --tls-key "
         "(e.g. from `fedlinear deploy pki`), or --insecure-http to serve plain HTTP there knowingly"
     ]
+
+
+def test_tls(tmp_path):
+    from fedlinear.scripts.deploy import pki
+
+    pki.make_credentials(str(tmp_path / "pki"), ["127.0.0.1"], [])
+    model = str(tmp_path / "model")
+    export_savedmodel(_weights(1), model)
+    cert, key = (str(tmp_path / "pki" / name) for name in (pki.SERVER_CERT, pki.SERVER_KEY))
+    server = Server([f"m={model}", "--tls-cert", cert, "--tls-key", key], tmp_path / "serve.log",
+                    verify=str(tmp_path / "pki" / pki.CA_CERT))  # fmt: skip
+    try:
+        x = [[1.0, 2.0, 3.0, 4.0]]
+        got = server.client.post("/v1/models/m:predict", json={"instances": x}).json()["predictions"][0][0]
+        assert got == pytest.approx(_exact(x, 1), rel=1e-6)
+        with pytest.raises(httpx.TransportError):  # plain HTTP is not spoken there
+            httpx.get(f"http://127.0.0.1:{server.port}/v2/health/live", timeout=10)
+    finally:
+        server.stop()
 
 
 def test_s3_base_path_only_serves_versions_with_the_marker(s3env, bucket, tmp_path):  # noqa: F811
