@@ -3,12 +3,14 @@
     python -m benchmarks.serving [--seconds 20] [--users 8] [--features 10] [--out DIR]
 
 Both servers serve the same SavedModel (exported by :func:`common.export.export_savedmodel`) on
-127.0.0.1, one after the other (never at once: they would share the two cores); for each server and
-each payload (1 row, 100 rows) locust runs headless for ``--seconds`` with ``--users`` users that send
-back to back, after a short warm-up. Before any load, both servers' answers are checked against the
-SavedModel loaded with TensorFlow (1e-6). The table gives requests/s, p50 and p99 latency (ms) and
-the ratios fedlinear / baseline. The load generator runs on the same machine, so the figures are
-what this machine does with client and server on it, not a server's ceiling.
+127.0.0.1. Before any load both servers' answers are checked against the SavedModel loaded with
+TensorFlow (1e-6). For each payload (1 row, 100 rows) locust runs headless with ``--users`` users that
+send back to back, after a warm-up, ``--seconds`` per server in all, split into ``--slices`` turns
+in which the servers alternate (only one is loaded at a time), so a change in the machine's load
+(other jobs on a shared machine) hits both alike. The table gives the medians over the slices of
+requests/s, p50 and p99 latency (ms) and the ratios fedlinear / baseline. The load generator runs on
+the same machine, so the figures are what this machine does with client and server on it, not a
+server's ceiling.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="load time per case (default 20)")
     parser.add_argument("--warmup", type=float, default=8.0, help="unmeasured load before each case (default 8)")
     parser.add_argument("--users", type=int, default=8, help="concurrent locust users (default 8)")
+    parser.add_argument("--slices", type=int, default=4,
+                        help="the servers take turns in this many slices per case; the table shows the medians (default 4)")
     parser.add_argument("--features", type=int, default=10)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -122,23 +126,39 @@ def main(argv: list[str] | None = None) -> int:
         "fedlinear serve": [sys.executable, "-m", "fedlinear.scripts.cli", "serve", f"m={model}", "--poll-seconds", "0"],
         "naive TF per request": [sys.executable, "-m", "benchmarks.serving.baseline", model],
     }
-    results: dict[str, dict[int, dict]] = {}
-    for name, cmd in servers.items():
-        port = free_port()
-        full = [*cmd, "--port", str(port)] if name == "fedlinear serve" else [*cmd, str(port)]
-        proc = start(full, port, os.path.join(workdir, f"{name.split()[0]}.log"))
-        try:
-            results[name] = {}
-            for rows, (path, x, want) in payloads.items():
+    ports, procs = {}, {}
+    try:
+        for name, cmd in servers.items():  # both up, idle unless loaded
+            port = ports[name] = free_port()
+            full = [*cmd, "--port", str(port)] if name == "fedlinear serve" else [*cmd, str(port)]
+            procs[name] = start(full, port, os.path.join(workdir, f"{name.split()[0]}.log"))
+        slices: dict[str, dict[int, list[dict]]] = {name: {rows: [] for rows in payloads} for name in servers}
+        for rows, (path, x, want) in payloads.items():
+            for name, port in ports.items():
                 check(port, x, want, name)
                 if args.warmup > 0:
                     locust(port, path, args.warmup, args.users, workdir, f"warm-{name.split()[0]}-{rows}")
-                results[name][rows] = locust(port, path, args.seconds, args.users, workdir, f"{name.split()[0]}-{rows}")
-        finally:
+            # the servers take turns, slice by slice, so a change in the machine's load hits both alike
+            for k in range(args.slices):
+                order = list(ports.items()) if k % 2 == 0 else list(reversed(ports.items()))
+                for name, port in order:
+                    tag = f"{name.split()[0]}-{rows}-{k}"
+                    slices[name][rows].append(locust(port, path, args.seconds / args.slices, args.users, workdir, tag))
+    finally:
+        for proc in procs.values():
             stop(proc)
+    results: dict[str, dict[int, dict]] = {
+        name: {rows: {
+            "requests": sum(s["requests"] for s in parts), "failures": sum(s["failures"] for s in parts),
+            "rps": float(np.nanmedian([s["rps"] for s in parts])), "p50": float(np.nanmedian([s["p50"] for s in parts])),
+            "p99": float(np.nanmedian([s["p99"] for s in parts])), "slices": parts,
+        } for rows, parts in by_rows.items()}
+        for name, by_rows in slices.items()
+    }  # fmt: skip
 
     ours, naive = results["fedlinear serve"], results["naive TF per request"]
-    print(f"\nserving benchmark: d = {d}, {args.users} locust users, {args.seconds:g} s per case, loopback, "
+    print(f"\nserving benchmark: d = {d}, {args.users} locust users, {args.seconds:g} s per case and server in "
+          f"{args.slices} interleaved slices (medians shown), loopback, "
           f"{os.cpu_count()} cores (client and server on one machine)\n")  # fmt: skip
     header = f"{'rows':>5}  {'server':<22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'requests':>9} {'failed':>7}"
     print(header)
