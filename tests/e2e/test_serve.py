@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import threading
@@ -58,7 +59,8 @@ class Server:
             [sys.executable, "-m", "fedlinear.scripts.cli", "serve", *args, "--port", str(self.port)],
             cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
-        self.client = httpx.Client(base_url=self.url, timeout=60, **({"verify": verify} if verify else {}))
+        extra = {"verify": ssl.create_default_context(cafile=verify)} if verify else {}
+        self.client = httpx.Client(base_url=self.url, timeout=60, **extra)
         deadline = time.monotonic() + STARTUP_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
