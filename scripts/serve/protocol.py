@@ -9,7 +9,6 @@ float32's range, since the signature takes float32.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
@@ -225,7 +224,3 @@ def infer_output(servable: Servable, sig: Signature, y: np.ndarray, extra: dict)
         **extra,
         "outputs": [{"name": sig.output_name, "datatype": "FP32", "shape": shape, "data": y.reshape(-1).tolist()}],
     }
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)
