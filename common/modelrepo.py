@@ -207,7 +207,9 @@ def publish(model_dir: str, base: str, info: dict[str, Any]) -> tuple[int, str]:
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
+            _fsync_tree(staging)  # the files are on disk before the rename makes them a version
             os.replace(staging, target)  # an empty directory is replaced whole, in one rename
+            storage._fsync_dir(base)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             if os.path.isdir(target) and not os.listdir(target):
@@ -215,6 +217,17 @@ def publish(model_dir: str, base: str, info: dict[str, Any]) -> tuple[int, str]:
             raise
         return version, target
     raise FedLinearError(f"{base}: could not claim a free version number")
+
+
+def _fsync_tree(root: str) -> None:
+    for path, _dirs, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(path, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        storage._fsync_dir(path)
 
 
 @dataclasses.dataclass(frozen=True)
