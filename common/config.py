@@ -64,6 +64,13 @@ class RunConfig:
     run_dir : str (default: "")
         Absolute path or ``s3://`` URI for every output; empty means
         ``~/fedlinear-runs/run-<run id>`` (``run-dir``).
+    init_from : str (default: "")
+        Start from an earlier model instead of a fresh initialisation (``init-from``): a run
+        directory, a model directory (``RUN_DIR/model``), a base path of published versions (its
+        newest) or ``BASE/N``; absolute path or ``s3://``. The run learns its own standardization
+        from its data and starts from the old model carried over exactly (the same function in raw
+        space); the manifest's ``lineage`` names the parent with hashes. Not with ``strategy = fedols``
+        (closed form: no start point). See docs/how-to/serve.md.
     engine : str (default: "numpy")
         Local training engine, ``numpy`` (no TensorFlow import) or ``keras`` (``engine``).
     target_column : int (default: -1)
@@ -220,6 +227,7 @@ class RunConfig:
     data_uri: str = ""
     test_uri: str = ""
     run_dir: str = ""
+    init_from: str = ""
     engine: str = "numpy"
     target_column: int = -1
     header: str = "auto"
@@ -356,6 +364,12 @@ class RunConfig:
         self._validate_strategy()
         self._validate_fedols()
         self._validate_target()
+        if self.init_from and not (self.init_from.startswith("s3://") or os.path.isabs(self.init_from)):
+            raise FedLinearError(
+                f"config key 'init-from' must be an absolute path or an s3:// URI, got '{self.init_from}'"
+            )
+        if self.init_from and self.strategy == "fedols":
+            raise FedLinearError("config key 'init-from' has no effect with strategy = fedols (a closed form has no start point)")
         if self.run_dir and not (self.run_dir.startswith("s3://") or os.path.isabs(self.run_dir)):
             raise FedLinearError(
                 f"config key 'run-dir' must be an absolute path or an s3:// URI, got '{self.run_dir}'"

@@ -96,3 +96,21 @@ def load_savedmodel(uri: str):
         return signature(x=tf.constant(np.asarray(x, dtype=np.float32)))["y"].numpy()
 
     return predict, num_features
+
+
+def read_linear(path: str) -> tuple[np.ndarray, float, int]:
+    """``(kernel (d,) float64, bias, d)`` of an exported SavedModel in a local directory: its
+    ``kernel``/``bias`` variables (what :func:`export_savedmodel` writes)."""
+    tf = _tensorflow()
+    try:
+        with quiet_native_stderr():
+            loaded = tf.saved_model.load(path)
+        kernel = np.asarray(loaded.kernel.numpy(), np.float64)
+        bias = np.asarray(loaded.bias.numpy(), np.float64).reshape(-1)
+    except AttributeError:
+        raise FedLinearError(f"{path}: a SavedModel without fedlinear's kernel/bias variables") from None
+    except Exception as exc:  # noqa: BLE001 - TF's errors on a broken model: one line
+        raise FedLinearError(f"{path}: TensorFlow cannot load it ({type(exc).__name__})") from None
+    if kernel.ndim != 2 or kernel.shape[1] != 1 or bias.shape != (1,):
+        raise FedLinearError(f"{path}: kernel {kernel.shape} / bias {bias.shape} is not a linear model's (d, 1) / (1,)")
+    return kernel.ravel(), float(bias[0]), int(kernel.shape[0])

@@ -519,3 +519,9 @@ def download_dir(uri: str, local_dir: str) -> None:
                         f"being published under bucket '{bucket}', prefix '{prefix}'): try again"
                     ) from None
                 raise
+
+
+def list_tree(prefix_uri: str) -> list[str]:
+    """Every object under a prefix (recursively: keys with ``/`` below it too), sorted, as URIs."""
+    bucket, prefix = _prefix(prefix_uri)
+    return sorted(_name(bucket, obj["Key"]) for obj in _list(bucket, prefix, None) if not obj["Key"].endswith("/"))

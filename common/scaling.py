@@ -273,6 +273,23 @@ class Transform:
         raw_bias = self.y_shift + self.y_scale * float(bias) - float(self.shift @ raw_kernel)
         return raw_kernel, float(raw_bias)
 
+    def from_raw(self, kernel: np.ndarray, bias: float) -> tuple[np.ndarray, float, float]:
+        """The model of the transformed variables whose raw-space function is ``x @ kernel + bias``:
+        ``(w (d,), b, residual)``, the inverse of :meth:`to_raw`.
+
+        ``w`` solves ``y_scale M w = kernel`` (least squares; coordinates the transform leaves out stay
+        0) and ``b`` keeps the bias at the transform's centre: ``to_raw(w, b)`` gives back ``kernel`` and
+        ``bias`` exactly (to rounding) whenever ``kernel`` is in the range of ``M``. Otherwise (the old
+        model uses a feature that is constant in this data) ``residual`` = max ``|kernel - to_raw's
+        kernel|`` says by how much, and the predictions agree where those features equal ``shift``.
+        """
+        k = np.asarray(kernel, np.float64).ravel()
+        w = np.linalg.lstsq(self.matrix, k / self.y_scale, rcond=None)[0]
+        w[self.unused] = 0.0
+        b = (float(bias) + float(self.shift @ k) - self.y_shift) / self.y_scale
+        residual = float(np.max(np.abs(self.y_scale * (self.matrix @ w) - k))) if k.size else 0.0
+        return w, float(b), residual
+
     def digest(self) -> str:
         h = hashlib.sha256(self.kind.encode())
         for a in (self.shift, self.matrix, np.array([self.y_shift, self.y_scale])):

@@ -211,6 +211,16 @@ def list_uris(prefix: str) -> list[str]:
     )
 
 
+def list_tree(prefix: str) -> list[str]:
+    """Every file under a local directory or S3 prefix, recursively (hidden names included), sorted."""
+    if is_s3(prefix):
+        return _s3().list_tree(prefix)
+    path = _local(prefix)
+    if not os.path.isdir(path):
+        return []
+    return sorted(os.path.join(root, name) for root, _dirs, names in os.walk(path) for name in names)
+
+
 def expand(uri: str) -> list[str]:
     """The files a data URI stands for: itself, or everything under it if it ends in ``/``."""
     if uri.endswith("/") or (not is_s3(uri) and os.path.isdir(_local(uri))):

@@ -35,12 +35,12 @@ TRAJECTORY_KEYS = (
     "secure-aggregation", "secagg-clipping-range", "secagg-quantization-range",
     "strategy", "proximal-mu", "server-learning-rate", "server-momentum", "eta", "beta-1", "beta-2", "tau",
     "trimmed-beta", "num-malicious-nodes", "num-nodes-to-select", "max-update-norm", "max-update-norm-factor",
-    "fit-intercept",
+    "fit-intercept", "init-from",
 )  # fmt: skip
 # Trajectory keys added after checkpoints without them were written, with the value that behaves as
 # those runs did (off). Only keys listed here are defaulted: a checkpoint lacking any other trajectory key
 # (e.g. `standardize`, whose default changed what training does) is refused as a different run.
-ADDED_KEYS = {"max-update-norm-factor": 0.0, "fit-intercept": True}
+ADDED_KEYS = {"max-update-norm-factor": 0.0, "fit-intercept": True, "init-from": ""}
 
 
 def trajectory_key(cfg: RunConfig, num_features: int) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from fedlinear.common.config import RunConfig
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError, one_line, untrusted_text
 from fedlinear.common.runstore import RunStore
-from fedlinear.server import evaluation, finish, privacy, progress, replies, resume, secure, yardstick
+from fedlinear.server import continuation, evaluation, finish, privacy, progress, replies, resume, secure, yardstick
 from fedlinear.server.nodes import Parties
 from fedlinear.server.strategy import build_strategy, fixed_order
 
@@ -201,6 +201,12 @@ class Rounds:
         else:
             weights = initial_weights(self.parties.num_features, cfg.seed, self.transform, cfg.fit_intercept)
             history = {"run-id": self.context.run_id, "rounds": []}
+            if cfg.init_from:  # continuation: start from an earlier model (server/continuation.py)
+                continued = continuation.start(cfg, self.parties.num_features, self.transform)
+                weights = continued.weights
+                progress.say(continued.note)
+                history["lineage"] = continued.lineage
+                history["initial-weights"] = {"kernel": continued.raw_kernel, "bias": continued.raw_bias}
             row = {"round": 0, "elapsed-s": time.monotonic() - self.started, "clients-ok": 0, "clients-failed": 0}
             row.update(self.evaluate(weights))
             row.update(self.privacy.initial_row())
@@ -419,7 +425,7 @@ class Rounds:
             reference=self.evaluate.reference,
             final_row=history["rounds"][-1],
             standardized=weights,
-            outcome=outcome,
+            outcome={**outcome, **({"lineage": history["lineage"]} if "lineage" in history else {})},
             status_message=self.stopped or (history["stopped"]["reason"] if outcome["stopped-at-target"] else ""),
         )
         finish.complete(self.store, self.context, cfg, self.parties, self.test, self.started, result)

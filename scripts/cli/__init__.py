@@ -10,6 +10,8 @@
                           [--target R [--stop-at-target]]
     fedlinear stop-superlink [--port 39091]   (the SuperLink `flwr run` starts for a :local: connection)
     fedlinear predict     --model RUN_DIR/model --input FILE.csv [--output FILE]
+    fedlinear serve       [NAME=]MODEL... [--port 8501] [--version-policy latest|all|specific:N] [--label L=N]
+                          (TF Serving REST API + KServe V2; MODEL: run dir, model dir or base path BASE/N)
     fedlinear bench       [--quick] [--only ...] [--out DIR]   (see docs/benchmarks.md)
     fedlinear report      RUN_DIR [--out FILE]        one self-contained HTML report (plots, failures, config)
     fedlinear compare     RUN_DIR... [--out FILE]     several runs overlaid in one HTML page
@@ -25,14 +27,14 @@ import argparse
 import sys
 
 from fedlinear.common.errors import FedLinearError, one_line
-from fedlinear.scripts.cli import bench, data, deploy, predict, report, run, soak, stop_superlink, sweep
+from fedlinear.scripts.cli import bench, data, deploy, predict, report, run, serve, soak, stop_superlink, sweep
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fedlinear`` parser: one sub-command (or a few) per module, in the order ``--help`` lists them."""
     parser = argparse.ArgumentParser(prog="fedlinear", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (data, run, stop_superlink, predict, bench, deploy, sweep, soak, report):
+    for command in (data, run, stop_superlink, predict, serve, bench, deploy, sweep, soak, report):
         command.add_parser(sub)
     return parser
 

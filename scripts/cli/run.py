@@ -212,6 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedlinear.scripts.local.spec import LaunchSpec
 
     out = abs_uri(args.out)
+    publish_base = abs_uri(args.publish) if args.publish else None
     overrides = parse_assignments(args.set)
     given = [f"--{name.replace('_', '-')}" for name in HETEROGENEITY_OPTIONS if getattr(args, name, None) is not None]
     if given and (args.shard or args.data or "data-uri" in overrides):
@@ -313,6 +314,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             if summary is not None:
                 note = "" if summary["shards_match"] is not False else " (WARNING: it does not match the shards trained on)"
                 print(f"data heterogeneity: {heterogeneity_line(summary)}; in manifest.json{note}")
+    if publish_base is not None:
+        from fedlinear.common.modelrepo import publish_run
+
+        version, uri = publish_run(out, publish_base)
+        print(f"published: {uri} (version {version} of {publish_base}; `fedlinear serve {publish_base}` picks it up)")
     print(f"wall time {wall:.1f} s")
     return 0
 
@@ -353,5 +359,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--stop-at-target", action="store_true",
                      help="with --target: end the run after the first round that reaches it (its model is the "
                      "result)")  # fmt: skip
+    run.add_argument("--publish", metavar="BASE",
+                     help="after the run, publish its model as the next version BASE/N (TF Serving's layout, local "
+                     "or s3://; atomic) for `fedlinear serve BASE`")
     run.add_argument("--app", help=argparse.SUPPRESS)  # another Flower app dir (benchmarks)
     run.set_defaults(func=cmd_run)
