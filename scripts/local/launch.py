@@ -54,6 +54,11 @@ def launch(spec: LaunchSpec, on_progress: Callable[[str], None] = print, keep_op
     ``keep_open``: file descriptors (the run directory's lock) held until the last one is gone.
     """
     check_spec(spec)
+    if spec.mode == "inline":  # no runtime processes: nothing to isolate, watch or sweep up
+        from fedlinear.scripts.local.inline import run_inline
+
+        run_inline(spec, on_progress, pool=spec.pool, workers=spec.workers)
+        return
     isolated = resolve_isolation(spec) == "netns"
     watchdog = Watchdog(tree_token(), keep_open)
     try:
