@@ -51,12 +51,14 @@ from flwr.common.serde import (
     context_to_proto,
     message_from_proto,
     message_to_proto,
+    recorddict_from_proto,
+    recorddict_to_proto,
     user_config_from_proto,
     user_config_to_proto,
 )
-from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.message_pb2 import ObjectTree
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.server.utils.validator import validate_message
 from flwr.serverapp import Grid
@@ -104,8 +106,8 @@ class Packet:
 
 def pack(msg) -> Packet:
     """``msg`` as Flower's grid (server side) or ``flwr-clientapp`` (reply) pushes it; sets its message id."""
-    msg.metadata.__dict__["_message_id"] = msg.object_id  # as HttpGrid.push_messages / push_message do
-    with no_object_id_recompute():
+    with no_object_id_recompute():  # as HttpGrid.push_messages / push_message: each object hashed once
+        msg.metadata.__dict__["_message_id"] = msg.object_id
         proto = message_to_proto(remove_content_from_message(msg)).SerializeToString()
         tree = get_object_tree(msg).SerializeToString()
         objects = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
@@ -142,14 +144,31 @@ def unpack(packet: Packet, is_reply: bool):
     return message
 
 
-def pack_context(context) -> bytes:
+@dataclasses.dataclass(frozen=True)
+class NodeContext:
+    """A node's Context between tasks: ``state`` as the bytes of the protobuf ``RecordDict`` that
+    ``context_to_proto`` writes for ``context.state``; the configs (fixed for the run) as
+    ``context_from_proto`` reads them back."""
 
-    return context_to_proto(context).SerializeToString()
+    run_id: int
+    node_id: int
+    node_config: dict[str, Any]
+    run_config: dict[str, Any]
+    state: bytes
 
+    @classmethod
+    def of(cls, context: Context) -> NodeContext:
+        proto = context_to_proto(context)
+        return cls(context.run_id, context.node_id, user_config_from_proto(proto.node_config),
+                   user_config_from_proto(proto.run_config), proto.state.SerializeToString())  # fmt: skip
 
-def unpack_context(data: bytes):
+    def with_state(self, context: Context) -> NodeContext:
+        return dataclasses.replace(self, state=recorddict_to_proto(context.state).SerializeToString())
 
-    return context_from_proto(ProtoContext.FromString(data))
+    def context(self) -> Context:
+        return Context(run_id=self.run_id, node_id=self.node_id, node_config=dict(self.node_config),
+                       state=recorddict_from_proto(ProtoRecordDict.FromString(self.state)),
+                       run_config=dict(self.run_config))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,8 +192,8 @@ def client_app(app_dir: str, ref: str):
     return _CLIENT_APPS[key]
 
 
-def run_task(app_dir: str, packet: Packet, context: bytes) -> tuple[Packet | None, bytes | None, str]:
-    """Deliver one task to the ClientApp: (reply packet or None, updated context bytes or None, note).
+def run_task(app_dir: str, packet: Packet, context: NodeContext) -> tuple[Packet | None, NodeContext | None, str]:
+    """Deliver one task to the ClientApp: (reply packet or None, updated node context or None, note).
 
     As ``flwr-clientapp``: the message and the context are inflated from bytes, the ClientApp object
     is called, an exception becomes an error reply (the context is then left as it was, as the
@@ -185,11 +204,11 @@ def run_task(app_dir: str, packet: Packet, context: bytes) -> tuple[Packet | Non
         message = unpack(packet, is_reply=False)
     except WireError as exc:
         return None, None, f"task not delivered: {exc}"
-    ctx = unpack_context(context)
+    ctx = context.context()
     updated = None
     try:
         reply = client_app(app_dir, "clientapp")(message=message, context=ctx)
-        updated = pack_context(ctx)
+        updated = context.with_state(ctx)
     except Exception as ex:  # noqa: BLE001 - as flwr-clientapp: reported to the server as an error reply
         reply = Message(
             Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(type(ex)) + ":<'" + str(ex) + "'>"),
@@ -205,7 +224,7 @@ def _worker_init(app_dir: str) -> None:
     client_app(app_dir, "clientapp")  # the imports, once per worker process
 
 
-def _processes_task(args: tuple[str, Packet, bytes]) -> tuple[Packet | None, bytes | None, str]:
+def _processes_task(args: tuple[str, Packet, NodeContext]) -> tuple[Packet | None, NodeContext | None, str]:
     return run_task(*args)
 
 
@@ -323,7 +342,7 @@ AUTO_POOL = "serial"
 @dataclasses.dataclass
 class _Node:
     node_id: int
-    context: bytes  # as a SuperNode keeps it between tasks
+    context: NodeContext  # as a SuperNode keeps it between tasks
     busy: bool = False
     waiting: list = dataclasses.field(default_factory=list)
 
@@ -364,7 +383,7 @@ class InlineGrid(Grid):
         for nid, conf in zip(ids, node_configs, strict=True):
             context = Context(run_id=run_id, node_id=nid, node_config=dict(conf), state=RecordDict(),
                               run_config=dict(run_config))  # fmt: skip
-            self.nodes[nid] = _Node(nid, pack_context(context))
+            self.nodes[nid] = _Node(nid, NodeContext.of(context))
         self._lock = threading.Lock()
         self._replies: dict[str, Future] = {}  # message id -> future of the reply Message (None: no reply)
         self._run = None
@@ -432,20 +451,20 @@ class InlineGrid(Grid):
     def _push(self, msg: Message) -> str | None:
         check_deadline(self.deadline, self.timeout)
         node = self.nodes.get(msg.metadata.dst_node_id)
-        try:
-            packet = pack(msg)
-            task = unpack(packet, is_reply=False)  # what the SuperLink accepts and the node inflates
-        except WireError as exc:
-            self.dropped.append(f"message to node {msg.metadata.dst_node_id} not sent: {exc}")
+        packet = pack(msg)
+        errors = validate_message(msg, is_reply_message=False)  # the SuperLink's check (the node repeats it)
+        if errors or node is None:
+            reason = "; ".join(errors) or "no such node"
+            self.dropped.append(f"message to node {msg.metadata.dst_node_id} not sent: {reason}")
             return None
-        if node is None:
-            self.dropped.append(f"message to unknown node {msg.metadata.dst_node_id} not sent")
-            return None
-        mid = task.metadata.message_id
-        if self.record:
-            self.sent.append(task)
+        mid = msg.metadata.message_id
         future: Future = Future()
         self._replies[mid] = future
+        task = msg
+        if self.record or self.intercept is not None:
+            task = unpack(packet, is_reply=False)  # the task as the node inflates it
+        if self.record:
+            self.sent.append(task)
         if self.intercept is not None:
             reply = self.intercept(node.node_id, task)
             if reply is not None:
@@ -605,9 +624,9 @@ def run_inline(spec: LaunchSpec, on_progress: Callable[[str], None] = print, poo
                       intercept=intercept, deadline=deadline)  # fmt: skip
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
-    context = unpack_context(pack_context(Context(
+    context = NodeContext.of(Context(
         run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=run_config,
-    )))  # fmt: skip
+    )).context()  # fmt: skip
     log_path = os.path.join(spec.workdir, "inline.log")
     try:
         with open(log_path, "a", encoding="utf-8") as log, _flower_log_to(log_path), \
