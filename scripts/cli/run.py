@@ -284,6 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ray_cpus=args.ray_cpus,
         ray_address=args.ray_address,
         isolation=args.isolation,
+        flower_without_tf=not args.app,  # fedlinear's own app needs no TensorFlow in Flower's engine (not the floor's)
         pool=getattr(args, "pool", "auto"),
         workers=getattr(args, "workers", None),
     )
