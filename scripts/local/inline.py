@@ -242,7 +242,7 @@ class _SerialPool:
         future: Future = Future()
         try:
             future.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+        except Exception as exc:  # noqa: BLE001 - handed to the waiter (Ctrl-C is not: it ends the run)
             future.set_exception(exc)
         return future
 
@@ -487,7 +487,7 @@ class InlineGrid(Grid):
         task, _, future = job
         try:
             reply_packet, context, note = result.result()
-        except BaseException as exc:  # noqa: BLE001 - a worker that died: no reply, as from a dead node
+        except Exception as exc:  # noqa: BLE001 - a worker that died: no reply, as from a dead node
             reply_packet, context, note = None, None, f"worker failed: {type(exc).__name__}: {exc}"
         with self._lock:
             if context is not None:
@@ -613,6 +613,7 @@ def run_inline(spec: LaunchSpec, on_progress: Callable[[str], None] = print, poo
     """
     check_inline(spec)
     os.makedirs(spec.workdir, exist_ok=True)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the export's TensorFlow, as in Flower's processes (flower_env)
     run_config = fused_run_config(spec.app_dir, spec.run_config)
     kind, size = resolve_pool(pool, workers, run_config, spec.num_nodes)
     server = load_component(spec.app_dir, "serverapp")
