@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import logging
 import multiprocessing
 import os
@@ -182,7 +183,14 @@ def load_component(app_dir: str, name: str):
     """The app's ``serverapp`` / ``clientapp`` object, as its pyproject names it (Flower's loader)."""
 
     ref = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"][name]
-    return load_app(ref, FedLinearError, app_dir)
+    module_name, _, attributes = ref.partition(":")
+    try:  # an installed module (fedlinear's own apps): nothing goes on sys.path
+        found = importlib.import_module(module_name)
+    except ModuleNotFoundError:  # another app's folder: Flower's loader puts it on sys.path, as flwr run does
+        return load_app(ref, FedLinearError, app_dir)
+    for attribute in attributes.split("."):
+        found = getattr(found, attribute)
+    return found
 
 
 def client_app(app_dir: str, ref: str):
