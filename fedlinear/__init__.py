@@ -45,3 +45,33 @@ def app_dir() -> str:
     with the repository's layout from it).
     """
     return _HERE if installed() else os.path.dirname(_HERE)
+
+
+def run(out=None, *, mode: str = "inline", progress=True, **options):
+    """Run one federation from Python, as ``fedlinear run`` does; return a ``RunResult``.
+
+    Every option of ``fedlinear run`` is a keyword (``clients=10``, ``rounds=20``, ``data=...``,
+    ``stop_at_target=True``, ``set={"seed": 5}``), and so is every run config key in snake_case
+    (``learning_rate=0.1``); ``mode`` defaults to ``"inline"``, ``out`` to a new temporary directory.
+    ``progress``: True prints what the command prints, False nothing, a callable gets each line.
+    The result holds ``history``, ``metrics`` (a pandas DataFrame when pandas is installed),
+    ``manifest``, ``kernel`` and ``bias`` (NumPy). See docs/how-to/python-api.md.
+    """
+    from fedlinear.scripts.cli import api  # imported on first use: `import fedlinear` stays cheap
+
+    return api.run(out, mode=mode, progress=progress, **options)
+
+
+def sweep(out=None, *, mode: str = "inline", progress=True, **options):
+    """Run ``fedlinear sweep`` from Python (its options as keywords, as :func:`run`); return its table
+    (a pandas DataFrame when pandas is installed, else a list of dicts)."""
+    from fedlinear.scripts.cli import api
+
+    return api.sweep(out, mode=mode, progress=progress, **options)
+
+
+def option_names(command: str = "run") -> list[str]:
+    """The keywords :func:`run` (``command="sweep"``: :func:`sweep`) accepts."""
+    from fedlinear.scripts.cli import api
+
+    return api.option_names(command)

@@ -47,6 +47,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also run the quickstart-style reference in processes mode (~20 min for 10 x 20)")
     p.add_argument("--scaling-clients", default="10,100,1000,10000", help="client counts of the scaling series")
     p.add_argument("--max-clients", type=int, default=10000, help="leave out scaling points above this")
+    p.add_argument("--inline-scaling-clients", default="1000",
+                   help="client counts of the inline scaling rows (part 'inline'; default 1000; ratios to the "
+                   "simulation floor of the same size)")  # fmt: skip
     p.add_argument("--scaling-rounds", type=int, default=3)
     p.add_argument("--scaling-samples", type=int, default=None,
                    help="samples per client in the scaling series (default: --samples-per-client up to 100 "

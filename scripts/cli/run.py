@@ -237,7 +237,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if test_uri:
         run_config["test-uri"] = test_uri
     node_configs = None
-    if args.mode == "simulation":
+    if args.mode == "inline" and not shards:
+        raise FedLinearError("inline mode needs the shards: --data DIR, --shard URI or --set data-uri=TEMPLATE")
+    if args.mode == "inline":  # the simulation engine's node configs, with each node's shard (as processes mode)
+        if template is not None:
+            run_config["data-uri"] = template
+        node_configs = [
+            {"partition-id": i, "num-partitions": clients, "data-uri": uri} for i, uri in enumerate(shards)
+        ]
+    elif args.mode == "simulation":
         if template is None:
             raise FedLinearError(
                 "simulation mode locates shards by partition id: use --data DIR (client-<i>.csv) or "
@@ -281,6 +289,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         ray_cpus=args.ray_cpus,
         ray_address=args.ray_address,
         isolation=args.isolation,
+        flower_without_tf=not args.app,  # fedlinear's own app needs no TensorFlow in Flower's engine (not the floor's)
+        pool=getattr(args, "pool", "auto"),
+        workers=getattr(args, "workers", None),
     )
     print(f"fedlinear: {clients} clients, {args.rounds} rounds, {args.mode} mode; run dir {out}; logs {workdir}")
     started = time.monotonic()
@@ -332,7 +343,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--clients", type=int, help="number of clients (default: all shards, or 10 synthetic)")
     run.add_argument("--rounds", type=int, default=20)
     run.add_argument("--out", required=True, help="run directory (local path or s3:// URI)")
-    run.add_argument("--mode", choices=("processes", "simulation"), default="processes")
+    run.add_argument("--mode", choices=("processes", "simulation", "inline"), default="processes",
+                     help="processes: a SuperLink and one SuperNode per client; simulation: Flower's simulation engine "
+                     "(Ray); inline: the same apps in this process without Flower's runtime, every message through "
+                     "Flower's serialization (the fastest way to run experiments on one machine)")
+    run.add_argument("--pool", choices=("auto", "serial", "threads", "processes"), default="auto",
+                     help="inline: how the clients run (default auto: see docs/how-to/scaling.md)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="inline: clients run at a time with --pool threads/processes (default: the machine's cores)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run config key (repeatable)")
     run.add_argument("--timeout", type=float, default=3600.0, help="upper bound on the whole run, seconds")
     run.add_argument("--client-cpus", type=int, default=1, help="simulation: CPUs reserved per virtual client")

@@ -60,8 +60,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=None, help="clients per run (default: 10 synthetic, or all shards)")
     p.add_argument("--rounds", type=int, default=20, help="rounds per run (default 20)")
     p.add_argument("--out", required=True, help="sweep directory: data, runs/, logs/, sweep.csv, sweep.md, sweep.png")
-    p.add_argument("--mode", choices=("simulation", "processes"), default="simulation",
-                   help="how each run is launched (default simulation)")  # fmt: skip
+    p.add_argument("--mode", choices=("simulation", "processes", "inline"), default="simulation",
+                   help="how each run is launched (default simulation; inline: the fastest, see 'fedlinear run --mode')")  # fmt: skip
     p.add_argument("--dp", default=DEFAULT_DP, help=f"the mechanism of the private runs (default {DEFAULT_DP})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a run config key for every run (repeatable); dp-* keys go to the private runs only")

@@ -54,6 +54,11 @@ def launch(spec: LaunchSpec, on_progress: Callable[[str], None] = print, keep_op
     ``keep_open``: file descriptors (the run directory's lock) held until the last one is gone.
     """
     check_spec(spec)
+    if spec.mode == "inline":  # no runtime processes: nothing to isolate, watch or sweep up
+        from fedlinear.scripts.local.inline import run_inline
+
+        run_inline(spec, on_progress, pool=spec.pool, workers=spec.workers)
+        return
     isolated = resolve_isolation(spec) == "netns"
     watchdog = Watchdog(tree_token(), keep_open)
     try:
@@ -75,6 +80,8 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
     flwr_home = os.path.join(spec.workdir, "flwr-home")
     token = watchdog.token if watchdog is not None else os.environ.get(TREE_ENV)
     env = flower_env(flwr_home, token)
+    if spec.mode == "simulation" and spec.flower_without_tf:
+        env = without_flower_tf(env)
     if spec.mode == "simulation":
         # ray.init() inside flwr-simulation joins the cluster named here. Without --ray-address it is
         # "local": a fresh private Ray, never whatever cluster `ray start` last left behind in
@@ -133,6 +140,17 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
         group.stop()
         if ray_tmp:
             shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def without_flower_tf(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the guard that keeps TensorFlow out of Flower's simulation engine, if it still fits
+    the installed Flower (scripts/local/flower_tf.py); else ``env`` and a warning."""
+    from fedlinear.scripts.local.flower_tf import GUARDED_MODULE, guard_applies, with_guard
+
+    if guard_applies():
+        return with_guard(env)
+    warn(f"{GUARDED_MODULE} no longer imports TensorFlow as expected: Flower's simulation engine imports it (scripts/local/flower_tf.py)")
+    return env
 
 
 # How long a failed `flwr run` waits to learn whether the SuperLink died under it.

@@ -15,6 +15,7 @@ from typing import Any
 from fedlinear.common.errors import FedLinearError
 
 ISOLATION_MODES = ("auto", "netns", "none")
+MODES = ("processes", "simulation", "inline")
 WARNING_PREFIX = "fedlinear: warning: "
 
 
@@ -34,11 +35,11 @@ class LaunchSpec:
     """What to launch."""
 
     app_dir: str
-    mode: str  # "processes" | "simulation"
+    mode: str  # "processes" | "simulation" | "inline"
     num_nodes: int
     run_config: dict[str, Any]
     workdir: str  # logs, FLWR_HOME
-    node_configs: list[dict[str, Any]] | None = None  # processes mode: one per node
+    node_configs: list[dict[str, Any]] | None = None  # processes and inline mode: one per node
     startup_timeout: float = 60.0
     run_timeout: float = 3600.0
     client_cpus: int = 1  # simulation: CPUs reserved per virtual client (sets Ray parallelism)
@@ -46,6 +47,9 @@ class LaunchSpec:
     superlink_port: int | None = None
     ray_address: str | None = None  # simulation: join this Ray cluster instead of starting a local one
     isolation: str = "auto"  # "auto" | "netns" | "none" (see the module docstring)
+    pool: str = "auto"  # inline: how clients run ("auto" | "serial" | "threads" | "processes"; scripts/local/inline.py)
+    workers: int | None = None  # inline: pool size (default: the machine's cores, at most one per client)
+    flower_without_tf: bool = False  # simulation: keep TensorFlow out of Flower's engine (scripts/local/flower_tf.py)
 
 
 # From this many virtual clients on, a local simulation runs two clients per core (see auto_ray_cpus).
@@ -69,12 +73,12 @@ def auto_ray_cpus(num_clients: int) -> int:
 
 
 def check_spec(spec: LaunchSpec) -> None:
-    if spec.mode not in ("processes", "simulation"):
-        raise FedLinearError(f"--mode must be 'processes' or 'simulation', got '{spec.mode}'")
+    if spec.mode not in MODES:
+        raise FedLinearError(f"--mode must be one of {', '.join(MODES)}, got '{spec.mode}'")
     if spec.num_nodes < 1:
         raise FedLinearError("--clients must be >= 1")
-    if spec.mode == "processes" and (spec.node_configs is None or len(spec.node_configs) != spec.num_nodes):
-        raise FedLinearError("processes mode needs one node config per client")
+    if spec.mode in ("processes", "inline") and (spec.node_configs is None or len(spec.node_configs) != spec.num_nodes):
+        raise FedLinearError(f"{spec.mode} mode needs one node config per client")
     if spec.ray_address and spec.mode != "simulation":
         raise FedLinearError("--ray-address applies to --mode simulation only")
     if spec.isolation not in ISOLATION_MODES:

@@ -20,8 +20,8 @@ from fedlinear.scripts.experiments.datasets import made_once
 REPO = fedlinear.app_dir()  # a checkout's root: benchmarks/ holds the floor and the quickstart-style app
 NOOP_APP = os.path.join(REPO, "benchmarks", "noop_app")
 QUICKSTART_APP = os.path.join(REPO, "benchmarks", "quickstart_app")
-PARTS = ("sim", "processes", "scaling", "central")
-MODE_LABEL = {"simulation": "sim", "processes": "processes", "local": "one process"}
+PARTS = ("sim", "processes", "inline", "scaling", "central")
+MODE_LABEL = {"simulation": "sim", "processes": "processes", "inline": "inline", "local": "one process"}
 ACCURACY_BAR = 1.01
 GiB = 1024**3
 MiB = 1024**2
@@ -99,6 +99,8 @@ class Case:
 
     @property
     def label(self) -> str:
+        if self.mode == "inline":
+            return "fedlinear (inline)"
         return {
             "fedlinear-numpy": "fedlinear (numpy)",
             "fedlinear-keras": "fedlinear (keras)",
@@ -321,6 +323,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         if row["suite"] == "central" or not row.get("wall-s"):
             continue
         floor = index.get((row["suite"], row["mode"], "floor", row["clients"], row["rounds"]))
+        if floor is None and row["mode"] == "inline":  # inline has no floor of its own: Flower's simulation engine's
+            floor = index.get((row["suite"], "simulation", "floor", row["clients"], row["rounds"]))
         quick = index.get((row["suite"], row["mode"], "quickstart", row["clients"], row["rounds"]))
         if floor and row["system"] != "floor":
             row["x-floor"] = row["wall-s"] / floor["wall-s"]
@@ -356,6 +360,15 @@ def plan(args: argparse.Namespace, out: str) -> tuple[list[Case], dict[str, tupl
             cases.append(Case("main", "floor", mode, n, rounds, samples, data_main, app=NOOP_APP))
         if not args.skip_quickstart and (mode == "simulation" or args.quickstart_processes):
             cases.append(Case("main", "quickstart", mode, n, rounds, samples, data_main, app=QUICKSTART_APP))
+    if "inline" in parts:  # the same cases in inline mode; their ratios are to the simulation floor
+        cases.append(Case("main", "fedlinear-numpy", "inline", n, rounds, samples, data_main, sets=("engine=numpy",)))
+        for count in sorted(int(c) for c in _csv_list(args.inline_scaling_clients)):
+            per_client = args.scaling_samples or (args.samples_per_client if count <= 100 else 100)
+            data_dir = data_main if (count, per_client) == (n, samples) else os.path.join(out, "data", f"scale-{count}x{per_client}")
+            if data_dir != data_main:
+                datasets[f"scale-{count}x{per_client}"] = (data_dir, count)
+            cases.append(Case("scaling", "fedlinear-numpy", "inline", count, args.scaling_rounds, per_client, data_dir,
+                              sets=("engine=numpy", f"round-timeout={args.timeout:g}")))  # fmt: skip
     if "central" in parts:
         for system in ("lstsq", "keras"):
             cases.append(Case("central", system, "local", n, rounds, samples, data_main))

@@ -25,6 +25,7 @@ def run_bench(args: argparse.Namespace) -> int:
         args.test_samples = 200
         args.repeat = 1
         args.scaling_clients = "2,4"
+        args.inline_scaling_clients = "4"
         args.scaling_rounds = 2
         args.scaling_samples = 50
         args.timeout = min(args.timeout, 300)

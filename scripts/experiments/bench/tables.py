@@ -149,17 +149,29 @@ def evaluate_targets(rows: list[dict[str, Any]], main_clients: int, main_rounds:
             add(f"processes {system} peak RSS <= 2.4 GiB (25 % of 9.7)", v, 2.425,
                 None if v is None else v <= 2.425, "max over runs" if r else "")
     r = next((x for x in rows if x["suite"] == "scaling" and x["system"] == "fedlinear-numpy"
-              and x["clients"] == 1000 and x["ok"]), None)  # fmt: skip
+              and x["mode"] == "simulation" and x["clients"] == 1000 and x["ok"]), None)  # fmt: skip
     v = r.get("updates-vs-floor") if r else None
     add("1000 clients: >= 80 % of the floor's updates/s", v, 0.8, None if v is None else v >= 0.8,
         f"{r.get('updates-per-s', 0):.1f} updates/s" if r else "")
-    big = [x for x in rows if x["suite"] == "scaling" and x["system"] == "fedlinear-numpy" and x["clients"] >= 10000]
+    big = [x for x in rows if x["suite"] == "scaling" and x["system"] == "fedlinear-numpy" and x["mode"] == "simulation"
+           and x["clients"] >= 10000]
     if big:
         r = big[0]
         detail = f"{r['wall-s']:.0f} s, peak RSS {r['peak-rss'] / GiB:.2f} GiB" if r["ok"] else "; ".join(r["errors"])
         add("10000 clients x 3 rounds completes", r["peak-rss"] / GiB if r["ok"] else None, None, r["ok"], detail)
     else:
         add("10000 clients x 3 rounds completes", None, None, None, "")
+    r = find("main", "inline", "fedlinear-numpy")
+    v = r.get("x-floor") if r else None
+    add("inline numpy wall <= 0.3 x the simulation floor", v, 0.3, None if v is None else v <= 0.3,
+        f"{r['wall-s']:.1f} s" if r else "")
+    v = r["peak-rss-max"] / GiB if r else None
+    add("inline numpy peak RSS <= 1 GiB", v, 1.0, None if v is None else v <= 1.0, "max over runs" if r else "")
+    r = next((x for x in rows if x["suite"] == "scaling" and x["mode"] == "inline" and x["clients"] == 1000
+              and x["ok"]), None)  # fmt: skip
+    v = r.get("updates-vs-floor") if r else None
+    add("inline 1000 clients: >= 10 x the simulation floor's updates/s", v, 10.0, None if v is None else v >= 10.0,
+        f"{r.get('updates-per-s', 0):.1f} updates/s" if r else "")
     bars = [x for x in rows if x.get("bar")]
     add("accuracy bar (test MSE <= 1.01 x LS) in every 20-round fedlinear run",
         max((x["mse-ratio"] for x in bars), default=None), ACCURACY_BAR,
@@ -246,7 +258,7 @@ def write_outputs(out, rows, args, hw, command, started, final: bool, code: dict
     if central_rows:
         sections += ["\ncentral baselines on the pooled data (one process each):", central_table(central_rows)]
     if scale_rows:
-        sections += ["\nscaling, simulation mode (updates/s = client updates in rounds 2..R / their time, the steady "
+        sections += ["\nscaling, simulation mode, and inline mode for 'fedlinear (inline)' (its 'vs floor': to the simulation floor) (updates/s = client updates in rounds 2..R / their time, the steady "
                      "state; e2e upd/s = clients x rounds / wall; vs floor = updates/s / the floor's):",
                      scaling_table(scale_rows)]  # fmt: skip
     sections += ["\ntargets (issue 4):", targets_table(targets)]

@@ -17,7 +17,8 @@ GiB = 1024**3
 DEFAULT_DP = "central-server-clip"
 # what one run needs: simulation ~1 core and ~1.5 GiB (flwr-simulation, one Ray actor, SuperLink,
 # the fedlinear command); processes mode: N SuperNodes plus a clientapp process per task
-RUN_MEMORY = {"simulation": 1.5 * GiB, "processes": 2.5 * GiB}
+# inline mode: one process, ~0.8 GiB peak (the TensorFlow import of the export)
+RUN_MEMORY = {"simulation": 1.5 * GiB, "processes": 2.5 * GiB, "inline": 1.0 * GiB}
 # keys the sweep sets itself; --set may not give them
 RESERVED = {
     "dp": "the sweep sets it per noise level (use --dp for the mechanism)",

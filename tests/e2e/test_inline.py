@@ -1,0 +1,70 @@
+"""``fedlinear run --mode inline`` against ``--mode simulation`` (Flower's simulation engine, Ray):
+the same seed gives bit-identical weights, checkpoints and exported model, and the same run
+directory; what inline mode cannot do is refused in one line naming the mode to use."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import run_cli, write_federation
+
+ROUNDS = 4
+NAMES = [f"checkpoints/round-{r:04d}.npz" for r in range(1, ROUNDS + 1)] + [
+    "model/variables/variables.data-00000-of-00001"
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    data = str(tmp_path_factory.mktemp("inline-fed"))
+    write_federation(data, clients=4, samples=250, features=6, seed=13)
+    out = {}
+    for mode in ("simulation", "inline"):
+        path = str(tmp_path_factory.mktemp(mode) / "run")
+        done = run_cli("run", "--data", data, "--rounds", ROUNDS, "--out", path, "--mode", mode,
+                       "--set", "seed=11", "--set", "fraction-train=0.75")  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        out[mode] = (path, done)
+    return out
+
+
+def read(path, name):
+    with open(os.path.join(path, name), "rb") as handle:
+        return handle.read()
+
+
+def test_inline_gives_bit_identical_weights_to_simulation(runs):
+    (sim, _), (inl, _) = runs["simulation"], runs["inline"]
+    for name in NAMES:
+        assert read(inl, name) == read(sim, name), name
+    sim_m, inl_m = (json.loads(read(p, "manifest.json")) for p in (sim, inl))
+    for key in ("weights", "exported-weights", "standardized-weights", "standardization", "learning-rate"):
+        assert inl_m[key] == sim_m[key], key
+    sim_h, inl_h = (json.loads(read(p, "history.json")) for p in (sim, inl))
+    keys = ("train-loss", "test-mse", "clients-ok", "clients-failed")
+    assert [[r.get(k) for k in keys] for r in inl_h["rounds"]] == [[r.get(k) for k in keys] for r in sim_h["rounds"]]
+
+
+def test_inline_writes_the_run_directory_and_summary_of_the_other_modes(runs):
+    (sim, _), (inl, done) = runs["simulation"], runs["inline"]
+    assert sorted(os.listdir(inl)) == sorted(os.listdir(sim))
+    assert sorted(os.listdir(os.path.join(inl, "checkpoints"))) == sorted(os.listdir(os.path.join(sim, "checkpoints")))
+    assert json.loads(read(inl, "status.json"))["status"] == "completed"
+    assert "inline mode" in done.stdout and "x the pooled least-squares optimum" in done.stdout
+    assert f"round {ROUNDS:>3} | train loss" in done.stdout
+    assert "INFO" not in done.stdout + done.stderr  # Flower's own log lines go to logs/inline.log
+    assert os.path.exists(os.path.join(inl, "logs", "inline.log"))
+
+
+def test_what_inline_cannot_do_is_refused_in_one_line(tmp_path):
+    data = str(tmp_path / "data")
+    write_federation(data, clients=2)
+    done = run_cli("run", "--data", data, "--rounds", 1, "--out", tmp_path / "run", "--mode", "inline",
+                   env={"FEDLINEAR_TEST_FAULTS": "1:kill-supernode@1"})  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "fedlinear: error: FEDLINEAR_TEST_FAULTS kill-supernode kills a SuperNode process: use --mode processes"
+    ]
