@@ -31,6 +31,21 @@ from fedlinear.common.errors import FedLinearError, one_line
 from fedlinear.common.model import BIAS, KERNEL, LinearWeights
 from fedlinear.common.tboard import ScalarLog
 
+# What manifest.json's ``wall-time-s`` measures; the summary of ``fedlinear run`` and ``fedlinear report``
+# print that one figure with these words (a resumed run: its last session).
+WALL_TIME_MEANING = "the ServerApp's, from its start to the exported model; manifest.json wall-time-s"
+
+
+def wall_time_text(seconds: float) -> str:
+    """``26.4 s (the ServerApp's, ...)``: the run's wall time, worded and rounded the same everywhere."""
+    return f"{seconds:.1f} s ({WALL_TIME_MEANING})"
+
+
+def trained_rounds(rows: list[dict[str, Any]]) -> int:
+    """How many rounds of training ``history.json``'s rows record: round 0 (the initial model) is not one."""
+    return len({row["round"] for row in rows if isinstance(row.get("round"), int) and row["round"] >= 1})
+
+
 METRIC_COLUMNS = (
     "round",
     "elapsed-s",

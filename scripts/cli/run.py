@@ -16,6 +16,7 @@ from fedlinear.common import storage
 from fedlinear.common import target as targets
 from fedlinear.common.config import RunConfig, parse_assignments
 from fedlinear.common.errors import FedLinearError, one_line
+from fedlinear.common.runstore import wall_time_text
 from fedlinear.common.shards import CLIENT_FILE, attach_heterogeneity, find_shards, heterogeneity_line
 from fedlinear.scripts.cli.options import HETEROGENEITY_OPTIONS, abs_uri, add_heterogeneity_args, heterogeneity_of
 from fedlinear.scripts.cli.preflight import SYNTH_FEATURES, SyntheticData, refuse_completed, refuse_other_checkpoint
@@ -32,7 +33,8 @@ def summary_table(history: dict[str, Any]) -> str:
         ("train-loss", "train loss", "{:>11.6g}"),
         ("test-mse", "test MSE", "{:>11.6g}"),
         ("test-mse-ratio", "MSE / LS", "{:>9.5f}"),
-        ("excess-train-mse", "excess MSE", "{:>11.4g}"),
+        ("excess-train-mse", "excess train MSE", "{:>11.4g}"),
+        ("excess-test-mse", "excess test MSE", "{:>11.4g}"),
         ("weight-distance", "|w - w*|", "{:>10.4g}"),
         ("epsilon", "epsilon", "{:>9.4g}"),
         ("clients-ok", "clients", "{:>7d}"),
@@ -304,8 +306,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             if summary is not None:
                 note = "" if summary["shards_match"] is not False else " (WARNING: it does not match the shards trained on)"
                 print(f"data heterogeneity: {heterogeneity_line(summary)}; in manifest.json{note}")
-    print(f"wall time {wall:.1f} s")
+    print(wall_time_line(None if args.app else store, wall))
     return 0
+
+
+def wall_time_line(store, wall: float) -> str:
+    """The run's wall time as ``fedlinear report`` shows it (manifest.json ``wall-time-s``), then how long
+    this command took in all (start-up and shutdown of the SuperLink and nodes included)."""
+    total = f"fedlinear run {wall:.1f} s in all, start-up and shutdown included"
+    with contextlib.suppress(Exception):  # no manifest (another app): the command's own time only
+        recorded = store.read_manifest()["wall-time-s"]
+        return f"wall time {wall_time_text(float(recorded))}; {total}"
+    return f"wall time: {total}"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
