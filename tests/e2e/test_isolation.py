@@ -350,3 +350,41 @@ def test_auto_falls_back_with_one_warning_line_and_netns_refuses(monkeypatch):
     assert "federation not isolated: util-linux 'unshare' is not installed;" in warnings[-1]
     with pytest.raises(isolation.FedLinearError, match="unshare' is not installed"):
         isolation.resolve_isolation(_spec(isolation="netns"))
+
+
+def test_a_killed_superlink_is_named_by_its_host_pid(tmp_path):
+    """Inside the private PID namespace the SuperLink is pid 3 or so; the error line names the pid it has on
+    this host (the one `kill` and `ps` know), beside the pid inside."""
+    if (why := namespace_unavailable()) is not None:
+        _skip(why)
+    data, out = tmp_path / "data", tmp_path / "run"
+    write_federation(str(data), clients=2, samples=100)
+    argv = [sys.executable, "-m", "fedlinear.scripts.cli", "run", "--data", str(data), "--clients", "2",
+            "--rounds", "500", "--out", str(out), "--isolation", "netns"]  # fmt: skip
+    lines: list[str] = []
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)  # fmt: skip
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 600
+        while not any("nodes connected" in line for line in lines):
+            assert proc.poll() is None, "fedlinear run ended early:\n" + "".join(lines) + proc.stderr.read()
+            assert time.monotonic() < deadline, "no node connected within 600 s:\n" + "".join(lines)
+            time.sleep(0.2)
+        flwr_home = str(out / "logs" / "flwr-home")
+        [superlink] = [p for p in with_home(flwr_home) if "flower-superlink" in " ".join(psutil.Process(p).cmdline())]
+        with open(f"/proc/{superlink}/status") as handle:
+            nspid = next(line for line in handle if line.startswith("NSpid:")).split()[1:]
+        inner = int(nspid[-1])
+        assert len(nspid) == 2 and inner != superlink  # in a namespace of its own, another pid there
+        os.kill(superlink, signal.SIGKILL)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines()[0].startswith(
+        f"fedlinear: error: flower-superlink (pid {superlink} on this host; pid {inner} in the run's private PID "
+        "namespace) died during the run (killed by SIGKILL)"
+    ), err
