@@ -140,8 +140,10 @@ def mark_interrupted(store, exc: BaseException) -> FedLinearError:
     hint = "run the same command again to resume"
     if not isinstance(exc, PartyLeftOut) and hint not in reason:
         reason = f"{reason}; {last_round_text(store)}: {hint}"
-    with contextlib.suppress(Exception):
+    try:
         store.write_status("failed", reason, run_id=status.get("run_id"))
+    except Exception as unwritten:  # noqa: BLE001 - e.g. a full disk: the line says so, status.json cannot
+        reason = f"{reason} (status.json still says running: {one_line(unwritten)})"
     return FedLinearError(reason + (f"\n{detail}" if detail.strip() else ""))
 
 
@@ -290,6 +292,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise mark_interrupted(store, FedLinearError("the ServerApp ended without finishing the run"))
     if status is None or status.get("status") != "completed":
         reason = (status or {}).get("message") or f"the run did not complete; see {workdir}/flwr-run.log"
+        if "cannot write (" in reason and "run the same command again" not in reason:  # e.g. a full disk
+            reason += f"; {last_round_text(store)}: fix that (free space), then run the same command again to resume"
         raise FedLinearError(reason)
     if not args.app:
         history = store.read_history()

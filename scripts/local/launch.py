@@ -185,10 +185,10 @@ def follow(
 
     threading.Thread(target=watchdog, daemon=True).start()
     assert runner.stdout is not None
-    with open(log_path, "ab") as log:
+    with open(log_path, "ab", buffering=0) as log:  # unbuffered: a write that fails is lost, not retried at close
         for raw in runner.stdout:
-            log.write(raw)
-            log.flush()
+            with contextlib.suppress(OSError):  # a full disk: the run goes on (and says why it failed)
+                log.write(raw)
             line = raw.decode("utf-8", "replace").rstrip()
             idx = line.find(PROGRESS_MARK)
             if idx >= 0:
