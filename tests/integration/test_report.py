@@ -21,6 +21,7 @@ import pytest
 from flwr.app import Error, Message
 
 from fedlinear.common import tboard
+from tests import bounded
 from tests.inprocess import Crash, crash_after, run_in_process, write_synthetic_shards
 from tests.s3fixtures import bucket, moto_s3, s3env  # noqa: F401 - pytest fixtures
 
@@ -30,7 +31,7 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 def fedlinear(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([FEDLINEAR, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+    return bounded.run([FEDLINEAR, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 def metrics_csv(run_dir: str) -> list[dict]:

@@ -26,6 +26,7 @@ from fedlinear.common.synth import Heterogeneity, make_synthetic
 from fedlinear.scripts import cli
 from fedlinear.scripts.cli import run as run_command
 
+from tests import bounded
 from tests.conftest import REPO as ROOT  # noqa: E402
 
 
@@ -357,7 +358,7 @@ def test_split_quantity_is_seeded(tmp_path):
 
 
 def fedlinear(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedlinear.scripts.cli", *argv], cwd=ROOT, capture_output=True, text=True,
+    return bounded.run([sys.executable, "-m", "fedlinear.scripts.cli", *argv], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
 
 
