@@ -15,6 +15,7 @@ Every write goes through :mod:`common.storage`, so each file appears whole or no
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -30,6 +31,25 @@ from fedlinear.common import storage
 from fedlinear.common.errors import FedLinearError, one_line
 from fedlinear.common.model import BIAS, KERNEL, LinearWeights
 from fedlinear.common.tboard import ScalarLog
+
+# What manifest.json's ``wall-time-s`` measures; the summary of ``fedlinear run`` and ``fedlinear report``
+# print that one figure with these words (a resumed run: its last session).
+WALL_TIME_MEANING = "the ServerApp's, from its start to the exported model; manifest.json wall-time-s"
+
+
+def wall_time_text(seconds: float) -> str:
+    """``26.4 s (the ServerApp's, ...)``: the run's wall time, worded and rounded the same everywhere."""
+    return f"{seconds:.1f} s ({WALL_TIME_MEANING})"
+
+
+def trained_rounds(rows: list[dict[str, Any]]) -> int:
+    """How many rounds of training ``history.json``'s rows record: round 0 (the initial model) is not one."""
+    return len({row["round"] for row in rows if isinstance(row.get("round"), int) and row["round"] >= 1})
+
+
+# Room held on the run directory's filesystem for the final status.json (RunStore.hold_reserve).
+RESERVE_FILE = ".reserve"
+RESERVE_BYTES = 256 * 1024
 
 METRIC_COLUMNS = (
     "round",
@@ -122,12 +142,41 @@ class RunStore:
             wait(pending)
 
     # status -----------------------------------------------------------------------------
+    def hold_reserve(self) -> None:
+        """Hold :data:`RESERVE_BYTES` of the run directory's filesystem (``RUN_DIR/.reserve``) for the last
+        ``status.json``: a run that fills its disk still says ``failed``, and why, where every later write
+        fails. Locally only (S3 does not fill). :meth:`write_status` gives it up to write a final status that
+        finds no room, and at ``completed``; a failed run keeps it for its resume."""
+        if storage.is_s3(self.run_dir) or os.path.exists(self._reserve_path()):
+            return
+        try:
+            storage.write_bytes(self.uri(RESERVE_FILE), b"\0" * RESERVE_BYTES)
+        except FedLinearError:
+            pass  # no room even for this: the run fails on its first write, as it would without a reserve
+
+    def _reserve_path(self) -> str:
+        return os.path.join(self.run_dir, RESERVE_FILE)
+
+    def release_reserve(self) -> None:
+        if not storage.is_s3(self.run_dir):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._reserve_path())
+
     def write_status(self, status: str, message: str = "", **extra: Any) -> None:
         if status == "failed":
             self._wait()  # a run that failed says so even when the failure was a write in the background
         else:
             self.flush()  # a status never overtakes the files it speaks for
-        storage.write_text(self.uri("status.json"), dumps({"status": status, "message": message, **extra}))
+        text = dumps({"status": status, "message": message, **extra})
+        try:
+            storage.write_text(self.uri("status.json"), text)
+        except FedLinearError:
+            if status == "running" or not os.path.exists(self._reserve_path()):
+                raise
+            self.release_reserve()  # the room held for this write (a full disk); a resumed run holds it again
+            storage.write_text(self.uri("status.json"), text)
+        if status == "completed":
+            self.release_reserve()
 
     def read_status(self) -> dict[str, Any] | None:
         uri = self.uri("status.json")

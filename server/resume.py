@@ -92,6 +92,34 @@ def data_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]
     return changes
 
 
+def refuse_other_trajectory(store: RunStore, pointer: dict[str, Any], cfg: RunConfig, num_features: int | None) -> None:
+    """Refuse, naming what changed, a checkpoint (``pointer``: its ``latest.json``) of a run with other
+    trajectory settings or, when ``num_features`` is given, another number of features; and one after more
+    rounds than ``num-server-rounds``. ``fedlinear run`` calls it before writing anything (``num_features``
+    None where it does not know it), the ServerApp again with the data in hand."""
+    expected = trajectory_key(cfg, num_features or 0)
+    if num_features is None:
+        expected.pop("num-features")
+    recorded = {**ADDED_KEYS, **pointer}  # a checkpoint from before a key was added ran as its default does
+    changed = [key for key, value in expected.items() if recorded.get(key) != value]
+    if changed:
+        detail = ", ".join(f"{key} {recorded.get(key)!r} -> {expected[key]!r}" for key in changed)
+        raise FedLinearError(
+            f"{store.run_dir} holds checkpoints of a different run ({detail}); "
+            "resume with the same settings or choose another run-dir"
+        )
+
+
+def refuse_fewer_rounds(store: RunStore, pointer: dict[str, Any], cfg: RunConfig) -> None:
+    """Refuse ``num-server-rounds`` below the round the checkpoint (``pointer``) holds."""
+    done = int(pointer["round"])
+    if cfg.num_server_rounds < done:
+        raise FedLinearError(
+            f"{store.run_dir} holds a checkpoint after round {done} but 'num-server-rounds' is {cfg.num_server_rounds}; "
+            f"set it to {done} or more to resume, or choose another run-dir"
+        )
+
+
 @dataclasses.dataclass
 class Start:
     """Where the rounds start: weights (standardized space), first round, history, transform, step size."""
@@ -119,15 +147,7 @@ def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int, data: di
     if latest is None:
         return Start(lm.initial_weights(num_features, cfg.seed, cfg.fit_intercept), 1, {}, None, None)
     pointer, weights = latest
-    expected = trajectory_key(cfg, num_features)
-    recorded = {**ADDED_KEYS, **pointer}  # a checkpoint from before a key was added ran as its default does
-    changed = [key for key, value in expected.items() if recorded.get(key) != value]
-    if changed:
-        detail = ", ".join(f"{key} {recorded.get(key)!r} -> {expected[key]!r}" for key in changed)
-        raise FedLinearError(
-            f"{store.run_dir} holds checkpoints of a different run ({detail}); "
-            "resume with the same settings or choose another run-dir"
-        )
+    refuse_other_trajectory(store, pointer, cfg, num_features)
     done = int(pointer["round"])
     if data is not None and "data" in pointer:
         moved = data_changes(pointer["data"], data)
@@ -136,11 +156,7 @@ def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int, data: di
                 f"{store.run_dir} holds checkpoints trained on other data: {'; '.join(moved)}; "
                 "resume with the same data or choose another run-dir"
             )
-    if cfg.num_server_rounds < done:
-        raise FedLinearError(
-            f"{store.run_dir} holds a checkpoint after round {done} but 'num-server-rounds' is {cfg.num_server_rounds}; "
-            f"set it to {done} or more to resume, or choose another run-dir"
-        )
+    refuse_fewer_rounds(store, pointer, cfg)
     history = store.read_history()
     history["rounds"] = [row for row in history["rounds"] if row["round"] <= done]
     for key in ("stopped", "reached-target-at", "stopped-at-target"):  # the end of this run says them again

@@ -42,6 +42,7 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
     """One run over ``grid``, writing to ``store``; errors a user can fix are FedLinearError."""
     started = time.monotonic()
     store.write_status("running", run_id=context.run_id)
+    store.hold_reserve()  # a full disk still gets its `failed` status.json, naming the file it could not write
     connected = nodes.wait_for_nodes(grid, cfg)
     progress.say(f"{len(connected)} nodes connected; querying shards")
     parties = nodes.query_nodes(grid, cfg, connected)

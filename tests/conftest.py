@@ -63,16 +63,21 @@ def config_reference():
 
 
 def run_cli(*args, timeout=1200, env=None):
-    """Run ``fedlinear ARGS`` in a fresh process; return the CompletedProcess (text)."""
+    """Run ``fedlinear ARGS`` in a fresh process; return the CompletedProcess (text).
+
+    ``timeout`` bounds it on a quiet machine; on a busy one the bound grows with the load
+    (:mod:`tests.bounded`), and a run past it fails the test with its output."""
+    from tests import bounded
+
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run(
+    return bounded.run(
         [sys.executable, "-m", "fedlinear.scripts.cli", *map(str, args)],
+        timeout,
         cwd=REPO,
         env=full_env,
         capture_output=True,
         text=True,
-        timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
 

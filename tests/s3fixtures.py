@@ -130,8 +130,10 @@ def start_moto_server(log_dir: str, attempts: int = 3) -> MotoServer:
                 env=env,
             )
         server = MotoServer(proc, port, log_path)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline and proc.poll() is None:
+        from tests.bounded import Budget
+
+        budget = Budget(STARTUP_TIMEOUT_S)  # 30 s of a quiet machine's time, more on a busy one
+        while not budget.spent() and proc.poll() is None:
             if _answers(f"{server.endpoint}/moto-api/"):
                 return server
             time.sleep(0.05)  # polling interval while the port is not yet answering

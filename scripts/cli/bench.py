@@ -64,7 +64,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a case whose run takes longer than this many seconds is run once (default 120)")
     p.add_argument("--client-cpus", type=int, default=None,
                    help="passed to 'fedlinear run --client-cpus' in simulation (default: the launcher's)")
-    p.add_argument("--timeout", type=float, default=7200.0, help="upper bound on one run, seconds")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="upper bound on one run, seconds (default 7200; 300 with --quick)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each run, wait up to this long for other processes to use < 0.25 cores "
                    "(for shared machines; the table's 'other' column shows the load they added anyway)")  # fmt: skip

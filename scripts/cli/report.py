@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from fedlinear.common import storage
+from fedlinear.common.runstore import trained_rounds
 from fedlinear.scripts.cli.options import abs_uri
 from fedlinear.scripts.experiments import report
 
@@ -15,7 +16,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = abs_uri(args.out) if args.out else storage.join(run.uri, "report.html")
     plots = report.run_plots(run)
     pngs = report.write(out, report.report_html(run, plots), plots)
-    print(f"wrote {out} ({run.state}, {len(run.rows)} rounds recorded) and {len(pngs)} plots in {report.png_dir(out)}")
+    rounds = trained_rounds(run.rows)
+    initial = " and the initial model" if any(row["round"] == 0 for row in run.rows) else ""
+    recorded = f"{rounds} round{'s' if rounds != 1 else ''}{initial} recorded"
+    print(f"wrote {out} ({run.state}, {recorded}) and {len(pngs)} plots in {report.png_dir(out)}")
     return 0
 
 

@@ -17,9 +17,10 @@ from fedlinear.common import target as targets
 from fedlinear.common.config import RunConfig, parse_assignments
 from fedlinear.common.errors import FedLinearError, one_line
 from fedlinear.common.privacy import secure_statistics
+from fedlinear.common.runstore import wall_time_text
 from fedlinear.common.shards import CLIENT_FILE, attach_heterogeneity, find_shards, heterogeneity_line
-from fedlinear.scripts.cli.data import cmd_data_synth
 from fedlinear.scripts.cli.options import HETEROGENEITY_OPTIONS, abs_uri, add_heterogeneity_args, heterogeneity_of
+from fedlinear.scripts.cli.preflight import SYNTH_FEATURES, SyntheticData, refuse_completed, refuse_other_checkpoint
 from fedlinear.scripts.local.lock import lock_run_dir
 
 APP_DIR = fedlinear.app_dir()
@@ -33,7 +34,8 @@ def summary_table(history: dict[str, Any]) -> str:
         ("train-loss", "train loss", "{:>11.6g}"),
         ("test-mse", "test MSE", "{:>11.6g}"),
         ("test-mse-ratio", "MSE / LS", "{:>9.5f}"),
-        ("excess-train-mse", "excess MSE", "{:>11.4g}"),
+        ("excess-train-mse", "excess train MSE", "{:>11.4g}"),
+        ("excess-test-mse", "excess test MSE", "{:>11.4g}"),
         ("weight-distance", "|w - w*|", "{:>10.4g}"),
         ("epsilon", "epsilon", "{:>9.4g}"),
         ("clients-ok", "clients", "{:>7d}"),
@@ -69,10 +71,11 @@ def comparison_line(history: dict[str, Any]) -> str:
 
 
 def resolve_data(
-    args: argparse.Namespace, out: str, overrides: dict[str, Any], before_writing=lambda: None
-) -> tuple[list[str], str | None, str]:
-    """(explicit shard URIs, a {partition-id} template or None, test URI or "") for ``fedlinear run``;
-    ``before_writing()`` is called before synthetic data is written into ``out``."""
+    args: argparse.Namespace, out: str, overrides: dict[str, Any]
+) -> tuple[list[str], str | None, str, SyntheticData | None]:
+    """(explicit shard URIs, a {partition-id} template or None, test URI or "", the synthetic data to write
+    or None) for ``fedlinear run``. Nothing is written here: synthetic data is written into ``out`` by
+    :meth:`SyntheticData.publish` once every check has passed."""
     template = overrides.pop("data-uri", None)
     if args.test and "test-uri" in overrides:
         raise FedLinearError("give the test set one way: --test or --set test-uri, not both")
@@ -80,31 +83,23 @@ def resolve_data(
     if args.shard:
         if args.data or template:
             raise FedLinearError("give the shards one way: --shard, --data or --set data-uri=TEMPLATE")
-        return [abs_uri(uri) for uri in args.shard], None, test_uri
+        return [abs_uri(uri) for uri in args.shard], None, test_uri, None
     if template:
         if args.data:
             raise FedLinearError("give the shards one way: --data or --set data-uri=TEMPLATE")
         if not args.clients:
             raise FedLinearError("--set data-uri=TEMPLATE needs --clients N")
         shards = [template.replace("{partition-id}", str(i)) for i in range(args.clients)]
-        return shards, template, test_uri
-    if args.data:
-        data = abs_uri(args.data)
-    else:
-        data = storage.join(out, "data")
-        before_writing()
-        print(f"no --data given: writing synthetic data (d=10, 1000 samples per client, noise 0.1) to {data}")
-        cmd_data_synth(
-            argparse.Namespace(
-                out=data, clients=args.clients or 10, samples_per_client=1000, features=10, noise=0.1,
-                seed=int(overrides.get("seed", RunConfig.seed)), test_samples=2000,
-                **{name: getattr(args, name, None) for name in HETEROGENEITY_OPTIONS},
-            )
-        )  # fmt: skip
+        return shards, template, test_uri, None
+    if not args.data:
+        seed = int(overrides.get("seed", RunConfig.seed))
+        synth = SyntheticData(storage.join(out, "data"), args.clients or 10, seed, heterogeneity_of(args))
+        return synth.shards, synth.template, test_uri or synth.test_uri, synth
+    data = abs_uri(args.data)
     shards = find_shards(data)
     if not test_uri and storage.exists(storage.join(data, "test.csv")):
         test_uri = storage.join(data, "test.csv")
-    return shards, storage.join(data, "client-{partition-id}.csv"), test_uri
+    return shards, storage.join(data, "client-{partition-id}.csv"), test_uri, None
 
 
 def write_local_statistics(shards: list[str], uri: str, cfg: RunConfig) -> str:
@@ -148,8 +143,10 @@ def mark_interrupted(store, exc: BaseException) -> FedLinearError:
     hint = "run the same command again to resume"
     if not isinstance(exc, PartyLeftOut) and hint not in reason:
         reason = f"{reason}; {last_round_text(store)}: {hint}"
-    with contextlib.suppress(Exception):
+    try:
         store.write_status("failed", reason, run_id=status.get("run_id"))
+    except Exception as unwritten:  # noqa: BLE001 - e.g. a full disk: the line says so, status.json cannot
+        reason = f"{reason} (status.json still says running: {one_line(unwritten)})"
     return FedLinearError(reason + (f"\n{detail}" if detail.strip() else ""))
 
 
@@ -217,14 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     given = [f"--{name.replace('_', '-')}" for name in HETEROGENEITY_OPTIONS if getattr(args, name, None) is not None]
     if given and (args.shard or args.data or "data-uri" in overrides):
         raise FedLinearError(f"{given[0]} shapes the synthesised data: it cannot be used with --data, --shard or data-uri")
-    locked: list[int] = []  # the run directory's lock, taken before anything is written into it
-
-    def lock() -> None:
-        if not locked:
-            locked.append(lock_run_dir(out))
-
-    shards, template, test_uri = resolve_data(args, out, overrides, before_writing=lock)
-    lock()
+    shards, template, test_uri, synth = resolve_data(args, out, overrides)
     clients = args.clients or len(shards)
     if shards and clients > len(shards):
         raise FedLinearError(f"--clients {clients} but only {len(shards)} shards were given")
@@ -260,13 +250,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         ]
     run_config.update(overrides)
     run_config.update(target_config(args, overrides))
+    # Every check that can refuse, before the first byte is written into the run directory (preflight.py)
     cfg = RunConfig.from_run_config(run_config)  # fail here, with a clear message, not in the ServerApp
     store = RunStore(cfg.run_dir)
-    previous = store.read_status()
-    if previous is not None and previous.get("status") == "completed":
-        raise FedLinearError(
-            f"{out} already holds a completed run (status.json); choose another --out or remove it"
-        )
+    refuse_completed(store, out)
+    refuse_other_checkpoint(store, cfg, synth and SYNTH_FEATURES)
+    if synth is not None:
+        synth.stage()  # refuses a data/ that holds other data
+    try:
+        locked = [lock_run_dir(out)]  # kept to the end (the watchdog inherits it)
+        previous = refuse_completed(store, out)  # again, under the lock: a run may have finished meanwhile
+    except BaseException:
+        if synth is not None:
+            synth.discard()
+        raise
+    if synth is not None:
+        synth.publish()
     if previous is not None and previous.get("status") == "running":
         # nobody holds the lock, so the run that wrote this was killed before it could say so
         print(f"fedlinear: the last run in {out} was interrupted ({last_round_text(store)}); it resumes from there")
@@ -309,6 +308,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise mark_interrupted(store, FedLinearError("the ServerApp ended without finishing the run"))
     if status is None or status.get("status") != "completed":
         reason = (status or {}).get("message") or f"the run did not complete; see {workdir}/flwr-run.log"
+        if "cannot write (" in reason and "run the same command again" not in reason:  # e.g. a full disk
+            reason += f"; {last_round_text(store)}: fix that (free space), then run the same command again to resume"
         raise FedLinearError(reason)
     if not args.app:
         history = store.read_history()
@@ -330,8 +331,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         version, uri = publish_run(out, publish_base)
         print(f"published: {uri} (version {version} of {publish_base}; `fedlinear serve {publish_base}` picks it up)")
-    print(f"wall time {wall:.1f} s")
+    print(wall_time_line(None if args.app else store, wall))
     return 0
+
+
+def wall_time_line(store, wall: float) -> str:
+    """The run's wall time as ``fedlinear report`` shows it (manifest.json ``wall-time-s``), then how long
+    this command took in all (start-up and shutdown of the SuperLink and nodes included)."""
+    total = f"fedlinear run {wall:.1f} s in all, start-up and shutdown included"
+    with contextlib.suppress(Exception):  # no manifest (another app): the command's own time only
+        recorded = store.read_manifest()["wall-time-s"]
+        return f"wall time {wall_time_text(float(recorded))}; {total}"
+    return f"wall time: {total}"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

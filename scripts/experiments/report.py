@@ -21,6 +21,7 @@ from typing import Any
 from fedlinear.common import storage
 from fedlinear.common import target as targets
 from fedlinear.common.errors import FedLinearError
+from fedlinear.common.runstore import trained_rounds, wall_time_text
 
 DATA_SUMMARIES = ("truth.json", "split.json")  # a data directory's descriptions, rendered generically
 PATH_KEYS = ("run-dir", "data-uri", "test-uri", "statistics-uri")  # differ between runs without meaning anything
@@ -29,7 +30,7 @@ CELL = {OK: ("ok", "#2e9e4f"), FAILED: ("failed", "#d62728"), NOT_SAMPLED: ("not
         UNKNOWN: ("unknown", "#ffffff")}  # fmt: skip
 COMPARE_PLOTS = (  # (file, metric, title, y label)
     ("ratio", "test-mse-ratio", "Test MSE / least-squares test MSE", "ratio (1 = the optimum)"),
-    ("excess", "excess-test-mse", "Excess test MSE over the least-squares optimum", "excess MSE"),
+    ("excess", "excess-test-mse", "Excess test MSE over the least-squares optimum", "excess test MSE"),
     ("train-loss", "train-loss", "Train loss (mean of the clients' local losses)", "train loss"),
     ("epsilon", "epsilon", "Privacy spent: ε per round", "ε"),
 )
@@ -319,7 +320,7 @@ def run_plots(run: Run) -> list[tuple[str, str, bytes]]:
                   ("optimum (1)", 1.0) if ratios[0] else None,
                   target=(f"target {goal:g}", goal) if goal and ratios[0] else None))  # fmt: skip
     add("gap-excess", "The gap as an excess: MSE above the optimum's, on the test set and on the pooled training data.",
-        line_plot("Excess MSE over the optimum", "excess MSE",
+        line_plot("Excess MSE over the optimum (test set, pooled training data)", "excess MSE",
                   [("excess test MSE", *series(rows, "excess-test-mse")),
                    ("excess train MSE", *series(rows, "excess-train-mse"))]))  # fmt: skip
     add("train-loss", "Train loss: the mean of the clients' local training losses in each round.",
@@ -473,8 +474,9 @@ def report_html(run: Run, plots: list[tuple[str, str, bytes]]) -> str:
     body.append("<h2>Final metrics</h2>")
     final = run.final()
     body.append(cell(final) if final else "<p>none</p>")
-    if run.manifest and run.manifest.get("wall-time-s") is not None:
-        body.append(f"<p>Wall time {esc(fmt(run.manifest['wall-time-s']))} s.</p>")
+    seconds = _num((run.manifest or {}).get("wall-time-s"))
+    if seconds is not None:
+        body.append(f"<p>Wall time {esc(wall_time_text(seconds))}.</p>")
 
     body.append("<h2>Reference: the pooled least-squares optimum</h2>")
     ref = run.reference()
@@ -577,7 +579,7 @@ def compare_html(runs: list[Run], labels: list[str], plots: list[tuple[str, str,
     rows = []
     for label, run in zip(labels, runs, strict=True):
         final = run.final()
-        rounds = max((r["round"] for r in run.rows), default=None)
+        rounds = trained_rounds(run.rows) if run.rows else None
         rows.append([label, run.state, rounds] + [final.get(k) for k, _ in FINAL_COLUMNS]
                     + [(run.manifest or {}).get("wall-time-s")])  # fmt: skip
     body.append("<h2>Final figures</h2>" + table(header, rows))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,6 +31,71 @@ from collections.abc import Callable
 from fedlinear.common.errors import FedLinearError
 from fedlinear.scripts.local.spec import INTERRUPTED_MARK, PROGRESS_MARK, LaunchSpec, RunInterrupted
 from fedlinear.scripts.local.spec import warn as warn_line
+
+
+# The inner launcher's note of a process it started, its pid inside the private PID namespace; the outer
+# launcher turns it into the host pid (:class:`HostPids`), so an error names a pid the user can act on.
+PID_NOTE = "pid in namespace: "
+_inside_namespace = False  # set in the namespace's launcher (namespace_init's child)
+
+
+def note_pid(on_progress: Callable[[str], None], name: str, pid: int) -> None:
+    """Inside the private PID namespace: tell the outer launcher ``name``'s pid here (no-op outside)."""
+    if _inside_namespace:
+        on_progress(f"{PID_NOTE}{name} {pid}")
+
+
+class HostPids:
+    """The outer launcher's map from pids inside the private PID namespace to host pids, made while the
+    processes live (``/proc/<pid>/status`` ``NSpid`` of the namespace's processes): an error from inside
+    names ``flower-superlink (pid 3)``, which is no pid anyone outside can ``kill`` or ``ps``."""
+
+    def __init__(self) -> None:
+        self.root: int | None = None  # the `unshare` process (host pid)
+        self.init: int | None = None  # the namespace's first process (host pid)
+        self.found: dict[int, int] = {}
+
+    def note(self, line: str) -> bool:
+        """Take a :data:`PID_NOTE` line (True), or leave any other line alone (False)."""
+        if not line.startswith(PID_NOTE):
+            return False
+        import psutil
+
+        with contextlib.suppress(psutil.Error, TypeError, IndexError):
+            self.init = psutil.Process(self.root).children()[0].pid
+        with contextlib.suppress(ValueError):
+            inner = int(line.rsplit(" ", 1)[1])
+            host = self._host_pid(inner)
+            if host is not None:
+                self.found[inner] = host
+        return True
+
+    def _namespace_processes(self) -> list[int]:
+        import psutil
+
+        with contextlib.suppress(psutil.Error, TypeError):
+            return [p.pid for p in psutil.Process(self.root).children(recursive=True)]
+        return []
+
+    def _host_pid(self, inner: int) -> int | None:
+        for pid in self._namespace_processes():
+            with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/status", encoding="ascii") as handle:
+                nspid = next(line for line in handle if line.startswith("NSpid:")).split()[1:]
+                if len(nspid) > 1 and int(nspid[-1]) == inner:
+                    return pid
+        return None
+
+    def translate(self, text: str) -> str:
+        """``(pid 3)`` -> ``(pid 48213 on this host; pid 3 in the run's private PID namespace)``."""
+        init = self.init or self.root
+
+        def host(match: re.Match) -> str:
+            inner = int(match.group(1))
+            if inner in self.found:
+                return f"(pid {self.found[inner]} on this host; pid {inner} in the run's private PID namespace)"
+            return f"(pid {inner} in the run's private PID namespace, whose first process is pid {init} on this host)"
+
+        return re.sub(r"\(pid (\d+)\)", host, text)
 
 
 def isolation_blockers(spec: LaunchSpec) -> list[str]:
@@ -128,6 +194,8 @@ def namespace_init(
 
             signal.signal(signal.SIGTERM, stop)
             signal.signal(signal.SIGHUP, stop)
+            global _inside_namespace
+            _inside_namespace = True
             run(spec, lambda line: print(PROGRESS_MARK + line, flush=True))
             code = 0
         except FedLinearError as exc:

@@ -34,7 +34,7 @@ import psutil
 
 from fedlinear.common.errors import FedLinearError
 from fedlinear.scripts.local.flower import config_string, flower_env, free_port, tail, wait_healthy, write_connection
-from fedlinear.scripts.local.isolation import namespace_init, resolve_isolation, unshare_argv
+from fedlinear.scripts.local.isolation import HostPids, namespace_init, note_pid, resolve_isolation, unshare_argv
 from fedlinear.scripts.local.processes import TREE_ENV, WATCHDOG_TIMEOUT, ProcessGroup, Watchdog, tree_token
 from fedlinear.scripts.local.spec import INTERRUPTED_MARK, PROGRESS_MARK, LaunchSpec, RunInterrupted, auto_ray_cpus, check_spec, warn
 from fedlinear.scripts.local.staging import stage_app
@@ -107,6 +107,7 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
         if spec.mode == "simulation":
             argv.append("--simulation")
         superlink = group.start("superlink", argv, env, superlink_log)
+        note_pid(on_progress, "flower-superlink", superlink.pid)
         wait_healthy(port, superlink, spec.startup_timeout, superlink_log)
         if spec.mode == "processes":
             for i, node_config in enumerate(spec.node_configs or []):
@@ -202,10 +203,10 @@ def follow(
 
     threading.Thread(target=watchdog, daemon=True).start()
     assert runner.stdout is not None
-    with open(log_path, "ab") as log:
+    with open(log_path, "ab", buffering=0) as log:  # unbuffered: a write that fails is lost, not retried at close
         for raw in runner.stdout:
-            log.write(raw)
-            log.flush()
+            with contextlib.suppress(OSError):  # a full disk: the run goes on (and says why it failed)
+                log.write(raw)
             line = raw.decode("utf-8", "replace").rstrip()
             idx = line.find(PROGRESS_MARK)
             if idx >= 0:
@@ -245,18 +246,25 @@ def launch_isolated(spec: LaunchSpec, on_progress: Callable[[str], None], watchd
     on_progress("isolation: the federation runs in a private network namespace (loopback only)")
     group = ProcessGroup(die_with_parent=True, token=watchdog.token, on_start=watchdog.watch_group)
     proc = None
+    pids = HostPids()  # errors from inside name host pids
+
+    def progress(line: str) -> None:
+        if not pids.note(line):
+            on_progress(line)
+
     try:
         proc = group.start(
             "isolated",
             [*unshare_argv(), sys.executable, "-m", "fedlinear.scripts.local.launch", "--inner", spec_path, error_path],
             {**os.environ, TREE_ENV: watchdog.token}, None, stdout=subprocess.PIPE,
         )  # fmt: skip
+        pids.root = proc.pid
         # the inner launcher bounds start-up and the run itself; this bound is the backstop
-        follow(proc, log_path, on_progress, spec.run_timeout + 3 * spec.startup_timeout + 60)
+        follow(proc, log_path, progress, spec.run_timeout + 3 * spec.startup_timeout + 60)
         if proc.returncode == 0:
             return
         with contextlib.suppress(OSError), open(error_path, encoding="utf-8") as handle:
-            text = handle.read().rstrip()
+            text = pids.translate(handle.read().rstrip())
             if text.startswith(INTERRUPTED_MARK):
                 raise RunInterrupted(text[len(INTERRUPTED_MARK) :])
             raise FedLinearError(text)

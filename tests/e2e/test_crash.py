@@ -25,6 +25,7 @@ import numpy as np
 import psutil
 import pytest
 
+from tests import bounded
 from tests.conftest import REPO, run_cli, write_federation
 
 ROUNDS = 4
@@ -81,10 +82,10 @@ def checkpointed_round(out) -> int:
 
 
 def wait_for_round(out, server_round, proc):
-    deadline = time.monotonic() + WAIT
+    budget = bounded.Budget(WAIT)
     while checkpointed_round(out) < server_round:
         assert proc.poll() is None, f"the run ended before round {server_round}: {finish(proc)}"
-        assert time.monotonic() < deadline, f"round {server_round} not checkpointed within {WAIT:g} s"
+        assert not budget.spent(), f"round {server_round} not checkpointed within {WAIT:g} s"
         time.sleep(0.1)
 
 
@@ -148,9 +149,9 @@ def listening(ports):
 
 def assert_gone(procs, ports):
     """Bounded wait until none of ``procs`` runs and none of ``ports`` is listened on."""
-    deadline = time.monotonic() + GONE
+    budget = bounded.Budget(GONE)
     while alive(procs) or listening(ports):
-        assert time.monotonic() < deadline, f"still running: {alive(procs)}; ports listening: {listening(ports)}"
+        assert not budget.spent(), f"still running: {alive(procs)}; ports listening: {listening(ports)}"
         time.sleep(0.2)
 
 
@@ -304,9 +305,9 @@ def test_stop_superlink_stops_exactly_that_superlink_and_what_it_spawned(tmp_pat
     bystander = subprocess.Popen(["sleep", "600"], start_new_session=True)
     try:
         wait_healthy(port, superlink, 120, log)
-        deadline = time.monotonic() + 60  # the SuperExec it spawns
+        budget = bounded.Budget(60)  # the SuperExec it spawns
         while not psutil.Process(superlink.pid).children(recursive=True):
-            assert time.monotonic() < deadline, "the SuperLink spawned nothing"
+            assert not budget.spent(), "the SuperLink spawned nothing"
             time.sleep(0.2)
         spawned = psutil.Process(superlink.pid).children(recursive=True)
         done = run_cli("stop-superlink", "--port", port, timeout=120)
@@ -324,9 +325,9 @@ def test_stop_superlink_stops_exactly_that_superlink_and_what_it_spawned(tmp_pat
         other = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         try:
-            deadline = time.monotonic() + 60
+            budget = bounded.Budget(60)
             while not listening([port]):
-                assert time.monotonic() < deadline
+                assert not budget.spent()
                 time.sleep(0.2)
             refused = run_cli("stop-superlink", "--port", port, timeout=120)
             assert refused.returncode == 1
@@ -365,13 +366,13 @@ def test_the_watchdog_kills_the_whole_tree_when_the_launcher_is_sigkilled():
     try:
         assert launcher.stdout.readline().strip() == "started"
         wanted = {"sleep 601", "sleep 602", "sleep 603", "sleep 604"}
-        deadline = time.monotonic() + 120
+        budget = bounded.Budget(120)
         while True:  # until all four run, and the session leader that left the orphan behind has gone
             procs = {p.pid: p for p in psutil.process_iter() if command(p) in wanted}
             orphan = [p for p in procs.values() if command(p) == "sleep 603"]
             if len(procs) == 4 and orphan and orphan[0].ppid() != 0 and orphan[0].parent().name() != "bash":
                 break
-            assert time.monotonic() < deadline, f"the fake tree did not come up: {[command(p) for p in procs.values()]}"
+            assert not budget.spent(), f"the fake tree did not come up: {[command(p) for p in procs.values()]}"
             time.sleep(0.2)
         assert "FEDLINEAR_TREE" not in orphan[0].environ()
         launcher.kill()

@@ -16,6 +16,7 @@ import numpy as np
 import psutil
 import pytest
 
+from tests import bounded
 from tests.conftest import REPO, run_cli, write_federation
 
 ROUNDS = 3
@@ -206,9 +207,9 @@ def test_a_crashed_server_resumes_from_its_last_checkpoint(processes_run, federa
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     pointer = out / "checkpoints" / "latest.json"
-    deadline = time.monotonic() + 300
+    budget = bounded.Budget(300)
     while not (pointer.exists() and json.loads(pointer.read_text())["round"] >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before round 2"
+        assert proc.poll() is None and not budget.spent(), "run ended before round 2"
         time.sleep(0.05)
     home = str(out / "logs" / "flwr-home")
     servers = []
@@ -221,7 +222,7 @@ def test_a_crashed_server_resumes_from_its_last_checkpoint(processes_run, federa
     assert servers, "no flwr-serverapp process found"
     for server in servers:
         server.kill()
-    proc.communicate(timeout=300)
+    bounded.communicate(proc, 300)
     assert proc.returncode == 1
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "failed" and "run the same command again to resume" in status["message"]
@@ -259,7 +260,7 @@ def test_ctrl_c_stops_every_process(federation_dir, tmp_path):
     else:
         pytest.fail("no round completed: " + proc.stderr.read())
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = bounded.communicate(proc, 120)
     assert proc.returncode == 130
     assert "interrupted; every process it started has been stopped" in err
     assert leftover_processes(str(out / "logs")) == []

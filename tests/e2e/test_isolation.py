@@ -35,6 +35,7 @@ import pytest
 
 from fedlinear.scripts.local.flower import free_port
 from fedlinear.scripts.local.isolation import namespace_unavailable, unshare_argv
+from tests import bounded
 from tests.conftest import REPO, write_federation
 from tests.e2e.test_netns import ROGUE_PYPROJECT, ROGUE_SERVER
 
@@ -178,7 +179,7 @@ def _start(kind: str, owner: int, attacker: int, work: str):
     argv = [sys.executable, "-m", "fedlinear.scripts.cli", "run", "--data", data, "--clients", "2", "--rounds", "500",
             "--out", out, "--isolation", "netns", "--set", "seed=5"]  # fmt: skip
     if owner != 0:
-        probe = subprocess.run(as_user(owner, [*unshare_argv(owner), "true"], work), capture_output=True, text=True,
+        probe = bounded.run(as_user(owner, [*unshare_argv(owner), "true"], work), capture_output=True, text=True,
                                timeout=30)  # fmt: skip
         if probe.returncode != 0:
             _skip(f"unprivileged user namespaces are not available here: {probe.stderr.strip()}")
@@ -193,10 +194,10 @@ def _start(kind: str, owner: int, attacker: int, work: str):
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     flwr_home = os.path.join(out, "logs", "flwr-home")
     try:
-        deadline = time.monotonic() + 300
+        budget = bounded.Budget(300)
         while not any("nodes connected" in line for line in lines):
             assert proc.poll() is None, "fedlinear run ended early:\n" + "".join(lines)
-            assert time.monotonic() < deadline, "no node connected within 300 s:\n" + "".join(lines)
+            assert not budget.spent(), "no node connected within 300 s:\n" + "".join(lines)
             time.sleep(0.2)
         with open(os.path.join(flwr_home, "config.toml"), "rb") as handle:
             address = tomllib.load(handle)["superlink"]["fedlinear"]["address"]
@@ -245,7 +246,7 @@ def test_the_superlink_is_alone_in_a_private_namespace(live):
     inside = subprocess.run([*enter, *_python(CONNECT, live["port"])], capture_output=True, text=True, timeout=60)
     assert inside.stdout.strip() == "connected", inside.stdout + inside.stderr
     # ... and from the host's namespace even root is refused: it is the namespace, not the uid
-    outside = subprocess.run(_python(CONNECT, live["port"]), capture_output=True, text=True, timeout=60)
+    outside = bounded.run(_python(CONNECT, live["port"]), capture_output=True, text=True, timeout=60)
     assert outside.stdout.strip() == "ConnectionRefusedError", outside.stdout + outside.stderr
     # every process of the federation shares that namespace
     assert set(with_home(live["flwr_home"])) <= set(in_netns(live["netns"]))
@@ -270,7 +271,7 @@ def test_another_user_cannot_submit_a_run_or_join(live):
             os.chown(name, attacker, attacker)
     os.chmod(work, 0o777)
     started = time.monotonic()
-    done = subprocess.run(
+    done = bounded.run(
         as_user(attacker, _python(ATTACK, port, app, free_port()), work), cwd=home, env=env_for(home, home),
         capture_output=True, text=True, timeout=400,
     )  # fmt: skip
@@ -289,7 +290,7 @@ def test_another_user_cannot_submit_a_run_or_join(live):
     admin = os.path.join(work, "admin-home")
     os.makedirs(admin)
     shutil.copy(os.path.join(live["flwr_home"], "config.toml"), os.path.join(admin, "config.toml"))
-    listed = subprocess.run(
+    listed = bounded.run(
         ["nsenter", f"--net=/proc/{live['superlink']}/ns/net", "flwr", "supernode", "list", "fedlinear",
          "--format", "json"],
         env=env_for(admin, admin), capture_output=True, text=True, timeout=120,
@@ -302,8 +303,8 @@ def test_another_user_cannot_submit_a_run_or_join(live):
 def test_ctrl_c_leaves_no_process_and_no_namespace(live):
     code = _stop(live["proc"])
     assert code == 130, "".join(live["lines"])
-    deadline = time.monotonic() + 30
-    while (with_home(live["flwr_home"]) or in_netns(live["netns"])) and time.monotonic() < deadline:
+    budget = bounded.Budget(30)
+    while (with_home(live["flwr_home"]) or in_netns(live["netns"])) and not budget.spent():
         time.sleep(0.2)
     assert with_home(live["flwr_home"]) == []
     assert in_netns(live["netns"]) == []  # no process holds it: the kernel has freed the namespace
@@ -350,3 +351,41 @@ def test_auto_falls_back_with_one_warning_line_and_netns_refuses(monkeypatch):
     assert "federation not isolated: util-linux 'unshare' is not installed;" in warnings[-1]
     with pytest.raises(isolation.FedLinearError, match="unshare' is not installed"):
         isolation.resolve_isolation(_spec(isolation="netns"))
+
+
+def test_a_killed_superlink_is_named_by_its_host_pid(tmp_path):
+    """Inside the private PID namespace the SuperLink is pid 3 or so; the error line names the pid it has on
+    this host (the one `kill` and `ps` know), beside the pid inside."""
+    if (why := namespace_unavailable()) is not None:
+        _skip(why)
+    data, out = tmp_path / "data", tmp_path / "run"
+    write_federation(str(data), clients=2, samples=100)
+    argv = [sys.executable, "-m", "fedlinear.scripts.cli", "run", "--data", str(data), "--clients", "2",
+            "--rounds", "500", "--out", str(out), "--isolation", "netns"]  # fmt: skip
+    lines: list[str] = []
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)  # fmt: skip
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        budget = bounded.Budget(600)
+        while not any("nodes connected" in line for line in lines):
+            assert proc.poll() is None, "fedlinear run ended early:\n" + "".join(lines) + proc.stderr.read()
+            assert not budget.spent(), "no node connected within 600 s:\n" + "".join(lines)
+            time.sleep(0.2)
+        flwr_home = str(out / "logs" / "flwr-home")
+        [superlink] = [p for p in with_home(flwr_home) if "flower-superlink" in " ".join(psutil.Process(p).cmdline())]
+        with open(f"/proc/{superlink}/status") as handle:
+            nspid = next(line for line in handle if line.startswith("NSpid:")).split()[1:]
+        inner = int(nspid[-1])
+        assert len(nspid) == 2 and inner != superlink  # in a namespace of its own, another pid there
+        os.kill(superlink, signal.SIGKILL)
+        _, err = bounded.communicate(proc, 600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines()[0].startswith(
+        f"fedlinear: error: flower-superlink (pid {superlink} on this host; pid {inner} in the run's private PID "
+        "namespace) died during the run (killed by SIGKILL)"
+    ), err

@@ -21,13 +21,14 @@ import zipfile
 import pytest
 
 import fedlinear
+from tests import bounded
 from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), REPO],
+    proc = bounded.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), REPO],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     [path] = glob.glob(os.path.join(out, "fedlinear-*.whl"))
@@ -49,7 +50,7 @@ def test_the_wheel_holds_one_top_level_package_and_the_app_definition(wheel):
 @pytest.fixture(scope="module")
 def fresh_venv(wheel, tmp_path_factory):
     venv = str(tmp_path_factory.mktemp("venv"))
-    subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=300)
+    bounded.run([sys.executable, "-m", "venv", venv], check=True, timeout=300)
     purelib = subprocess.run([os.path.join(venv, "bin", "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     # Every site-packages folder this interpreter sees (its own, and any a .pth of its own added).
@@ -59,7 +60,7 @@ def fresh_venv(wheel, tmp_path_factory):
     # --ignore-installed: pip sees the borrowed packages (the editable fedlinear among them) and must not
     # uninstall anything from the test venv; flwr is installed for real only for its console scripts.
     flwr_version = __import__("importlib.metadata").metadata.version("flwr")
-    proc = subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "--no-deps", "--ignore-installed",
+    proc = bounded.run([os.path.join(venv, "bin", "pip"), "install", "-q", "--no-deps", "--ignore-installed",
                            wheel, f"flwr=={flwr_version}"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return venv
@@ -71,11 +72,11 @@ def test_a_wheel_install_runs_a_federation_from_an_empty_directory(fresh_venv, t
     empty.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = os.path.join(fresh_venv, "bin") + os.pathsep + "/usr/bin:/bin"
-    where = subprocess.run([os.path.join(fresh_venv, "bin", "python"), "-c", "import fedlinear.server.server_app as s; print(s.__file__)"],
+    where = bounded.run([os.path.join(fresh_venv, "bin", "python"), "-c", "import fedlinear.server.server_app as s; print(s.__file__)"],
                            cwd=empty, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert where.returncode == 0 and where.stdout.startswith(fresh_venv), where.stdout + where.stderr
     out = tmp_path / "run"
-    proc = subprocess.run([os.path.join(fresh_venv, "bin", "fedlinear"), "run", "--clients", "2", "--rounds", "2",
+    proc = bounded.run([os.path.join(fresh_venv, "bin", "fedlinear"), "run", "--clients", "2", "--rounds", "2",
                            "--mode", mode, "--out", str(out)], cwd=empty, env=env, capture_output=True, text=True,
                           timeout=900, stdin=subprocess.DEVNULL)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from fedlinear.scripts.local.flower import free_port
+from tests import bounded
 from tests.conftest import run_cli
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -60,7 +61,7 @@ def cluster_state(address):
         "         if a['ActorClassName'] == 'ClientAppActor' and a['State'] == 'DEAD']\n"
         "print(json.dumps([nodes, hosts]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = bounded.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     nodes, hosts = json.loads(out.stdout.strip().splitlines()[-1])
     return len(nodes), Counter(hosts)
 
@@ -78,10 +79,10 @@ def ray_cluster(tmp_path):
             head = ["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--include-dashboard=false",
                     "--temp-dir", ray_tmp]  # fmt: skip
             procs.append(start_node(head, log))
-            deadline = time.monotonic() + 120
+            budget = bounded.Budget(120)
             started_worker = False
             while True:
-                assert time.monotonic() < deadline, (tmp_path / "ray.log").read_text()
+                assert not budget.spent(), (tmp_path / "ray.log").read_text()
                 assert all(p.poll() is None for p in procs), (tmp_path / "ray.log").read_text()
                 with contextlib.suppress(subprocess.SubprocessError):
                     alive, _ = cluster_state(address)

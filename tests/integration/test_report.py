@@ -21,6 +21,7 @@ import pytest
 from flwr.app import Error, Message
 
 from fedlinear.common import tboard
+from tests import bounded
 from tests.inprocess import Crash, crash_after, run_in_process, write_synthetic_shards
 from tests.s3fixtures import bucket, moto_s3, s3env  # noqa: F401 - pytest fixtures
 
@@ -30,7 +31,7 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 def fedlinear(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([FEDLINEAR, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+    return bounded.run([FEDLINEAR, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 def metrics_csv(run_dir: str) -> list[dict]:
@@ -358,3 +359,27 @@ def test_report_in_browser(reports, tmp_path):
 
 def test_compare_in_browser(reports, tmp_path):
     check_page(reports["compare"], str(tmp_path / "cmp.png"), 4)
+
+
+def test_one_wall_time_and_the_round_count_in_summary_and_report(runs, tmp_path):
+    """The summary of `fedlinear run` and the report show one wall time (manifest.json's, worded the same);
+    the report counts trained rounds (round 0, the initial model, is not one); both excess MSEs are labelled."""
+    from fedlinear.common.runstore import RunStore
+    from fedlinear.scripts.cli.run import summary_table, wall_time_line
+
+    store = RunStore(runs["fedavg"])
+    recorded = store.read_manifest()["wall-time-s"]
+    figure = f"{recorded:.1f} s (the ServerApp's, from its start to the exported model; manifest.json wall-time-s)"
+    assert wall_time_line(store, 99.0) == f"wall time {figure}; fedlinear run 99.0 s in all, start-up and shutdown included"
+    proc = fedlinear("report", runs["fedavg"], "--out", str(tmp_path / "r.html"))
+    assert proc.returncode == 0, proc.stderr
+    assert "(completed, 4 rounds and the initial model recorded)" in proc.stdout, proc.stdout
+    assert f"<p>Wall time {html.escape(figure)}.</p>" in (tmp_path / "r.html").read_text(encoding="utf-8")
+    history = store.read_history()
+    header, _, *lines = summary_table(history).splitlines()
+    assert "excess train MSE" in header and "excess test MSE" in header and " excess MSE" not in header
+    columns = re.split(r"\s{2,}", header.strip())
+    last = dict(zip(columns, re.split(r"\s{2,}", lines[-1].strip()), strict=True))
+    final = history["rounds"][-1]
+    assert float(last["excess train MSE"]) == pytest.approx(final["excess-train-mse"], rel=1e-3)
+    assert float(last["excess test MSE"]) == pytest.approx(final["excess-test-mse"], rel=1e-3)

@@ -19,6 +19,7 @@ import pytest
 from fedlinear.common import csvio, s3, storage
 from fedlinear.common.errors import FedLinearError, one_line
 from fedlinear.common.model import LinearWeights
+from tests import bounded
 from tests.s3fixtures import bucket, free_port, moto_s3, s3env  # noqa: F401 - pytest fixtures
 
 from tests.conftest import REPO  # noqa: E402
@@ -61,7 +62,7 @@ def check_user_error(excinfo, *fragments: str) -> str:
 
 def test_boto3_is_not_imported_by_storage_or_data():
     code = "import sys, fedlinear.common.storage, fedlinear.common.csvio, fedlinear.common.synth, fedlinear.common.partition; sys.exit('boto3' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
+    assert bounded.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
 
 
 def test_write_read_exists_fingerprint(s3env, bucket):

@@ -32,6 +32,7 @@ from fedlinear.common import scaling
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
 from fedlinear.server import rounds, secure
+from tests import bounded
 from tests.conftest import REPO, run_cli, write_federation
 from tests.inprocess import drive, write_synthetic_shards
 
@@ -431,7 +432,7 @@ def processes_runs(fed_data, tmp_path_factory):
     )
     try:
         killed = kill_supernode_on_task(proc, out, partition=3, task=7, within=600)
-        stdout, stderr = proc.communicate(timeout=900)
+        stdout, stderr = bounded.communicate(proc, 900)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -444,10 +445,10 @@ def kill_supernode_on_task(proc, out, partition, task, within):
     ``task``-th SecAgg+ message; polls the log every 50 ms, for at most ``within`` seconds."""
     log = os.path.join(out, "logs", f"supernode-{partition}.log")
     home = os.path.join(out, "logs", "flwr-home")
-    deadline = time.monotonic() + within
+    budget = bounded.Budget(within)
     while True:
         assert proc.poll() is None, "the run ended before the node got its task"
-        assert time.monotonic() < deadline, f"SuperNode {partition} never received SecAgg+ task {task}"
+        assert not budget.spent(), f"SuperNode {partition} never received SecAgg+ task {task}"
         with contextlib.suppress(OSError), open(log, encoding="utf-8", errors="replace") as handle:
             if handle.read().count("Receiving: train.secagg message") >= task:
                 break

@@ -6,13 +6,13 @@ from __future__ import annotations
 import glob
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 
 from fedlinear.common.config import RunConfig
 
+from tests import bounded
 from tests.conftest import REPO  # noqa: E402
 README = os.path.join(REPO, "README.md")
 
@@ -32,7 +32,7 @@ def site(tmp_path_factory):
     except ImportError:
         pytest.fail('mkdocs is not installed: .venv/bin/pip install -e ".[test]"')
     out = tmp_path_factory.mktemp("site")
-    done = subprocess.run(
+    done = bounded.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", os.path.join(REPO, "mkdocs.yml"),
          "--site-dir", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import glob
 import os
-import subprocess
 import sys
 import zipfile
 
 import fedlinear
+from tests import bounded
 from tests.conftest import REPO
 
 
@@ -33,12 +33,12 @@ def test_the_checkout_imports_every_room_from_its_top_level_folder():
 def test_the_editable_install_puts_no_bare_folder_name_on_sys_path(tmp_path):
     code = "import importlib.util, sys; sys.exit(sum(importlib.util.find_spec(n) is not None for n in sys.argv[1:]))"
     names = ["common", "clients", "server", "scripts", "tests", "benchmarks"]
-    proc = subprocess.run([sys.executable, "-c", code, *names], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = bounded.run([sys.executable, "-c", code, *names], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
 
 def test_stock_flwr_build_bundles_the_checkout_and_the_bundle_imports_on_its_own(tmp_path):
-    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "flwr"), "build", "--app", REPO], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = bounded.run([os.path.join(os.path.dirname(sys.executable), "flwr"), "build", "--app", REPO], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     [fab] = glob.glob(str(tmp_path / "*.fab"))
     with zipfile.ZipFile(fab) as bundle:
@@ -51,7 +51,7 @@ def test_stock_flwr_build_bundles_the_checkout_and_the_bundle_imports_on_its_own
             "c = load_app('fedlinear.clients.client_app:app', RuntimeError, sys.argv[1]); "
             "s = load_app('fedlinear.server.server_app:app', RuntimeError, sys.argv[1]); "
             "import fedlinear.common.model as m; print(m.__file__)")  # fmt: skip
-    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "app")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    run = bounded.run([sys.executable, "-c", code, str(tmp_path / "app")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == str(tmp_path / "app" / "common" / "model.py")
 

@@ -26,6 +26,7 @@ from fedlinear.common.synth import Heterogeneity, make_synthetic
 from fedlinear.scripts import cli
 from fedlinear.scripts.cli import run as run_command
 
+from tests import bounded
 from tests.conftest import REPO as ROOT  # noqa: E402
 
 
@@ -357,7 +358,7 @@ def test_split_quantity_is_seeded(tmp_path):
 
 
 def fedlinear(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedlinear.scripts.cli", *argv], cwd=ROOT, capture_output=True, text=True,
+    return bounded.run([sys.executable, "-m", "fedlinear.scripts.cli", *argv], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
 
 
@@ -455,8 +456,11 @@ def test_fedlinear_run_synthesises_heterogeneous_default_data(tmp_path):
     """`fedlinear run --concept-spread ...` passes the options (and the run's seed) to the synthesiser."""
     args = cli.build_parser().parse_args(["run", "--out", str(tmp_path / "run"), "--clients", "3",
                                           "--concept-spread", "0.5", "--noise-skew", "0.3", "--noise-skew-seed", "8"])  # fmt: skip
-    shards, template, test_uri = run_command.resolve_data(args, str(tmp_path / "run"), {"seed": "5"})
+    shards, template, test_uri, synth = run_command.resolve_data(args, str(tmp_path / "run"), {"seed": "5"})
     data = tmp_path / "run" / "data"
+    synth.stage()
+    assert not (tmp_path / "run").exists()  # nothing is written before every check has passed
+    synth.publish()
     assert template == str(data / "client-{partition-id}.csv") and test_uri == str(data / "test.csv")
     assert len(shards) == 3
     truth = json.loads((data / "truth.json").read_text())

@@ -26,6 +26,7 @@ from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
 from fedlinear.common.runstore import RunStore
 from fedlinear.server import resume, server_app
+from tests import bounded
 from tests.conftest import REPO, run_cli
 from tests.inprocess import Crash, InProcessGrid, crash_after, run_in_process, write_synthetic_shards
 
@@ -107,7 +108,7 @@ store.write_checkpoint(2, lm.LinearWeights(kernel=np.full((3, 1), 2, np.float32)
 def test_a_process_killed_mid_write_leaves_a_temp_file_that_is_ignored_then_cleaned(tmp_path):
     store = RunStore(str(tmp_path / "run"))
     two_rounds(store)
-    done = subprocess.run([sys.executable, "-c", KILLER, store.run_dir], cwd=REPO, capture_output=True, timeout=300)
+    done = bounded.run([sys.executable, "-c", KILLER, store.run_dir], cwd=REPO, capture_output=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr
     folder = tmp_path / "run" / "checkpoints"
     [left] = hidden(folder)

@@ -237,8 +237,8 @@ def _count_in(path: str, needle: str) -> int:
 def _inner_wall(log_path: str) -> float | None:
     with contextlib.suppress(OSError), open(log_path, encoding="utf-8", errors="replace") as handle:
         for line in handle:
-            if line.startswith("wall time "):
-                return float(line.split()[2])
+            if line.startswith("wall time ") and "fedlinear run " in line:  # the command's own total
+                return float(line.split("fedlinear run ", 1)[1].split()[0])
     return None
 
 

@@ -1,0 +1,120 @@
+"""``fedlinear run``'s checks that can refuse, all made before the first byte is written into the run directory.
+
+In order: the run config (:class:`common.config.RunConfig`), a run directory that already holds a completed
+run, a checkpoint of a run with other settings (:mod:`server.resume`: the same rule the ServerApp applies
+again with the data in hand), and, for the synthesised default data, a ``data/`` that already holds other
+data. Only then is the lock taken and the data written (:meth:`SyntheticData.publish`). A refused
+invocation leaves the run directory as it found it: no shard, no ``.lock``, no ``logs/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from fedlinear.common import storage
+from fedlinear.common.errors import FedLinearError
+from fedlinear.common.runstore import RunStore
+from fedlinear.common.shards import CLIENT_FILE
+
+# What `fedlinear run` synthesises when it is given no data.
+SYNTH_FEATURES = 10
+SYNTH_SAMPLES = 1000
+SYNTH_NOISE = 0.1
+SYNTH_TEST_SAMPLES = 2000
+
+
+def refuse_completed(store: RunStore, out: str) -> dict[str, Any] | None:
+    """Refuse a run directory whose status.json says completed; return the status found (None: none)."""
+    previous = store.read_status()
+    if previous is not None and previous.get("status") == "completed":
+        raise FedLinearError(f"{out} already holds a completed run (status.json); choose another --out or remove it")
+    return previous
+
+
+def refuse_other_checkpoint(store: RunStore, cfg, num_features: int | None) -> None:
+    """Refuse a checkpoint of a run with other trajectory settings, or after more rounds than this run has."""
+    from fedlinear.server import resume
+
+    latest = store.read_latest_checkpoint()
+    if latest is None:
+        return
+    pointer, _ = latest
+    resume.refuse_other_trajectory(store, pointer, cfg, num_features)
+    resume.refuse_fewer_rounds(store, pointer, cfg)
+
+
+class SyntheticData:
+    """The synthetic data ``fedlinear run`` trains on when given none: made in a private temporary
+    directory first, compared with what ``RUN_DIR/data`` already holds, and written there only after every
+    check has passed (:meth:`publish`). Data already there that is byte-for-byte what this run makes is
+    kept as it is (a resumed run); other data there is refused, never overwritten or mixed with."""
+
+    def __init__(self, data: str, clients: int, seed: int, heterogeneity) -> None:
+        self.data, self.clients, self.seed, self.heterogeneity = data, clients, seed, heterogeneity
+        self.shards = [storage.join(data, CLIENT_FILE.format(i=i)) for i in range(clients)]
+        self.test_uri = storage.join(data, "test.csv")
+        self.template = storage.join(data, CLIENT_FILE.format(i="{partition-id}"))
+        self._tmp: str | None = None
+        self._lines: list[str] = []
+        self._missing: list[str] = []
+
+    def stage(self) -> None:
+        """Synthesise into a temporary directory and compare with ``data/``; refuse other data there."""
+        from fedlinear.common.shards import write_synthetic
+
+        self._tmp = tempfile.mkdtemp(prefix="fedlinear-synth-")
+        self._lines = write_synthetic(
+            self._tmp, self.clients, SYNTH_SAMPLES, SYNTH_FEATURES, SYNTH_NOISE, self.seed, SYNTH_TEST_SAMPLES,
+            self.heterogeneity,
+        )  # fmt: skip
+        made = sorted(os.listdir(self._tmp))
+        present = self._present()
+        extra = sorted(set(present) - set(made))
+        differ = [name for name in made if name in present and storage.read_bytes(present[name]) != self._bytes(name)]
+        if extra or differ:
+            self.discard()
+            what = f"{extra[0]} is not part of it" if extra else f"{differ[0]} differs"
+            raise FedLinearError(
+                f"{self.data} holds other data than this run synthesises ({what}: another --clients, seed or "
+                "heterogeneity option?); a run directory holds one run: choose another --out or remove it"
+            )
+        self._missing = [name for name in made if name not in present]
+
+    def publish(self) -> None:
+        """Write what ``data/`` lacks (everything, for a new run; nothing, for a resumed one)."""
+        assert self._tmp is not None, "stage() first"
+        try:
+            if not self._missing:
+                print(f"no --data given: the synthetic data already in {self.data} is what this run makes; kept as is")
+                return
+            print(
+                f"no --data given: writing synthetic data (d={SYNTH_FEATURES}, {SYNTH_SAMPLES} samples per client, "
+                f"noise {SYNTH_NOISE:g}) to {self.data}"
+            )
+            # shards and test set first, truth.json last: a data/ cut short by a crash is completed next time
+            for name in sorted(self._missing, key=lambda name: name == "truth.json"):
+                storage.write_bytes(storage.join(self.data, name), self._bytes(name))
+            for line in self._lines:
+                print(line.replace(self._tmp, self.data))
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def _bytes(self, name: str) -> bytes:
+        with open(os.path.join(self._tmp, name), "rb") as handle:
+            return handle.read()
+
+    def _present(self) -> dict[str, str]:
+        """The files ``data/`` holds now, by name (none if it does not exist)."""
+        prefix = self.data if not storage.is_s3(self.data) else self.data.rstrip("/") + "/"
+        with contextlib.suppress(FedLinearError):  # a local data/ that does not exist
+            return {uri.rsplit("/", 1)[-1]: uri for uri in storage.list_uris(prefix)}
+        return {}
