@@ -182,3 +182,16 @@ def test_utility_on_the_default_data(default_data, tmp_path, epsilon, bound):
         assert manifest["privacy"]["epsilon"] == pytest.approx(epsilon, rel=1e-6)
         ratios.append(manifest["final"]["test-mse-ratio"])
     assert float(np.mean(ratios)) <= bound, ratios
+
+
+@pytest.mark.parametrize("mechanism", ["central-server-clip", "local"])
+def test_a_fedavg_run_with_a_target_epsilon_spends_exactly_it(default_data, tmp_path, mechanism):
+    uris, test, stats = default_data
+    status, manifest = run_in_process(
+        uris[:2], str(tmp_path / "r"), dp=mechanism, **{"num-server-rounds": 3, "dp-target-epsilon": 2.5, "test-uri": test}
+    )
+    assert status["status"] == "completed", status
+    z = manifest["privacy"]["noise-multiplier"]
+    assert manifest["config"]["dp-noise-multiplier"] == z != 1.0
+    assert manifest["privacy"]["epsilon"] == pytest.approx(2.5, rel=1e-6)
+    assert direct_epsilon([z], 1e-5, count=3) == pytest.approx(2.5, rel=1e-6)
