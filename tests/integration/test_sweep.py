@@ -471,5 +471,5 @@ def test_epsilon_mode_errors_are_one_line(tmp_path, capsys):
     assert "give --epsilon" in run_cli_error(capsys, "--strategies", "fedavg,fedols", "--out", out)
     assert "'krum' is not one of" in run_cli_error(capsys, "--epsilon", "1", "--strategies", "fedavg,krum", "--out", out)
     assert "use --epsilon" in run_cli_error(capsys, "--set", "dp-target-epsilon=2", "--out", out)
-    assert "use --strategies" in run_cli_error(capsys, "--set", "strategy=fedols", "--out", out)
+    assert "use --strategies" in run_cli_error(capsys, "--epsilon", "1", "--set", "strategy=fedols", "--out", out)
     assert "--table: 'iris' is not one of" in run_cli_error(capsys, "--epsilon", "1", "--table", "iris", "--out", out)

@@ -21,7 +21,6 @@ RUN_MEMORY = {"simulation": 1.5 * GiB, "processes": 2.5 * GiB}
 # keys the sweep sets itself; --set may not give them
 RESERVED = {
     "dp": "the sweep sets it per noise level (use --dp for the mechanism)",
-    "strategy": "use --strategies (with --epsilon)",
     "dp-target-epsilon": "use --epsilon",
     "dp-noise-multiplier": "use --noise",
     "seed": "use --seeds / --first-seed",
@@ -167,6 +166,8 @@ def validate(args: argparse.Namespace) -> Settings:
             raise FedLinearError(f"--strategies: '{strategy}' is not one of {', '.join(STRATEGIES)}")
     if len(set(strategies)) != len(strategies):
         raise FedLinearError("--strategies: a strategy is given twice")
+    if epsilons is not None and any(item.split("=", 1)[0].strip() == "strategy" for item in (args.set or [])):
+        raise FedLinearError("--set strategy: with --epsilon use --strategies")
     if strategies != ("fedavg",) and epsilons is None:
         raise FedLinearError("--strategies compares strategies at equal ε: give --epsilon (e.g. 1,2,4,8)")
     table = getattr(args, "table", None)
