@@ -195,3 +195,44 @@ def test_a_fedavg_run_with_a_target_epsilon_spends_exactly_it(default_data, tmp_
     assert manifest["config"]["dp-noise-multiplier"] == z != 1.0
     assert manifest["privacy"]["epsilon"] == pytest.approx(2.5, rel=1e-6)
     assert direct_epsilon([z], 1e-5, count=3) == pytest.approx(2.5, rel=1e-6)
+
+
+def test_a_bad_party_sum_is_left_out_and_said(default_data, tmp_path):
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+    uris, test, stats = default_data
+
+    def sabotage(nid, msg):
+        if nid == 1001 and msg.content.config_records["config"].get("stage") == "dpols-gram":
+            inflated = np.eye(12) * 1e9  # more rows than it declared, features beyond the bound
+            return Message(RecordDict({"gram": ArrayRecord({"gram": Array(inflated)})}), reply_to=msg)
+        return None
+
+    status, manifest = run_in_process(
+        uris[:3], str(tmp_path / "r"), sabotage=sabotage, **DP,
+        **{"test-uri": test, "statistics-uri": stats, "dp-public-statistics": True, "dp-target-epsilon": 4.0},
+    )  # fmt: skip
+    assert status["status"] == "completed", status
+    assert manifest["fedols"]["parties"] == 2 and manifest["fedols"]["num-examples"] == 2000
+    import json
+
+    with open(tmp_path / "r" / "history.json") as handle:
+        failures = json.load(handle)["rounds"][0]["failures"]
+    assert [f["node-id"] for f in failures] == [1001]
+    assert failures[0]["reason"] == "clipped Gram matrix counts 1e+09 rows, the shard query said 1000"
+
+
+def test_a_node_refuses_the_gram_query_outside_dp_fedols(default_data, tmp_path):
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from tests.inprocess import InProcessGrid
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as a ServerApp task has them
+    uris, _, _ = default_data
+    grid = InProcessGrid(uris[:1], {"data-uri": uris[0]})  # a run of strategy = fedavg, dp = none
+    request = {"stage": "dpols-gram", "dp-feature-bound": 4.0, "dp-target-bound": 8.0}
+    msg = Message(RecordDict({"config": ConfigRecord(request)}), dst_node_id=1000, message_type=MessageType.QUERY)
+    (reply,) = grid.send_and_receive([msg])
+    assert reply.has_error() and "refused" in reply.error.reason and not reply.has_content()
