@@ -236,7 +236,8 @@ def compare_table(rows: list[dict[str, Any]], strategies: tuple[str, ...], title
         row = f"| {label} | " + " | ".join(cells)
         if len(strategies) > 1:
             best = min(means, key=means.get) if len(means) == len(strategies) else None
-            row += f" | {STRATEGY_LABELS.get(best, best) if best else '-'}"
+            label_of = STRATEGY_LABELS.get(best, best) if best else "-"
+            row += f" | {label_of[3:] if eps == 0 and label_of.startswith('DP-') else label_of}"
         lines.append(row + " |")
     lines += [
         "",
@@ -274,6 +275,13 @@ def compare_plot(path: str, rows: list[dict[str, Any]], strategies: tuple[str, .
     ax.axhline(1.0, color="black", linestyle=":", label="optimum: pooled least squares (ratio 1)")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    import matplotlib.ticker
+
+    targets = sorted({float(r["target-epsilon"]) for r in rows if float(r["target-epsilon"]) > 0})
+    if targets:
+        ax.set_xticks(targets)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("target ε (= ε reported), log scale")
     ax.set_ylabel("final test MSE / pooled least-squares test MSE")
     ax.set_title("\n".join(textwrap.wrap(title or "privacy / utility at equal ε", 90)), fontsize=10)
