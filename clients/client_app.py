@@ -34,7 +34,7 @@ from fedlinear.clients import faults
 from fedlinear.clients.errors import ERROR_CODE_INTERNAL, ERROR_CODE_USER, error_reply  # noqa: F401 - codes re-exported
 from fedlinear.common import model as lm
 from fedlinear.common import npy
-from fedlinear.common import fedols, privacy, protocol, scaling
+from fedlinear.common import dpols, fedols, privacy, protocol, scaling
 from fedlinear.common.config import RunConfig, parsed
 from fedlinear.common.csvio import load_csv
 from fedlinear.common.dataset import Dataset
@@ -191,6 +191,10 @@ def query(msg: Message, context: Context) -> Message:
     if stage == protocol.STAGE_FEDOLS_R:  # the yardstick (server/yardstick.py) and strategy = fedols, method qr
         r = fedols.local_r(data.x, data.y, _centre(msg, stage, uri, data))
         return Message(RecordDict({protocol.RECORD_R: ArrayRecord({protocol.ARRAY_R: Array(r)})}), reply_to=msg)
+    if stage == protocol.STAGE_DPOLS_GRAM:  # strategy = fedols with dp: the clipped Gram matrix (common/dpols.py)
+        if cfg.strategy != "fedols" or cfg.dp == "none":
+            raise FedLinearError("a DP-FedOLS query in a run that is not strategy = fedols with dp: refused")
+        return _dpols_gram(msg, request, uri, data)
     if stage == protocol.STAGE_SCATTER:
         centre = _centre(msg, stage, uri, data)
         scatter = scaling.Scatter.of(data.x, data.y, centre, full=bool(request.get(protocol.KEY_FULL, False)))
@@ -212,6 +216,17 @@ def query(msg: Message, context: Context) -> Message:
         total = scaling.Moments.of(data.x, data.y).total
         content[protocol.RECORD_MOMENTS] = ArrayRecord({protocol.ARRAY_TOTAL: Array(total)})
     return Message(content, reply_to=msg)
+
+
+def _dpols_gram(msg: Message, request: ConfigRecord, uri: str, data: Dataset) -> Message:
+    """DP-FedOLS: rows in the query's transform (raw without one), clipped to its bounds, and their Gram matrix."""
+    bounds = [request.get(key) for key in (protocol.KEY_FEATURE_BOUND, protocol.KEY_TARGET_BOUND)]
+    if not all(isinstance(b, float) and 0 < b < float("inf") for b in bounds):
+        raise FedLinearError(f"{uri}: the DP-FedOLS query needs finite bounds > 0, got {bounds}")
+    transform = protocol.transform(request, data.num_features)
+    x, y = (data.x, data.y) if transform is None else transform.apply(data.x, data.y)
+    gram = dpols.clipped_gram(x, y, bounds[0], bounds[1])
+    return Message(RecordDict({protocol.RECORD_GRAM: ArrayRecord({protocol.ARRAY_GRAM: Array(gram)})}), reply_to=msg)
 
 
 def _centre(msg: Message, stage: str, uri: str, data: Dataset) -> np.ndarray:

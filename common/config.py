@@ -122,6 +122,19 @@ class RunConfig:
     dp_noise_seed : str (default: "seed")
         ``seed`` draws DP noise from ``seed`` (reproducible experiments: anyone who knows the seed can
         remove the noise); ``secure`` draws it from the operating system's entropy (``dp-noise-seed``).
+    dp_target_epsilon : float (default: 0)
+        A privacy budget to spend exactly (``dp-target-epsilon``): when > 0 the noise multiplier is
+        derived from it (and ``dp-delta``) by the run's own RDP accountant, for the releases the run
+        makes (``num-server-rounds`` Gaussian releases for an iterative strategy, DP-FedOLS's one
+        split in three), and ``dp-noise-multiplier`` is ignored; 0 = use ``dp-noise-multiplier``.
+    dp_feature_bound : float (default: 0)
+        DP-FedOLS (``strategy`` = fedols with ``dp``): the L2 bound B_X each party clips a feature row
+        to, in the space rows are clipped in (the public standardization when ``dp-public-statistics``
+        = true, else raw units) (``dp-feature-bound``); 0 = ``sqrt(d) + 1``, standardized space only.
+        Public, not protected by ε.
+    dp_target_bound : float (default: 0)
+        DP-FedOLS: the bound B_Y each party clips ``|y|`` to, in the same space (``dp-target-bound``);
+        0 = 3 (standard deviations), standardized space only. Public, not protected by ε.
     dp_public_statistics : bool (default: false)
         Under privacy, nodes send no statistics; with ``true`` the pooled statistics in
         ``statistics-uri`` are declared public and used for standardization (not covered by ε)
@@ -244,6 +257,9 @@ class RunConfig:
     dp_delta: float = 1e-5
     dp_max_epsilon: float = 0.0
     dp_noise_seed: str = "seed"
+    dp_target_epsilon: float = 0.0
+    dp_feature_bound: float = 0.0
+    dp_target_bound: float = 0.0
     dp_public_statistics: bool = False
     statistics_uri: str = ""
     reference: str = "auto"
@@ -355,6 +371,13 @@ class RunConfig:
             )
         if not 0 < self.dp_delta < 1:
             raise FedLinearError(f"config key 'dp-delta' must be in (0, 1), got {self.dp_delta}")
+        for key, value in (
+            ("dp-target-epsilon", self.dp_target_epsilon),
+            ("dp-feature-bound", self.dp_feature_bound),
+            ("dp-target-bound", self.dp_target_bound),
+        ):
+            if not 0 <= value < float("inf"):
+                raise FedLinearError(f"config key '{key}' must be a finite number >= 0 (0: see its docs), got {value}")
         if not 0 <= self.dp_max_epsilon < float("inf"):
             raise FedLinearError(f"config key 'dp-max-epsilon' must be >= 0 (0: no budget), got {self.dp_max_epsilon}")
         if self.seed < 0:
@@ -436,16 +459,39 @@ class RunConfig:
             raise FedLinearError(f"config key 'fedols-l2' must be a finite number >= 0, got {self.fedols_l2}")
         if self.strategy != "fedols":
             return
-        if self.dp != "none" or self.secure_aggregation:
-            what = f"'dp' = {self.dp}" if self.dp != "none" else "'secure-aggregation' = true"
+        if self.dp != "none":
+            self._validate_dp_fedols()
+        elif self.secure_aggregation:
             raise FedLinearError(
-                f"config key 'strategy' = fedols cannot work with {what}: every party's statistics (scatter matrix "
-                "or R factor) would be released in the clear; use 'strategy' = fedavg"
+                "config key 'strategy' = fedols cannot work with 'secure-aggregation' = true: every party's "
+                "statistics (scatter matrix or R factor) would be released in the clear; use 'strategy' = fedavg"
             )
         if self.reference == "none":
             raise FedLinearError(
                 "config key 'strategy' = fedols needs the parties' cross-products, which 'reference' = none keeps "
                 "on the nodes; set 'reference' = auto"
+            )
+
+    def _validate_dp_fedols(self) -> None:
+        """DP-FedOLS (common/dpols.py): the parties clip their rows, the server noises the sum (central DP)."""
+        if self.dp != "central-client-clip":
+            raise FedLinearError(
+                f"config key 'strategy' = fedols works with 'dp' = central-client-clip (each party clips its rows, "
+                f"the server noises the sum once: AdaSSP), not 'dp' = {self.dp}"
+            )
+        if self.secure_aggregation:
+            raise FedLinearError(
+                "config key 'strategy' = fedols with 'dp' cannot use 'secure-aggregation' = true yet: DP-FedOLS "
+                "collects the parties' clipped sums in the clear (the server is trusted to add the noise)"
+            )
+        if self.fedols_l2 != 0:
+            raise FedLinearError(
+                "config key 'fedols-l2' must be 0 with 'strategy' = fedols and 'dp': AdaSSP chooses the ridge itself"
+            )
+        if not self.fit_intercept:
+            raise FedLinearError(
+                "config key 'fit-intercept' = false is not available with 'strategy' = fedols and 'dp' yet: "
+                "DP-FedOLS releases the sums of [x, 1, y] rows and solves with the intercept; use 'fit-intercept' = true"
             )
 
     def _validate_target(self) -> None:

@@ -73,12 +73,17 @@ ARRAY_TOTAL = "total"  # in ``moments``: Σ[x y], (d + 1,)
 ARRAY_CENTRE = "centre"  # in ``centre``: μ, (d + 1,)
 ARRAY_SCATTER = "scatter"  # in ``scatter``: (d + 1, d + 1), or (d + 1,) for the diagonal
 ARRAY_R = "r"  # in ``r``: (d + 2, d + 2) upper triangular
+RECORD_GRAM = "gram"  # dpols-gram reply (DP-FedOLS, common/dpols.py)
+ARRAY_GRAM = "gram"  # in ``gram``: Σ g gᵀ over the clipped rows g = [x̄, 1, ȳ], (d + 2, d + 2)
 
 # -- query stages and the query's config keys --------------------------------------------------------
 KEY_STAGE = "stage"
 STAGE_DESCRIBE = "describe"
 STAGE_SCATTER = "scatter"
 STAGE_FEDOLS_R = "fedols-r"
+STAGE_DPOLS_GRAM = "dpols-gram"  # DP-FedOLS: the clipped Gram matrix (carries the transform and the bounds)
+KEY_FEATURE_BOUND = "dp-feature-bound"  # dpols-gram: B_X, the L2 bound of a feature row
+KEY_TARGET_BOUND = "dp-target-bound"  # dpols-gram: B_Y, the bound of |y|
 KEY_WANT_MOMENTS = "want-moments"  # describe: send ``moments`` too
 KEY_PRIVATE = "private"  # describe: a privacy mechanism is on, keep the shard's path and hash on the node
 KEY_FULL = "full"  # scatter: the full matrix, not only its diagonal

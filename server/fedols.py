@@ -99,6 +99,10 @@ def run(
     started: float,
 ) -> None:  # fmt: skip
     """Solve, evaluate, export and record; the run's status is ``completed`` at the end."""
+    if cfg.dp != "none":  # DP-FedOLS: clipped sums, noised once (server/dpols.py)
+        from fedlinear.server import dpols
+
+        return dpols.run(grid, context, store, cfg, parties, test, started)
     healthy, pooled = parties.healthy, parties.pooled
     if pooled is None or not pooled.full:  # config validation refuses privacy and reference = none
         raise FedLinearError("strategy = fedols needs every party's centred cross-products, which were not gathered")

@@ -208,6 +208,52 @@ def local_dp_config(cfg: RunConfig) -> dict[str, Any]:
     return common_privacy.LocalDp(cfg.dp_clipping_norm, cfg.dp_noise_multiplier, cfg.dp_noise_seed).to_config()
 
 
+def releases_of(cfg: RunConfig) -> int:
+    """Gaussian releases with ``dp-noise-multiplier`` the run makes: ``num-server-rounds`` for an iterative
+    strategy, 1 for DP-FedOLS (three releases with ``Σ 1/z_i² = 1/z²``, exactly one with z: common/dpols.py)."""
+    return 1 if cfg.strategy == "fedols" else cfg.num_server_rounds
+
+
+def epsilon_of(cfg: RunConfig, noise_multiplier: float, releases: int) -> float:
+    """ε at ``dp-delta`` of ``releases`` Gaussian releases with ``noise_multiplier``, on the run's accountant
+    (Flower's RdpAccountant, no amplification)."""
+    accountant = make_accountant(RunConfig(dp_delta=cfg.dp_delta), 1)
+    accountant.compose(GaussianPrivacyEvent(noise_multiplier, 1, 1), releases)
+    return float(accountant.get_epsilon(cfg.dp_delta))
+
+
+def noise_for_epsilon(cfg: RunConfig, target: float, releases: int) -> float:
+    """The noise multiplier z whose releases spend ``target`` ε at ``dp-delta`` (at most it: the smallest such
+    z to a relative 1e-9, by bisection on the run's own accountant, :func:`epsilon_of`)."""
+    lo, hi = 1e-3, 1.0
+    if epsilon_of(cfg, lo, releases) <= target:
+        return lo
+    while epsilon_of(cfg, hi, releases) > target:
+        lo, hi = hi, hi * 2.0
+        if hi > 1e9:
+            raise FedLinearError(f"config key 'dp-target-epsilon' = {target:g} is out of reach at 'dp-delta' = {cfg.dp_delta:g}")
+    while hi - lo > 1e-9 * hi:
+        mid = (lo + hi) / 2.0
+        lo, hi = (lo, mid) if epsilon_of(cfg, mid, releases) <= target else (mid, hi)
+    return hi
+
+
+def resolve_noise(cfg: RunConfig) -> RunConfig:
+    """``dp-target-epsilon`` > 0: the config with ``dp-noise-multiplier`` derived so that the run's releases
+    (:func:`releases_of`) spend exactly that ε; otherwise ``cfg`` as it is."""
+    if cfg.dp == common_privacy.NO_DP or not cfg.dp_target_epsilon:
+        return cfg
+    import dataclasses
+
+    releases = releases_of(cfg)
+    z = noise_for_epsilon(cfg, cfg.dp_target_epsilon, releases)
+    progress.say(
+        f"privacy: dp-target-epsilon = {cfg.dp_target_epsilon:g} at δ = {cfg.dp_delta:g} over {releases} release(s): "
+        f"noise multiplier z = {z:.6g} (RDP)"
+    )
+    return dataclasses.replace(cfg, dp_noise_multiplier=z)
+
+
 def release_event(cfg: RunConfig, sample_size: int, population: int) -> GaussianPrivacyEvent:
     return GaussianPrivacyEvent(
         noise_multiplier=cfg.dp_noise_multiplier, sample_size=max(1, sample_size), population_size=max(1, population)
@@ -353,6 +399,7 @@ def summary(cfg: RunConfig, accountant: RdpAccountant | None, stopped: str | Non
         "accounting": "RDP (Flower RdpAccountant over Google dp-accounting), Gaussian releases composed, "
         "client-level add-or-remove-one, no sampling amplification (valid for any fraction-train)",
         "max-epsilon": cfg.dp_max_epsilon or None,
+        "target-epsilon": cfg.dp_target_epsilon or None,
         "noise-seed": cfg.dp_noise_seed,
         "noise-seed-warning": "noise derived from the run seed: anyone who knows the seed can remove it"
         if cfg.dp_noise_seed == "seed"

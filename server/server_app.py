@@ -32,7 +32,7 @@ from fedlinear.common.config import RunConfig
 from fedlinear.common.csvio import load_csv
 from fedlinear.common.errors import FedLinearError, one_line
 from fedlinear.common.runstore import RunStore
-from fedlinear.server import fedols, nodes, progress, yardstick
+from fedlinear.server import fedols, nodes, privacy, progress, yardstick
 from fedlinear.server.rounds import Rounds
 
 app = ServerApp()
@@ -43,6 +43,7 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
     started = time.monotonic()
     store.write_status("running", run_id=context.run_id)
     store.hold_reserve()  # a full disk still gets its `failed` status.json, naming the file it could not write
+    cfg = privacy.resolve_noise(cfg)  # dp-target-epsilon: the noise multiplier that spends it
     connected = nodes.wait_for_nodes(grid, cfg)
     progress.say(f"{len(connected)} nodes connected; querying shards")
     parties = nodes.query_nodes(grid, cfg, connected)

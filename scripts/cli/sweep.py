@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from fedlinear.common.errors import FedLinearError
@@ -10,7 +11,7 @@ from fedlinear.scripts.experiments import sweep
 from fedlinear.scripts.experiments.sweep.grid import run_grid
 from fedlinear.scripts.experiments.sweep.outputs import write_outputs
 from fedlinear.scripts.experiments.sweep.runner import Runner, subprocess_runner
-from fedlinear.scripts.experiments.sweep.settings import DEFAULT_DP, ensure_data, prepare_out, run_name, say, validate
+from fedlinear.scripts.experiments.sweep.settings import DEFAULT_DP, ensure_data, prepare_out, say, validate
 
 
 def cmd_sweep(args: argparse.Namespace, runner: Runner = subprocess_runner) -> int:
@@ -24,8 +25,12 @@ def cmd_sweep(args: argparse.Namespace, runner: Runner = subprocess_runner) -> i
         say(f"other processes use {load:.2f} cores")
     data = ensure_data(settings)
     jobs = settings.jobs()
-    say(f"{len(settings.noise)} noise levels x {len(settings.seeds)} seeds = {len(jobs)} runs, "
-        f"{settings.parallel} at a time; output in {settings.out}")  # fmt: skip
+    if settings.epsilons is not None:
+        say(f"{len(settings.strategies)} strategies x {len(settings.epsilons)} target ε x {len(settings.seeds)} seeds = "
+            f"{len(jobs)} runs, {settings.parallel} at a time; output in {settings.out}")  # fmt: skip
+    else:
+        say(f"{len(settings.noise)} noise levels x {len(settings.seeds)} seeds = {len(jobs)} runs, "
+            f"{settings.parallel} at a time; output in {settings.out}")  # fmt: skip
     rows = run_grid(settings, data, runner, on_row=lambda rows: write_outputs(settings, rows, final=False))
     text = write_outputs(settings, rows, final=True)
     wall = time.monotonic() - started
@@ -36,7 +41,7 @@ def cmd_sweep(args: argparse.Namespace, runner: Runner = subprocess_runner) -> i
     print(f"total wall time {wall:.1f} s ({len(jobs)} runs, {settings.parallel} at a time)")
     failed = [r for r in rows if r.get("status") != "completed"]
     if failed:
-        names = ", ".join(run_name(r["noise"], r["seed"]) for r in failed)
+        names = ", ".join(os.path.basename(r["run-dir"]) for r in failed)
         raise FedLinearError(
             f"{len(failed)} of {len(rows)} runs did not complete ({names}); see {settings.out}/sweep.csv; "
             f"run the same command again to retry them"
@@ -53,6 +58,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--noise", default="0,0.5,1,2,4",
                    help="comma list of DP noise multipliers z (0: the non-private run); default 0,0.5,1,2,4")
+    p.add_argument("--epsilon", default=None,
+                   help="comma list of target ε (e.g. 1,2,4,8; 0: the non-private run): each run's noise multiplier is "
+                   "derived to spend exactly that ε (dp-target-epsilon), and --strategies are compared at equal ε "
+                   "(instead of --noise)")  # fmt: skip
+    p.add_argument("--strategies", default=None,
+                   help="with --epsilon: comma list of fedavg (DP-FedAvg, --dp) and fedols (DP-FedOLS, "
+                   "central-client-clip); default fedavg")  # fmt: skip
+    p.add_argument("--table", default=None,
+                   help="a public table instead of synthetic data: diabetes, longley, macrodata or fair "
+                   "(scripts/experiments/realdata.py), split IID into --clients shards (default 4) in OUT/data")  # fmt: skip
     p.add_argument("--seeds", type=int, default=3, help="runs per noise level, seeds --first-seed.. (default 3)")
     p.add_argument("--first-seed", type=int, default=1, help="the first run seed (default 1)")
     p.add_argument("--data", help="directory or s3:// prefix with client-<i>.csv (+ test.csv); default: synthetic "

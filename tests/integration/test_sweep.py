@@ -410,3 +410,66 @@ def test_subprocess_runner_stops_a_run_when_the_sweep_is_interrupted(tmp_path, m
     outcome = sweep_runner.subprocess_runner(settings, job, "/data", stop)
     assert time.monotonic() - started < 20
     assert outcome.error == "interrupted" and outcome.returncode != 0 and not outcome.timed_out
+
+
+# ----------------------------------------------------------------------------------------------
+# --epsilon: strategies side by side at equal ε
+# ----------------------------------------------------------------------------------------------
+
+
+class EpsilonRunner:
+    """Stands in for ``fedlinear run`` in --epsilon mode: the run spends its target ε; fedols is the better."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, settings, job, data, stop):
+        self.calls.append(sweep_runner.run_sets(settings, job))
+        os.makedirs(job.run_dir, exist_ok=True)
+        eps = job.epsilon or None
+        ratio = (1.0 if job.strategy == "fedols" else 1.005) if eps is None else (
+            1 + 1 / eps if job.strategy == "fedols" else 100 / eps) * (1 + 0.01 * job.seed)  # fmt: skip
+        final = {"round": 1, "test-mse": ratio * 0.01, "test-mse-ratio": ratio, "reference-test-mse": 0.01, "epsilon": eps}
+        privacy = {"epsilon": eps, "delta": 1e-5 if eps else None, "noise-multiplier": 4.0 / eps if eps else None}
+        for name, value in (("status.json", {"status": "completed"}), ("history.json", {"rounds": [final]}),
+                            ("manifest.json", {"final": final, "privacy": privacy, "config": {"dp-delta": 1e-5}})):  # fmt: skip
+            with open(os.path.join(job.run_dir, name), "w") as handle:
+                json.dump(value, handle)
+        return sweep_runner.Outcome(0, 1.0)
+
+
+def test_epsilon_mode_runs_each_strategy_at_each_target_and_tables_them(tmp_path, capsys):
+    out = tmp_path / "s"
+    args = parse("--epsilon", "0,1,8", "--strategies", "fedavg,fedols", "--seeds", "2", "--clients", "2",
+                 "--rounds", "3", "--out", out, "--set", "dp-public-statistics=true")  # fmt: skip
+    settings = sweep_settings.validate(args)
+    jobs = {j.name: j for j in settings.jobs()}
+    assert sorted(jobs) == sorted(f"{s}-{e}-s{k}" for s in ("fedavg", "fedols") for e in ("enone", "e1", "e8") for k in (1, 2))
+    assert sweep_runner.run_sets(settings, jobs["fedols-e8-s1"]) == [
+        "dp=central-client-clip", "dp-target-epsilon=8.0", "strategy=fedols", "seed=1", "dp-public-statistics=true"]
+    assert sweep_runner.run_sets(settings, jobs["fedavg-e1-s2"]) == [
+        "dp=central-server-clip", "dp-target-epsilon=1.0", "strategy=fedavg", "seed=2", "dp-public-statistics=true"]
+    assert sweep_runner.run_sets(settings, jobs["fedavg-enone-s1"]) == ["dp=none", "strategy=fedavg", "seed=1"]
+    runner = EpsilonRunner()
+    assert sweep_command.cmd_sweep(args, runner=runner) == 0
+    assert len(runner.calls) == 12
+    table = (out / "sweep.md").read_text()
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    assert "DP-FedAvg MSE / LS" in lines[0] and "DP-FedOLS MSE / LS" in lines[0] and "better" in lines[0]
+    row1 = next(ln for ln in lines if ln.startswith("| 1 |"))
+    assert row1.endswith("| DP-FedOLS |") and "101.5 (101-102)" in row1 and "2.03 (2.02-2.04)" in row1
+    assert "row-level (add/remove one row)" in table and "client-level" in table
+    with open(out / "sweep.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["strategy"] for r in rows} == {"fedavg", "fedols"} and {r["target-epsilon"] for r in rows} == {"0.0", "1.0", "8.0"}
+    assert next(r for r in rows if r["run-dir"].endswith("fedols-e8-s1"))["noise"] == "0.5"  # the derived z
+    assert (out / "sweep.png").stat().st_size > 1000
+
+
+def test_epsilon_mode_errors_are_one_line(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert "give --epsilon" in run_cli_error(capsys, "--strategies", "fedavg,fedols", "--out", out)
+    assert "'krum' is not one of" in run_cli_error(capsys, "--epsilon", "1", "--strategies", "fedavg,krum", "--out", out)
+    assert "use --epsilon" in run_cli_error(capsys, "--set", "dp-target-epsilon=2", "--out", out)
+    assert "use --strategies" in run_cli_error(capsys, "--epsilon", "1", "--set", "strategy=fedols", "--out", out)
+    assert "--table: 'iris' is not one of" in run_cli_error(capsys, "--epsilon", "1", "--table", "iris", "--out", out)

@@ -39,9 +39,17 @@ def is_completed(run_dir: str) -> bool:
     return bool(status and status.get("status") == "completed" and manifest and isinstance(manifest.get("final"), dict))
 
 
+def base_row(job: Job) -> dict[str, Any]:
+    """A run's identity in the CSV (``--epsilon``: the strategy and the target ε too)."""
+    row: dict[str, Any] = {"noise": job.noise, "seed": job.seed, "run-dir": job.run_dir}
+    if job.epsilon is not None:
+        row.update({"strategy": job.strategy, "target-epsilon": job.epsilon})
+    return row
+
+
 def read_result(job: Job) -> dict[str, Any]:
     """One CSV row from a run directory: status, final epsilon, test MSE, ratio to least squares."""
-    row: dict[str, Any] = {"noise": job.noise, "seed": job.seed, "run-dir": job.run_dir}
+    row = base_row(job)
     status = _read_json(os.path.join(job.run_dir, "status.json")) or {}
     manifest = _read_json(os.path.join(job.run_dir, "manifest.json")) or {}
     history = _read_json(os.path.join(job.run_dir, "history.json")) or {}
@@ -72,7 +80,9 @@ def read_result(job: Job) -> dict[str, Any]:
     row["mse-ratio"] = ratio
     row["epsilon"] = first(privacy.get("epsilon"), final.get("epsilon"), last.get("epsilon"))
     config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
-    row["delta"] = first(privacy.get("delta"), config.get("dp-delta")) if job.noise > 0 else None
+    row["delta"] = first(privacy.get("delta"), config.get("dp-delta")) if job.private else None
+    if job.epsilon is not None and job.private:
+        row["noise"] = first(privacy.get("noise-multiplier"))  # derived from the target ε by the run
     if privacy.get("stopped"):  # e.g. dp-max-epsilon reached: fewer rounds than asked for
         row["stopped"] = " ".join(str(privacy["stopped"]).split())[:200]
     return row
@@ -158,8 +168,7 @@ def run_grid(
             try:
                 row = future.result()
             except Exception as exc:  # noqa: BLE001 - one run's trouble must not end the sweep
-                row = {"noise": job.noise, "seed": job.seed, "run-dir": job.run_dir, "status": "failed",
-                       "error": f"{type(exc).__name__}: {exc}", "resumed": False}  # fmt: skip
+                row = {**base_row(job), "status": "failed", "error": f"{type(exc).__name__}: {exc}", "resumed": False}
             rows[job] = row
             done += 1
             say(f"{job.name} ({done}/{len(jobs)}): {describe(row)}")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 import fedlinear
-from fedlinear.scripts.experiments.sweep.settings import Job, Settings, usable_cores
+from fedlinear.scripts.experiments.sweep.settings import FEDOLS_DP, Job, Settings, usable_cores
 from fedlinear.scripts.local.processes import running, stop_all
 
 REPO = fedlinear.app_dir()  # the runs' working directory, and on their PYTHONPATH
@@ -23,9 +23,13 @@ STOP_GRACE = 15.0  # on Ctrl-C, seconds a run's command may take to stop by itse
 
 def run_sets(settings: Settings, job: Job) -> list[str]:
     """The ``--set`` arguments of one run: the mechanism, its noise, the seed, the user's keys."""
-    if job.noise == 0:
+    strategy = [] if job.epsilon is None else [f"strategy={job.strategy}"]
+    if not job.private:
         user = [kv for kv in settings.sets if not kv.split("=", 1)[0].strip().startswith("dp-")]
-        return ["dp=none", f"seed={job.seed}", *user]
+        return ["dp=none", *strategy, f"seed={job.seed}", *user]
+    if job.epsilon is not None:  # --epsilon: the noise multiplier that spends exactly this ε (server/privacy.py)
+        mechanism = FEDOLS_DP if job.strategy == "fedols" else settings.dp
+        return [f"dp={mechanism}", f"dp-target-epsilon={job.epsilon!r}", *strategy, f"seed={job.seed}", *settings.sets]
     return [f"dp={settings.dp}", f"dp-noise-multiplier={job.noise!r}", f"seed={job.seed}", *settings.sets]
 
 

@@ -22,6 +22,7 @@ RUN_MEMORY = {"simulation": 1.5 * GiB, "processes": 2.5 * GiB, "inline": 1.0 * G
 # keys the sweep sets itself; --set may not give them
 RESERVED = {
     "dp": "the sweep sets it per noise level (use --dp for the mechanism)",
+    "dp-target-epsilon": "use --epsilon",
     "dp-noise-multiplier": "use --noise",
     "seed": "use --seeds / --first-seed",
     "num-server-rounds": "use --rounds",
@@ -29,7 +30,10 @@ RESERVED = {
     "data-uri": "use --data",
 }
 # settings that must match when a sweep directory is resumed (the grid itself may grow)
-FIXED = ("data", "clients", "rounds", "mode", "dp", "sets")
+FIXED = ("data", "clients", "rounds", "mode", "dp", "sets", "strategies", "table")
+STRATEGIES = ("fedavg", "fedols")  # --strategies: what --epsilon compares
+FEDOLS_DP = "central-client-clip"  # the DP mechanism of DP-FedOLS (each party clips its rows, common/dpols.py)
+TABLE_CLIENTS = 4  # --table: parties the table is split into unless --clients says otherwise
 SYNTH = {"samples_per_client": 1000, "features": 10, "noise": 0.1, "seed": 42, "test_samples": 2000}
 
 
@@ -37,23 +41,25 @@ def say(text: str) -> None:
     print(f"[sweep] {text}", flush=True)
 
 
-def parse_noise(text: str) -> list[float]:
-    """``0,0.5,1,2,4`` -> sorted distinct noise multipliers (each finite and >= 0)."""
+def parse_noise(
+    text: str, option: str = "--noise", what: str = "a noise multiplier", zero: str = "0 = no DP"
+) -> list[float]:
+    """``0,0.5,1,2,4`` -> sorted distinct noise multipliers (each finite and >= 0); also ``--epsilon``'s list."""
     values: list[float] = []
     for raw in text.split(","):
         item = raw.strip()
         if not item:
-            raise FedLinearError(f"--noise takes a comma list of noise multipliers like 0,0.5,1,2,4; got '{text}'")
+            raise FedLinearError(f"{option} takes a comma list like 0,1,2,4; got '{text}'")
         try:
             value = float(item)
         except ValueError:
-            raise FedLinearError(f"--noise: '{item}' is not a number (a comma list like 0,0.5,1,2,4)") from None
+            raise FedLinearError(f"{option}: '{item}' is not a number (a comma list like 0,1,2,4)") from None
         if not math.isfinite(value):
-            raise FedLinearError(f"--noise: '{item}' is not a finite number")
+            raise FedLinearError(f"{option}: '{item}' is not a finite number")
         if value < 0:
-            raise FedLinearError(f"--noise: {item} is negative; a noise multiplier is >= 0 (0 = no DP)")
+            raise FedLinearError(f"{option}: {item} is negative; {what} is >= 0 ({zero})")
         if value in values:
-            raise FedLinearError(f"--noise: {item} is given twice")
+            raise FedLinearError(f"{option}: {item} is given twice")
         values.append(value)
     return sorted(values)
 
@@ -62,7 +68,9 @@ def noise_label(noise: float) -> str:
     return f"{noise:g}"
 
 
-def run_name(noise: float, seed: int) -> str:
+def run_name(noise: float, seed: int, strategy: str = "fedavg", epsilon: float | None = None) -> str:
+    if epsilon is not None:  # --epsilon: one strategy at one target ε (0: its non-private run)
+        return f"{strategy}-e{noise_label(epsilon) if epsilon > 0 else 'none'}-s{seed}"
     return f"z{noise_label(noise)}-s{seed}"
 
 
@@ -71,10 +79,16 @@ class Job:
     noise: float
     seed: int
     run_dir: str
+    strategy: str = "fedavg"
+    epsilon: float | None = None  # --epsilon: the run's dp-target-epsilon (0: non-private)
 
     @property
     def name(self) -> str:
-        return run_name(self.noise, self.seed)
+        return run_name(self.noise, self.seed, self.strategy, self.epsilon)
+
+    @property
+    def private(self) -> bool:
+        return self.noise > 0 or bool(self.epsilon)
 
 
 @dataclasses.dataclass
@@ -94,12 +108,20 @@ class Settings:
     timeout: float
     ray_cpus: int | None  # simulation: per run (default: cores / parallel)
     runner_module: str = "fedlinear.scripts.cli"
+    epsilons: list[float] | None = None  # --epsilon: compare --strategies at these target ε (0: non-private)
+    strategies: tuple[str, ...] = ("fedavg",)
+    table: str | None = None  # --table: a public table (scripts/experiments/realdata.py) split into OUT/data
 
     @property
     def data_dir(self) -> str:
         return self.data or os.path.join(self.out, "data")
 
     def jobs(self) -> list[Job]:
+        if self.epsilons is not None:
+            return [
+                Job(0.0, s, os.path.join(self.out, "runs", run_name(0.0, s, strategy, e)), strategy, e)
+                for strategy in self.strategies for e in self.epsilons for s in self.seeds
+            ]  # fmt: skip
         return [
             Job(z, s, os.path.join(self.out, "runs", run_name(z, s))) for z in self.noise for s in self.seeds
         ]
@@ -112,6 +134,8 @@ class Settings:
             "mode": self.mode,
             "dp": self.dp,
             "sets": sorted(self.sets),
+            "strategies": list(self.strategies) if self.epsilons is not None else None,
+            "table": self.table,
         }
 
 
@@ -136,6 +160,25 @@ def validate(args: argparse.Namespace) -> Settings:
     from fedlinear.common.config import parse_assignments
 
     noise = parse_noise(args.noise)
+    epsilons = parse_noise(args.epsilon, "--epsilon", "a target ε", "0 = the non-private run") if getattr(args, "epsilon", None) else None
+    strategies = tuple(x.strip() for x in (getattr(args, "strategies", None) or "fedavg").split(","))
+    for strategy in strategies:
+        if strategy not in STRATEGIES:
+            raise FedLinearError(f"--strategies: '{strategy}' is not one of {', '.join(STRATEGIES)}")
+    if len(set(strategies)) != len(strategies):
+        raise FedLinearError("--strategies: a strategy is given twice")
+    if epsilons is not None and any(item.split("=", 1)[0].strip() == "strategy" for item in (args.set or [])):
+        raise FedLinearError("--set strategy: with --epsilon use --strategies")
+    if strategies != ("fedavg",) and epsilons is None:
+        raise FedLinearError("--strategies compares strategies at equal ε: give --epsilon (e.g. 1,2,4,8)")
+    table = getattr(args, "table", None)
+    if table:
+        from fedlinear.scripts.experiments.realdata import TABLES
+
+        if table not in TABLES:
+            raise FedLinearError(f"--table: '{table}' is not one of {', '.join(TABLES)}")
+        if args.data:
+            raise FedLinearError("--table and --data are two data sets: give one")
     if args.seeds < 1:
         raise FedLinearError(f"--seeds must be >= 1 (runs per noise level), got {args.seeds}")
     if args.rounds < 1:
@@ -173,7 +216,7 @@ def validate(args: argparse.Namespace) -> Settings:
         noise=noise,
         seeds=[args.first_seed + i for i in range(args.seeds)],
         data=data,
-        clients=args.clients if (args.clients is not None or data) else 10,
+        clients=args.clients if (args.clients is not None or data) else (TABLE_CLIENTS if table else 10),
         rounds=args.rounds,
         mode=args.mode,
         dp=args.dp,
@@ -182,6 +225,9 @@ def validate(args: argparse.Namespace) -> Settings:
         timeout=float(args.timeout),
         ray_cpus=args.ray_cpus,
         runner_module=getattr(args, "runner", "fedlinear.scripts.cli"),
+        epsilons=epsilons,
+        strategies=strategies,
+        table=table or None,
     )
 
 
@@ -218,11 +264,34 @@ def ensure_data(settings: Settings) -> str:
     if settings.data:
         return settings.data
     path = settings.data_dir
+    if settings.table:
+        return _table_data(settings, path)
     params = {"clients": settings.clients, **SYNTH}
     from fedlinear.common.shards import write_synthetic
 
     def make() -> None:
         for line in write_synthetic(path, settings.clients, **SYNTH):
+            print(line)
+
+    made_once(path, "sweep-data.json", params, make)
+    return path
+
+
+def _table_data(settings: Settings, path: str) -> str:
+    """``--table``: the public table written as CSV and split IID (``fedlinear data split``, seed 42, 20 % test)."""
+    from fedlinear.scripts.experiments.realdata import write_table
+
+    params = {"table": settings.table, "clients": settings.clients, "seed": 42, "test-fraction": 0.2}
+
+    def make() -> None:
+        from fedlinear.common.csvio import load_csv
+        from fedlinear.common.partition import split_iid
+        from fedlinear.common.shards import write_shards
+
+        csv_path = os.path.join(settings.out, f"{settings.table}.csv")
+        write_table(settings.table, csv_path)
+        shards, test = split_iid(load_csv(csv_path), settings.clients, 42, 0.2)
+        for line in write_shards(path, shards, test):
             print(line)
 
     made_once(path, "sweep-data.json", params, make)

@@ -1,0 +1,218 @@
+"""DP-FedOLS: ``strategy = "fedols"`` with ``dp = "central-client-clip"`` (the math: :mod:`common.dpols`).
+
+Central DP, add-or-remove-one-**row** neighbours: the server is trusted to add the noise. One run:
+
+1. **The clipping space** (:func:`clipping_space`): the public standardization when the pooled
+   statistics are declared public (``dp-public-statistics`` = true with ``statistics-uri``; the
+   transform ``standardize`` gives, not covered by ε), else raw units. Clipping in a standardized
+   space is what makes the bounds meaningful on real tables (raw columns in the thousands beside
+   columns near zero, targets with large offsets would need a bound as large as the largest offset,
+   and noise to match); the bounds ``dp-feature-bound`` / ``dp-target-bound`` are in that space, and
+   0 (auto: ``sqrt(d) + 1`` and 3) is offered only there. Both bounds are public.
+2. **Stage ``dpols-gram``**: each party applies the transform, clips its rows and answers with
+   ``Σ g gᵀ`` (``g = [x̄, 1, ȳ]``); every reply is checked (:func:`common.dpols.check_gram`) and a bad
+   one is a failed party, left out and reported.
+3. **The sum** (:func:`sum_statistics`): the parties' matrices added in client-key order, **in the
+   clear**: the server sees every party's clipped sums. This one function is the seam where a secure
+   sum (SecAgg+, server/secure.py) would take over, so the server would see only the total.
+4. **The release** (:func:`common.dpols.adassp`): three Gaussian noises on the total, once, and the
+   AdaSSP solve; the noise is drawn from ``dp-noise-seed``'s generator. The accountant (Flower's
+   RdpAccountant, as every DP run) composes the three releases; ``dp-target-epsilon`` (server/privacy.py
+   :func:`~server.privacy.resolve_noise`) gives the noise multiplier that spends exactly that ε.
+5. The model is folded back to raw units and goes through :func:`server.finish.complete` as any
+   fedols run, with the ``privacy`` block in the manifest.
+
+A party that fails the query leaves the total without its rows; the release is still (ε, δ)-DP for
+every row of the parties that were summed (the sensitivity is per row, whoever sent it).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+from fedlinear.common import dpols, protocol, scaling
+from fedlinear.common import model as lm
+from fedlinear.common import privacy as common_privacy
+from fedlinear.common.config import RunConfig
+from fedlinear.common.dataset import Dataset
+from fedlinear.common.errors import FedLinearError, untrusted_text
+from fedlinear.common.runstore import RunStore
+from fedlinear.server import evaluation, finish, privacy, progress
+from fedlinear.server.nodes import Parties, in_key_order
+
+NOISE_STREAM = 0xD9015
+
+
+def clipping_space(cfg: RunConfig, public: scaling.PooledStats | None, num_features: int) -> tuple[scaling.Transform, float, float, str]:
+    """(the transform rows are clipped in, B_X, B_Y, a sentence saying which space and bounds)."""
+    transform = privacy.build_transform(cfg, public, num_features)
+    standardized = transform.kind != "none"
+    if not standardized and (cfg.dp_feature_bound == 0 or cfg.dp_target_bound == 0):
+        raise FedLinearError(
+            "DP-FedOLS on raw variables needs declared bounds in raw units: set 'dp-feature-bound' and "
+            "'dp-target-bound', or declare the statistics public ('dp-public-statistics' = true with "
+            "'statistics-uri') to clip in standardized units with the automatic bounds"
+        )
+    auto_x, auto_y = dpols.auto_bounds(num_features)
+    bx = cfg.dp_feature_bound or auto_x
+    by = cfg.dp_target_bound or auto_y
+    where = (
+        f"standardized variables ({transform.kind}, from the public statistics {cfg.statistics_uri})"
+        if standardized else "raw units"
+    )  # fmt: skip
+    return transform, bx, by, f"rows clipped in {where}: feature rows to L2 norm {bx:g}, |y| to {by:g}"
+
+
+def collect_grams(
+    grid: Grid, cfg: RunConfig, healthy: dict[int, dict], transform: scaling.Transform, bx: float, by: float,
+    failures: list[dict],
+) -> dict[int, np.ndarray]:  # fmt: skip
+    """Stage ``dpols-gram``: each healthy party's checked clipped Gram matrix (failures appended and said)."""
+    d = int(next(iter(healthy.values()))[protocol.SHARD_NUM_FEATURES])
+    request = {
+        protocol.KEY_STAGE: protocol.STAGE_DPOLS_GRAM,
+        protocol.KEY_FEATURE_BOUND: float(bx),
+        protocol.KEY_TARGET_BOUND: float(by),
+        **protocol.transform_config(transform),
+    }
+    order = in_key_order(healthy)
+    messages = [
+        Message(RecordDict({protocol.RECORD_CONFIG: ConfigRecord(request)}), dst_node_id=nid, message_type=MessageType.QUERY)
+        for nid in order
+    ]
+    replies = {msg.metadata.src_node_id: msg for msg in grid.send_and_receive(messages, timeout=cfg.round_timeout)}
+    grams: dict[int, np.ndarray] = {}
+    for nid in order:
+        msg = replies.get(nid)
+        if msg is None:
+            reason = f"no reply to the DP-FedOLS query within 'round-timeout' ({cfg.round_timeout:g} s)"
+        elif msg.has_error():
+            reason = untrusted_text(msg.error.reason)
+        else:
+            value, reason = _gram_of(msg, d)
+            if value is not None:
+                reason = dpols.check_gram(value, d, int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]), bx, by)
+                if reason is None:
+                    grams[nid] = value
+                    continue
+        failures.append({"node-id": nid, "client-key": healthy[nid].get(protocol.SHARD_CLIENT_KEY), "reason": reason})
+        progress.say(f"node {nid} left out: {reason}")
+    return grams
+
+
+def _gram_of(msg: Message, d: int) -> tuple[np.ndarray | None, str | None]:
+    record = msg.content.array_records.get(protocol.RECORD_GRAM)
+    if set(msg.content.array_records) != {protocol.RECORD_GRAM} or record is None or set(record.keys()) != {protocol.ARRAY_GRAM}:
+        return None, f"malformed DP-FedOLS reply: expected one array '{protocol.ARRAY_GRAM}'"
+    array = record[protocol.ARRAY_GRAM]
+    if array.dtype != "float64" or len(array.data) > 8 * (d + 2) ** 2 + 4096:
+        return None, f"malformed DP-FedOLS reply: {array.dtype} array of {len(array.data)} bytes"
+    try:
+        return np.asarray(array.numpy(), np.float64), None
+    except Exception:  # noqa: BLE001 - undecodable bytes are a bad reply
+        return None, "malformed DP-FedOLS reply: the array cannot be decoded"
+
+
+def sum_statistics(grams: dict[int, np.ndarray], healthy: dict[int, dict]) -> np.ndarray:
+    """The total of the parties' clipped Gram matrices, in client-key order (the seam for a secure sum:
+    under secure aggregation this is where the server would get the total and nothing else)."""
+    order = [nid for nid in in_key_order(healthy) if nid in grams]
+    total = np.zeros_like(grams[order[0]])
+    for nid in order:
+        total = total + grams[nid]
+    return total
+
+
+def run(
+    grid: Grid, context: Context, store: RunStore, cfg: RunConfig, parties: Parties, test: Dataset | None,
+    started: float,
+) -> None:  # fmt: skip
+    """Clip, sum, release once, solve, evaluate, export and record (status ``completed``)."""
+    healthy, d = parties.healthy, parties.num_features
+    stats, reference_source, public = privacy.choose_statistics(cfg, None, d)
+    transform, bx, by, space = clipping_space(cfg, public, d)
+    progress.say(f"DP-FedOLS: {space}")
+    failures: list[dict] = []
+    grams = collect_grams(grid, cfg, healthy, transform, bx, by, failures)
+    if not grams:
+        raise FedLinearError(
+            "no party sent a usable DP-FedOLS sum: " + "; ".join(f"node {f['node-id']}: {f['reason']}" for f in failures)
+        )
+    total = sum_statistics(grams, healthy)
+    population = len(healthy)
+    accountant = privacy.make_accountant(cfg, population)
+    rng = common_privacy.noise_rng(cfg.dp_noise_seed, cfg.seed, NOISE_STREAM)
+    released = dpols.adassp(total, bx, by, cfg.dp_noise_multiplier, rng)
+    for z in released.multipliers:
+        accountant.compose(GaussianPrivacyEvent(z, population, population))
+    kernel, bias = transform.to_raw(released.theta[:d], float(released.theta[d]))
+
+    evaluate = evaluation.Evaluator(test, stats, scaling.Transform.identity(d))
+    if evaluate.optimum is not None:
+        evaluate.reference["source"] = reference_source
+    row = {
+        "round": 1,
+        "clients-ok": len(grams),
+        "clients-failed": len(failures),
+        "failures": failures,
+        **evaluate(lm.LinearWeights(kernel=kernel.reshape(-1, 1), bias=np.array([bias]))),
+        "epsilon": privacy.epsilon(accountant, cfg.dp_delta),
+        "elapsed-s": time.monotonic() - started,
+    }
+    samples = sum(int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]) for nid in grams)
+    block = {
+        "method": "dp-adassp",
+        **released.to_json(),
+        "solver": released.solver,
+        "kernel": kernel.tolist(),
+        "bias": bias,
+        "clipping-space": space,
+        "feature-bound": bx,
+        "target-bound": by,
+        "parties": len(grams),
+        "num-examples": samples,
+        "sums": "collected in the clear: the server sees each party's clipped sums (central DP, trusted server)",
+    }
+    summary = privacy.summary(cfg, accountant, None)
+    summary.update({
+        "description": "central DP, DP-FedOLS: parties clip rows, the server adds Gaussian noise to the summed "
+        "sufficient statistics once (" + dpols.CITATION + ")",
+        "neighbouring": "add or remove one row of any party (example-level)",
+        "clipping-norm": None,
+        "clipping-space": space,
+        "feature-bound": bx,
+        "target-bound": by,
+        "accounting": "RDP (Flower RdpAccountant over Google dp-accounting): three Gaussian releases (λ_min, XᵀX, "
+        f"Xᵀy) with noise multipliers {', '.join(f'{m:.4g}' for m in released.multipliers)} (together one with z)",
+    })  # fmt: skip
+    history = {
+        "run-id": context.run_id,
+        "rounds": [row],
+        "reference": evaluate.reference,
+        "standardization": transform.to_json(),
+        "learning-rate": {"value": None, "how": "strategy = fedols: solved in one round, no training"},
+        "query-failures": parties.failures,
+        "fedols": block,
+        "privacy": summary,
+    }
+    store.write_history(history)
+    progress.say(
+        f"DP-FedOLS: {len(grams)} parties, {samples} samples; z = {cfg.dp_noise_multiplier:.4g}, ε = {row['epsilon']:.4g} "
+        f"at δ = {cfg.dp_delta:g}; AdaSSP ridge λ = {released.ridge:.4g}"
+    )
+    progress.say(progress.progress_line(row))
+    result = finish.Result(
+        kernel=kernel,
+        bias=bias,
+        transform=scaling.Transform.identity(d),
+        learning_rate=history["learning-rate"],
+        method={"fedols": block, "privacy": summary},
+        reference=evaluate.reference,
+        final_row=row,
+    )
+    finish.complete(store, context, cfg, parties, test, started, result)
