@@ -262,6 +262,7 @@ def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]
     server_round = protocol.server_round(config)
     faults.inject(context, server_round)  # a test hook, inert unless FEDLINEAR_TEST_FAULTS is set
     learning_rate = protocol.learning_rate(config)
+    batch_size = protocol.batch_size(config, cfg.batch_size)
     transform = protocol.transform(config, data.num_features)
     key = client_key(context, cfg, uri, data)
     orders = [
@@ -273,7 +274,7 @@ def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]
         x32,
         y32,
         epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
+        batch_size=batch_size,
         learning_rate=learning_rate,
         orders=orders,
         proximal_mu=protocol.proximal_mu(config),

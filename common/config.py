@@ -42,8 +42,12 @@ class RunConfig:
         Federated rounds to run (``num-server-rounds``).
     local_epochs : int (default: 1)
         Passes over the local shard per round (``local-epochs``).
-    batch_size : int (default: 32)
-        Mini-batch size of local SGD (``batch-size``).
+    batch_size : int or "auto" (default: "auto")
+        Mini-batch size of local SGD (``batch-size``). ``auto`` lets the server choose the local work
+        from the pooled statistics, the shard sizes and the rounds (:func:`common.scaling.auto_local_work`):
+        one full-batch gradient step a round (the FedAvg mean of the replies is then exactly a gradient
+        step on the pooled data, so heterogeneous parties cannot drift) when that provably converges in
+        ``num-server-rounds``, else mini-batches of 32 (the default before ``auto``).
     learning_rate : float or "auto" (default: "auto")
         Step size of local SGD in the standardized space (``learning-rate``); ``auto`` derives it from
         the pooled statistics (stability, SGD noise floor, rounds): see :mod:`common.scaling`.
@@ -202,7 +206,7 @@ class RunConfig:
 
     num_server_rounds: int = 20
     local_epochs: int = 1
-    batch_size: int = 32
+    batch_size: int | str = AUTO
     learning_rate: float | str = AUTO
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
@@ -282,7 +286,7 @@ class RunConfig:
         positive = {
             "num-server-rounds": self.num_server_rounds,
             "local-epochs": self.local_epochs,
-            "batch-size": self.batch_size,
+            "batch-size": 1 if self.batch_size == AUTO else self.batch_size,
             "min-available-nodes": self.min_available_nodes,
             "max-failed-rounds": self.max_failed_rounds,
         }
@@ -534,13 +538,15 @@ def parsed(run_config: Mapping[str, Any]) -> RunConfig:
 
 
 def _kind(name: str) -> type:
-    """The type a field's values are coerced to (``learning-rate`` takes a number or "auto")."""
+    """The type a field's values are coerced to (``learning-rate`` and ``batch-size`` take a number or "auto")."""
+    if name == "batch_size":
+        return int
     return float if name == "learning_rate" else type(getattr(RunConfig, name))
 
 
 def _coerce(key: str, raw: Any, kind: type) -> Any:
     """Convert a TOML/CLI value to the field's type, or raise naming the key."""
-    if key == "learning-rate" and isinstance(raw, str) and raw.strip().lower() == AUTO:
+    if key in ("learning-rate", "batch-size") and isinstance(raw, str) and raw.strip().lower() == AUTO:
         return AUTO
     if isinstance(raw, bool) and kind is not bool:
         raise FedLinearError(f"config key '{key}' must be a {kind.__name__}, got a boolean")

@@ -17,8 +17,8 @@ Query (``query``), the shard query before round 1, one stage per message, named 
 * ``fedols-r``: config ``{stage}``, ``centre`` -> ``r`` ArrayRecord ``{r: R of [x − μx, 1, y − μy]}``.
 
 Train (``train``): ``arrays`` (the global weights, :data:`WEIGHT_NAMES`) and ``config``: the settings
-the server resolved for the round (:func:`train_config`: ``learning-rate``, the standardization
-transform), ``server-round`` and, by strategy and privacy mechanism, ``proximal-mu`` (FedProx), the
+the server resolved for the round (:func:`train_config`: ``learning-rate``, ``batch-size``, the
+standardization transform), ``server-round`` and, by strategy and privacy mechanism, ``proximal-mu`` (FedProx), the
 ``local-dp-*`` keys (``dp = local``, :mod:`common.privacy`), Flower's ``clipping_norm``
 (``flwr.supercore.differential_privacy.KEY_CLIPPING_NORM``, set by Flower's client-side clipping
 wrapper). Reply: ``arrays`` (the new weights) and ``metrics`` (:data:`TRAIN_METRICS`).
@@ -86,6 +86,7 @@ OPTIONAL_SHARD_KEYS = frozenset({SHARD_DATA_URI, SHARD_FINGERPRINTS, SHARD_PARTI
 # -- train and evaluate config keys ------------------------------------------------------------------
 KEY_SERVER_ROUND = "server-round"  # the name Flower's own strategies use
 KEY_LEARNING_RATE = "learning-rate"  # the resolved step size of local SGD (never "auto")
+KEY_BATCH_SIZE = "batch-size"  # the resolved batch size of local SGD (never "auto"); absent: the run config's
 KEY_PROXIMAL_MU = "proximal-mu"  # FedProx's μ (the name Flower's FedProx uses); absent: no proximal term
 TRANSFORM_PREFIX = "transform-"  # + each of TRANSFORM_ARRAYS: the standardization, as float lists
 TRANSFORM_ARRAYS = ("x-shift", "x-matrix", "y-shift-scale")  # scaling.Transform.arrays()
@@ -127,9 +128,12 @@ def transform_config(transform: scaling.Transform) -> dict[str, Any]:
     return {f"{TRANSFORM_PREFIX}{name}": value.ravel().tolist() for name, value in transform.arrays().items()}
 
 
-def train_config(learning_rate: float, transform: scaling.Transform) -> dict[str, Any]:
+def train_config(learning_rate: float, transform: scaling.Transform, batch_size: int | None = None) -> dict[str, Any]:
     """What every train task of a run carries in its config, besides the round's own keys."""
-    return {**transform_config(transform), KEY_LEARNING_RATE: float(learning_rate)}
+    config = {**transform_config(transform), KEY_LEARNING_RATE: float(learning_rate)}
+    if batch_size is not None:
+        config[KEY_BATCH_SIZE] = int(batch_size)
+    return config
 
 
 def evaluate_config(transform: scaling.Transform) -> dict[str, Any]:
@@ -155,6 +159,15 @@ def learning_rate(config: Mapping[str, Any]) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not low < value < high:
         raise FedLinearError(f"no usable learning rate in the task ({value!r})")
     return float(value)
+
+
+def batch_size(config: Mapping[str, Any], configured: int | str) -> int:
+    """The batch size the server resolved for this task, else the run config's (``configured``); a task
+    without a usable one is refused."""
+    value = config.get(KEY_BATCH_SIZE, configured)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FedLinearError(f"no usable batch size in the task ({value!r})")
+    return value
 
 
 def proximal_mu(config: Mapping[str, Any]) -> float:

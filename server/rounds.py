@@ -61,19 +61,29 @@ def initial_weights(num_features: int, seed: int, transform: scaling.Transform) 
     return weights
 
 
+def exact_mean(cfg: RunConfig) -> bool:
+    """Whether a round's aggregate is the example-weighted mean of the replies (FedAvg's and FedProx's,
+    without equal weights): then one full-batch step a round is one gradient step on the pooled data."""
+    return cfg.strategy in ("fedavg", "fedprox") and not privacy.equal_weights(cfg)
+
+
+def resolve_local_work(
+    cfg: RunConfig, pooled: scaling.PooledStats | None, transform: scaling.Transform, sizes: list[int]
+) -> scaling.LocalWork:
+    """The step size and batch size of local training (``learning-rate`` and ``batch-size``, ``auto``
+    resolved: :func:`common.scaling.auto_local_work`) and how they were chosen."""
+    return scaling.auto_local_work(
+        pooled, transform, sizes, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+        local_epochs=cfg.local_epochs, rounds=cfg.num_server_rounds, exact_mean=exact_mean(cfg),
+    )  # fmt: skip
+
+
 def resolve_learning_rate(
     cfg: RunConfig, pooled: scaling.PooledStats | None, transform: scaling.Transform, sizes: list[int]
 ) -> tuple[float, str]:
     """The step size of local SGD (``learning-rate``, ``auto`` resolved) and how it was chosen."""
-    if cfg.learning_rate != "auto":
-        return float(cfg.learning_rate), f"learning rate {float(cfg.learning_rate):g} (set in the config)"
-    return scaling.auto_learning_rate(
-        scaling.design_second_moment(pooled, transform),
-        sizes,
-        cfg.batch_size,
-        cfg.local_epochs,
-        cfg.num_server_rounds,
-    )
+    work = resolve_local_work(cfg, pooled, transform, sizes)
+    return work.learning_rate, work.note
 
 
 def participation_floor(cfg: RunConfig, num_eligible: int, num_sampled: int) -> int:
@@ -125,7 +135,9 @@ class Rounds:
         self._settle_training(start)
         self._build_strategy()
         self._open_history(start)
-        self.checkpoints = resume.Checkpoints(store, cfg, parties.num_features, data, self.transform, self.learning_rate)
+        self.checkpoints = resume.Checkpoints(
+            store, cfg, parties.num_features, data, self.transform, self.learning_rate, self.batch_size
+        )
         self.baseline = dict(self.history["rounds"][0])
         self.failed_in_a_row = 0
         self.stopped: str | None = None  # why training stopped before its last round (the privacy budget)
@@ -144,9 +156,13 @@ class Rounds:
             progress.say(f"standardization: {note}")
         sizes = [int(info[protocol.SHARD_NUM_EXAMPLES]) for info in healthy.values()]
         if start.learning_rate is not None:
-            learning_rate, rate_note = start.learning_rate, f"learning rate {start.learning_rate:.4g} (from the checkpoint)"
+            batch_size = start.batch_size if start.batch_size is not None else int(cfg.batch_size)
+            learning_rate, rate_note = start.learning_rate, (
+                f"learning rate {start.learning_rate:.4g}, batch size {batch_size} (from the checkpoint)"
+            )
         else:
-            learning_rate, rate_note = resolve_learning_rate(cfg, training_stats, transform, sizes)
+            work = resolve_local_work(cfg, training_stats, transform, sizes)
+            learning_rate, rate_note, batch_size = work.learning_rate, work.note, work.batch_size
         evaluate = evaluation.Evaluator(self.test, pooled, transform)
         if evaluate.optimum is not None:
             evaluate.reference["source"] = reference_source
@@ -158,6 +174,7 @@ class Rounds:
             + (f"; pooled least-squares test MSE {test_mse:.6g}" if test_mse is not None else "")
         )
         self.transform, self.learning_rate, self.rate_note, self.evaluate = transform, learning_rate, rate_note, evaluate
+        self.batch_size = batch_size
 
     def _build_strategy(self) -> None:
         """The strategy (with its DP wrapper), the privacy side of the rounds, and the settings every
@@ -169,7 +186,7 @@ class Rounds:
         self.strategy, self.accountant = self.built.strategy, self.built.accountant
         self.privacy = privacy.RoundPrivacy(cfg, self.built, len(self.eligible))
         self.train_config = {
-            **protocol.train_config(self.learning_rate, self.transform),
+            **protocol.train_config(self.learning_rate, self.transform, self.batch_size),
             **privacy.local_dp_config(cfg),
         }
         self.evaluate_config = protocol.evaluate_config(self.transform)
@@ -194,7 +211,7 @@ class Rounds:
             history["rounds"].append(row)
         history["reference"] = self.evaluate.reference
         history["standardization"] = self.transform.to_json()
-        history["learning-rate"] = {"value": self.learning_rate, "how": self.rate_note}
+        history["learning-rate"] = {"value": self.learning_rate, "how": self.rate_note, "batch-size": self.batch_size}
         history["target-mse-ratio"] = cfg.target_mse_ratio  # the outcome (reached-target-at, ...) after the rounds
         if self.accountant is not None and start.accountant_state is not None:
             self.accountant.load_state_dict(start.accountant_state)  # a resumed run never resets ε
@@ -401,7 +418,7 @@ class Rounds:
             kernel=raw_kernel,
             bias=raw_bias,
             transform=self.transform,
-            learning_rate={"value": self.learning_rate, "how": self.rate_note},
+            learning_rate={"value": self.learning_rate, "how": self.rate_note, "batch-size": self.batch_size},
             method={"privacy": self.privacy.summary(self.stopped)},
             reference=self.evaluate.reference,
             final_row=history["rounds"][-1],
