@@ -27,7 +27,7 @@ CLIPPING_MODES = ("fixed", "adaptive")
 FEDOLS_METHODS = ("qr", "normal")  # common/fedols.py METHODS
 STRATEGIES = (
     "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
-    "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "fedols",
+    "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "fedols", "scaffold",
 )  # fmt: skip
 AUTO = "auto"
 
@@ -161,12 +161,14 @@ class RunConfig:
     strategy : str (default: "fedavg")
         The server's aggregation, Flower's class of that name (``strategy``): ``fedavg``,
         ``fedprox``, ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedadagrad``, ``fedmedian``,
-        ``fedtrimmedavg``, ``krum``, ``multikrum``, ``bulyan``, or ``fedols`` (server/fedols.py).
+        ``fedtrimmedavg``, ``krum``, ``multikrum``, ``bulyan``, ``fedols`` (server/fedols.py), or
+        ``scaffold`` (Karimireddy et al. 2020, control variates against client drift; ours, Flower has
+        none: common/scaffold.py; numpy engine only).
         With ``dp`` or ``secure-aggregation`` only ``fedavg`` (and ``fedols``). See server/strategy.py.
     proximal_mu : float (default: 0.01)
         FedProx's μ, sent to the clients in every train task (``proximal-mu``).
     server_learning_rate : float (default: 1.0)
-        FedAvgM's server step (``server-learning-rate``).
+        FedAvgM's and SCAFFOLD's server step (``server-learning-rate``).
     server_momentum : float (default: 0.5)
         FedAvgM's server momentum, in [0, 1) (``server-momentum``).
     eta : float (default: 0)
@@ -359,6 +361,8 @@ class RunConfig:
         """``strategy`` and its knobs (server/strategy.py), ``max-update-norm`` and ``max-update-norm-factor``."""
         if self.strategy not in STRATEGIES:
             raise FedLinearError(f"config key 'strategy' must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
+        if self.strategy == "scaffold" and self.engine != "numpy":
+            raise FedLinearError("config key 'strategy' = scaffold needs 'engine' = numpy (the correction is in its SGD loop)")
         inf = float("inf")
         for key, value, low, high, closed in (
             ("proximal-mu", self.proximal_mu, 0.0, inf, True),

@@ -21,7 +21,8 @@ the server resolved for the round (:func:`train_config`: ``learning-rate``, ``ba
 standardization transform), ``server-round`` and, by strategy and privacy mechanism, ``proximal-mu`` (FedProx), the
 ``local-dp-*`` keys (``dp = local``, :mod:`common.privacy`), Flower's ``clipping_norm``
 (``flwr.supercore.differential_privacy.KEY_CLIPPING_NORM``, set by Flower's client-side clipping
-wrapper). Reply: ``arrays`` (the new weights) and ``metrics`` (:data:`TRAIN_METRICS`).
+wrapper). Reply: ``arrays`` (the new weights) and ``metrics`` (:data:`TRAIN_METRICS`). Under
+``strategy = scaffold`` the task also carries ``control`` ``{c, c-i}`` and the reply ``control`` ``{delta}``.
 
 Evaluate (``evaluate``): ``arrays`` and ``config`` (:func:`evaluate_config`, ``server-round``) ->
 ``metrics`` ``{num-examples, eval-mse}``.
@@ -57,12 +58,16 @@ RECORD_MOMENTS = "moments"  # describe reply: column sums
 RECORD_CENTRE = "centre"  # scatter and fedols-r requests: the pooled mean
 RECORD_SCATTER = "scatter"  # scatter reply
 RECORD_R = "r"  # fedols-r reply
+RECORD_CONTROL = "control"  # strategy = scaffold: train task {c, c-i}, train reply {delta} (common/scaffold.py)
 
 # -- array names inside those records (``arrays`` holds WEIGHT_NAMES) --------------------------------
 ARRAY_TOTAL = "total"  # in ``moments``: Σ[x y], (d + 1,)
 ARRAY_CENTRE = "centre"  # in ``centre``: μ, (d + 1,)
 ARRAY_SCATTER = "scatter"  # in ``scatter``: (d + 1, d + 1), or (d + 1,) for the diagonal
 ARRAY_R = "r"  # in ``r``: (d + 2, d + 2) upper triangular
+ARRAY_C = "c"  # in ``control`` (train task): the server control variate [kernel..., bias], float64 (d + 1,)
+ARRAY_CI = "c-i"  # in ``control`` (train task): this party's control variate, float64 (d + 1,)
+ARRAY_DELTA = "delta"  # in ``control`` (train reply): Δc_i, float64 (d + 1,)
 
 # -- query stages and the query's config keys --------------------------------------------------------
 KEY_STAGE = "stage"

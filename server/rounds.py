@@ -182,7 +182,9 @@ class Rounds:
         the one channel by which they reach the clients."""
         cfg = self.cfg
         self.eligible = self.parties.eligible
-        self.built = build_strategy(cfg, self.eligible)
+        sizes = {int(info[protocol.SHARD_CLIENT_KEY]): int(info[protocol.SHARD_NUM_EXAMPLES])
+                 for info in self.parties.healthy.values()}  # fmt: skip
+        self.built = build_strategy(cfg, self.eligible, sizes, self.parties.num_features)
         self.strategy, self.accountant = self.built.strategy, self.built.accountant
         self.privacy = privacy.RoundPrivacy(cfg, self.built, len(self.eligible))
         self.train_config = {
@@ -285,8 +287,10 @@ class Rounds:
         answers, stale = replies.answers_to(messages, received, eligible)  # a late reply of an earlier round is not one
         ordered, failures = fixed_order(answers, eligible)
         failures += stale
+        ordered = self.built.take_controls(ordered, failures)  # strategy = scaffold: the control deltas
         ordered = replies.validated(ordered, failures, self.parties.healthy, eligible, self.parties.num_features,
                                     self.arrays, cfg.max_update_norm, cfg.max_update_norm_factor, server_round)  # fmt: skip
+        ordered = self.built.check_controls(ordered, failures)
         answered = {msg.metadata.src_node_id for msg in answers} | {f["node-id"] for f in stale}
         failures += [
             {"node-id": msg.metadata.dst_node_id, "client-key": eligible.get(msg.metadata.dst_node_id),
