@@ -326,7 +326,10 @@ def fit(msg: Message, context: Context, extras: dict | None = None) -> tuple[lm.
 def train(msg: Message, context: Context) -> Message:
     """Local mini-batch SGD from the global weights; reply with new weights and the train loss."""
     extras: dict = {}
-    new_weights, metrics = fit(msg, context, extras)
+    if protocol.RECORD_CONTROL in msg.content.array_records:  # strategy = scaffold: Δc_i comes back in extras
+        new_weights, metrics = fit(msg, context, extras)
+    else:
+        new_weights, metrics = fit(msg, context)
     content = RecordDict({protocol.RECORD_ARRAYS: to_record(new_weights), protocol.RECORD_METRICS: metrics})
     if "control" in extras:  # strategy = scaffold
         content[protocol.RECORD_CONTROL] = ArrayRecord({protocol.ARRAY_DELTA: Array(extras["control"])})
