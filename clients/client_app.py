@@ -34,7 +34,7 @@ from fedlinear.clients import faults
 from fedlinear.clients.errors import ERROR_CODE_INTERNAL, ERROR_CODE_USER, error_reply  # noqa: F401 - codes re-exported
 from fedlinear.common import model as lm
 from fedlinear.common import npy
-from fedlinear.common import dpols, fedols, privacy, protocol, scaling
+from fedlinear.common import dpols, fedols, privacy, protocol, scaffold, scaling
 from fedlinear.common.config import RunConfig, parsed
 from fedlinear.common.csvio import load_csv
 from fedlinear.common.dataset import Dataset
@@ -271,9 +271,26 @@ def clip_when_asked(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]:
+def controls(msg: Message, num_features: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """SCAFFOLD's ``(c, c_i)`` the task carries (``strategy = scaffold``), checked; None without them."""
+    record = msg.content.array_records.get(protocol.RECORD_CONTROL)
+    if record is None:
+        return None
+    out = []
+    for name in (protocol.ARRAY_C, protocol.ARRAY_CI):
+        if name not in record:
+            raise FedLinearError(f"SCAFFOLD task without the control variate '{name}'")
+        value = to_numpy(record[name]).astype(np.float64).ravel()
+        if value.shape != (num_features + 1,) or not np.isfinite(value).all():
+            raise FedLinearError(f"SCAFFOLD task: control variate '{name}' is not {num_features + 1} finite values")
+        out.append(value)
+    return out[0], out[1]
+
+
+def fit(msg: Message, context: Context, extras: dict | None = None) -> tuple[lm.LinearWeights, MetricRecord]:
     """Local mini-batch SGD from the global weights: the new weights and the metrics (shared by
-    ``train`` and the secure aggregation path, clients/secure.py)."""
+    ``train`` and the secure aggregation path, clients/secure.py). Under SCAFFOLD the steps carry the
+    correction ``c - c_i`` and ``extras["control"]`` gets ``Δc_i`` (option II, common/scaffold.py)."""
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
     weights = from_record(msg.content[protocol.RECORD_ARRAYS], data.num_features, uri, cfg.fit_intercept)
@@ -281,27 +298,36 @@ def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]
     server_round = protocol.server_round(config)
     faults.inject(context, server_round)  # a test hook, inert unless FEDLINEAR_TEST_FAULTS is set
     learning_rate = protocol.learning_rate(config)
+    batch_size = protocol.batch_size(config, cfg.batch_size)
     transform = protocol.transform(config, data.num_features)
     key = client_key(context, cfg, uri, data)
     orders = [
         lm.batch_order(data.num_examples, cfg.seed, server_round, key, epoch) for epoch in range(cfg.local_epochs)
     ]
     x32, y32 = training_data(uri, cfg, data, transform)
+    control = controls(msg, data.num_features)
+    if control is not None and cfg.engine != "numpy":
+        raise FedLinearError("strategy = scaffold needs engine = numpy")
+    extra = {} if control is None else {"correction": control[0] - control[1]}
     new_weights, loss = lm.ENGINES[cfg.engine](
         weights,
         x32,
         y32,
         epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
+        batch_size=batch_size,
         learning_rate=learning_rate,
         orders=orders,
         proximal_mu=protocol.proximal_mu(config),
+        **extra,
     )
     if not np.isfinite(new_weights.vector()).all():
         raise FedLinearError(
             f"{uri}: local training diverged (non-finite weights); lower 'learning-rate' (now {learning_rate:g}) "
             "or set 'standardize' to auto"
         )
+    if control is not None and extras is not None:
+        steps = scaffold.local_steps(data.num_examples, batch_size, cfg.local_epochs)
+        extras["control"] = scaffold.control_delta(weights.vector(), new_weights.vector(), control[0], steps, learning_rate)
     local = privacy.LocalDp.from_config(config)  # dp = local: the task says so
     if local is not None:
         new_weights = local_dp(weights, new_weights, local, cfg, server_round, key)
@@ -318,8 +344,14 @@ def fit(msg: Message, context: Context) -> tuple[lm.LinearWeights, MetricRecord]
 @_guarded
 def train(msg: Message, context: Context) -> Message:
     """Local mini-batch SGD from the global weights; reply with new weights and the train loss."""
-    new_weights, metrics = fit(msg, context)
+    extras: dict = {}
+    if protocol.RECORD_CONTROL in msg.content.array_records:  # strategy = scaffold: Δc_i comes back in extras
+        new_weights, metrics = fit(msg, context, extras)
+    else:
+        new_weights, metrics = fit(msg, context)
     content = RecordDict({protocol.RECORD_ARRAYS: to_record(new_weights), protocol.RECORD_METRICS: metrics})
+    if "control" in extras:  # strategy = scaffold
+        content[protocol.RECORD_CONTROL] = ArrayRecord({protocol.ARRAY_DELTA: Array(extras["control"])})
     return Message(content, reply_to=msg)
 
 

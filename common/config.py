@@ -27,7 +27,7 @@ CLIPPING_MODES = ("fixed", "adaptive")
 FEDOLS_METHODS = ("qr", "normal")  # common/fedols.py METHODS
 STRATEGIES = (
     "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
-    "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "fedols",
+    "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "fedols", "scaffold",
 )  # fmt: skip
 AUTO = "auto"
 
@@ -42,8 +42,12 @@ class RunConfig:
         Federated rounds to run (``num-server-rounds``).
     local_epochs : int (default: 1)
         Passes over the local shard per round (``local-epochs``).
-    batch_size : int (default: 32)
-        Mini-batch size of local SGD (``batch-size``).
+    batch_size : int or "auto" (default: "auto")
+        Mini-batch size of local SGD (``batch-size``). ``auto`` lets the server choose the local work
+        from the pooled statistics, the shard sizes and the rounds (:func:`common.scaling.auto_local_work`):
+        one full-batch gradient step a round (the FedAvg mean of the replies is then exactly a gradient
+        step on the pooled data, so heterogeneous parties cannot drift) when that provably converges in
+        ``num-server-rounds``, else mini-batches of 32 (the default before ``auto``).
     learning_rate : float or "auto" (default: "auto")
         Step size of local SGD in the standardized space (``learning-rate``); ``auto`` derives it from
         the pooled statistics (stability, SGD noise floor, rounds): see :mod:`common.scaling`.
@@ -180,12 +184,14 @@ class RunConfig:
     strategy : str (default: "fedavg")
         The server's aggregation, Flower's class of that name (``strategy``): ``fedavg``,
         ``fedprox``, ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedadagrad``, ``fedmedian``,
-        ``fedtrimmedavg``, ``krum``, ``multikrum``, ``bulyan``, or ``fedols`` (server/fedols.py).
+        ``fedtrimmedavg``, ``krum``, ``multikrum``, ``bulyan``, ``fedols`` (server/fedols.py), or
+        ``scaffold`` (Karimireddy et al. 2020, control variates against client drift; ours, Flower has
+        none: common/scaffold.py; numpy engine only).
         With ``dp`` or ``secure-aggregation`` only ``fedavg`` (and ``fedols``). See server/strategy.py.
     proximal_mu : float (default: 0.01)
         FedProx's μ, sent to the clients in every train task (``proximal-mu``).
     server_learning_rate : float (default: 1.0)
-        FedAvgM's server step (``server-learning-rate``).
+        FedAvgM's and SCAFFOLD's server step (``server-learning-rate``).
     server_momentum : float (default: 0.5)
         FedAvgM's server momentum, in [0, 1) (``server-momentum``).
     eta : float (default: 0)
@@ -231,7 +237,7 @@ class RunConfig:
 
     num_server_rounds: int = 20
     local_epochs: int = 1
-    batch_size: int = 32
+    batch_size: int | str = AUTO
     learning_rate: float | str = AUTO
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
@@ -316,7 +322,7 @@ class RunConfig:
         positive = {
             "num-server-rounds": self.num_server_rounds,
             "local-epochs": self.local_epochs,
-            "batch-size": self.batch_size,
+            "batch-size": 1 if self.batch_size == AUTO else self.batch_size,
             "min-available-nodes": self.min_available_nodes,
             "max-failed-rounds": self.max_failed_rounds,
         }
@@ -402,6 +408,13 @@ class RunConfig:
         """``strategy`` and its knobs (server/strategy.py), ``max-update-norm`` and ``max-update-norm-factor``."""
         if self.strategy not in STRATEGIES:
             raise FedLinearError(f"config key 'strategy' must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
+        if self.strategy == "scaffold" and self.engine != "numpy":
+            raise FedLinearError("config key 'strategy' = scaffold needs 'engine' = numpy (the correction is in its SGD loop)")
+        if self.strategy == "scaffold" and not self.fit_intercept:
+            raise FedLinearError(
+                "config key 'strategy' = scaffold needs 'fit-intercept' = true (its control variates cover the "
+                "kernel and the bias)"
+            )
         inf = float("inf")
         for key, value, low, high, closed in (
             ("proximal-mu", self.proximal_mu, 0.0, inf, True),
@@ -604,13 +617,15 @@ def parsed(run_config: Mapping[str, Any]) -> RunConfig:
 
 
 def _kind(name: str) -> type:
-    """The type a field's values are coerced to (``learning-rate`` takes a number or "auto")."""
+    """The type a field's values are coerced to (``learning-rate`` and ``batch-size`` take a number or "auto")."""
+    if name == "batch_size":
+        return int
     return float if name == "learning_rate" else type(getattr(RunConfig, name))
 
 
 def _coerce(key: str, raw: Any, kind: type) -> Any:
     """Convert a TOML/CLI value to the field's type, or raise naming the key."""
-    if key == "learning-rate" and isinstance(raw, str) and raw.strip().lower() == AUTO:
+    if key in ("learning-rate", "batch-size") and isinstance(raw, str) and raw.strip().lower() == AUTO:
         return AUTO
     if isinstance(raw, bool) and kind is not bool:
         raise FedLinearError(f"config key '{key}' must be a {kind.__name__}, got a boolean")

@@ -160,10 +160,13 @@ def train_numpy(
     learning_rate: float,
     orders: list[np.ndarray],
     proximal_mu: float = 0.0,
+    correction: np.ndarray | None = None,
 ) -> tuple[LinearWeights, float]:
     """Mini-batch SGD on the MSE, exactly as Keras computes it for Dense(1), in float32.
 
-    With ``proximal_mu > 0`` each step's gradient gains ``mu (theta - theta_start)`` (FedProx).
+    With ``proximal_mu > 0`` each step's gradient gains ``mu (theta - theta_start)`` (FedProx); with a
+    ``correction`` ``[kernel..., bias]`` (SCAFFOLD's ``c - c_i``, :mod:`common.scaffold`) each step's
+    gradient gains that constant vector.
     Returns the new weights and the mean batch MSE of the last epoch (as Keras reports it).
     """
     x32 = np.asarray(x, dtype=np.float32)  # no copy when the caller keeps float32 copies (the client does)
@@ -175,7 +178,8 @@ def train_numpy(
     # plain-float loss bookkeeping keep it low (the float32 arithmetic is the same as Keras').
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by the caller
         kernel, bias, epoch_loss = _sgd_epochs(
-            x32, y32, kernel, bias, lr, batch_size, orders, epochs, _proximal(weights, proximal_mu)
+            x32, y32, kernel, bias, lr, batch_size, orders, epochs, _proximal(weights, proximal_mu),
+            None if correction is None else _split(correction, kernel.shape[0]),
         )
     return LinearWeights(kernel=kernel, bias=bias), epoch_loss
 
@@ -194,8 +198,17 @@ def _proximal(weights: LinearWeights, mu: float) -> tuple[np.float32, np.ndarray
     )
 
 
-def _sgd_epochs(x32, y32, kernel, bias, lr, batch_size, orders, epochs, prox=None):
-    """The epochs of :func:`train_numpy`, updating ``kernel`` and ``bias`` (None: no intercept) in place."""
+def _split(vector: np.ndarray, num_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[kernel..., bias]`` as float32 ``(kernel (d, 1), bias (1,))``."""
+    v = np.asarray(vector, np.float32).ravel()
+    if v.shape != (num_features + 1,):
+        raise ValueError(f"a correction needs {num_features + 1} values, got {v.shape[0]}")
+    return v[:-1].reshape(-1, 1).copy(), v[-1:].copy()
+
+
+def _sgd_epochs(x32, y32, kernel, bias, lr, batch_size, orders, epochs, prox=None, correction=None):
+    """The epochs of :func:`train_numpy`, updating ``kernel`` and ``bias`` (None: no intercept) in place;
+    ``correction`` (SCAFFOLD's ``c - c_i`` as ``(kernel, bias)``) is added to every step's gradient."""
     two = np.float32(2.0)
     epoch_loss = 0.0
     for epoch in range(epochs):
@@ -217,6 +230,8 @@ def _sgd_epochs(x32, y32, kernel, bias, lr, batch_size, orders, epochs, prox=Non
             seen += size
             if prox is not None:  # FedProx: the gradient of (mu / 2) ||theta - theta_start||²
                 grad_kernel += prox[0] * (kernel - prox[1])
+            if correction is not None:  # SCAFFOLD: the control variates' c - c_i
+                grad_kernel += correction[0]
             grad_kernel *= lr
             kernel -= grad_kernel
             if bias is not None:
@@ -224,6 +239,8 @@ def _sgd_epochs(x32, y32, kernel, bias, lr, batch_size, orders, epochs, prox=Non
                 grad_bias *= scale
                 if prox is not None:
                     grad_bias += prox[0] * (bias - prox[2])
+                if correction is not None:
+                    grad_bias += correction[1]
                 grad_bias *= lr
                 bias -= grad_bias
         epoch_loss = weighted_loss / seen if seen else 0.0

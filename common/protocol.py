@@ -17,11 +17,12 @@ Query (``query``), the shard query before round 1, one stage per message, named 
 * ``fedols-r``: config ``{stage}``, ``centre`` -> ``r`` ArrayRecord ``{r: R of [x − μx, 1, y − μy]}``.
 
 Train (``train``): ``arrays`` (the global weights, :data:`WEIGHT_NAMES`) and ``config``: the settings
-the server resolved for the round (:func:`train_config`: ``learning-rate``, the standardization
-transform), ``server-round`` and, by strategy and privacy mechanism, ``proximal-mu`` (FedProx), the
+the server resolved for the round (:func:`train_config`: ``learning-rate``, ``batch-size``, the
+standardization transform), ``server-round`` and, by strategy and privacy mechanism, ``proximal-mu`` (FedProx), the
 ``local-dp-*`` keys (``dp = local``, :mod:`common.privacy`), Flower's ``clipping_norm``
 (``flwr.supercore.differential_privacy.KEY_CLIPPING_NORM``, set by Flower's client-side clipping
-wrapper). Reply: ``arrays`` (the new weights) and ``metrics`` (:data:`TRAIN_METRICS`).
+wrapper). Reply: ``arrays`` (the new weights) and ``metrics`` (:data:`TRAIN_METRICS`). Under
+``strategy = scaffold`` the task also carries ``control`` ``{c, c-i}`` and the reply ``control`` ``{delta}``.
 
 Evaluate (``evaluate``): ``arrays`` and ``config`` (:func:`evaluate_config`, ``server-round``) ->
 ``metrics`` ``{num-examples, eval-mse}``.
@@ -67,6 +68,7 @@ RECORD_SCATTER = "scatter"  # scatter reply
 RECORD_R = "r"  # fedols-r reply
 RECORD_SUM_LO = "secure-sum-lo"  # secure sum task: the fixed-point grid exponent of every value, per name
 RECORD_ARGUMENTS = "arguments"  # secure sum task: what the statistic gets besides the shard (the centre)
+RECORD_CONTROL = "control"  # strategy = scaffold: train task {c, c-i}, train reply {delta} (common/scaffold.py)
 
 # -- array names inside those records (``arrays`` holds WEIGHT_NAMES) --------------------------------
 ARRAY_TOTAL = "total"  # in ``moments``: Σ[x y], (d + 1,)
@@ -75,6 +77,9 @@ ARRAY_SCATTER = "scatter"  # in ``scatter``: (d + 1, d + 1), or (d + 1,) for the
 ARRAY_R = "r"  # in ``r``: (d + 2, d + 2) upper triangular
 RECORD_GRAM = "gram"  # dpols-gram reply (DP-FedOLS, common/dpols.py)
 ARRAY_GRAM = "gram"  # in ``gram``: Σ g gᵀ over the clipped rows g = [x̄, 1, ȳ], (d + 2, d + 2)
+ARRAY_C = "c"  # in ``control`` (train task): the server control variate [kernel..., bias], float64 (d + 1,)
+ARRAY_CI = "c-i"  # in ``control`` (train task): this party's control variate, float64 (d + 1,)
+ARRAY_DELTA = "delta"  # in ``control`` (train reply): Δc_i, float64 (d + 1,)
 
 # -- query stages and the query's config keys --------------------------------------------------------
 KEY_STAGE = "stage"
@@ -113,6 +118,7 @@ OPTIONAL_SHARD_KEYS = frozenset({SHARD_DATA_URI, SHARD_FINGERPRINTS, SHARD_PARTI
 # -- train and evaluate config keys ------------------------------------------------------------------
 KEY_SERVER_ROUND = "server-round"  # the name Flower's own strategies use
 KEY_LEARNING_RATE = "learning-rate"  # the resolved step size of local SGD (never "auto")
+KEY_BATCH_SIZE = "batch-size"  # the resolved batch size of local SGD (never "auto"); absent: the run config's
 KEY_PROXIMAL_MU = "proximal-mu"  # FedProx's μ (the name Flower's FedProx uses); absent: no proximal term
 TRANSFORM_PREFIX = "transform-"  # + each of TRANSFORM_ARRAYS: the standardization, as float lists
 TRANSFORM_ARRAYS = ("x-shift", "x-matrix", "y-shift-scale")  # scaling.Transform.arrays()
@@ -154,9 +160,12 @@ def transform_config(transform: scaling.Transform) -> dict[str, Any]:
     return {f"{TRANSFORM_PREFIX}{name}": value.ravel().tolist() for name, value in transform.arrays().items()}
 
 
-def train_config(learning_rate: float, transform: scaling.Transform) -> dict[str, Any]:
+def train_config(learning_rate: float, transform: scaling.Transform, batch_size: int | None = None) -> dict[str, Any]:
     """What every train task of a run carries in its config, besides the round's own keys."""
-    return {**transform_config(transform), KEY_LEARNING_RATE: float(learning_rate)}
+    config = {**transform_config(transform), KEY_LEARNING_RATE: float(learning_rate)}
+    if batch_size is not None:
+        config[KEY_BATCH_SIZE] = int(batch_size)
+    return config
 
 
 def evaluate_config(transform: scaling.Transform) -> dict[str, Any]:
@@ -182,6 +191,15 @@ def learning_rate(config: Mapping[str, Any]) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not low < value < high:
         raise FedLinearError(f"no usable learning rate in the task ({value!r})")
     return float(value)
+
+
+def batch_size(config: Mapping[str, Any], configured: int | str) -> int:
+    """The batch size the server resolved for this task, else the run config's (``configured``); a task
+    without a usable one is refused."""
+    value = config.get(KEY_BATCH_SIZE, configured)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FedLinearError(f"no usable batch size in the task ({value!r})")
+    return value
 
 
 def proximal_mu(config: Mapping[str, Any]) -> float:

@@ -441,6 +441,23 @@ NOISE_FRACTION = 0.02
 CONVERGENCE_STEPS = 2.5
 
 
+def design_matrix(pooled: PooledStats | None, transform: Transform, fit_intercept: bool = True) -> np.ndarray | None:
+    """``G = E[[z, 1][z, 1]ᵀ]`` (``(d+1, d+1)``) in the training space (``E[zzᵀ]``, ``(d, d)``, without an
+    intercept), or None without the cross-products."""
+    if pooled is None or not pooled.full:
+        return None
+    d = pooled.num_features
+    mean_z = (pooled.mean[:d] - transform.shift) @ transform.matrix
+    cov_z = transform.matrix.T @ (pooled.scatter[:d, :d] / pooled.count) @ transform.matrix
+    if not fit_intercept:
+        return cov_z + np.outer(mean_z, mean_z)
+    g = np.zeros((d + 1, d + 1))
+    g[:d, :d] = cov_z + np.outer(mean_z, mean_z)
+    g[:d, d] = g[d, :d] = mean_z
+    g[d, d] = 1.0
+    return g
+
+
 def design_second_moment(
     pooled: PooledStats | None, transform: Transform, fit_intercept: bool = True
 ) -> tuple[float, float] | None:
@@ -451,15 +468,11 @@ def design_second_moment(
     if not fit_intercept:
         return _second_moment_without_intercept(pooled, transform)
     d = pooled.num_features
-    mean_z = (pooled.mean[:d] - transform.shift) @ transform.matrix
-    if pooled.full:
-        cov_z = transform.matrix.T @ (pooled.scatter[:d, :d] / pooled.count) @ transform.matrix
-        g = np.zeros((d + 1, d + 1))
-        g[:d, :d] = cov_z + np.outer(mean_z, mean_z)
-        g[:d, d] = g[d, :d] = mean_z
-        g[d, d] = 1.0
+    g = design_matrix(pooled, transform)
+    if g is not None:
         eigenvalues = np.linalg.eigvalsh(g)
         return float(eigenvalues.max()), float(np.trace(g))
+    mean_z = (pooled.mean[:d] - transform.shift) @ transform.matrix
     if not np.allclose(transform.matrix, np.diag(np.diagonal(transform.matrix))):
         return None
     var_z = pooled.variances()[:d] * np.diagonal(transform.matrix) ** 2
@@ -505,3 +518,109 @@ def auto_learning_rate(
         f"learning rate {lr:.4g} (auto: bound by {bound}; λmax {lam:.4g}, trace {trace:.4g}, "
         f"~{steps} local steps over the run)"
     )
+
+
+
+# ----------------------------------------------------------------------------------------------
+# batch-size = "auto": the local work
+# ----------------------------------------------------------------------------------------------
+
+# Mini-batches when the full-batch rule does not apply (the default batch size before "auto").
+MINI_BATCH = 32
+# Full-batch local work is chosen when its rounds shrink the weights' error (in every direction the
+# data determines) by at least this factor: the excess MSE then shrinks by its square, 1e-6.
+FULL_BATCH_CONTRACTION = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalWork:
+    """What the clients do in a round: the step size, the batch size, and a one-line account."""
+
+    learning_rate: float
+    batch_size: int
+    note: str
+
+
+def full_batch_rate(g: np.ndarray | None, learning_rate: float | None, rounds: int) -> tuple[float, float, float] | None:
+    """``(step, contraction after the rounds, condition number)`` of full-batch gradient descent on the
+    pooled MSE (Hessian ``2 G``), or None when ``G`` is unknown. ``learning_rate`` None: the optimal
+    constant step ``1 / (λmax + λmin)`` over the directions the data determines (eigenvalues above
+    :data:`EIGEN_TOLERANCE` of the largest; the others are coordinates the transform left out, whose
+    gradient is zero)."""
+    if g is None:
+        return None
+    eigenvalues = np.linalg.eigvalsh(g)
+    top = float(eigenvalues.max())
+    live = eigenvalues[eigenvalues > EIGEN_TOLERANCE * top]
+    low = float(live.min())
+    step = 1.0 / (top + low) if learning_rate is None else float(learning_rate)
+    per_round = max(abs(1.0 - 2.0 * step * low), abs(1.0 - 2.0 * step * top))
+    return step, per_round ** max(rounds, 1), top / low
+
+
+def auto_local_work(
+    pooled: PooledStats | None,
+    transform: Transform,
+    shard_sizes: list[int],
+    *,
+    batch_size: int | str,
+    learning_rate: float | str,
+    local_epochs: int,
+    rounds: int,
+    exact_mean: bool,
+    fit_intercept: bool = True,
+) -> LocalWork:
+    """The local work of a run: ``batch-size`` and ``learning-rate`` with ``auto`` resolved.
+
+    ``batch-size = auto`` chooses one full-batch gradient step a round (the batch is the largest shard)
+    when every reason for it holds: ``exact_mean`` (the aggregate is the example-weighted mean of the
+    replies, so the round is exactly one gradient step on the pooled MSE and no party's data can pull
+    the model towards its own optimum), one local epoch, the pooled cross-products known, and the
+    rounds enough for gradient descent at the step to shrink the error by :data:`FULL_BATCH_CONTRACTION`
+    (with whitened data ``G`` is the identity and one step at ``1 / (λmax + λmin)`` = 0.5 is Newton's).
+    Otherwise it is :data:`MINI_BATCH`, as before ``auto``, with :func:`auto_learning_rate`'s step.
+    """
+    auto_rate = learning_rate == "auto"
+    if batch_size != "auto":
+        batch = int(batch_size)
+        why = f"batch size {batch} (set in the config)"
+    else:
+        batch, why = MINI_BATCH, ""
+        reason = _full_batch_blocked(pooled, exact_mean, local_epochs, shard_sizes)
+        fit = None if reason else full_batch_rate(
+            design_matrix(pooled, transform, fit_intercept), None if auto_rate else float(learning_rate), rounds
+        )
+        if fit is not None:
+            step, contraction, kappa = fit
+            if contraction <= FULL_BATCH_CONTRACTION:
+                batch = max(shard_sizes)
+                how = (
+                    f"learning rate {step:.4g} (auto: 1 / (λmax + λmin) of the pooled design, condition number "
+                    f"{kappa:.3g})" if auto_rate else f"learning rate {step:g} (set in the config)"
+                )
+                return LocalWork(step, batch, (
+                    f"{how}; batch size auto: full batch ({batch}), one gradient step a round, the FedAvg mean of "
+                    f"which is a step on the pooled data (error x {contraction:.2g} after {rounds} rounds)"
+                ))  # fmt: skip
+            reason = f"full-batch steps would shrink the error only to {contraction:.2g} in {rounds} rounds"
+        why = f"batch size auto: mini-batches of {MINI_BATCH} ({reason})"
+    if auto_rate:
+        step, how = auto_learning_rate(
+            design_second_moment(pooled, transform, fit_intercept), shard_sizes, batch, local_epochs, rounds
+        )
+    else:
+        step, how = float(learning_rate), f"learning rate {float(learning_rate):g} (set in the config)"
+    return LocalWork(step, batch, f"{how}; {why}")
+
+
+def _full_batch_blocked(pooled: PooledStats | None, exact_mean: bool, local_epochs: int, shard_sizes: list[int]) -> str:
+    """Why the full-batch rule cannot apply ("" when it can)."""
+    if not shard_sizes:
+        return "no shard sizes"
+    if not exact_mean:
+        return "the aggregate is not the example-weighted mean of the replies"
+    if local_epochs != 1:
+        return f"local-epochs = {local_epochs} asks for more local work"
+    if pooled is None or not pooled.full:
+        return "the pooled cross-products are not known"
+    return ""

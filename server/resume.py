@@ -2,7 +2,7 @@
 
 Every checkpoint (``checkpoints/latest.json`` beside ``round-NNNN.npz``) records, besides the weights,
 the trajectory settings (:data:`TRAJECTORY_KEYS`, :func:`trajectory_key`), the data it was trained on
-(:func:`data_identity`), the standardization transform and the resolved learning rate, the privacy
+(:func:`data_identity`), the standardization transform and the resolved learning rate and batch size, the privacy
 accountant's state and the strategy's state. :func:`resume_or_start` compares them with this run's
 and refuses, naming what changed, a checkpoint of another run. Keys added to the trajectory after
 checkpoints without them were written are listed in :data:`ADDED_KEYS` with the value those runs
@@ -131,6 +131,7 @@ class Start:
     learning_rate: float | None
     accountant_state: dict | None = None
     strategy_state: dict | None = None  # Strategies.state_dict(): optimizer state, adaptive clipping norm
+    batch_size: int | None = None  # the resolved batch size (batch-size = auto); None: the config's
 
 
 def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int, data: dict[str, Any] | None = None) -> Start:
@@ -170,8 +171,10 @@ def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int, data: di
         )
     transform = scaling.Transform.from_json(pointer["transform"]) if "transform" in pointer else None
     rate = float(pointer["resolved-learning-rate"]) if "resolved-learning-rate" in pointer else None
+    batch = int(pointer["resolved-batch-size"]) if "resolved-batch-size" in pointer else None
     return Start(weights, done + 1, history, transform, rate, pointer.get("accountant"),
-                 pointer.get("strategy-state", {"clipping": pointer["clipping"]} if "clipping" in pointer else None))
+                 pointer.get("strategy-state", {"clipping": pointer["clipping"]} if "clipping" in pointer else None),
+                 batch)
 
 
 class Checkpoints:
@@ -184,7 +187,7 @@ class Checkpoints:
 
     def __init__(
         self, store: RunStore, cfg: RunConfig, num_features: int, data: dict[str, Any],
-        transform: scaling.Transform, learning_rate: float,
+        transform: scaling.Transform, learning_rate: float, batch_size: int | None = None,
     ) -> None:  # fmt: skip
         self.store = store
         self.state: dict[str, Any] = {
@@ -193,6 +196,8 @@ class Checkpoints:
             "transform": transform.to_json(),
             "resolved-learning-rate": learning_rate,
         }
+        if batch_size is not None:
+            self.state["resolved-batch-size"] = int(batch_size)
 
     def write(self, server_round: int, weights: lm.LinearWeights, accountant, strategies) -> None:
         if accountant is not None:

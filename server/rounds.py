@@ -63,19 +63,32 @@ def initial_weights(
     return weights
 
 
+def exact_mean(cfg: RunConfig) -> bool:
+    """Whether a round's aggregate is the example-weighted mean of the replies in the clear (FedAvg's and
+    FedProx's, without equal weights): then one full-batch step a round is one gradient step on the pooled
+    data. Not under secure aggregation: SecAgg+'s clipping range bounds each update, and a full-batch
+    step at 1 / (λmax + λmin) is the largest update there is (the first round's goes all the way)."""
+    return cfg.strategy in ("fedavg", "fedprox") and not privacy.equal_weights(cfg) and not privacy.secure_rounds(cfg)
+
+
+def resolve_local_work(
+    cfg: RunConfig, pooled: scaling.PooledStats | None, transform: scaling.Transform, sizes: list[int]
+) -> scaling.LocalWork:
+    """The step size and batch size of local training (``learning-rate`` and ``batch-size``, ``auto``
+    resolved: :func:`common.scaling.auto_local_work`) and how they were chosen."""
+    return scaling.auto_local_work(
+        pooled, transform, sizes, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+        local_epochs=cfg.local_epochs, rounds=cfg.num_server_rounds, exact_mean=exact_mean(cfg),
+        fit_intercept=cfg.fit_intercept,
+    )  # fmt: skip
+
+
 def resolve_learning_rate(
     cfg: RunConfig, pooled: scaling.PooledStats | None, transform: scaling.Transform, sizes: list[int]
 ) -> tuple[float, str]:
     """The step size of local SGD (``learning-rate``, ``auto`` resolved) and how it was chosen."""
-    if cfg.learning_rate != "auto":
-        return float(cfg.learning_rate), f"learning rate {float(cfg.learning_rate):g} (set in the config)"
-    return scaling.auto_learning_rate(
-        scaling.design_second_moment(pooled, transform, cfg.fit_intercept),
-        sizes,
-        cfg.batch_size,
-        cfg.local_epochs,
-        cfg.num_server_rounds,
-    )
+    work = resolve_local_work(cfg, pooled, transform, sizes)
+    return work.learning_rate, work.note
 
 
 def participation_floor(cfg: RunConfig, num_eligible: int, num_sampled: int) -> int:
@@ -127,7 +140,9 @@ class Rounds:
         self._settle_training(start)
         self._build_strategy()
         self._open_history(start)
-        self.checkpoints = resume.Checkpoints(store, cfg, parties.num_features, data, self.transform, self.learning_rate)
+        self.checkpoints = resume.Checkpoints(
+            store, cfg, parties.num_features, data, self.transform, self.learning_rate, self.batch_size
+        )
         self.baseline = dict(self.history["rounds"][0])
         self.failed_in_a_row = 0
         self.stopped: str | None = None  # why training stopped before its last round (the privacy budget)
@@ -146,9 +161,13 @@ class Rounds:
             progress.say(f"standardization: {note}")
         sizes = [int(info[protocol.SHARD_NUM_EXAMPLES]) for info in healthy.values()]
         if start.learning_rate is not None:
-            learning_rate, rate_note = start.learning_rate, f"learning rate {start.learning_rate:.4g} (from the checkpoint)"
+            batch_size = start.batch_size if start.batch_size is not None else int(cfg.batch_size)
+            learning_rate, rate_note = start.learning_rate, (
+                f"learning rate {start.learning_rate:.4g}, batch size {batch_size} (from the checkpoint)"
+            )
         else:
-            learning_rate, rate_note = resolve_learning_rate(cfg, training_stats, transform, sizes)
+            work = resolve_local_work(cfg, training_stats, transform, sizes)
+            learning_rate, rate_note, batch_size = work.learning_rate, work.note, work.batch_size
         from_nodes = pooled is self.parties.pooled  # no privacy: the parties' sums (and R factors)
         stable = self.parties.optimum if from_nodes else yardstick.from_statistics_file(cfg, pooled)
         evaluate = evaluation.Evaluator(self.test, pooled, transform, stable, cfg.fit_intercept)
@@ -167,6 +186,7 @@ class Rounds:
         )
         self.transform, self.learning_rate, self.rate_note, self.evaluate = transform, learning_rate, rate_note, evaluate
         self.training_stats = training_stats
+        self.batch_size = batch_size
 
     def _build_strategy(self) -> None:
         """The strategy (with its DP wrapper), the privacy side of the rounds, and the settings every
@@ -174,11 +194,13 @@ class Rounds:
         the one channel by which they reach the clients."""
         cfg = self.cfg
         self.eligible = self.parties.eligible
-        self.built = build_strategy(cfg, self.eligible)
+        sizes = {int(info[protocol.SHARD_CLIENT_KEY]): int(info[protocol.SHARD_NUM_EXAMPLES])
+                 for info in self.parties.healthy.values()}  # fmt: skip
+        self.built = build_strategy(cfg, self.eligible, sizes, self.parties.num_features)
         self.strategy, self.accountant = self.built.strategy, self.built.accountant
         self.privacy = privacy.RoundPrivacy(cfg, self.built, len(self.eligible))
         self.train_config = {
-            **protocol.train_config(self.learning_rate, self.transform),
+            **protocol.train_config(self.learning_rate, self.transform, self.batch_size),
             **privacy.local_dp_config(cfg),
         }
         self.evaluate_config = protocol.evaluate_config(self.transform)
@@ -213,7 +235,7 @@ class Rounds:
             history["rounds"].append(row)
         history["reference"] = self.evaluate.reference
         history["standardization"] = self.transform.to_json()
-        history["learning-rate"] = {"value": self.learning_rate, "how": self.rate_note}
+        history["learning-rate"] = {"value": self.learning_rate, "how": self.rate_note, "batch-size": self.batch_size}
         history["target-mse-ratio"] = cfg.target_mse_ratio  # the outcome (reached-target-at, ...) after the rounds
         if self.accountant is not None and start.accountant_state is not None:
             self.accountant.load_state_dict(start.accountant_state)  # a resumed run never resets ε
@@ -287,8 +309,10 @@ class Rounds:
         answers, stale = replies.answers_to(messages, received, eligible)  # a late reply of an earlier round is not one
         ordered, failures = fixed_order(answers, eligible)
         failures += stale
+        ordered = self.built.take_controls(ordered, failures)  # strategy = scaffold: the control deltas
         ordered = replies.validated(ordered, failures, self.parties.healthy, eligible, self.parties.num_features,
                                     self.arrays, cfg.max_update_norm, cfg.max_update_norm_factor, server_round)  # fmt: skip
+        ordered = self.built.check_controls(ordered, failures)
         answered = {msg.metadata.src_node_id for msg in answers} | {f["node-id"] for f in stale}
         failures += [
             {"node-id": msg.metadata.dst_node_id, "client-key": eligible.get(msg.metadata.dst_node_id),
@@ -420,7 +444,7 @@ class Rounds:
             kernel=raw_kernel,
             bias=raw_bias,
             transform=self.transform,
-            learning_rate={"value": self.learning_rate, "how": self.rate_note},
+            learning_rate={"value": self.learning_rate, "how": self.rate_note, "batch-size": self.batch_size},
             method={"privacy": self.privacy.summary(self.stopped)},
             reference=self.evaluate.reference,
             final_row=history["rounds"][-1],

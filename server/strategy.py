@@ -55,7 +55,7 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
-from fedlinear.common import protocol
+from fedlinear.common import protocol, scaffold
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
 from fedlinear.server import privacy
@@ -272,7 +272,115 @@ class DeterministicBulyan(RobustMixin, DeterministicMixin, Bulyan):
     """Flower's Bulyan (n >= 4f + 3) with the paper's recursive Krum selection."""
 
 
-STATEFUL = (DeterministicFedAvgM, DeterministicFedAdam, DeterministicFedYogi, DeterministicFedAdagrad)
+class DeterministicScaffold(DeterministicMixin, FedAvg):
+    """SCAFFOLD (Karimireddy et al. 2020, Algorithm 1, option II; :mod:`common.scaffold`): every train
+    task carries the server control ``c`` and the party's ``c_i``; the party's ``Δc_i`` is checked
+    against option II recomputed from its reply's weights; the model moves by ``server-learning-rate``
+    x the example-weighted mean update (FedAvg's own mean), ``c`` by the example-weighted ``Δc_i``."""
+
+    controls: scaffold.Controls
+    server_learning_rate: float = 1.0
+    local_epochs: int = 1
+    sizes: dict[int, int]  # client key -> shard size (the shard query)
+
+    def _configure(self, server_round, arrays, config, grid, train):
+        messages = super()._configure(server_round, arrays, config, grid, train)
+        if not train:
+            return messages
+        self.round_config = dict(config)  # learning rate and batch size of the round, for option II
+        out = []
+        for msg in messages:  # one content per node: its own c_i (FedAvg shares one RecordDict)
+            key = self.eligible[msg.metadata.dst_node_id]
+            control = ArrayRecord({protocol.ARRAY_C: Array(self.controls.c.copy()),
+                                   protocol.ARRAY_CI: Array(self.controls.of(key).copy())})  # fmt: skip
+            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: msg.content[self.configrecord_key],
+                                  protocol.RECORD_CONTROL: control})  # fmt: skip
+            out.append(Message(content=content, message_type=msg.metadata.message_type, dst_node_id=msg.metadata.dst_node_id))
+        return out
+
+    def _remember_global(self, arrays: ArrayRecord) -> None:
+        self.current_global = arrays
+
+    def take_controls(self, replies: list[Message], failures: list[dict]) -> list[Message]:
+        """Before the weights are checked: each valid reply's ``Δc_i`` taken out of it (so the reply is a
+        plain train reply) and kept by node; a reply without a well-formed one is a failure."""
+        self.claimed: dict[int, np.ndarray] = {}
+        kept = []
+        size = self.controls.size
+        for msg in replies:
+            if msg.has_error():
+                kept.append(msg)
+                continue
+            nid = msg.metadata.src_node_id
+            record = msg.content.array_records.get(protocol.RECORD_CONTROL)
+            problem = None
+            if record is None or set(record.keys()) != {protocol.ARRAY_DELTA}:
+                problem = "SCAFFOLD reply without its control delta"
+            else:
+                array = record[protocol.ARRAY_DELTA]
+                if array.dtype != "float64" or tuple(array.shape) != (size,) or len(array.data) > 8 * size + 4096:
+                    problem = f"malformed control delta: {array.dtype} {tuple(array.shape)}, expected float64 ({size},)"
+                else:
+                    try:
+                        self.claimed[nid] = np.asarray(array.numpy(), np.float64)
+                    except Exception:  # noqa: BLE001 - undecodable bytes are a bad reply
+                        problem = "malformed control delta: cannot be decoded"
+            if problem is None:
+                del msg.content[protocol.RECORD_CONTROL]
+                kept.append(msg)
+            else:
+                failures.append({"node-id": nid, "client-key": self.eligible.get(nid), "reason": problem})
+        return kept
+
+    def check_controls(self, replies: list[Message], failures: list[dict]) -> list[Message]:
+        """After the weights passed their checks: each ``Δc_i`` against option II from the reply's weights."""
+        x = _vector(self.current_global)
+        c = self.controls.c
+        rate = float(self.round_config[protocol.KEY_LEARNING_RATE])
+        batch = int(self.round_config[protocol.KEY_BATCH_SIZE])
+        self.deltas: dict[int, np.ndarray] = {}
+        kept = []
+        for msg in replies:
+            if msg.has_error():
+                kept.append(msg)
+                continue
+            nid = msg.metadata.src_node_id
+            key = self.eligible[nid]
+            steps = scaffold.local_steps(self.sizes[key], batch, self.local_epochs)
+            expected = scaffold.control_delta(x, _vector(msg.content[self.arrayrecord_key]), c, steps, rate)
+            problem = scaffold.check_delta(self.claimed.get(nid, np.zeros(0)), expected)
+            if problem is None:
+                self.deltas[key] = expected
+                kept.append(msg)
+            else:
+                failures.append({"node-id": nid, "client-key": key, "reason": problem})
+        return kept
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        mean, metrics = super().aggregate_train(server_round, replies)
+        if mean is None:
+            return None, metrics
+        base = {k: a.numpy().astype(np.float64) for k, a in self.current_global.items()}
+        eta = float(self.server_learning_rate)
+        arrays = ArrayRecord({k: Array(base[k] + eta * (mean[k].numpy().astype(np.float64) - base[k])) for k in base})
+        deltas = {key: d for key, d in getattr(self, "deltas", {}).items()}
+        self.controls.update(deltas, self.sizes, sum(self.sizes.values()))
+        return as_float32(arrays), metrics
+
+    def state_dict(self) -> dict:
+        return self.controls.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.controls.load_state_dict(state)
+
+
+def _vector(record: ArrayRecord) -> np.ndarray:
+    """``[kernel..., bias]`` float64 of a weights record."""
+    return np.concatenate([record[name].numpy().astype(np.float64).ravel() for name in ("kernel", "bias")])
+
+
+STATEFUL = (DeterministicScaffold, DeterministicFedAvgM, DeterministicFedAdam, DeterministicFedYogi, DeterministicFedAdagrad)
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 # Our default server step of each FedOpt strategy (config key eta = 0 means this one), measured on the
 # default synthetic data (docs/how-to/strategies.md); Flower's are 0.1, 0.01, 0.1: too slow for 20 rounds here
@@ -321,6 +429,18 @@ class Strategies:
         if self.strategy is not self.base and hasattr(self.strategy, "state_dict"):
             state["clipping"] = self.strategy.state_dict()
         return state
+
+    def take_controls(self, replies: list[Message], failures: list[dict]) -> list[Message]:
+        """SCAFFOLD: the replies' control deltas taken out and checked (other strategies: unchanged)."""
+        if isinstance(self.base, DeterministicScaffold):
+            return self.base.take_controls(replies, failures)
+        return replies
+
+    def check_controls(self, replies: list[Message], failures: list[dict]) -> list[Message]:
+        """SCAFFOLD: each control delta against option II from its reply's checked weights."""
+        if isinstance(self.base, DeterministicScaffold):
+            return self.base.check_controls(replies, failures)
+        return replies
 
     def load_state_dict(self, state: dict) -> None:
         if "optimizer" in state and isinstance(self.base, STATEFUL):
@@ -382,15 +502,24 @@ def make_base(cfg: RunConfig, num_sampled: int) -> DeterministicMixin:
         return strategy
     if name == "bulyan":
         return DeterministicBulyan(**common, num_malicious_nodes=f, selection_rule=recursive_krum)
+    if name == "scaffold":
+        strategy = DeterministicScaffold(**common)
+        strategy.server_learning_rate, strategy.local_epochs = cfg.server_learning_rate, cfg.local_epochs
+        return strategy
     # fedavg; fedols runs its own rounds (server/fedols.py) and needs only the sampling
     return DeterministicFedAvg(**common)
 
 
-def build_strategy(cfg: RunConfig, eligible: dict[int, int]) -> Strategies:
+def build_strategy(
+    cfg: RunConfig, eligible: dict[int, int], sizes: dict[int, int] | None = None, num_features: int = 0
+) -> Strategies:
     """The strategy for this run (``strategy``), wrapped for differential privacy when asked (:func:`server.privacy.wrap`)."""
     num_sampled = sample_size(len(eligible), cfg.fraction_train)
     base = make_base(cfg, num_sampled)
     base.seed = cfg.seed
     base.eligible = dict(eligible)
+    if isinstance(base, DeterministicScaffold):  # the shard sizes (client key -> n) and the zero controls
+        base.sizes = dict(sizes or {})
+        base.controls = scaffold.Controls(num_features + 1)
     strategy, accountant = privacy.wrap(base, cfg, num_sampled, len(eligible))  # DP: which wrapper, the accountant
     return Strategies(strategy, base, accountant, num_sampled)

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 import psutil
 
 from fedlinear.common.errors import FedLinearError
+from fedlinear.scripts.local import watch
 from fedlinear.scripts.local.flower import config_string, flower_env, free_port, tail, wait_healthy, write_connection
 from fedlinear.scripts.local.isolation import HostPids, namespace_init, note_pid, resolve_isolation, unshare_argv
 from fedlinear.scripts.local.processes import TREE_ENV, WATCHDOG_TIMEOUT, ProcessGroup, Watchdog, tree_token
@@ -134,7 +135,8 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
             None,
             stdout=subprocess.PIPE,
         )
-        follow(runner, run_log, on_progress, spec.run_timeout, essential=[("flower-superlink", superlink)])
+        follow(runner, run_log, on_progress, spec.run_timeout, essential=[("flower-superlink", superlink)],
+               stall=watch.StallDetector(superlink_log, str(spec.run_config.get("run-dir", ""))))  # the hang detector
         if runner.returncode != 0:
             raise FedLinearError(f"flwr run exited with code {runner.returncode}; log {run_log}:\n{tail(run_log)}")
     finally:
@@ -164,13 +166,16 @@ def follow(
     on_progress: Callable[[str], None],
     timeout: float,
     essential: Iterable[tuple[str, subprocess.Popen]] = (),
+    stall: watch.StallDetector | None = None,
 ) -> None:
     """Copy ``flwr run --stream`` output to the log, pass progress lines on, bound the run's time.
 
     If one of the ``essential`` processes (the SuperLink) dies first, ``flwr run`` is stopped rather
-    than left to wait for a server that is gone, and the error says the run can be resumed.
+    than left to wait for a server that is gone, and the error says the run can be resumed. So is it
+    when ``stall`` (scripts/local/watch.py) finds the runtime stalled.
     """
     timed_out = threading.Event()
+    stalled: list[str] = []
     died: list[tuple[str, subprocess.Popen]] = []
     essential = list(essential)
 
@@ -196,6 +201,11 @@ def follow(
                 died.extend(gone)
                 end_runner()
                 return
+            cause = stall.check() if stall is not None else None
+            if cause:
+                stalled.append(cause)
+                end_runner()
+                return
             if time.monotonic() > deadline:
                 timed_out.set()
                 end_runner()
@@ -207,6 +217,8 @@ def follow(
         for raw in runner.stdout:
             with contextlib.suppress(OSError):  # a full disk: the run goes on (and says why it failed)
                 log.write(raw)
+            if stall is not None:
+                stall.progress()
             line = raw.decode("utf-8", "replace").rstrip()
             idx = line.find(PROGRESS_MARK)
             if idx >= 0:
@@ -229,6 +241,8 @@ def follow(
             f"{name} (pid {proc.pid}) died during the run ({how}); every process of the run was stopped. "
             "The run directory keeps its checkpoints: run the same command again to resume from the last one"
         )
+    if stalled:
+        raise RunInterrupted(stalled[0])
     if timed_out.is_set():
         raise RunInterrupted(f"the run did not finish within {timeout:g} s (--timeout); log {log_path}")
 

@@ -52,10 +52,12 @@ def context(partition_id, config):
     )
 
 
-def train_message(weights, server_round, learning_rate=None):
-    """A train task as the server sends it (the server resolves learning-rate = auto and sends it)."""
+def train_message(weights, server_round, learning_rate=None, batch_size=32):
+    """A train task as the server sends it (the server resolves learning-rate and batch-size = auto and sends them)."""
     arrays = ArrayRecord({name: Array(a) for name, a in weights.as_dict().items()})
     config = {"server-round": server_round}
+    if batch_size is not None:
+        config["batch-size"] = batch_size
     if learning_rate is not None:
         config["learning-rate"] = learning_rate
     content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
@@ -121,3 +123,22 @@ def test_problems_become_one_line_error_replies(shards, tmp_path):
     missing = str(tmp_path / "nowhere-{partition-id}.csv")
     reply = ca.train(train_message(lm.initial_weights(4, 1), 1, 0.05), context(0, run_config(**{"data-uri": missing})))
     assert reply.has_error() and "nowhere-0.csv" in reply.error.reason and "\n" not in reply.error.reason
+
+
+def test_train_uses_the_batch_size_the_task_carries_and_refuses_none(shards, tmp_path):
+    """batch-size = auto is resolved by the server: the client trains with the task's, and refuses a task
+    without one (it cannot guess what the server chose)."""
+    config = run_config(**{"data-uri": str(tmp_path / "client-{partition-id}.csv")})
+    w0 = lm.initial_weights(4, seed=1)
+    data = load_csv(str(tmp_path / "client-0.csv"))
+    reply = ca.train(train_message(w0, 1, 0.05, batch_size=data.num_examples), context(0, dict(config)))
+    assert not reply.has_error(), reply.error
+    orders = [lm.batch_order(data.num_examples, 42, 1, 0, 0)]
+    expected, _ = lm.train_numpy(w0, data.x, data.y, epochs=1, batch_size=data.num_examples, learning_rate=0.05,
+                                 orders=orders)  # fmt: skip
+    got = lm.LinearWeights.from_dict({k: reply.content["arrays"][k].numpy() for k in ("kernel", "bias")})
+    np.testing.assert_array_equal(got.kernel, expected.kernel)
+    refused = ca.train(train_message(w0, 1, 0.05, batch_size=None), context(0, dict(config)))
+    assert refused.has_error() and "batch size" in refused.error.reason
+    for bad in (0, True, "32"):
+        assert ca.train(train_message(w0, 1, 0.05, batch_size=bad), context(0, dict(config))).has_error()

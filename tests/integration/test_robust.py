@@ -71,8 +71,10 @@ def run(data, tmp_path, name, scale=None, **knobs):
     run_dir = str(tmp_path / f"{name}-{scale}-{next(RUNS)}")
     grids: list = []
     sabotage = attack(scale, grids) if scale is not None else None
+    # batch-size 32 (mini-batches, the default before auto): the measured dynamics these tests are about
+    # (honest updates shrinking round by round); batch-size = auto makes FedAvg's first round Newton's step
     run_in_process(uris, run_dir, sabotage=sabotage, grids=grids,
-                   **{"test-uri": test, "num-server-rounds": ROUNDS, "strategy": name, **knobs})  # fmt: skip
+                   **{"test-uri": test, "num-server-rounds": ROUNDS, "strategy": name, "batch-size": 32, **knobs})  # fmt: skip
     with open(os.path.join(run_dir, "history.json")) as handle:
         history = json.load(handle)
     return history["rounds"][-1]["test-mse"], history, grids[0]

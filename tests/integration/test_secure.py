@@ -186,7 +186,7 @@ def test_equal_weights_and_client_clipping_under_dp(shards, tmp_path, monkeypatc
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     messages = [
         Message(
-            RecordDict({"arrays": weights, "config": ConfigRecord({"server-round": 1, "learning-rate": 0.05, KEY_CLIPPING_NORM: 0.3})}),
+            RecordDict({"arrays": weights, "config": ConfigRecord({"server-round": 1, "learning-rate": 0.05, "batch-size": 32, KEY_CLIPPING_NORM: 0.3})}),
             dst_node_id=nid,
             message_type="train",
         )
