@@ -338,6 +338,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 def plan(args: argparse.Namespace, out: str) -> tuple[list[Case], dict[str, tuple[str, int]]]:
     """The cases to run, and the data sets they need (name -> (dir, clients))."""
+    if args.timeout is None:  # an explicit --timeout holds, --quick or not (a loaded CI machine needs more)
+        args.timeout = 300.0 if args.quick else 7200.0
     parts = set(_csv_list(args.only)) if args.only else set(PARTS)
     unknown = parts - set(PARTS)
     if unknown:
