@@ -99,7 +99,7 @@ def test_fedavg_through_the_origin_reaches_the_origin_optimum_and_exports_no_bia
     assert has_bias is False
 
 
-@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "fedols"])
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s not in ("fedols", "scaffold")])
 def test_every_strategy_trains_a_model_without_a_bias(origin_shards, tmp_path, strategy):
     uris, test, x, y = origin_shards
     grids = []
@@ -111,6 +111,14 @@ def test_every_strategy_trains_a_model_without_a_bias(origin_shards, tmp_path, s
     assert weight_arrays(grids[0]) == {("kernel",)}
     assert manifest["weights"]["bias"] == 0.0 and manifest["fit-intercept"] is False
     assert np.isfinite(history(tmp_path / "run")["rounds"][-1]["test-mse-ratio"])
+
+
+def test_scaffold_without_an_intercept_is_refused_in_one_line():
+    from fedlinear.common.config import RunConfig
+    from fedlinear.common.errors import FedLinearError
+
+    with pytest.raises(FedLinearError, match="scaffold needs 'fit-intercept' = true"):
+        RunConfig.from_run_config({"strategy": "scaffold", "fit-intercept": False})
 
 
 @pytest.mark.parametrize("dp", ["local", "central-server-clip", "central-client-clip"])
