@@ -64,3 +64,15 @@ def test_the_server_refuses_before_any_party_sends_its_sums(tmp_path):
     assert status["status"] == "completed", status
     assert manifest["privacy"]["epsilon"] == pytest.approx(direct_epsilon(2.0, 1e-5), rel=1e-6)
     assert manifest["privacy"]["epsilon"] <= 10.0
+
+
+def test_fedlinear_run_refuses_it_before_writing_anything(tmp_path, capsys):
+    from fedlinear.scripts.cli import main
+
+    out = tmp_path / "run"
+    argv = ["run", "--out", str(out), "--set", "strategy=fedols", "--set", "dp=central-client-clip",
+            "--set", "dp-noise-multiplier=2.0", "--set", "dp-max-epsilon=1.0"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedlinear: error: config key 'dp-max-epsilon' = 1 is below the ε") and "\n" not in err, err
+    assert not out.exists()  # nothing synthesised, nothing written
