@@ -110,7 +110,7 @@ class RunConfig:
         ``fixed`` clips to ``dp-clipping-norm``; ``adaptive`` (``central-server-clip`` only) starts
         there and moves the norm toward the ``dp-target-quantile`` of the update norms each round by
         Andrew et al.'s geometric rule, with a noised clipped count whose ε share is accounted
-        (``dp-clipping``).
+        (``dp-clipping``). Refused with DP-FedOLS, which clips rows, not updates.
     dp_target_quantile : float (default: 0.5)
         Adaptive clipping: the fraction of updates that should fall within the norm (``dp-target-quantile``).
     dp_clip_learning_rate : float (default: 0.2)
@@ -122,7 +122,8 @@ class RunConfig:
         The δ at which ε is reported (``dp-delta``).
     dp_max_epsilon : float (default: 0)
         Privacy budget: training stops before the round whose release would exceed it; 0 means no
-        budget (``dp-max-epsilon``).
+        budget (``dp-max-epsilon``). DP-FedOLS, which releases once, is refused before any party is asked
+        if that release would exceed it.
     dp_noise_seed : str (default: "seed")
         ``seed`` draws DP noise from ``seed`` (reproducible experiments: anyone who knows the seed can
         remove the noise); ``secure`` draws it from the operating system's entropy (``dp-noise-seed``).
@@ -131,14 +132,17 @@ class RunConfig:
         derived from it (and ``dp-delta``) by the run's own RDP accountant, for the releases the run
         makes (``num-server-rounds`` Gaussian releases for an iterative strategy, DP-FedOLS's one
         split in three), and ``dp-noise-multiplier`` is ignored; 0 = use ``dp-noise-multiplier``.
+        Refused with ``dp`` = none. A resumed run derives the same multiplier, so it must keep
+        ``num-server-rounds`` (the ε fixes the noise for the rounds the run started with).
     dp_feature_bound : float (default: 0)
         DP-FedOLS (``strategy`` = fedols with ``dp``): the L2 bound B_X each party clips a feature row
         to, in the space rows are clipped in (the public standardization when ``dp-public-statistics``
         = true, else raw units) (``dp-feature-bound``); 0 = ``sqrt(d) + 1``, standardized space only.
-        Public, not protected by ε.
+        Public, not protected by ε. Non-zero is refused outside DP-FedOLS.
     dp_target_bound : float (default: 0)
         DP-FedOLS: the bound B_Y each party clips ``|y|`` to, in the same space (``dp-target-bound``);
-        0 = 3 (standard deviations), standardized space only. Public, not protected by ε.
+        0 = 3 (standard deviations), standardized space only. Public, not protected by ε. Non-zero is
+        refused outside DP-FedOLS.
     dp_public_statistics : bool (default: false)
         Under privacy, nodes send no statistics; with ``true`` the pooled statistics in
         ``statistics-uri`` are declared public and used for standardization (not covered by ε)
@@ -357,6 +361,7 @@ class RunConfig:
             raise FedLinearError("config key 'dp-noise-multiplier' must be > 0 when 'dp' is not none")
         if not 0 < self.dp_clipping_norm < float("inf"):
             raise FedLinearError(f"config key 'dp-clipping-norm' must be > 0, got {self.dp_clipping_norm}")
+        self._validate_ignored_dp_keys()
         if self.dp_clipping == "adaptive" and self.dp not in ("central-server-clip", "none"):
             raise FedLinearError(
                 f"config key 'dp-clipping' = adaptive works with 'dp' = central-server-clip (the server must see "
@@ -483,6 +488,26 @@ class RunConfig:
             raise FedLinearError(
                 "config key 'strategy' = fedols needs the parties' cross-products, which 'reference' = none keeps "
                 "on the nodes; set 'reference' = auto"
+            )
+
+    def _validate_ignored_dp_keys(self) -> None:
+        """Refuse a DP key set where nothing reads it (it would be silently ignored)."""
+        if self.dp_target_epsilon > 0 and self.dp == "none":
+            raise FedLinearError(
+                f"config key 'dp-target-epsilon' = {self.dp_target_epsilon:g} has no effect with 'dp' = none: choose a "
+                "'dp' mechanism to spend it, or set 'dp-target-epsilon' = 0"
+            )
+        dp_fedols = self.strategy == "fedols" and self.dp != "none"
+        for key, value in (("dp-feature-bound", self.dp_feature_bound), ("dp-target-bound", self.dp_target_bound)):
+            if value != 0 and not dp_fedols:
+                raise FedLinearError(
+                    f"config key '{key}' = {value:g} is read only by DP-FedOLS ('strategy' = fedols with 'dp' = "
+                    f"central-client-clip), not with strategy = {self.strategy}, dp = {self.dp}: set '{key}' = 0, or use DP-FedOLS"
+                )
+        if self.dp_clipping == "adaptive" and dp_fedols:
+            raise FedLinearError(
+                "config key 'dp-clipping' = adaptive has no effect with 'strategy' = fedols and 'dp': DP-FedOLS clips "
+                "each row to 'dp-feature-bound' / 'dp-target-bound', not updates to a norm; set 'dp-clipping' = fixed"
             )
 
     def _validate_dp_fedols(self) -> None:

@@ -28,6 +28,7 @@ every row of the parties that were summed (the sensitivity is per row, whoever s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -128,12 +129,43 @@ def sum_statistics(grams: dict[int, np.ndarray], healthy: dict[int, dict]) -> np
     return total
 
 
+def budget_epsilon(cfg: RunConfig, population: int = 1) -> float:
+    """ε at ``dp-delta`` of DP-FedOLS's three releases (common/dpols.py ``share_multipliers`` of the run's
+    noise multiplier, derived from ``dp-target-epsilon`` when set), on a fresh copy of the run's accountant."""
+    from fedlinear.server.resume import with_resolved_noise
+
+    resolved = with_resolved_noise(cfg)
+    accountant = privacy.make_accountant(dataclasses.replace(resolved, dp_max_epsilon=0.0), population)
+    for z in dpols.share_multipliers(resolved.dp_noise_multiplier):
+        accountant.compose(GaussianPrivacyEvent(z, max(1, population), max(1, population)))
+    return float(accountant.get_epsilon(cfg.dp_delta))
+
+
+def refuse_over_budget(cfg: RunConfig, population: int = 1) -> None:
+    """Refuse, before any party is asked or anything released, a DP-FedOLS run whose one release (three
+    Gaussian releases) would spend more than ``dp-max-epsilon``: it has no earlier model to stop at. The
+    accounting has no sampling amplification (every party is in the release), so ``population`` does not
+    change ε."""
+    if cfg.strategy != "fedols" or cfg.dp == common_privacy.NO_DP or not cfg.dp_max_epsilon:
+        return
+    spent = budget_epsilon(cfg, population)
+    if spent > cfg.dp_max_epsilon:
+        how = (f"'dp-target-epsilon' = {cfg.dp_target_epsilon:g}" if cfg.dp_target_epsilon
+               else f"'dp-noise-multiplier' = {cfg.dp_noise_multiplier:g}")  # fmt: skip
+        raise FedLinearError(
+            f"config key 'dp-max-epsilon' = {cfg.dp_max_epsilon:g} is below the ε = {spent:.6g} (δ = {cfg.dp_delta:g}) "
+            f"DP-FedOLS's release spends with {how}; raise 'dp-max-epsilon', or set 'dp-target-epsilon' to at most "
+            f"{cfg.dp_max_epsilon:g} (or a larger 'dp-noise-multiplier')"
+        )
+
+
 def run(
     grid: Grid, context: Context, store: RunStore, cfg: RunConfig, parties: Parties, test: Dataset | None,
     started: float,
 ) -> None:  # fmt: skip
     """Clip, sum, release once, solve, evaluate, export and record (status ``completed``)."""
     healthy, d = parties.healthy, parties.num_features
+    refuse_over_budget(cfg, len(healthy))  # before any party is asked for its sums
     stats, reference_source, public = privacy.choose_statistics(cfg, None, d)
     transform, bx, by, space = clipping_space(cfg, public, d)
     progress.say(f"DP-FedOLS: {space}")

@@ -35,12 +35,31 @@ TRAJECTORY_KEYS = (
     "secure-aggregation", "secagg-clipping-range", "secagg-quantization-range",
     "strategy", "proximal-mu", "server-learning-rate", "server-momentum", "eta", "beta-1", "beta-2", "tau",
     "trimmed-beta", "num-malicious-nodes", "num-nodes-to-select", "max-update-norm", "max-update-norm-factor",
-    "fit-intercept", "init-from",
+    "fit-intercept", "init-from", "dp-target-epsilon",
 )  # fmt: skip
 # Trajectory keys added after checkpoints without them were written, with the value that behaves as
 # those runs did (off). Only keys listed here are defaulted: a checkpoint lacking any other trajectory key
 # (e.g. `standardize`, whose default changed what training does) is refused as a different run.
-ADDED_KEYS = {"max-update-norm-factor": 0.0, "fit-intercept": True, "init-from": ""}
+ADDED_KEYS = {"max-update-norm-factor": 0.0, "fit-intercept": True, "init-from": "", "dp-target-epsilon": 0.0}
+
+
+def targets_epsilon(cfg: RunConfig) -> bool:
+    """Whether ``dp-target-epsilon`` derives the noise multiplier (server/privacy.py ``resolve_noise``)."""
+    return cfg.dp != "none" and cfg.dp_target_epsilon > 0
+
+
+def with_resolved_noise(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``dp-noise-multiplier`` as the ServerApp runs it: derived from ``dp-target-epsilon`` (when > 0)
+    for the run's releases, as :func:`server.privacy.resolve_noise` does (quietly; the same bisection, so the same
+    float); a config already resolved stays the same."""
+    if not targets_epsilon(cfg):
+        return cfg
+    from fedlinear.server import privacy
+
+    z = privacy.noise_for_epsilon(cfg, cfg.dp_target_epsilon, privacy.releases_of(cfg))
+    return dataclasses.replace(cfg, dp_noise_multiplier=z)
+# What a checkpoint of a dp-target-epsilon run records beside the trajectory: the rounds its z was derived for.
+TARGET_ROUNDS_KEY = "num-server-rounds"
 
 
 def trajectory_key(cfg: RunConfig, num_features: int) -> dict[str, Any]:
@@ -96,8 +115,12 @@ def refuse_other_trajectory(store: RunStore, pointer: dict[str, Any], cfg: RunCo
     """Refuse, naming what changed, a checkpoint (``pointer``: its ``latest.json``) of a run with other
     trajectory settings or, when ``num_features`` is given, another number of features; and one after more
     rounds than ``num-server-rounds``. ``fedlinear run`` calls it before writing anything (``num_features``
-    None where it does not know it), the ServerApp again with the data in hand."""
-    expected = trajectory_key(cfg, num_features or 0)
+    None where it does not know it), the ServerApp again with the data in hand.
+
+    With ``dp-target-epsilon`` the noise multiplier is derived before the comparison (the checkpoint holds the
+    derived one), and ``num-server-rounds`` must be the one the run started with: the ε fixes the noise for it."""
+    refuse_other_target_rounds(store, pointer, cfg)
+    expected = trajectory_key(with_resolved_noise(cfg), num_features or 0)
     if num_features is None:
         expected.pop("num-features")
     recorded = {**ADDED_KEYS, **pointer}  # a checkpoint from before a key was added ran as its default does
@@ -108,6 +131,22 @@ def refuse_other_trajectory(store: RunStore, pointer: dict[str, Any], cfg: RunCo
             f"{store.run_dir} holds checkpoints of a different run ({detail}); "
             "resume with the same settings or choose another run-dir"
         )
+
+
+def refuse_other_target_rounds(store: RunStore, pointer: dict[str, Any], cfg: RunConfig) -> None:
+    """Refuse, with ``dp-target-epsilon`` as the checkpoint has it, another ``num-server-rounds`` than the run
+    started with: the noise multiplier that spends the ε was derived for that many releases."""
+    if not targets_epsilon(cfg) or pointer.get("dp-target-epsilon") != cfg.dp_target_epsilon:
+        return  # no target ε, or another one: the general comparison names it
+    rounds = pointer.get(TARGET_ROUNDS_KEY)
+    if rounds is None or int(rounds) == cfg.num_server_rounds:
+        return
+    raise FedLinearError(
+        f"{store.run_dir} holds checkpoints of a run with 'dp-target-epsilon' = {cfg.dp_target_epsilon:g}, which fixes "
+        f"the noise multiplier (z = {float(pointer['dp-noise-multiplier']):.6g}) for the {int(rounds)} rounds it "
+        f"started with, but 'num-server-rounds' is now {cfg.num_server_rounds}; resume with 'num-server-rounds' = "
+        f"{int(rounds)}, or choose another run-dir for a run over {cfg.num_server_rounds} rounds"
+    )
 
 
 def refuse_fewer_rounds(store: RunStore, pointer: dict[str, Any], cfg: RunConfig) -> None:
@@ -196,6 +235,8 @@ class Checkpoints:
             "transform": transform.to_json(),
             "resolved-learning-rate": learning_rate,
         }
+        if targets_epsilon(cfg):  # the rounds the target ε's noise multiplier was derived for
+            self.state[TARGET_ROUNDS_KEY] = int(cfg.num_server_rounds)
         if batch_size is not None:
             self.state["resolved-batch-size"] = int(batch_size)
 

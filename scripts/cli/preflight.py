@@ -1,6 +1,6 @@
 """``fedlinear run``'s checks that can refuse, all made before the first byte is written into the run directory.
 
-In order: the run config (:class:`common.config.RunConfig`), a run directory that already holds a completed
+In order: the run config (:class:`common.config.RunConfig`) and DP-FedOLS's budget, a run directory that already holds a completed
 run, a checkpoint of a run with other settings (:mod:`server.resume`: the same rule the ServerApp applies
 again with the data in hand), and, for the synthesised default data, a ``data/`` that already holds other
 data. Only then is the lock taken and the data written (:meth:`SyntheticData.publish`). A refused
@@ -45,6 +45,13 @@ def refuse_other_checkpoint(store: RunStore, cfg, num_features: int | None) -> N
     pointer, _ = latest
     resume.refuse_other_trajectory(store, pointer, cfg, num_features)
     resume.refuse_fewer_rounds(store, pointer, cfg)
+
+
+def refuse_over_budget(cfg) -> None:
+    """Refuse a DP-FedOLS run whose one release would spend more than ``dp-max-epsilon`` (server/dpols.py)."""
+    from fedlinear.server import dpols
+
+    dpols.refuse_over_budget(cfg)
 
 
 class SyntheticData:

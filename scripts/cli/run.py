@@ -20,7 +20,9 @@ from fedlinear.common.privacy import secure_statistics
 from fedlinear.common.runstore import wall_time_text
 from fedlinear.common.shards import CLIENT_FILE, attach_heterogeneity, find_shards, heterogeneity_line
 from fedlinear.scripts.cli.options import HETEROGENEITY_OPTIONS, abs_uri, add_heterogeneity_args, heterogeneity_of
-from fedlinear.scripts.cli.preflight import SYNTH_FEATURES, SyntheticData, refuse_completed, refuse_other_checkpoint
+from fedlinear.scripts.cli.preflight import (
+    SYNTH_FEATURES, SyntheticData, refuse_completed, refuse_other_checkpoint, refuse_over_budget,
+)  # fmt: skip
 from fedlinear.scripts.local.lock import lock_run_dir
 
 APP_DIR = fedlinear.app_dir()
@@ -252,6 +254,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_config.update(target_config(args, overrides))
     # Every check that can refuse, before the first byte is written into the run directory (preflight.py)
     cfg = RunConfig.from_run_config(run_config)  # fail here, with a clear message, not in the ServerApp
+    refuse_over_budget(cfg)
     store = RunStore(cfg.run_dir)
     refuse_completed(store, out)
     refuse_other_checkpoint(store, cfg, synth and SYNTH_FEATURES)

@@ -134,3 +134,30 @@ def test_cli_assignments_are_typed():
         parse_assignments(["lr=0.1"])
     with pytest.raises(FedLinearError, match="key=value"):
         parse_assignments(["engine"])
+
+
+DP_FEDOLS = {"strategy": "fedols", "dp": "central-client-clip"}
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"dp-target-epsilon": 2.0}, "'dp-target-epsilon' = 2 has no effect with 'dp' = none"),
+        ({"dp-feature-bound": 3.0}, "'dp-feature-bound' = 3 is read only by DP-FedOLS"),
+        ({"dp-target-bound": 1.5, "dp": "central-server-clip"}, "'dp-target-bound' = 1.5 is read only by DP-FedOLS"),
+        ({"dp-feature-bound": 3.0, "strategy": "fedols"}, "'dp-feature-bound' = 3 is read only by DP-FedOLS"),
+        ({"dp-target-bound": 2.0, "dp": "central-client-clip"}, "'dp-target-bound' = 2 is read only by DP-FedOLS"),
+        ({**DP_FEDOLS, "dp-clipping": "adaptive"}, "'dp-clipping' = adaptive has no effect with 'strategy' = fedols and 'dp'"),
+    ],
+)
+def test_dp_keys_nothing_reads_are_refused_naming_the_key(settings, message):
+    with pytest.raises(FedLinearError, match=re.escape(message)) as info:
+        RunConfig.from_run_config(settings)
+    assert "\n" not in str(info.value) and "set '" in str(info.value)
+
+
+def test_dp_keys_where_they_are_read_are_accepted():
+    RunConfig.from_run_config({"dp": "central-server-clip", "dp-target-epsilon": 2.0})
+    RunConfig.from_run_config({**DP_FEDOLS, "dp-target-epsilon": 2.0, "dp-feature-bound": 3.0, "dp-target-bound": 1.0})
+    RunConfig.from_run_config({"dp": "central-server-clip", "dp-clipping": "adaptive"})
+    RunConfig.from_run_config({"strategy": "fedols"})  # the defaults (0, fixed) are fine everywhere
