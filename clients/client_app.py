@@ -188,6 +188,7 @@ def query(msg: Message, context: Context) -> Message:
     uri, data = load_shard(context, cfg)
     request = msg.content.config_records.get(protocol.RECORD_CONFIG, ConfigRecord())
     stage = str(request.get(protocol.KEY_STAGE, protocol.STAGE_DESCRIBE))
+    _refuse_under_own_privacy(cfg, stage, request)
     if stage == protocol.STAGE_FEDOLS_R:  # the yardstick (server/yardstick.py) and strategy = fedols, method qr
         r = fedols.local_r(data.x, data.y, _centre(msg, stage, uri, data))
         return Message(RecordDict({protocol.RECORD_R: ArrayRecord({protocol.ARRAY_R: Array(r)})}), reply_to=msg)
@@ -206,7 +207,7 @@ def query(msg: Message, context: Context) -> Message:
         protocol.SHARD_NUM_EXAMPLES: data.num_examples,
         protocol.SHARD_CLIENT_KEY: client_key(context, cfg, uri, data),
     }
-    if not bool(request.get(protocol.KEY_PRIVATE, False)):  # under privacy the shard's path and hash stay here
+    if not (cfg.private or bool(request.get(protocol.KEY_PRIVATE, False))):  # under privacy path and hash stay here
         info[protocol.SHARD_DATA_URI] = uri
         info[protocol.SHARD_FINGERPRINTS] = [str(fp) for fp in map(_fingerprint_json, data.sources)]
     if pid is not None:
@@ -216,6 +217,30 @@ def query(msg: Message, context: Context) -> Message:
         total = scaling.Moments.of(data.x, data.y).total
         content[protocol.RECORD_MOMENTS] = ArrayRecord({protocol.ARRAY_TOTAL: Array(total)})
     return Message(content, reply_to=msg)
+
+
+def _refuse_under_own_privacy(cfg: RunConfig, stage: str, request: ConfigRecord) -> None:
+    """Under this node's OWN private run config (``dp`` or ``secure-aggregation``, RunConfig.private) the
+    server is not trusted: no R factor, no scatter and no column sums leave in the clear, whatever the
+    query says. What privacy itself needs stays: DP-FedOLS's clipped Gram (its own stage, checked
+    there) and the shard description without statistics; secure statistics go through SecAgg+ in a
+    train task (``train.secsum``), not through this query."""
+    if not cfg.private:
+        return
+    why = f"this node's run config is private ({_privacy_keys(cfg)}): the server may not see its"
+    if stage == protocol.STAGE_FEDOLS_R:
+        raise FedLinearError(f"a fedols-r query refused: {why} R factor in the clear")
+    if stage == protocol.STAGE_SCATTER:
+        raise FedLinearError(f"a scatter query refused: {why} scatter in the clear")
+    if stage == protocol.STAGE_DESCRIBE and bool(request.get(protocol.KEY_WANT_MOMENTS, False)):
+        raise FedLinearError(f"a shard query asking for moments refused: {why} column sums in the clear")
+
+
+def _privacy_keys(cfg: RunConfig) -> str:
+    keys = [f"'dp' = {cfg.dp}"] if cfg.dp != privacy.NO_DP else []
+    if cfg.secure_aggregation:
+        keys.append("'secure-aggregation' = true")
+    return ", ".join(keys)
 
 
 def _dpols_gram(msg: Message, request: ConfigRecord, uri: str, data: Dataset) -> Message:

@@ -17,6 +17,7 @@ import contextlib
 import os
 import sys
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
 
@@ -98,19 +99,32 @@ def load_savedmodel(uri: str):
     return predict, num_features
 
 
-def read_linear(path: str) -> tuple[np.ndarray, float, int]:
-    """``(kernel (d,) float64, bias, d)`` of an exported SavedModel in a local directory: its
-    ``kernel``/``bias`` variables (what :func:`export_savedmodel` writes)."""
+class ReadModel(NamedTuple):
+    """An exported linear model's variables: ``kernel`` (d,) float64, ``bias`` (0.0 without one),
+    ``num_features`` d, and whether it has an intercept (a ``bias`` variable)."""
+
+    kernel: np.ndarray
+    bias: float
+    num_features: int
+    intercept: bool
+
+
+def read_linear(path: str) -> ReadModel:
+    """The variables of an exported SavedModel in a local directory: its ``kernel`` and, when the
+    model has an intercept, ``bias`` (what :func:`export_savedmodel` writes; a ``fit-intercept = false``
+    export has no bias: 0.0, ``intercept`` False)."""
     tf = _tensorflow()
     try:
         with quiet_native_stderr():
             loaded = tf.saved_model.load(path)
         kernel = np.asarray(loaded.kernel.numpy(), np.float64)
-        bias = np.asarray(loaded.bias.numpy(), np.float64).reshape(-1)
+        variable = getattr(loaded, "bias", None)
+        bias = None if variable is None else np.asarray(variable.numpy(), np.float64).reshape(-1)
     except AttributeError:
-        raise FedLinearError(f"{path}: a SavedModel without fedlinear's kernel/bias variables") from None
+        raise FedLinearError(f"{path}: a SavedModel without fedlinear's kernel variable") from None
     except Exception as exc:  # noqa: BLE001 - TF's errors on a broken model: one line
         raise FedLinearError(f"{path}: TensorFlow cannot load it ({type(exc).__name__})") from None
-    if kernel.ndim != 2 or kernel.shape[1] != 1 or bias.shape != (1,):
-        raise FedLinearError(f"{path}: kernel {kernel.shape} / bias {bias.shape} is not a linear model's (d, 1) / (1,)")
-    return kernel.ravel(), float(bias[0]), int(kernel.shape[0])
+    if kernel.ndim != 2 or kernel.shape[1] != 1 or (bias is not None and bias.shape != (1,)):
+        shown = "no bias" if bias is None else f"bias {bias.shape}"
+        raise FedLinearError(f"{path}: kernel {kernel.shape} / {shown} is not a linear model's (d, 1) / (1,)")
+    return ReadModel(kernel.ravel(), 0.0 if bias is None else float(bias[0]), int(kernel.shape[0]), bias is not None)

@@ -74,6 +74,67 @@ def check_r(r: np.ndarray, num_features: int, num_examples: int) -> str | None:
     return None
 
 
+# Honest R factors and scatters agree to rounding: QR and the sums are backward stable, so an entry of
+# RᵀR differs from the one the statistics give by a few n·ε of the product of its columns' norms.
+CONSISTENCY_TOLERANCE = 1e-8
+
+
+def expected_gram(
+    count: int, total: np.ndarray, scatter: np.ndarray, scatter_centre: np.ndarray, centre: np.ndarray
+) -> np.ndarray:
+    """The Gram matrix ``BᵀB`` of a party's block ``B = [x − c_x, 1, y − c_y]`` (``c`` = ``centre``), from
+    what it sent in the clear: ``n``, ``Σ[x y]`` and its scatter ``S = Σ(z − m)(z − m)ᵀ`` about the
+    server's centre ``m`` (``scatter_centre``). With ``μ = Σz / n``:
+    ``Σ(z − c)(z − c)ᵀ = S + n[(μ − c)(μ − c)ᵀ − (μ − m)(μ − m)ᵀ]``, the ones column gives ``n(μ − c)``
+    and ``n``, laid out as the block is (features, ones, target)."""
+    n = float(count)
+    z_mean = np.asarray(total, np.float64).ravel() / n
+    to_c = z_mean - np.asarray(centre, np.float64).ravel()
+    to_m = z_mean - np.asarray(scatter_centre, np.float64).ravel()
+    zz = np.asarray(scatter, np.float64) + n * (np.outer(to_c, to_c) - np.outer(to_m, to_m))
+    d = zz.shape[0] - 1
+    gram = np.zeros((d + 2, d + 2))
+    z_cols = [*range(d), d + 1]  # block columns of x and y
+    gram[np.ix_(z_cols, z_cols)] = zz
+    gram[d, z_cols] = gram[z_cols, d] = n * to_c
+    gram[d, d] = n
+    return gram
+
+
+def r_matches_statistics(
+    r: np.ndarray, count: int, total: np.ndarray, scatter: np.ndarray, scatter_centre: np.ndarray, centre: np.ndarray,
+    tolerance: float = CONSISTENCY_TOLERANCE,
+) -> str | None:  # fmt: skip
+    """Why a party's R factor is not the one of the data whose moments and scatter it sent in the same
+    run (one line), or None: ``RᵀR`` must equal :func:`expected_gram` entry by entry to within
+    ``tolerance`` x ``sqrt(a_j a_k)``, ``a`` the diagonal of the terms it is computed from (the expected
+    diagonal when the scatter's and the factor's centres agree). A party that lies in one of its two
+    answers would otherwise bend the solve (R) and the standardization or the yardstick (the statistics)
+    differently, or pass the intercept check with another data set."""
+    expected = expected_gram(count, total, scatter, scatter_centre, centre)
+    got = r.T @ r
+    # the scale each entry is computed at: the diagonal of every term of expected_gram (the scatter
+    # about m and the two shifts), so cancelling terms (m far from c) do not turn rounding into a mismatch
+    n, d = float(count), r.shape[0] - 2
+    z_mean = np.asarray(total, np.float64).ravel() / n
+    terms = np.diagonal(np.asarray(scatter, np.float64)) + n * (
+        (z_mean - np.asarray(centre, np.float64).ravel()) ** 2 + (z_mean - np.asarray(scatter_centre, np.float64).ravel()) ** 2
+    )
+    diagonal = np.sqrt(np.maximum(np.insert(terms, d, n), 0.0))  # the ones column (n) between x and y
+    bound = tolerance * np.maximum(np.outer(diagonal, diagonal), np.finfo(float).tiny)
+    excess = np.abs(got - expected) / bound
+    if not np.isfinite(excess).all() or excess.max() > 1.0:
+        j, k = np.unravel_index(int(np.nanargmax(np.where(np.isfinite(excess), excess, np.inf))), excess.shape)
+        names = [*(f"x{i + 1}" for i in range(r.shape[0] - 2)), "1", "y"]
+        scale = float(diagonal[j] * diagonal[k])
+        return (
+            f"R factor disagrees with the moments and scatter this party sent: RᵀR[{names[j]}, {names[k]}] = "
+            f"{got[j, k]:.6g}, its statistics give {expected[j, k]:.6g} (off by {abs(got[j, k] - expected[j, k]) / max(scale, np.finfo(float).tiny):.3g} "
+            f"of the diagonal, tolerance {tolerance:g})"
+        )
+    return None
+
+
 @dataclasses.dataclass
 class Solution:
     """The float64 solution and how it was obtained (the manifest's ``fedols`` block)."""

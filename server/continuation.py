@@ -35,8 +35,9 @@ class Continued:
 def _recorded(info: dict[str, Any]) -> tuple[np.ndarray, float] | None:
     weights = info.get("weights") or info.get("exported-weights")
     try:
-        return np.asarray(weights["kernel"], np.float64).ravel(), float(weights["bias"])
-    except (TypeError, KeyError, ValueError):
+        bias = weights.get("bias")  # absent or None: a model without an intercept
+        return np.asarray(weights["kernel"], np.float64).ravel(), 0.0 if bias is None else float(bias)
+    except (TypeError, KeyError, ValueError, AttributeError):
         return None
 
 
@@ -49,7 +50,7 @@ def start(cfg: RunConfig, num_features: int, transform: scaling.Transform) -> Co
         files = modelrepo.model_digest(path)
         recorded = _recorded(origin.info)
         if recorded is None:
-            kernel, bias, _ = read_linear(path)
+            kernel, bias, _, _ = read_linear(path)  # a model without an intercept: bias 0.0
         else:
             kernel, bias = recorded
     if kernel.shape[0] != num_features:

@@ -8,7 +8,8 @@ scatter and the pooled statistics:
 * ``fedols-method = qr`` sends one more query, stage ``fedols-r`` with the pooled mean, and each
   party answers with the R factor of its centred block ``[x − μx, 1, y − μy]``. Every reply is
   checked (:func:`common.fedols.check_r`: shape, finite, upper triangular, intercept column of
-  norm² = the rows it declared); a bad one is a failed party, left out and reported, and the solve
+  norm² = the rows it declared; and RᵀR against the moments and scatter the party sent in the clear,
+  :func:`common.fedols.r_matches_statistics`); a bad one is a failed party, left out and reported, and the solve
   is exact for the remaining parties (the intercept column absorbs the shifted centre).
 
 The float64 solution goes into ``history.json`` and ``manifest.json`` (``fedols`` block), the model is
@@ -38,10 +39,12 @@ from fedlinear.server.nodes import Parties, in_key_order
 
 def collect_r(
     grid: Grid, cfg: RunConfig, healthy: dict[int, dict], centre: np.ndarray, failures: list[dict],
-    left_out: bool = True,
+    left_out: bool = True, statistics: dict | None = None,
 ) -> dict[int, np.ndarray]:
     """Stage ``fedols-r``: each healthy party's checked R factor (failures are appended, and said when
-    the party is ``left_out`` of the solve; the yardstick of a training run says them itself)."""
+    the party is ``left_out`` of the solve; the yardstick of a training run says them itself). With the
+    ``statistics`` each party sent in the clear (server.nodes.PartyStatistics, full scatter), its R
+    must also be the factor of that data (common.fedols.r_matches_statistics)."""
     d = int(next(iter(healthy.values()))[protocol.SHARD_NUM_FEATURES])
     order = in_key_order(healthy)
     messages = [
@@ -70,8 +73,14 @@ def collect_r(
         else:
             reason = _check_reply(msg, d, int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]))
             if reason is None:
-                factors[nid] = np.asarray(msg.content[protocol.RECORD_R][protocol.ARRAY_R].numpy(), np.float64)
-                continue
+                r = np.asarray(msg.content[protocol.RECORD_R][protocol.ARRAY_R].numpy(), np.float64)
+                own = (statistics or {}).get(nid)
+                if own is not None and own.scatter.ndim == 2:
+                    problem = fedols.r_matches_statistics(r, own.count, own.total, own.scatter, own.centre, centre)
+                    reason = None if problem is None else f"R-factor reply rejected: {problem}"
+                if reason is None:
+                    factors[nid] = r
+                    continue
         failures.append({"node-id": nid, "client-key": healthy[nid].get(protocol.SHARD_CLIENT_KEY), "reason": reason})
         if left_out:
             progress.say(f"node {nid} left out: {reason}")
@@ -112,7 +121,7 @@ def run(
     if cfg.fedols_method == "qr":
         if parties.factors is None:  # gathered with the shard query (server.yardstick) when statistics flow
             centre = pooled.mean if cfg.fit_intercept else np.zeros(num_features + 1)
-            factors = collect_r(grid, cfg, healthy, centre, failures)
+            factors = collect_r(grid, cfg, healthy, centre, failures, statistics=parties.statistics)
         else:
             factors = parties.factors
             failures.extend(parties.factor_failures or [])

@@ -29,6 +29,17 @@ from fedlinear.server import replies as replies_check
 
 
 @dataclasses.dataclass
+class PartyStatistics:
+    """What one party sent in the clear: ``n``, ``Σ[x y]`` and its scatter about the server's ``centre``
+    (full or diagonal), kept so its R factor can be checked against them (common.fedols.r_matches_statistics)."""
+
+    count: int
+    total: np.ndarray
+    scatter: np.ndarray
+    centre: np.ndarray
+
+
+@dataclasses.dataclass
 class Parties:
     """The nodes that passed the shard query.
 
@@ -52,6 +63,7 @@ class Parties:
     factors: dict[int, np.ndarray] | None = None
     factor_failures: list[dict] | None = None
     optimum: Any = None  # common.yardstick.Optimum
+    statistics: dict[int, PartyStatistics] | None = None  # what each party sent in the clear (no privacy)
 
     @property
     def num_features(self) -> int:
@@ -169,7 +181,8 @@ def query_nodes(grid: Grid, cfg: RunConfig, nodes: list[int]) -> Parties:
         )
     if not want_moments:
         return Parties(healthy, failures, None)
-    return Parties(healthy, failures, pooled_statistics(grid, cfg, healthy, totals, failures))
+    own: dict[int, PartyStatistics] = {}
+    return Parties(healthy, failures, pooled_statistics(grid, cfg, healthy, totals, failures, own), statistics=own)
 
 
 def colliding_keys(healthy: dict[int, dict]) -> list[dict]:
@@ -214,9 +227,11 @@ def scatter_problem(matrix: np.ndarray) -> str | None:
 
 
 def pooled_statistics(
-    grid: Grid, cfg: RunConfig, healthy: dict[int, dict], totals: dict[int, np.ndarray], failures: list[dict]
-) -> scaling.PooledStats:
-    """Second pass: the scatter of every healthy node about the pooled mean (nodes failing it are left out)."""
+    grid: Grid, cfg: RunConfig, healthy: dict[int, dict], totals: dict[int, np.ndarray], failures: list[dict],
+    own: dict[int, PartyStatistics] | None = None,
+) -> scaling.PooledStats:  # fmt: skip
+    """Second pass: the scatter of every healthy node about the pooled mean (nodes failing it are left out);
+    each party's own statistics go into ``own`` when given."""
     d = int(next(iter(healthy.values()))[protocol.SHARD_NUM_FEATURES])
     order = in_key_order(healthy)
     moments = None
@@ -265,6 +280,8 @@ def pooled_statistics(
     for nid in in_key_order(healthy):
         m = scaling.Moments(int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]), totals[nid])
         sc = scaling.Scatter(m.count, parts[nid])
+        if own is not None:
+            own[nid] = PartyStatistics(m.count, totals[nid], parts[nid], centre)
         moments = m if moments is None else moments + m
         scatter = sc if scatter is None else scatter + sc
     return scaling.PooledStats.combine(moments, scatter, centre)

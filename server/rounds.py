@@ -206,12 +206,25 @@ class Rounds:
         self.evaluate_config = protocol.evaluate_config(self.transform)
         self.secure_cfg = cfg
         if privacy.secure_rounds(cfg):  # secure aggregation hook: the clipping range follows the training variables
-            start = initial_weights(self.parties.num_features, cfg.seed, self.transform)
+            start = self._fresh_start()[0]  # the continued model's weights under init-from
             clipping_range, how = secure.training_clipping_range(cfg, self.training_stats, self.transform, start)
             self.secure_cfg = dataclasses.replace(cfg, secagg_clipping_range=clipping_range)
             progress.say(secure.describe(self.secure_cfg) + f"; {how}")
         if self.privacy.describe():
             progress.say(self.privacy.describe())
+
+    def _fresh_start(self) -> tuple[lm.LinearWeights, continuation.Continued | None]:
+        """The weights round 1 of this run starts from (a resumed run's too): Keras' Glorot start, or the
+        earlier model under ``init-from`` (read once)."""
+        if getattr(self, "_start", None) is None:
+            cfg = self.cfg
+            continued = continuation.start(cfg, self.parties.num_features, self.transform) if cfg.init_from else None
+            weights = (
+                continued.weights if continued is not None
+                else initial_weights(self.parties.num_features, cfg.seed, self.transform, cfg.fit_intercept)
+            )  # fmt: skip
+            self._start = (weights, continued)
+        return self._start
 
     def _open_history(self, start: resume.Start) -> None:
         """The weights the rounds start from and the history: round 0 (the initial model) for a fresh
@@ -221,11 +234,9 @@ class Rounds:
         if self.first_round > 1:
             progress.say(f"resuming after round {self.first_round - 1} from {self.store.uri('checkpoints', 'latest.json')}")
         else:
-            weights = initial_weights(self.parties.num_features, cfg.seed, self.transform, cfg.fit_intercept)
+            weights, continued = self._fresh_start()
             history = {"run-id": self.context.run_id, "rounds": []}
-            if cfg.init_from:  # continuation: start from an earlier model (server/continuation.py)
-                continued = continuation.start(cfg, self.parties.num_features, self.transform)
-                weights = continued.weights
+            if continued is not None:  # continuation: start from an earlier model (server/continuation.py)
                 progress.say(continued.note)
                 history["lineage"] = continued.lineage
                 history["initial-weights"] = {"kernel": continued.raw_kernel, "bias": continued.raw_bias}

@@ -430,14 +430,25 @@ def training_clipping_range(cfg: RunConfig, pooled, transform, initial) -> tuple
     range (default 8) stands; on raw or collinear variables it grows with them, so no honest update
     is refused for its scale. The quantization step ``2c/Q`` grows in proportion, i.e. stays the same
     relative to the weights. Without the pooled optimum the configured range is used as it is.
+
+    The optimum is the one the run trains toward: with an intercept the pooled least squares, with
+    ``fit-intercept = false`` the least squares through the origin (no bias coordinate). ``initial``
+    is the run's start: Glorot's, or the continued model's (``init-from``, server/continuation.py).
     """
     configured = float(cfg.secagg_clipping_range)
     if pooled is None or not getattr(pooled, "full", False):
         return configured, f"clipping range ±{configured:g} (secagg-clipping-range)"
-    kernel, bias = pooled.solve()
+    fit_intercept = bool(getattr(cfg, "fit_intercept", True))
+    if fit_intercept:
+        kernel, bias = pooled.solve()
+    else:  # the optimum through the origin, the one this run trains toward (common/yardstick.py)
+        from fedlinear.common import yardstick
+
+        kernel, bias = yardstick.from_scatter(pooled, fit_intercept=False).kernel, 0.0
     scale = transform.y_scale
     weights = np.linalg.pinv(transform.matrix) @ (np.asarray(kernel, np.float64) / scale)
-    bias_t = (bias - transform.y_shift + float(transform.shift @ kernel)) / scale
+    # without an intercept the model has no bias coordinate: none to bound
+    bias_t = (bias - transform.y_shift + float(transform.shift @ kernel)) / scale if fit_intercept else 0.0
     start = np.abs(np.asarray(initial.vector(), np.float64)).max()
     largest = max(float(np.abs(weights).max(initial=0.0)), abs(float(bias_t)), float(start))
     chosen = max(configured, RANGE_FACTOR * largest)

@@ -47,7 +47,7 @@ def gather(grid: Grid, cfg: RunConfig, parties: Parties) -> None:
     centre = centre_for(parties, fit_intercept)
     failures: list[dict] = []
     fedols = cfg.strategy == "fedols" and cfg.fedols_method == "qr"  # its solve leaves such parties out too
-    factors = collect_r(grid, cfg, parties.healthy, centre, failures, left_out=fedols)
+    factors = collect_r(grid, cfg, parties.healthy, centre, failures, left_out=fedols, statistics=parties.statistics)
     parties.factors, parties.factor_failures = factors, failures
     order = [nid for nid in parties.in_key_order() if nid in factors]
     if not factors or (failures and not fedols):

@@ -142,3 +142,37 @@ def test_train_uses_the_batch_size_the_task_carries_and_refuses_none(shards, tmp
     assert refused.has_error() and "batch size" in refused.error.reason
     for bad in (0, True, "32"):
         assert ca.train(train_message(w0, 1, 0.05, batch_size=bad), context(0, dict(config))).has_error()
+
+
+def query_message(stage, centre=None, **config):
+    """A query as the server sends it (server/nodes.py, server/fedols.py)."""
+    content = RecordDict({"config": ConfigRecord({"stage": stage, **config})})
+    if centre is not None:
+        content["centre"] = ArrayRecord({"centre": Array(np.asarray(centre, np.float64))})
+    return Message(content, dst_node_id=100, message_type="query")
+
+
+@pytest.mark.parametrize(
+    "private", [{"secure-aggregation": True}, {"dp": "central-client-clip"}, {"dp": "local"}]
+)
+def test_a_node_whose_own_config_is_private_sends_no_statistics_in_the_clear(shards, tmp_path, private):
+    """The server is not trusted under privacy: whatever the query says, this node's own run config decides."""
+    uri = str(tmp_path / "client-{partition-id}.csv")
+    centre = np.zeros(5)
+    public = context(0, run_config(**{"data-uri": uri}))
+    for message in (query_message("fedols-r", centre), query_message("scatter", centre, full=True)):
+        assert not ca.query(message, public).has_error()  # the same queries are answered without privacy
+    assert "moments" in ca.query(query_message("describe", **{"want-moments": True}), public).content
+    node = context(0, run_config(**{"data-uri": uri, **private}))
+    for stage, what in (("fedols-r", "R factor"), ("scatter", "scatter")):
+        reply = ca.query(query_message(stage, centre, full=True), node)
+        assert reply.has_error() and reply.error.code == ca.ERROR_CODE_USER
+        assert f"{stage} query refused" in reply.error.reason and what in reply.error.reason
+        assert "private" in reply.error.reason and next(iter(private)) in reply.error.reason
+        assert not reply.has_content()
+    reply = ca.query(query_message("describe", **{"want-moments": True, "private": False}), node)
+    assert reply.has_error() and "moments refused" in reply.error.reason
+    reply = ca.query(query_message("describe", **{"want-moments": False, "private": False}), node)
+    assert not reply.has_error()  # the description a private run needs, without path and hash
+    shard = reply.content["shard"]
+    assert shard["num-examples"] == 101 and "data-uri" not in shard and "fingerprints" not in shard

@@ -328,3 +328,49 @@ def test_real_runtime_solves_in_one_round(federation_dir, tmp_path, mode):
     np.testing.assert_array_equal(exported, theta(manifest).astype(np.float32))
     predicted = np.array(json.loads(served.stdout.strip().splitlines()[-1]))
     np.testing.assert_allclose(predicted, probe.astype(np.float32) @ exported[:-1] + exported[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_an_r_factor_must_be_the_one_of_the_statistics_the_party_sent(shards, tmp_path):
+    """A party whose R factor is of other data than its moments and scatter (here its target's deviations
+    doubled: still upper triangular, the intercept column still says its rows) is a failed party with the
+    reason; the honest ones agree to rounding, and the solve is that of the others."""
+    uris, test = shards
+
+    def sabotage(node_id, msg):
+        if node_id != 1002 or msg.metadata.message_type != "query" or msg.content["config"].get("stage") != "fedols-r":
+            return None
+        from fedlinear.clients import client_app as ca
+
+        r = ca.app(msg, _context(node_id, msg)).content["r"]["r"].numpy().copy()
+        r[:, -1] *= 2.0  # the R of [x − μx, 1, 2(y − μy)]
+        assert fedols.check_r(r, 5, 97) is None  # the checks before this one cannot see it
+        return Message(RecordDict({"r": ArrayRecord({"r": Array(r)})}), reply_to=msg)
+
+    _GRID.clear()
+    status, manifest = run_in_process(
+        uris, str(tmp_path / "run"), sabotage=sabotage, grids=_GRID, **{"strategy": "fedols", "test-uri": test}
+    )
+    assert status["status"] == "completed", status
+    [row] = json.loads((tmp_path / "run" / "history.json").read_text())["rounds"]
+    assert row["clients-ok"] == 3 and row["clients-failed"] == 1
+    [failure] = row["failures"]
+    assert failure["node-id"] == 1002
+    assert failure["reason"].startswith("R-factor reply rejected: R factor disagrees with the moments and scatter")
+    x, y = pooled([uris[0], uris[1], uris[3]])
+    np.testing.assert_allclose(theta(manifest), lstsq(x, y), rtol=1e-9)
+
+
+@pytest.mark.parametrize("shift", [0.0, 1.0, 1e3])
+def test_honest_r_factors_match_their_statistics_about_any_centres(shift):
+    """RᵀR of [x − c, 1, y − c_y] against n, Σz and the scatter about another centre m (the server's):
+    honest data agrees whatever c and m (a far m cancels digits, inside the tolerance); other data does not."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(500, 3)) * [1.0, 1e3, 1e-3] + [5.0, -100.0, 1e3]
+    y = x @ [1.0, 2e-3, 3.0] + 7.0 + rng.normal(size=500)
+    moments = scaling.Moments.of(x, y)
+    m = moments.mean + shift * rng.normal(size=4) * [1.0, 1e3, 1e-3, 1.0]
+    scatter = scaling.Scatter.of(x, y, m, full=True).matrix
+    for c in (m, moments.mean, np.zeros(4)):
+        assert fedols.r_matches_statistics(fedols.local_r(x, y, c), 500, moments.total, scatter, m, c) is None
+        other = fedols.local_r(x, y + 0.01 * x[:, 0], c)
+        assert "disagrees" in fedols.r_matches_statistics(other, 500, moments.total, scatter, m, c)

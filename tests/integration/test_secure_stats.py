@@ -378,3 +378,53 @@ def test_simulation_runtime_secure_run_on_a_real_table_reaches_the_optimum(tmp_p
     ratio, _ = optimum_ratio(manifest, shards, test)
     assert ratio <= BAR, ratio
     assert manifest["final"]["test-mse-ratio"] <= BAR
+
+
+def test_the_training_clipping_range_is_sized_from_the_optimum_fit_intercept_trains_toward(tmp_path):
+    """``fit-intercept = false``: the model trains toward the least squares through the origin, which
+    has no bias coordinate; the with-intercept optimum (here a bias of 100) is not what the updates move
+    toward and must not size the range. Checked against numpy's closed-form least squares."""
+    rng = np.random.default_rng(4)
+    x = np.column_stack([20.0 + rng.normal(size=800), rng.normal(size=800)])
+    y = 100.0 + x[:, 1] + 0.1 * rng.normal(size=800)
+    pooled = scaling.PooledStats.of(x, y)
+    raw = scaling.Transform.identity(2)
+    start = rounds.initial_weights(2, 0, raw, fit_intercept=False)
+    for fit_intercept in (True, False):
+        cfg = RunConfig.from_run_config(
+            {"secure-aggregation": True, "standardize": "none", "fit-intercept": fit_intercept}
+        )
+        design = np.column_stack([x, np.ones(len(y))]) if fit_intercept else x
+        optimum = np.linalg.lstsq(design, y, rcond=None)[0]
+        chosen, how = secure.training_clipping_range(cfg, pooled, raw, start)
+        assert chosen == pytest.approx(8 * np.abs(optimum).max(), rel=1e-6), how
+    assert chosen < 8 * 50  # through the origin the kernel is about 100 / 20, not the bias of 100
+
+
+def test_the_training_clipping_range_follows_the_continued_start_weights(tmp_path, monkeypatch):
+    """``init-from``: round 1 starts from the earlier model, whose coordinate of 60 is far from both
+    Glorot's start and this data's optimum (O(1)); its first updates are of that order, so the range
+    is sized from the continued weights (8 x 60), not from the fresh start the run does not use."""
+    from fedlinear.common import model as lm
+    from fedlinear.common.export import export_savedmodel
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(400, 3))
+    y = x @ [1.0, -0.5, 0.25] + 0.1 * rng.normal(size=400)
+    shards = []
+    for i in range(CLIENTS):
+        uri = tmp_path / f"client-{i}.csv"
+        np.savetxt(uri, np.column_stack([x[i::CLIENTS], y[i::CLIENTS]]), delimiter=",", fmt="%.17g")
+        shards.append(str(uri))
+    parent = str(tmp_path / "parent")
+    export_savedmodel(lm.LinearWeights(np.array([[60.0], [0.0], [0.0]], np.float32), np.zeros(1, np.float32)), parent)
+    spy = UpdateSpy(monkeypatch)
+    settings = {"num-server-rounds": 1, "standardize": "none", "init-from": parent, "learning-rate": 0.05}
+    _, store = run_secure(shards, tmp_path / "run", **settings)
+    history = store.read_history()
+    assert history["initial-weights"]["kernel"][0] == pytest.approx(60.0)
+    [chosen] = {cfg.secagg_clipping_range for _, cfg in spy.rounds.values()}
+    assert chosen == pytest.approx(8 * 60.0, rel=1e-6)
+    largest = max(float(np.abs(update).max()) for update, _ in spy.updates.values())
+    assert 8.0 < largest <= chosen  # the continued model's first updates, which a range from Glorot's start refuses
+    assert all(row["clients-ok"] == CLIENTS for row in history["rounds"][1:])

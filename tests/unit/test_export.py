@@ -79,3 +79,21 @@ def test_a_model_without_an_intercept_exports_the_kernel_alone(tmp_path):
     assert result["in_shape"] == [None, 3] and result["outputs"] == ["y"] and result["shape"] == [5, 1]
     np.testing.assert_allclose(np.array(result["y"]), x.astype(np.float32) @ weights.kernel, atol=1e-5)
     assert json.loads(variables) == [True, False]
+
+
+def test_read_linear_reads_a_model_without_an_intercept_as_bias_zero(tmp_path):
+    """``init-from`` reads an export's variables: a ``fit-intercept = false`` one has no bias variable."""
+    from fedlinear.common.export import read_linear
+    from fedlinear.server.continuation import _recorded
+
+    rng = np.random.default_rng(5)
+    kernel = rng.normal(size=(3, 1)).astype(np.float32)
+    export_savedmodel(lm.LinearWeights(kernel=kernel, bias=None), str(tmp_path / "plain"))
+    export_savedmodel(lm.LinearWeights(kernel=kernel, bias=np.array([0.75], np.float32)), str(tmp_path / "biased"))
+    plain = read_linear(str(tmp_path / "plain"))
+    np.testing.assert_array_equal(plain.kernel, kernel.ravel().astype(np.float64))
+    assert (plain.bias, plain.num_features, plain.intercept) == (0.0, 3, False)
+    biased = read_linear(str(tmp_path / "biased"))
+    assert (biased.bias, biased.num_features, biased.intercept) == (0.75, 3, True)
+    recorded = _recorded({"weights": {"kernel": [1.0, 2.0], "bias": None}})  # a manifest without an intercept
+    assert recorded is not None and recorded[1] == 0.0
