@@ -32,7 +32,7 @@ import dataclasses
 import time
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
@@ -41,10 +41,10 @@ from fedlinear.common import model as lm
 from fedlinear.common import privacy as common_privacy
 from fedlinear.common.config import RunConfig
 from fedlinear.common.dataset import Dataset
-from fedlinear.common.errors import FedLinearError, untrusted_text
+from fedlinear.common.errors import FedLinearError
 from fedlinear.common.runstore import RunStore
 from fedlinear.server import evaluation, finish, privacy, progress
-from fedlinear.server.nodes import Parties, in_key_order
+from fedlinear.server.nodes import Parties, ask_each, in_key_order
 
 NOISE_STREAM = 0xD9015
 
@@ -82,18 +82,15 @@ def collect_grams(
         **protocol.transform_config(transform),
     }
     order = in_key_order(healthy)
-    messages = [
-        Message(RecordDict({protocol.RECORD_CONFIG: ConfigRecord(request)}), dst_node_id=nid, message_type=MessageType.QUERY)
-        for nid in order
-    ]
-    replies = {msg.metadata.src_node_id: msg for msg in grid.send_and_receive(messages, timeout=cfg.round_timeout)}
+    answers = ask_each(
+        grid, {nid: RecordDict({protocol.RECORD_CONFIG: ConfigRecord(request)}) for nid in order}, cfg.round_timeout,
+        "DP-FedOLS query",
+    )  # fmt: skip
     grams: dict[int, np.ndarray] = {}
     for nid in order:
-        msg = replies.get(nid)
-        if msg is None:
-            reason = f"no reply to the DP-FedOLS query within 'round-timeout' ({cfg.round_timeout:g} s)"
-        elif msg.has_error():
-            reason = untrusted_text(msg.error.reason)
+        msg = answers[nid]
+        if isinstance(msg, str):
+            reason = msg
         else:
             value, reason = _gram_of(msg, d)
             if value is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedlinear.common import fedols, protocol, yardstick
@@ -34,7 +34,7 @@ from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
 from fedlinear.common.runstore import RunStore
 from fedlinear.server import evaluation, finish, progress
-from fedlinear.server.nodes import Parties, in_key_order
+from fedlinear.server.nodes import Parties, ask_each, in_key_order
 
 
 def collect_r(
@@ -47,29 +47,19 @@ def collect_r(
     must also be the factor of that data (common.fedols.r_matches_statistics)."""
     d = int(next(iter(healthy.values()))[protocol.SHARD_NUM_FEATURES])
     order = in_key_order(healthy)
-    messages = [
-        Message(
-            RecordDict(
-                {
-                    protocol.RECORD_CONFIG: ConfigRecord({protocol.KEY_STAGE: protocol.STAGE_FEDOLS_R}),
-                    protocol.RECORD_CENTRE: ArrayRecord(
-                        {protocol.ARRAY_CENTRE: Array(np.ascontiguousarray(centre, np.float64))}
-                    ),
-                }
-            ),
-            dst_node_id=nid,
-            message_type=MessageType.QUERY,
-        )
-        for nid in order
-    ]
-    replies = {msg.metadata.src_node_id: msg for msg in grid.send_and_receive(messages, timeout=cfg.round_timeout)}
+
+    def request() -> RecordDict:  # a fresh record for every message
+        return RecordDict({
+            protocol.RECORD_CONFIG: ConfigRecord({protocol.KEY_STAGE: protocol.STAGE_FEDOLS_R}),
+            protocol.RECORD_CENTRE: ArrayRecord({protocol.ARRAY_CENTRE: Array(np.ascontiguousarray(centre, np.float64))}),
+        })  # fmt: skip
+
+    answers = ask_each(grid, {nid: request() for nid in order}, cfg.round_timeout, "R-factor query")
     factors: dict[int, np.ndarray] = {}
     for nid in order:
-        msg = replies.get(nid)
-        if msg is None:
-            reason = f"no reply to the R-factor query within 'round-timeout' ({cfg.round_timeout:g} s)"
-        elif msg.has_error():
-            reason = msg.error.reason
+        msg = answers[nid]
+        if isinstance(msg, str):
+            reason = msg
         else:
             reason = _check_reply(msg, d, int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]))
             if reason is None:

@@ -79,6 +79,23 @@ class Parties:
         return in_key_order(self.healthy)
 
 
+def ask_each(grid: Grid, requests: dict[int, RecordDict], timeout: float, what: str) -> dict[int, Message | str]:
+    """Send each node its query and wait (bounded by ``timeout``): node id -> its reply, or the reason
+    there is none to use (no reply in time, or an error reply, whose party-written text is sanitised)."""
+    messages = [Message(content, dst_node_id=nid, message_type=MessageType.QUERY) for nid, content in requests.items()]
+    got = {msg.metadata.src_node_id: msg for msg in grid.send_and_receive(messages, timeout=timeout)}
+    out: dict[int, Message | str] = {}
+    for nid in requests:
+        msg = got.get(nid)
+        if msg is None:
+            out[nid] = f"no reply to the {what} within 'round-timeout' ({timeout:g} s)"
+        elif msg.has_error():
+            out[nid] = untrusted_text(msg.error.reason)
+        else:
+            out[nid] = msg
+    return out
+
+
 def in_key_order(healthy: dict[int, dict]) -> list[int]:
     """Node ids of ``healthy`` by client key, then node id."""
     return sorted(healthy, key=lambda n: (int(healthy[n][protocol.SHARD_CLIENT_KEY]), n))
@@ -240,30 +257,19 @@ def pooled_statistics(
         moments = part if moments is None else moments + part
     centre = moments.mean
     full = cfg.reference == "auto"
-    messages = [
-        Message(
-            RecordDict(
-                {
-                    protocol.RECORD_CONFIG: ConfigRecord(
-                        {protocol.KEY_STAGE: protocol.STAGE_SCATTER, protocol.KEY_FULL: full}
-                    ),
-                    protocol.RECORD_CENTRE: ArrayRecord({protocol.ARRAY_CENTRE: Array(np.ascontiguousarray(centre))}),
-                }
-            ),
-            dst_node_id=nid,
-            message_type=MessageType.QUERY,
-        )
-        for nid in order
-    ]
-    replies = {msg.metadata.src_node_id: msg for msg in grid.send_and_receive(messages, timeout=cfg.round_timeout)}
+    def request() -> RecordDict:  # a fresh record for every message
+        return RecordDict({
+            protocol.RECORD_CONFIG: ConfigRecord({protocol.KEY_STAGE: protocol.STAGE_SCATTER, protocol.KEY_FULL: full}),
+            protocol.RECORD_CENTRE: ArrayRecord({protocol.ARRAY_CENTRE: Array(np.ascontiguousarray(centre))}),
+        })  # fmt: skip
+
+    answers = ask_each(grid, {nid: request() for nid in order}, cfg.round_timeout, "statistics query")
     shape = (d + 1, d + 1) if full else (d + 1,)
     parts: dict[int, np.ndarray] = {}
     for nid in order:
-        msg = replies.get(nid)
-        if msg is None:
-            reason = "no reply to the statistics query"
-        elif msg.has_error():
-            reason = untrusted_text(msg.error.reason)
+        msg = answers[nid]
+        if isinstance(msg, str):
+            reason = msg
         else:
             matrix = valid_vector(msg.content.array_records.get(protocol.RECORD_SCATTER), protocol.ARRAY_SCATTER, shape)
             problem = "malformed or non-finite scatter in the statistics query" if matrix is None else scatter_problem(matrix)
