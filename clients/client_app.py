@@ -7,7 +7,8 @@ Three message handlers:
 
 * ``query``: in stage ``describe``, report the shard's feature count, size and fingerprint, plus
   ``n`` and ``Σ[x y]`` when asked; in stage ``scatter``, ``Σ(z − μ)(z − μ)ᵀ`` (or its diagonal)
-  around the pooled mean ``μ`` the server sends (see :mod:`common.scaling`);
+  around the pooled mean ``μ`` the server sends (see :mod:`common.scaling`), with the R factor of
+  stage ``fedols-r`` in the same reply when the request says ``with-r``;
 * ``train``: local mini-batch SGD (``numpy`` or ``keras`` engine) from the received weights, in the
   standardized variables the server's transform defines, with the step size the server sends (both
   in the task's config, :mod:`common.protocol`; a task without a step size is refused);
@@ -199,8 +200,15 @@ def query(msg: Message, context: Context) -> Message:
     if stage == protocol.STAGE_SCATTER:
         centre = _centre(msg, stage, uri, data)
         scatter = scaling.Scatter.of(data.x, data.y, centre, full=bool(request.get(protocol.KEY_FULL, False)))
-        record = ArrayRecord({protocol.ARRAY_SCATTER: Array(scatter.matrix)})
-        return Message(RecordDict({protocol.RECORD_SCATTER: record}), reply_to=msg)
+        content = RecordDict({protocol.RECORD_SCATTER: ArrayRecord({protocol.ARRAY_SCATTER: Array(scatter.matrix)})})
+        if bool(request.get(protocol.KEY_WITH_R, False)):  # the yardstick's R factor too: one ClientApp start less
+            try:
+                r = fedols.local_r(data.x, data.y, _centre(msg, stage, uri, data, protocol.ARRAY_R_CENTRE))
+            except Exception:  # noqa: BLE001 - the scatter still goes; the server asks stage fedols-r, which says why
+                r = None
+            if r is not None:
+                content[protocol.RECORD_R] = ArrayRecord({protocol.ARRAY_R: Array(r)})
+        return Message(content, reply_to=msg)
     pid = partition_id(context)
     info = {
         protocol.SHARD_NUM_FEATURES: data.num_features,
@@ -254,12 +262,12 @@ def _dpols_gram(msg: Message, request: ConfigRecord, uri: str, data: Dataset) ->
     return Message(RecordDict({protocol.RECORD_GRAM: ArrayRecord({protocol.ARRAY_GRAM: Array(gram)})}), reply_to=msg)
 
 
-def _centre(msg: Message, stage: str, uri: str, data: Dataset) -> np.ndarray:
-    """The pooled mean of ``[x, y]`` a ``scatter`` or ``fedols-r`` query carries, checked."""
+def _centre(msg: Message, stage: str, uri: str, data: Dataset, name: str = protocol.ARRAY_CENTRE) -> np.ndarray:
+    """The pooled mean of ``[x, y]`` a ``scatter`` or ``fedols-r`` query carries (array ``name``), checked."""
     record = msg.content.array_records.get(protocol.RECORD_CENTRE)
-    if record is None or protocol.ARRAY_CENTRE not in record:
-        raise FedLinearError(f"{stage} query without the pooled centre")
-    centre = to_numpy(record[protocol.ARRAY_CENTRE]).astype(np.float64).ravel()
+    if record is None or name not in record:
+        raise FedLinearError(f"{stage} query without the {'pooled' if name == protocol.ARRAY_CENTRE else name} centre")
+    centre = to_numpy(record[name]).astype(np.float64).ravel()
     if centre.shape != (data.num_features + 1,) or not np.isfinite(centre).all():
         raise FedLinearError(
             f"{uri}: the server's centre has {centre.shape[0]} values, the shard has {data.num_features + 1} columns"

@@ -73,6 +73,7 @@ RECORD_CONTROL = "control"  # strategy = scaffold: train task {c, c-i}, train re
 # -- array names inside those records (``arrays`` holds WEIGHT_NAMES) --------------------------------
 ARRAY_TOTAL = "total"  # in ``moments``: Σ[x y], (d + 1,)
 ARRAY_CENTRE = "centre"  # in ``centre``: μ, (d + 1,)
+ARRAY_R_CENTRE = "r-centre"  # in ``centre`` of a scatter request with ``with-r``: the R factor's centre, (d + 1,)
 ARRAY_SCATTER = "scatter"  # in ``scatter``: (d + 1, d + 1), or (d + 1,) for the diagonal
 ARRAY_R = "r"  # in ``r``: (d + 2, d + 2) upper triangular
 RECORD_GRAM = "gram"  # dpols-gram reply (DP-FedOLS, common/dpols.py)
@@ -92,6 +93,7 @@ KEY_TARGET_BOUND = "dp-target-bound"  # dpols-gram: B_Y, the bound of |y|
 KEY_WANT_MOMENTS = "want-moments"  # describe: send ``moments`` too
 KEY_PRIVATE = "private"  # describe: a privacy mechanism is on, keep the shard's path and hash on the node
 KEY_FULL = "full"  # scatter: the full matrix, not only its diagonal
+KEY_WITH_R = "with-r"  # scatter: also the fedols-r reply (``r``) for ``r-centre``, in the same reply (one ClientApp less)
 
 # -- secure sum task config (``train.secsum``, server/secure.py secure_sum, clients/secure.py) -------
 KEY_STATISTIC = "statistic"  # the name of what each node computes (clients.secure.STATISTICS)

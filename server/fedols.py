@@ -39,14 +39,17 @@ from fedlinear.server.nodes import Parties, ask_each, in_key_order
 
 def collect_r(
     grid: Grid, cfg: RunConfig, healthy: dict[int, dict], centre: np.ndarray, failures: list[dict],
-    left_out: bool = True, statistics: dict | None = None,
+    left_out: bool = True, statistics: dict | None = None, prefetched: dict[int, Message] | None = None,
 ) -> dict[int, np.ndarray]:
     """Stage ``fedols-r``: each healthy party's checked R factor (failures are appended, and said when
     the party is ``left_out`` of the solve; the yardstick of a training run says them itself). With the
     ``statistics`` each party sent in the clear (server.nodes.PartyStatistics, full scatter), its R
-    must also be the factor of that data (common.fedols.r_matches_statistics)."""
+    must also be the factor of that data (common.fedols.r_matches_statistics). ``prefetched``: node id ->
+    its scatter reply that carried the R factor for this ``centre`` too (``with-r``, server.nodes), checked
+    the same way; only the other parties are asked."""
     d = int(next(iter(healthy.values()))[protocol.SHARD_NUM_FEATURES])
     order = in_key_order(healthy)
+    prefetched = {nid: msg for nid, msg in (prefetched or {}).items() if nid in healthy}
 
     def request() -> RecordDict:  # a fresh record for every message
         return RecordDict({
@@ -54,14 +57,17 @@ def collect_r(
             protocol.RECORD_CENTRE: ArrayRecord({protocol.ARRAY_CENTRE: Array(np.ascontiguousarray(centre, np.float64))}),
         })  # fmt: skip
 
-    answers = ask_each(grid, {nid: request() for nid in order}, cfg.round_timeout, "R-factor query")
+    asked = [nid for nid in order if nid not in prefetched]
+    answers = ask_each(grid, {nid: request() for nid in asked}, cfg.round_timeout, "R-factor query") if asked else {}
+    answers.update(prefetched)
     factors: dict[int, np.ndarray] = {}
     for nid in order:
         msg = answers[nid]
         if isinstance(msg, str):
             reason = msg
         else:
-            reason = _check_reply(msg, d, int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]))
+            also = (protocol.RECORD_SCATTER,) if nid in prefetched else ()
+            reason = _check_reply(msg, d, int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]), also)
             if reason is None:
                 r = np.asarray(msg.content[protocol.RECORD_R][protocol.ARRAY_R].numpy(), np.float64)
                 own = (statistics or {}).get(nid)
@@ -77,9 +83,10 @@ def collect_r(
     return factors
 
 
-def _check_reply(msg: Message, d: int, num_examples: int) -> str | None:
+def _check_reply(msg: Message, d: int, num_examples: int, also: tuple[str, ...] = ()) -> str | None:
+    """Why ``msg`` is not a usable R-factor reply (its array records: ``r`` and only ``also``), or None."""
     record = msg.content.array_records.get(protocol.RECORD_R)
-    only_r = set(msg.content.array_records) == {protocol.RECORD_R}
+    only_r = set(msg.content.array_records) == {protocol.RECORD_R, *also}
     if not only_r or record is None or set(record.keys()) != {protocol.ARRAY_R}:
         return f"malformed R-factor reply: expected one array '{protocol.ARRAY_R}'"
     array = record[protocol.ARRAY_R]

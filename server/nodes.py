@@ -4,7 +4,8 @@
   ``node-wait-timeout`` (Flower's own wait has no bound);
 * :func:`query_nodes`: stage ``describe`` of Flower's ``query`` message (feature count, size,
   fingerprint, and the column sums when statistics are wanted), then, when they are, stage
-  ``scatter`` (:func:`pooled_statistics`). Nodes whose shard cannot be read, whose reply is malformed,
+  ``scatter`` (:func:`pooled_statistics`; when the yardstick wants R factors they come in the same
+  reply, ``with-r``). Nodes whose shard cannot be read, whose reply is malformed,
   or whose client key collides with another's are left out and reported; shards that disagree on the
   number of features stop the run, naming the nodes.
 
@@ -24,7 +25,7 @@ from flwr.serverapp import Grid
 from fedlinear.common import protocol, scaling
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError, untrusted_text
-from fedlinear.server import privacy, progress
+from fedlinear.server import exchange, privacy, progress
 from fedlinear.server import replies as replies_check
 
 
@@ -37,6 +38,14 @@ class PartyStatistics:
     total: np.ndarray
     scatter: np.ndarray
     centre: np.ndarray
+
+
+@dataclasses.dataclass
+class FactorReplies:
+    """The scatter replies that carried an R factor too (``with-r``), by node id, and the centre it was asked about."""
+
+    replies: dict[int, Message] = dataclasses.field(default_factory=dict)
+    centre: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -64,6 +73,7 @@ class Parties:
     factor_failures: list[dict] | None = None
     optimum: Any = None  # common.yardstick.Optimum
     statistics: dict[int, PartyStatistics] | None = None  # what each party sent in the clear (no privacy)
+    factor_replies: FactorReplies | None = None  # scatter replies that carry the R factor too (``with-r``)
 
     @property
     def num_features(self) -> int:
@@ -83,7 +93,7 @@ def ask_each(grid: Grid, requests: dict[int, RecordDict], timeout: float, what: 
     """Send each node its query and wait (bounded by ``timeout``): node id -> its reply, or the reason
     there is none to use (no reply in time, or an error reply, whose party-written text is sanitised)."""
     messages = [Message(content, dst_node_id=nid, message_type=MessageType.QUERY) for nid, content in requests.items()]
-    got = {msg.metadata.src_node_id: msg for msg in grid.send_and_receive(messages, timeout=timeout)}
+    got = {msg.metadata.src_node_id: msg for msg in exchange.send_and_receive(grid, messages, timeout)}
     out: dict[int, Message | str] = {}
     for nid in requests:
         msg = got.get(nid)
@@ -151,7 +161,7 @@ def query_nodes(grid: Grid, cfg: RunConfig, nodes: list[int]) -> Parties:
         )
         for nid in nodes
     ]
-    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    replies = exchange.send_and_receive(grid, messages, cfg.round_timeout)
     answered = {msg.metadata.src_node_id for msg in replies}
     healthy: dict[int, dict] = {}
     failures = [{"node-id": nid, "reason": "no reply to the shard query"} for nid in nodes if nid not in answered]
@@ -199,7 +209,19 @@ def query_nodes(grid: Grid, cfg: RunConfig, nodes: list[int]) -> Parties:
     if not want_moments:
         return Parties(healthy, failures, None)
     own: dict[int, PartyStatistics] = {}
-    return Parties(healthy, failures, pooled_statistics(grid, cfg, healthy, totals, failures, own), statistics=own)
+    with_r = FactorReplies() if wants_factors(cfg) else None
+    pooled = pooled_statistics(grid, cfg, healthy, totals, failures, own, with_r)
+    return Parties(healthy, failures, pooled, statistics=own, factor_replies=with_r)
+
+
+def wants_factors(cfg: RunConfig) -> bool:
+    """Whether the yardstick asks for R factors (server.yardstick.gather): the full scatter in the clear."""
+    return cfg.reference == "auto" and not cfg.private
+
+
+def r_centre_for(centre: np.ndarray, fit_intercept: bool) -> np.ndarray:
+    """The R factors' centre: the pooled mean with an intercept, the origin without (server.yardstick.centre_for)."""
+    return centre.copy() if fit_intercept else np.zeros_like(centre)
 
 
 def colliding_keys(healthy: dict[int, dict]) -> list[dict]:
@@ -245,10 +267,12 @@ def scatter_problem(matrix: np.ndarray) -> str | None:
 
 def pooled_statistics(
     grid: Grid, cfg: RunConfig, healthy: dict[int, dict], totals: dict[int, np.ndarray], failures: list[dict],
-    own: dict[int, PartyStatistics] | None = None,
+    own: dict[int, PartyStatistics] | None = None, with_r: FactorReplies | None = None,
 ) -> scaling.PooledStats:  # fmt: skip
     """Second pass: the scatter of every healthy node about the pooled mean (nodes failing it are left out);
-    each party's own statistics go into ``own`` when given."""
+    each party's own statistics go into ``own`` when given. With ``with_r`` (a FactorReplies) each node is asked
+    for its R factor in the same reply (stage ``fedols-r``'s, checked by server.fedols.collect_r, which
+    asks again whoever sent none): the replies of the nodes kept, and the centre asked about, go into it."""
     d = int(next(iter(healthy.values()))[protocol.SHARD_NUM_FEATURES])
     order = in_key_order(healthy)
     moments = None
@@ -257,11 +281,17 @@ def pooled_statistics(
         moments = part if moments is None else moments + part
     centre = moments.mean
     full = cfg.reference == "auto"
+    config: dict[str, Any] = {protocol.KEY_STAGE: protocol.STAGE_SCATTER, protocol.KEY_FULL: full}
+    r_centre = None
+    if with_r is not None:  # the yardstick's R factors in the same ClientApp start (server.yardstick)
+        r_centre = with_r.centre = r_centre_for(centre, bool(getattr(cfg, "fit_intercept", True)))
+        config[protocol.KEY_WITH_R] = True
+
     def request() -> RecordDict:  # a fresh record for every message
-        return RecordDict({
-            protocol.RECORD_CONFIG: ConfigRecord({protocol.KEY_STAGE: protocol.STAGE_SCATTER, protocol.KEY_FULL: full}),
-            protocol.RECORD_CENTRE: ArrayRecord({protocol.ARRAY_CENTRE: Array(np.ascontiguousarray(centre))}),
-        })  # fmt: skip
+        arrays = {protocol.ARRAY_CENTRE: Array(np.ascontiguousarray(centre))}
+        if r_centre is not None:
+            arrays[protocol.ARRAY_R_CENTRE] = Array(np.ascontiguousarray(r_centre, np.float64))
+        return RecordDict({protocol.RECORD_CONFIG: ConfigRecord(config), protocol.RECORD_CENTRE: ArrayRecord(arrays)})
 
     answers = ask_each(grid, {nid: request() for nid in order}, cfg.round_timeout, "statistics query")
     shape = (d + 1, d + 1) if full else (d + 1,)
@@ -275,6 +305,8 @@ def pooled_statistics(
             problem = "malformed or non-finite scatter in the statistics query" if matrix is None else scatter_problem(matrix)
             if problem is None:
                 parts[nid] = matrix
+                if with_r is not None and protocol.RECORD_R in msg.content.array_records:
+                    with_r.replies[nid] = msg  # its R part is checked with the factors (server.fedols.collect_r)
                 continue
             reason = problem
         failures.append({"node-id": nid, "reason": reason})
@@ -282,6 +314,8 @@ def pooled_statistics(
         del healthy[nid]
     if not healthy:
         raise FedLinearError("no node answered the statistics query")
+    if with_r is not None:
+        with_r.replies = {nid: msg for nid, msg in with_r.replies.items() if nid in healthy}
     moments = scatter = None
     for nid in in_key_order(healthy):
         m = scaling.Moments(int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]), totals[nid])

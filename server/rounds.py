@@ -40,7 +40,7 @@ from fedlinear.common.config import RunConfig
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError, one_line, untrusted_text
 from fedlinear.common.runstore import RunStore
-from fedlinear.server import continuation, evaluation, finish, privacy, progress, replies, resume, secure, yardstick
+from fedlinear.server import continuation, evaluation, exchange, finish, privacy, progress, replies, resume, secure, yardstick
 from fedlinear.server.nodes import Parties
 from fedlinear.server.strategy import build_strategy, fixed_order
 
@@ -316,7 +316,7 @@ class Rounds:
             sizes_by_node = {nid: int(info[protocol.SHARD_NUM_EXAMPLES]) for nid, info in self.parties.healthy.items()}
             secured = secure.train_round(self.grid, self.secure_cfg, server_round, messages, sizes_by_node)
             return Trained([], secured.failures, secured)
-        received = list(self.grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else []
+        received = exchange.send_and_receive(self.grid, messages, cfg.round_timeout) if messages else []
         answers, stale = replies.answers_to(messages, received, eligible)  # a late reply of an earlier round is not one
         ordered, failures = fixed_order(answers, eligible)
         failures += stale
@@ -395,8 +395,8 @@ class Rounds:
         """Phase 4: federated evaluation of the new global model (only with ``fraction-evaluate`` > 0)."""
         if self.cfg.fraction_evaluate > 0:
             config = ConfigRecord(dict(self.evaluate_config))
-            eval_replies = self.grid.send_and_receive(
-                self.strategy.configure_evaluate(server_round, self.arrays, config, self.grid), timeout=self.cfg.round_timeout
+            eval_replies = exchange.send_and_receive(
+                self.grid, self.strategy.configure_evaluate(server_round, self.arrays, config, self.grid), self.cfg.round_timeout
             )
             eval_metrics = self.strategy.aggregate_evaluate(server_round, eval_replies)
             if eval_metrics is not None:

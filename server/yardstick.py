@@ -1,9 +1,11 @@
 """The yardstick's statistics: the parties' R factors when no privacy option is on (stage ``fedols-r``).
 
 After the shard query (:func:`server.nodes.query_nodes`) has the pooled mean, and when the statistics
-flow anyway (``reference = auto``, no ``dp`` nor ``secure-aggregation``), every healthy party is
-asked once for the R factor of its block ``[x − c, 1, y − c_y]`` (``c`` the pooled mean, or 0 for a
-model without an intercept), checked as ``strategy = fedols`` checks it
+flow anyway (``reference = auto``, no ``dp`` nor ``secure-aggregation``), every healthy party sends
+once the R factor of its block ``[x − c, 1, y − c_y]`` (``c`` the pooled mean, or 0 for a model
+without an intercept): in its reply to the scatter query (``with-r``, the same ClientApp start), or,
+when that reply had none (an older client) or the centre moved (a party left out of the scatter
+changes the pooled mean), in a stage ``fedols-r`` of its own. Either way it is checked as ``strategy = fedols`` checks it
 (:func:`server.fedols.collect_r`), and the optimum is solved by TSQR (:func:`common.yardstick.from_factors`).
 
 Under privacy no party sends a factor; when ``statistics-uri`` holds one (``fedlinear run`` computes it
@@ -47,7 +49,11 @@ def gather(grid: Grid, cfg: RunConfig, parties: Parties) -> None:
     centre = centre_for(parties, fit_intercept)
     failures: list[dict] = []
     fedols = cfg.strategy == "fedols" and cfg.fedols_method == "qr"  # its solve leaves such parties out too
-    factors = collect_r(grid, cfg, parties.healthy, centre, failures, left_out=fedols, statistics=parties.statistics)
+    prefetched = parties.factor_replies  # R factors that came with the scatter (server.nodes, ``with-r``)
+    ready = prefetched.replies if prefetched is not None and np.array_equal(prefetched.centre, centre) else None
+    factors = collect_r(
+        grid, cfg, parties.healthy, centre, failures, left_out=fedols, statistics=parties.statistics, prefetched=ready
+    )
     parties.factors, parties.factor_failures = factors, failures
     order = [nid for nid in parties.in_key_order() if nid in factors]
     if not factors or (failures and not fedols):

@@ -208,13 +208,26 @@ def test_wampler_qr_keeps_more_digits_than_the_normal_equations(number, qr_at_le
     assert qr_digits >= qr_at_least and qr_digits > normal_digits + 2
 
 
+def asks_r(msg) -> bool:
+    """Whether a message asks for an R factor: stage ``fedols-r``, or ``scatter`` with ``with-r`` (the R in the same reply)."""
+    if msg.metadata.message_type != "query":
+        return False
+    config = msg.content["config"]
+    return config.get("stage") == "fedols-r" or (config.get("stage") == "scatter" and bool(config.get("with-r", False)))
+
+
+def with_r(msg, honest, r) -> Message:
+    """The honest reply with its R factor replaced by ``r`` (the rest of a scatter reply kept)."""
+    content = RecordDict({name: record for name, record in honest.content.items() if name != "r"})
+    content["r"] = ArrayRecord({"r": Array(r)})
+    return Message(content, reply_to=msg)
+
+
 def sabotage_r(bad: dict[int, str]):
-    """Nodes answering the R-factor query with a NaN, a non-triangular or an inflated R."""
+    """Nodes answering the R-factor query (or the scatter query's R part) with a NaN, a non-triangular or an inflated R."""
 
     def sabotage(node_id, msg):
-        if msg.metadata.message_type != "query" or msg.content["config"].get("stage") != "fedols-r":
-            return None
-        if node_id not in bad:
+        if not asks_r(msg) or node_id not in bad:
             return None
         from fedlinear.clients import client_app as ca
 
@@ -226,7 +239,7 @@ def sabotage_r(bad: dict[int, str]):
             r[2, 1] = 0.5
         else:  # claims 4x its rows: every row of its data counted four times
             r = 2.0 * r
-        return Message(RecordDict({"r": ArrayRecord({"r": Array(r)})}), reply_to=msg)
+        return with_r(msg, honest, r)
 
     return sabotage
 
@@ -337,14 +350,15 @@ def test_an_r_factor_must_be_the_one_of_the_statistics_the_party_sent(shards, tm
     uris, test = shards
 
     def sabotage(node_id, msg):
-        if node_id != 1002 or msg.metadata.message_type != "query" or msg.content["config"].get("stage") != "fedols-r":
+        if node_id != 1002 or not asks_r(msg):
             return None
         from fedlinear.clients import client_app as ca
 
-        r = ca.app(msg, _context(node_id, msg)).content["r"]["r"].numpy().copy()
+        honest = ca.app(msg, _context(node_id, msg))
+        r = honest.content["r"]["r"].numpy().copy()
         r[:, -1] *= 2.0  # the R of [x − μx, 1, 2(y − μy)]
         assert fedols.check_r(r, 5, 97) is None  # the checks before this one cannot see it
-        return Message(RecordDict({"r": ArrayRecord({"r": Array(r)})}), reply_to=msg)
+        return with_r(msg, honest, r)
 
     _GRID.clear()
     status, manifest = run_in_process(

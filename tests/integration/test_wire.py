@@ -55,7 +55,10 @@ def expected(kind: str, stage: str | None, *, moments: bool, full: bool) -> dict
         return {"r": ("arrays", {"r": ((D + 2, D + 2), "float64")})}
     if kind == "query":
         shape = (D + 1, D + 1) if full else (D + 1,)
-        return {"scatter": ("arrays", {"scatter": (shape, "float64")})}
+        out = {"scatter": ("arrays", {"scatter": (shape, "float64")})}
+        if full:  # the yardstick's R factor comes in the same reply (with-r)
+            out["r"] = ("arrays", {"r": ((D + 2, D + 2), "float64")})
+        return out
     if kind == "train":
         return {
             "arrays": ("arrays", {"kernel": ((D, 1), "float32"), "bias": ((1,), "float32")}),
@@ -126,7 +129,7 @@ def test_the_server_receives_only_arrays_metrics_and_sums(tmp_path, settings, mo
             shard = reply.content["shard"]
             assert shard["num-examples"] == 40 and shard["num-features"] == D
     stages = {("query", "describe"), ("train", None), ("evaluate", None)}
-    assert seen == stages | ({("query", "scatter")} if moments else set()) | ({("query", "fedols-r")} if full else set())
+    assert seen == stages | ({("query", "scatter")} if moments else set())  # no stage fedols-r: R came with the scatter
 
 
 def test_the_check_would_see_a_row(tmp_path):
