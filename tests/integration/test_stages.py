@@ -209,3 +209,38 @@ def test_no_r_is_asked_where_the_yardstick_takes_none(shards, tmp_path, config):
         if sent.metadata.message_type == "query":
             assert not sent.content["config"].get("with-r", False)
             assert "r-centre" not in sent.content.array_records.get("centre", {})
+
+
+def test_the_client_sends_the_r_only_when_asked_and_the_scatter_even_when_the_r_centre_is_bad(shards):
+    """``with-r`` adds the R factor of ``r-centre`` (fedols.local_r's bits); a bad ``r-centre`` costs only the R
+    (the server then asks stage fedols-r, which names the problem); under the node's own privacy it is refused."""
+    from flwr.app import ConfigRecord, Context
+
+    from fedlinear.common.csvio import load_csv
+    from tests.conftest import task_identity
+
+    uris, _ = shards
+    data = load_csv(uris[0])
+    centre = np.r_[data.x.mean(axis=0), data.y.mean()]
+
+    def ask(r_centre=None, with_r=True, **config):
+        arrays = {"centre": Array(centre)}
+        if r_centre is not None:
+            arrays["r-centre"] = Array(np.asarray(r_centre, np.float64))
+        msg = Message(RecordDict({"config": ConfigRecord({"stage": "scatter", "full": True, "with-r": with_r}),
+                                  "centre": ArrayRecord(arrays)}), dst_node_id=5, message_type="query")  # fmt: skip
+        context = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(),
+                          run_config={"data-uri": uris[0], **config})  # fmt: skip
+        return ca.query(msg, context)
+
+    with task_identity(1, 5, 1):
+        ca._SHARDS.clear()
+        reply = ask(np.zeros(6))
+        assert set(reply.content.array_records) == {"scatter", "r"}
+        np.testing.assert_array_equal(reply.content["r"]["r"].numpy(), fedols.local_r(data.x, data.y, np.zeros(6)))
+        assert set(ask(np.zeros(6), with_r=False).content.array_records) == {"scatter"}
+        for bad in (None, np.zeros(3), np.full(6, np.nan)):
+            reply = ask(bad)
+            assert not reply.has_error() and set(reply.content.array_records) == {"scatter"}
+        refused = ask(np.zeros(6), dp="local")
+        assert refused.has_error() and "scatter query refused" in refused.error.reason and not refused.has_content()
