@@ -196,6 +196,8 @@ def query(msg: Message, context: Context) -> Message:
     if stage == protocol.STAGE_DPOLS_GRAM:  # strategy = fedols with dp: the clipped Gram matrix (common/dpols.py)
         if cfg.strategy != "fedols" or cfg.dp == "none":
             raise FedLinearError("a DP-FedOLS query in a run that is not strategy = fedols with dp: refused")
+        if cfg.secure_aggregation:  # secure aggregation hook: the clipped sums go through SecAgg+ (train.secsum)
+            raise FedLinearError("a DP-FedOLS query in the clear refused: this node's run config has 'secure-aggregation' = true")
         return _dpols_gram(msg, request, uri, data)
     if stage == protocol.STAGE_SCATTER:
         centre = _centre(msg, stage, uri, data)

@@ -38,7 +38,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedlinear.common import model as lm
-from fedlinear.common import fixedpoint, protocol, scaling, secagg_prg
+from fedlinear.common import dpols, fixedpoint, protocol, scaling, secagg_prg
 from fedlinear.clients.errors import error_reply
 from fedlinear.common.config import parsed
 from fedlinear.common.errors import FedLinearError
@@ -173,6 +173,20 @@ def _upper(x: np.ndarray, y: np.ndarray, arguments: dict[str, np.ndarray]) -> di
     return {"upper": matrix[np.triu_indices(matrix.shape[0], k=1)]}
 
 
+def _dpols_gram(x: np.ndarray, y: np.ndarray, arguments: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """DP-FedOLS under secure aggregation: the clear query's clipped Gram matrix (common/dpols.py), in
+    the server's transform when it sends one, as its upper triangle with the diagonal."""
+    bounds = np.asarray(arguments.get(protocol.ARG_BOUNDS, np.empty(0)), np.float64).ravel()
+    if bounds.shape != (2,) or not (np.isfinite(bounds).all() and (bounds > 0).all()):
+        raise FedLinearError(f"secure sum: the DP-FedOLS sum needs two finite bounds > 0, got {bounds.tolist()}")
+    names = [f"{protocol.TRANSFORM_PREFIX}{name}" for name in protocol.TRANSFORM_ARRAYS]
+    if any(name in arguments for name in names):
+        arrays = {name[len(protocol.TRANSFORM_PREFIX):]: arguments.get(name, np.empty(0)) for name in names}
+        x, y = scaling.Transform.from_arrays(arrays, x.shape[1]).apply(x, y)
+    gram = dpols.clipped_gram(x, y, float(bounds[0]), float(bounds[1]))
+    return {"gram": gram[np.triu_indices(gram.shape[0])]}
+
+
 # What a node may be asked to sum securely: name -> f(x, y, arguments) -> {array name: float64 array}.
 # Each is a sum over the shard's rows (so the pooled value is the sum over the parties'), and nothing
 # else is computed on the server's request.
@@ -180,6 +194,7 @@ STATISTICS: dict[str, Callable[[np.ndarray, np.ndarray, dict[str, np.ndarray]], 
     protocol.STAT_MOMENTS: _moments,
     protocol.STAT_DIAGONAL: _diagonal,
     protocol.STAT_UPPER: _upper,
+    protocol.STAT_DPOLS_GRAM: _dpols_gram,
 }
 
 

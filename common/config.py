@@ -517,11 +517,6 @@ class RunConfig:
                 f"config key 'strategy' = fedols works with 'dp' = central-client-clip (each party clips its rows, "
                 f"the server noises the sum once: AdaSSP), not 'dp' = {self.dp}"
             )
-        if self.secure_aggregation:
-            raise FedLinearError(
-                "config key 'strategy' = fedols with 'dp' cannot use 'secure-aggregation' = true yet: DP-FedOLS "
-                "collects the parties' clipped sums in the clear (the server is trusted to add the noise)"
-            )
         if self.fedols_l2 != 0:
             raise FedLinearError(
                 "config key 'fedols-l2' must be 0 with 'strategy' = fedols and 'dp': AdaSSP chooses the ridge itself"

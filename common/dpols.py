@@ -10,7 +10,7 @@ pooled sums of the parties, with the Gaussian mechanism accounted by RDP (server
    ``[-B_Y, B_Y]`` (``dp-target-bound``). A party sends the Gram matrix ``G = Σ g gᵀ`` of the rows
    ``g = [x̄, 1, ȳ]`` (``(d+2, d+2)``: ``A = Σ a aᵀ`` with ``a = [x̄, 1]`` the augmented feature row,
    ``b = Σ a ȳ``, and ``Σ ȳ²``, which the solve does not use and nothing releases).
-2. **Sum** the parties' matrices (the server; one function, so that a secure sum can replace it).
+2. **Sum** the parties' matrices (the server: in the clear, or through SecAgg+ with ``secure-aggregation``).
 3. **Release three Gaussian noises on the sum, once** (:func:`adassp`), with noise multipliers
    ``z_i = z / sqrt(w_i)``, ``w = (0.05, 0.55, 0.40)`` (:data:`SPLIT`): three Gaussian releases with
    ``Σ 1/z_i² = 1/z²`` compose exactly, in RDP as in zCDP, to one with ``z``. The paper splits the

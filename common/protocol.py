@@ -106,6 +106,8 @@ STAT_MOMENTS = "moments"  # -> count (1,), total Σ[x y] (d + 1,)
 STAT_DIAGONAL = "scatter-diagonal"  # centre -> diagonal Σ(z − μ)² (d + 1,)
 STAT_UPPER = "scatter-upper"  # centre -> strict upper triangle of Σ(z − μ)(z − μ)ᵀ, row-major ((d+1)d/2,)
 ARG_CENTRE = "centre"
+STAT_DPOLS_GRAM = "dpols-gram"  # bounds (+ transform) -> upper triangle (with diagonal) of Σ g gᵀ, row-major ((d+2)(d+3)/2,)
+ARG_BOUNDS = "bounds"  # DP-FedOLS's secure sum: [B_X, B_Y]; the transform travels as "transform-" + TRANSFORM_ARRAYS
 
 # -- the shard description (``shard``) ---------------------------------------------------------------
 SHARD_NUM_FEATURES = "num-features"

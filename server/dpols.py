@@ -13,8 +13,10 @@ Central DP, add-or-remove-one-**row** neighbours: the server is trusted to add t
    ``Σ g gᵀ`` (``g = [x̄, 1, ȳ]``); every reply is checked (:func:`common.dpols.check_gram`) and a bad
    one is a failed party, left out and reported.
 3. **The sum** (:func:`sum_statistics`): the parties' matrices added in client-key order, **in the
-   clear**: the server sees every party's clipped sums. This one function is the seam where a secure
-   sum (SecAgg+, server/secure.py) would take over, so the server would see only the total.
+   clear**: the server sees every party's clipped sums. With ``secure-aggregation = true`` stage 2
+   and 3 are one SecAgg+ sum instead (:func:`secure_total`): each party's clipped matrix travels as
+   masked fixed-point limbs, and the server learns only the total (to a relative 2**-64 of the
+   bounds), which it checks as it checks one party's in the clear.
 4. **The release** (:func:`common.dpols.adassp`): three Gaussian noises on the total, once, and the
    AdaSSP solve; the noise is drawn from ``dp-noise-seed``'s generator. The accountant (Flower's
    RdpAccountant, as every DP run) composes the three releases; ``dp-target-epsilon`` (server/privacy.py
@@ -47,6 +49,11 @@ from fedlinear.server import evaluation, finish, privacy, progress
 from fedlinear.server.nodes import Parties, ask_each, in_key_order
 
 NOISE_STREAM = 0xD9015
+SUMS_CLEAR = "collected in the clear: the server sees each party's clipped sums (central DP, trusted server)"
+SUMS_SECURE = (
+    "summed through SecAgg+: the server sees only the pooled clipped sums before its noise (central DP, the server "
+    "trusted to add the noise)"
+)
 
 
 def clipping_space(cfg: RunConfig, public: scaling.PooledStats | None, num_features: int) -> tuple[scaling.Transform, float, float, str]:
@@ -116,6 +123,70 @@ def _gram_of(msg: Message, d: int) -> tuple[np.ndarray | None, str | None]:
         return None, "malformed DP-FedOLS reply: the array cannot be decoded"
 
 
+# a party's |entry| is below its rows times the per-row bound; times this for the float64 rounding of its sum
+WINDOW_MARGIN = 4.0
+
+
+def gram_windows(num_features: int, bx: float, by: float, rows: int) -> np.ndarray:
+    """``hi`` per entry of the Gram matrix's upper triangle (row-major, with the diagonal): a party
+    with at most ``rows`` clipped rows ``g = [x̄, 1, ȳ]`` has ``|G_ij| <= rows · max|g_i g_j| < 2**hi``
+    (``|x̄_i| <= B_X``, ``|ȳ| <= B_Y``; times :data:`WINDOW_MARGIN`). Public: bounds and declared sizes."""
+    d = num_features
+    row = np.concatenate([np.full(d, float(bx)), [1.0, float(by)]])
+    upper = np.outer(row, row)[np.triu_indices(d + 2)] * max(1, int(rows)) * WINDOW_MARGIN
+    return (np.floor(np.log2(upper)).astype(np.int64) + 1).clip(-1000, 1024)
+
+
+def secure_total(
+    grid: Grid, cfg: RunConfig, healthy: dict[int, dict], transform: scaling.Transform, bx: float, by: float,
+    failures: list[dict],
+) -> tuple[np.ndarray | None, list[int]]:  # fmt: skip
+    """``secure-aggregation = true``: the total of the parties' clipped Gram matrices through SecAgg+
+    (server/secure.py :func:`~server.secure.secure_sum`, the fixed-point limbs of common/fixedpoint.py,
+    the clients' ``dpols-gram`` statistic), so the server learns the pooled sum and no party's.
+
+    Each entry travels in a window sized from the public bounds and the largest declared shard
+    (:func:`gram_windows`), ``PRECISION_BITS`` bits below it. A party that drops out or sends a
+    malformed masked vector is left out (failures appended and said) and the others' total comes back,
+    as in the first of the secure statistics' sums (server/securestats.py): there is one sum only, so
+    no second sum could reveal a party by difference. The pooled matrix is checked as the clear path
+    checks each party's (:func:`common.dpols.check_gram`, with the summed parties' declared rows):
+    a failure stops the run, since no single party can be blamed. Returns (total or None, parties summed)."""
+    from fedlinear.server import secure
+
+    d = int(next(iter(healthy.values()))[protocol.SHARD_NUM_FEATURES])
+    order = in_key_order(healthy)
+    size = (d + 2) * (d + 3) // 2
+    arguments = {protocol.ARG_BOUNDS: np.array([bx, by], np.float64)}
+    if transform.kind != "none":
+        arguments.update({f"{protocol.TRANSFORM_PREFIX}{name}": value for name, value in transform.arrays().items()})
+    rows = max(int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]) for nid in order)
+    result = secure.secure_sum(
+        grid, cfg, order, protocol.STAT_DPOLS_GRAM, {"gram": (size,)}, {"gram": gram_windows(d, bx, by, rows)}, arguments
+    )
+    for failure in result.failures:
+        failure = {"node-id": failure["node-id"], "client-key": healthy[failure["node-id"]].get(protocol.SHARD_CLIENT_KEY),
+                   "reason": failure["reason"]}  # fmt: skip
+        failures.append(failure)
+        progress.say(f"node {failure['node-id']} left out: {failure['reason']}")
+    if result.sums is None:
+        return None, []
+    total = np.zeros((d + 2, d + 2))
+    rows_i, cols_i = np.triu_indices(d + 2)
+    total[rows_i, cols_i] = result.sums["gram"]
+    total[cols_i, rows_i] = result.sums["gram"]
+    summed = [nid for nid in order if nid in result.aggregated]
+    count = sum(int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]) for nid in summed)
+    problem = dpols.check_gram(total, d, count, bx, by)
+    if problem is not None:
+        raise FedLinearError(
+            f"DP-FedOLS: the securely summed Gram matrix of {len(summed)} parties is not one ({problem}): a party sent "
+            "something else than its clipped sums"
+        )
+    progress.say(f"DP-FedOLS: the clipped sums of {len(summed)} parties summed through SecAgg+: the server learned only their total")
+    return total, summed
+
+
 def sum_statistics(grams: dict[int, np.ndarray], healthy: dict[int, dict]) -> np.ndarray:
     """The total of the parties' clipped Gram matrices, in client-key order (the seam for a secure sum:
     under secure aggregation this is where the server would get the total and nothing else)."""
@@ -167,12 +238,16 @@ def run(
     transform, bx, by, space = clipping_space(cfg, public, d)
     progress.say(f"DP-FedOLS: {space}")
     failures: list[dict] = []
-    grams = collect_grams(grid, cfg, healthy, transform, bx, by, failures)
-    if not grams:
+    if cfg.secure_aggregation:  # the sums through SecAgg+: the server gets only the total
+        total, summed = secure_total(grid, cfg, healthy, transform, bx, by, failures)
+    else:
+        grams = collect_grams(grid, cfg, healthy, transform, bx, by, failures)
+        summed = [nid for nid in in_key_order(healthy) if nid in grams]
+        total = sum_statistics(grams, healthy) if grams else None
+    if total is None:
         raise FedLinearError(
             "no party sent a usable DP-FedOLS sum: " + "; ".join(f"node {f['node-id']}: {f['reason']}" for f in failures)
         )
-    total = sum_statistics(grams, healthy)
     population = len(healthy)
     accountant = privacy.make_accountant(cfg, population)
     rng = common_privacy.noise_rng(cfg.dp_noise_seed, cfg.seed, NOISE_STREAM)
@@ -186,14 +261,14 @@ def run(
         evaluate.reference["source"] = reference_source
     row = {
         "round": 1,
-        "clients-ok": len(grams),
+        "clients-ok": len(summed),
         "clients-failed": len(failures),
         "failures": failures,
         **evaluate(lm.LinearWeights(kernel=kernel.reshape(-1, 1), bias=np.array([bias]))),
         "epsilon": privacy.epsilon(accountant, cfg.dp_delta),
         "elapsed-s": time.monotonic() - started,
     }
-    samples = sum(int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]) for nid in grams)
+    samples = sum(int(healthy[nid][protocol.SHARD_NUM_EXAMPLES]) for nid in summed)
     block = {
         "method": "dp-adassp",
         **released.to_json(),
@@ -203,9 +278,9 @@ def run(
         "clipping-space": space,
         "feature-bound": bx,
         "target-bound": by,
-        "parties": len(grams),
+        "parties": len(summed),
         "num-examples": samples,
-        "sums": "collected in the clear: the server sees each party's clipped sums (central DP, trusted server)",
+        "sums": SUMS_SECURE if cfg.secure_aggregation else SUMS_CLEAR,
     }
     summary = privacy.summary(cfg, accountant, None)
     summary.update({
@@ -231,7 +306,7 @@ def run(
     }
     store.write_history(history)
     progress.say(
-        f"DP-FedOLS: {len(grams)} parties, {samples} samples; z = {cfg.dp_noise_multiplier:.4g}, ε = {row['epsilon']:.4g} "
+        f"DP-FedOLS: {len(summed)} parties, {samples} samples; z = {cfg.dp_noise_multiplier:.4g}, ε = {row['epsilon']:.4g} "
         f"at δ = {cfg.dp_delta:g}; AdaSSP ridge λ = {released.ridge:.4g}"
     )
     progress.say(progress.progress_line(row))

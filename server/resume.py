@@ -149,6 +149,21 @@ def refuse_other_target_rounds(store: RunStore, pointer: dict[str, Any], cfg: Ru
     )
 
 
+def refuse_other_data(store: RunStore, pointer: dict[str, Any], data: dict[str, Any]) -> None:
+    """Refuse, naming what moved, a checkpoint (``pointer``) trained on other data than ``data``
+    (:func:`data_identity`); compared when the checkpoint recorded its data. ``fedlinear run`` calls it
+    before writing anything (scripts/cli/preflight.py, from the shards it was given), the ServerApp
+    again from what the nodes describe."""
+    if "data" not in pointer:
+        return
+    moved = data_changes(pointer["data"], data)
+    if moved:
+        raise FedLinearError(
+            f"{store.run_dir} holds checkpoints trained on other data: {'; '.join(moved)}; "
+            "resume with the same data or choose another run-dir"
+        )
+
+
 def refuse_fewer_rounds(store: RunStore, pointer: dict[str, Any], cfg: RunConfig) -> None:
     """Refuse ``num-server-rounds`` below the round the checkpoint (``pointer``) holds."""
     done = int(pointer["round"])
@@ -189,13 +204,8 @@ def resume_or_start(store: RunStore, cfg: RunConfig, num_features: int, data: di
     pointer, weights = latest
     refuse_other_trajectory(store, pointer, cfg, num_features)
     done = int(pointer["round"])
-    if data is not None and "data" in pointer:
-        moved = data_changes(pointer["data"], data)
-        if moved:
-            raise FedLinearError(
-                f"{store.run_dir} holds checkpoints trained on other data: {'; '.join(moved)}; "
-                "resume with the same data or choose another run-dir"
-            )
+    if data is not None:
+        refuse_other_data(store, pointer, data)
     refuse_fewer_rounds(store, pointer, cfg)
     history = store.read_history()
     history["rounds"] = [row for row in history["rounds"] if row["round"] <= done]

@@ -275,12 +275,15 @@ def run_protocol(
     max_weight: float,
     clipping_range: float,
     quantization_range: int,
+    expected: list[tuple[int, ...]] | None = None,
 ) -> ProtocolRun:
     """Flower's SecAgg+ over the nodes of ``contents`` (node id -> what its stage 3 carries), as
     message type ``message_type``, protocol group ``group`` (the round; 0 before round 1). The
-    training rounds (:func:`train_round`) and the secure sums (:func:`secure_sum`) both run it."""
+    training rounds (:func:`train_round`) and the secure sums (:func:`secure_sum`) both run it.
+    ``expected``: the shapes of what each party sums, when known: a stage-3 reply of other shapes is
+    left out (:func:`masked_vector_problem`)."""
     nodes = list(contents)
-    stage_grid = _StageGrid(grid, message_type)
+    stage_grid = _StageGrid(grid, message_type, expected)
     strategy = _Capture(nodes, stage_grid)
     context = LegacyContext(
         Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
@@ -387,7 +390,8 @@ def secure_sum(
     }
     quantization_range = 1 << bits
     run = run_protocol(
-        grid, cfg, group, contents, protocol.SECSUM_MESSAGE_TYPE, 1.0, float(quantization_range // 2), quantization_range
+        grid, cfg, group, contents, protocol.SECSUM_MESSAGE_TYPE, 1.0, float(quantization_range // 2), quantization_range,
+        [(enc.lo.size, enc.limbs) for enc in encodings.values()],
     )
     failures = run.grid.failures(cfg.secagg_timeout)
     aggregated = sorted(run.workflow.aggregated)
@@ -483,10 +487,16 @@ class _StageGrid:
     """The run's grid as the SecAgg+ workflow sees it: its train messages go out as ``train.secagg``
     (so only the clients' SecAgg+ handler gets them), and every stage's replies are recorded."""
 
-    def __init__(self, grid: Grid, message_type: str = protocol.SECAGG_MESSAGE_TYPE) -> None:
+    def __init__(
+        self, grid: Grid, message_type: str = protocol.SECAGG_MESSAGE_TYPE, expected: list[tuple[int, ...]] | None = None
+    ) -> None:
         self.grid = grid
         self.message_type = message_type
         self.stages: list[tuple[str, list[int], list[Message]]] = []
+        # the masked vector's array shapes (after SecAgg+'s weight factor) when known: stage 3 replies
+        # are then checked before the workflow touches them (see masked_vector_problem)
+        self.expected = expected
+        self.rejected: dict[int, str] = {}
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
@@ -495,6 +505,15 @@ class _StageGrid:
             msg.metadata.message_type = self.message_type
             stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, stage))
         replies = list(self.grid.send_and_receive(messages, timeout=timeout)) if messages else []
+        if self.expected is not None and stage == "collect_masked_vectors":
+            kept = []
+            for reply in replies:
+                problem = masked_vector_problem(reply, self.expected)
+                if problem is None:
+                    kept.append(reply)
+                else:  # left out as a party that dropped out here: SecAgg+ removes its pairwise masks
+                    self.rejected.setdefault(reply.metadata.src_node_id, problem)
+            replies = kept
         self.stages.append((STAGE_NAMES.get(stage, stage), [m.metadata.dst_node_id for m in messages], replies))
         return replies
 
@@ -510,13 +529,52 @@ class _StageGrid:
                 if nid in failed:
                     continue
                 reply = by_node.get(nid)
-                if reply is None:
+                if reply is None and nid in self.rejected:
+                    failed[nid] = f"secure aggregation, stage '{stage}': {self.rejected[nid]}"
+                elif reply is None:
                     failed[nid] = (
                         f"secure aggregation, stage '{stage}': no reply within {timeout:g} s (config key 'secagg-timeout')"
                     )
                 elif reply.has_error():
                     failed[nid] = f"secure aggregation, stage '{stage}': {reply.error.reason}"
         return [{"node-id": nid, "reason": reason} for nid, reason in failed.items()]
+
+
+def masked_vector_problem(reply: Message, shapes: list[tuple[int, ...]]) -> str | None:
+    """Why a party's stage-3 reply (``collect masked vectors``) is not a masked vector of ``shapes``
+    (one line), else None. Flower's workflow adds every reply's arrays as they come: an array of
+    another shape would stop the sum for everyone (or broadcast into it), a float one change its
+    arithmetic. Checked: SecAgg+'s weight factor ``(1,)`` then one int64 array per shape, every value
+    in ``[0, 2**32)``, each ``.npy`` payload no larger than its shape needs, decoded without pickle."""
+    if reply.has_error():
+        return None  # the workflow counts it as a dropout
+    from flwr.compat.common import recorddict_compat as compat
+
+    from fedlinear.common import npy
+
+    configs = reply.content.config_records.get(RECORD_KEY_CONFIGS) if reply.has_content() else None
+    payload = None if configs is None else configs.get(Key.MASKED_PARAMETERS)
+    wanted = [(1,), *[tuple(int(n) for n in shape) for shape in shapes]]
+    if not isinstance(payload, list) or len(payload) != len(wanted):
+        count = len(payload) if isinstance(payload, list) else 0
+        return f"malformed masked vector: {count} arrays, expected {len(wanted)}"
+    for i, (data, shape) in enumerate(zip(payload, wanted, strict=True)):
+        size = int(np.prod(shape))
+        if not isinstance(data, bytes) or len(data) > 8 * size + 1024:
+            return f"malformed masked vector: array {i} is not the .npy bytes of {size} integers"
+        try:
+            array = npy.loads(data)
+        except Exception:  # noqa: BLE001 - undecodable bytes are a bad reply
+            return f"malformed masked vector: array {i} cannot be decoded"
+        if array.dtype != np.int64 or array.shape != shape:
+            return f"malformed masked vector: array {i} is {array.dtype} {array.shape}, expected int64 {shape}"
+        if array.size and (int(array.min()) < 0 or int(array.max()) >= MODULUS_RANGE):
+            return f"malformed masked vector: array {i} has values outside [0, 2**32)"
+    try:
+        compat.recorddict_to_fitres(reply.content, True)
+    except Exception:  # noqa: BLE001 - the workflow reads it next
+        return "malformed masked vector: the reply is not a fit result"
+    return None
 
 
 class _Capture(Strategy):

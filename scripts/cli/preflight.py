@@ -1,8 +1,8 @@
 """``fedlinear run``'s checks that can refuse, all made before the first byte is written into the run directory.
 
 In order: the run config (:class:`common.config.RunConfig`) and DP-FedOLS's budget, a run directory that already holds a completed
-run, a checkpoint of a run with other settings (:mod:`server.resume`: the same rule the ServerApp applies
-again with the data in hand), and, for the synthesised default data, a ``data/`` that already holds other
+run, a checkpoint of a run with other settings or, for shards the user gave, trained on other shards
+(:mod:`server.resume`: the same rules the ServerApp applies again with the data in hand), and, for the synthesised default data, a ``data/`` that already holds other
 data. Only then is the lock taken and the data written (:meth:`SyntheticData.publish`). A refused
 invocation leaves the run directory as it found it: no shard, no ``.lock``, no ``logs/``.
 """
@@ -35,16 +35,50 @@ def refuse_completed(store: RunStore, out: str) -> dict[str, Any] | None:
     return previous
 
 
-def refuse_other_checkpoint(store: RunStore, cfg, num_features: int | None) -> None:
-    """Refuse a checkpoint of a run with other trajectory settings, or after more rounds than this run has."""
+def refuse_other_checkpoint(
+    store: RunStore, cfg, num_features: int | None, shards: list[str] | None = None, test_uri: str = ""
+) -> None:
+    """Refuse a checkpoint of a run with other trajectory settings, after more rounds than this run has,
+    or, given the ``shards`` this run trains on (user shards: ``--data``, ``--shard``, a template), trained
+    on other data: the ServerApp's own rule (:func:`server.resume.refuse_other_data`) on the identity the
+    nodes would describe (:func:`shard_identity`), so a refused run writes nothing."""
     from fedlinear.server import resume
 
     latest = store.read_latest_checkpoint()
     if latest is None:
         return
     pointer, _ = latest
+    data = None
+    if shards:
+        data, num_features = shard_identity(shards, test_uri, cfg)
     resume.refuse_other_trajectory(store, pointer, cfg, num_features)
+    if data is not None:
+        resume.refuse_other_data(store, pointer, data)
     resume.refuse_fewer_rounds(store, pointer, cfg)
+
+
+def shard_identity(shards: list[str], test_uri: str, cfg) -> tuple[dict[str, Any], int]:
+    """(:func:`server.resume.data_identity` of these shards as ``fedlinear run``'s nodes describe them,
+    the number of features). Each node's client key is its partition id, i.e. its place in ``shards``;
+    the fingerprints are included whatever the privacy settings (the rule compares them only where the
+    checkpoint recorded them, which a private run does not)."""
+    import json
+
+    from fedlinear.common import protocol
+    from fedlinear.common.csvio import load_csv
+    from fedlinear.server import resume
+
+    described, features = {}, 0
+    for i, uri in enumerate(shards):
+        data = load_csv(uri, target_column=cfg.target_column, header=cfg.header)
+        features = data.num_features
+        described[i] = {
+            protocol.SHARD_CLIENT_KEY: i,
+            protocol.SHARD_NUM_EXAMPLES: data.num_examples,
+            protocol.SHARD_FINGERPRINTS: [json.dumps(storage.fingerprint(src), sort_keys=True) for src in data.sources],
+        }
+    test = load_csv(test_uri, cfg.target_column, cfg.header) if test_uri else None
+    return resume.data_identity(described, test), features
 
 
 def refuse_over_budget(cfg) -> None:

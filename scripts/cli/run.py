@@ -257,7 +257,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     refuse_over_budget(cfg)
     store = RunStore(cfg.run_dir)
     refuse_completed(store, out)
-    refuse_other_checkpoint(store, cfg, synth and SYNTH_FEATURES)
+    refuse_other_checkpoint(store, cfg, synth and SYNTH_FEATURES, None if synth else shards, cfg.test_uri)
     if synth is not None:
         synth.stage()  # refuses a data/ that holds other data
     try:

@@ -87,6 +87,14 @@ def test_an_interrupted_run_is_not_resumed_by_another_command_nor_changed(comple
     ]:
         refused(out, extra, says)
         assert local_snapshot(out) == before, extra
+    # user shards (--data) other than the checkpoints': refused by the preflight, not by the ServerApp after
+    # .lock and logs/ exist (it used to be)
+    other = str(tmp_path / "other-data")
+    shutil.copytree(os.path.join(out, "data"), other)
+    with open(os.path.join(other, "client-1.csv"), "ab") as handle:
+        handle.write(b"0,0,0,0,0,0,0,0,0,0,0\n")  # one more row
+    refused(out, ["--data", other], "holds checkpoints trained on other data: the shard of client key 1 has 1001 rows, was 1000")
+    assert local_snapshot(out) == before
 
 
 def test_a_refused_config_leaves_no_trace_in_a_fresh_directory(tmp_path):

@@ -116,7 +116,6 @@ def test_adassp_without_noise_is_least_squares_and_noise_follows_the_seed():
     [
         ({"dp": "local"}, "works with 'dp' = central-client-clip"),
         ({"dp": "central-server-clip"}, "works with 'dp' = central-client-clip"),
-        ({"secure-aggregation": True}, "cannot use 'secure-aggregation'"),
         ({"fedols-l2": 1.0}, "AdaSSP chooses the ridge"),
         ({"dp-feature-bound": -1.0}, "'dp-feature-bound' must be"),
     ],
