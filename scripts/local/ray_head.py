@@ -9,9 +9,8 @@ autoscaler config never uses.
 
 For fedlinear's own app (not for ``--app``, so Flower's no-op floor keeps Flower's own start-up) the
 launcher runs ``ray start --head`` itself, first thing, with the same resources ``ray.init()`` would
-have been given (``--num-cpus``), the dashboard off as Flower has it, no autoscaler monitor, its Ray
-Client server (``ray start`` always opens one; nothing here uses it) on a free port rather than the
-fixed 10001 two runs would share, no usage stats, its session
+have been given (``--num-cpus``), the dashboard off as Flower has it, no autoscaler monitor, no Ray
+Client server (``ray start`` would otherwise open one on port 10001), no usage stats, its session
 files in the run's private directory, bound to 127.0.0.1; ``ray start`` returns once the head is up,
 and the SuperLink starts meanwhile. ``flwr-simulation`` then joins it through ``RAY_ADDRESS``
 exactly as it joins a cluster named by ``--ray-address`` (Flower's own ``ray.init()`` path, which
@@ -50,14 +49,13 @@ def ray_executable() -> str:
     return candidate if os.path.exists(candidate) else "ray"
 
 
-def head_argv(port: int, num_cpus: int, temp_dir: str, client_port: int) -> list[str]:
+def head_argv(port: int, num_cpus: int, temp_dir: str) -> list[str]:
     """``ray start`` for a private one-machine head (see the module docstring)."""
     return [
         ray_executable(), "start", "--head",
         "--node-ip-address", "127.0.0.1", "--port", str(port),
         "--num-cpus", str(int(num_cpus)),
-        "--include-dashboard", "false", "--no-monitor", "--disable-usage-stats",
-        "--ray-client-server-port", str(client_port),
+        "--include-dashboard", "false", "--no-monitor", "--ray-client-server-port", "0", "--disable-usage-stats",
         "--temp-dir", temp_dir,
     ]  # fmt: skip
 
@@ -94,7 +92,7 @@ def start_head(group, env: dict[str, str], num_cpus: int, temp_dir: str, log_pat
     It does not wait: :func:`wait_ready` does, so the SuperLink starts meanwhile."""
     become_subreaper()
     port = free_port()
-    proc = group.start("ray-head", head_argv(port, num_cpus, temp_dir, free_port()), head_env(env), log_path)
+    proc = group.start("ray-head", head_argv(port, num_cpus, temp_dir), head_env(env), log_path)
     return proc, f"127.0.0.1:{port}"
 
 

@@ -28,7 +28,7 @@ def test_every_ray_start_option_the_launcher_uses_exists():
     missing = [name for name in ray_head.RAY_START_OPTIONS if name not in params]
     assert not missing, f"ray start lost options the launcher passes: {missing}"
     flags = {opt for p in start.params for opt in p.opts}
-    argv = ray_head.head_argv(6379, 2, "/tmp/x", 10002)
+    argv = ray_head.head_argv(6379, 2, "/tmp/x")
     used = [arg for arg in argv[2:] if arg.startswith("--")]
     assert set(used) <= flags, set(used) - flags
     # and every option named in RAY_START_OPTIONS is one head_argv passes
