@@ -150,8 +150,6 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
             raise FedLinearError(f"flwr run exited with code {runner.returncode}; log {run_log}:\n{tail(run_log)}")
     finally:
         group.stop()
-        if head is not None:
-            ray_head.become_subreaper(False)
         if ray_tmp:
             shutil.rmtree(ray_tmp, ignore_errors=True)
 

@@ -8,19 +8,15 @@ starts Ray's autoscaler monitor (``monitor.py``, ~80 MB), which a one-machine Ra
 autoscaler config never uses.
 
 For fedlinear's own app (not for ``--app``, so Flower's no-op floor keeps Flower's own start-up) the
-launcher runs ``ray start --head`` itself, first thing, with the same resources ``ray.init()`` would
-have been given (``--num-cpus``), the dashboard off as Flower has it, no autoscaler monitor, no Ray
-Client server (``ray start`` would otherwise open one on port 10001), no usage stats, its session
-files in the run's private directory, bound to 127.0.0.1; ``ray start`` returns once the head is up,
-and the SuperLink starts meanwhile. ``flwr-simulation`` then joins it through ``RAY_ADDRESS``
-exactly as it joins a cluster named by ``--ray-address`` (Flower's own ``ray.init()`` path, which
-tests/e2e/test_ray_cluster.py exercises), so everything Flower does on Ray (its actors,
-``runtime_env``, ``log_to_driver``, its ``ray.shutdown()``) is unchanged.
-
-``ray start`` leaves Ray's processes behind when it returns (that is how it works): they stay in its
-session, which the launcher's :class:`~fedlinear.scripts.local.processes.ProcessGroup` stops with
-the run, and the launcher makes itself their child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``) so
-they stay in its process tree instead of going to init.
+launcher runs ``ray start --head --block`` itself, first thing, with the same resources
+``ray.init()`` would have been given (``--num-cpus``), the dashboard off as Flower has it, no
+autoscaler monitor, no usage stats, its session files in the run's private directory, bound to
+127.0.0.1, and it waits for that head while the SuperLink starts. ``flwr-simulation`` then joins it
+through ``RAY_ADDRESS`` exactly as it joins a cluster named by ``--ray-address`` (Flower's own
+``ray.init(address=...)`` path, which tests/e2e/test_ray_cluster.py exercises), so everything Flower
+does on Ray (its actors, ``runtime_env``, ``log_to_driver``, its ``ray.shutdown()``) is unchanged. The
+head is a child of the launcher's :class:`~fedlinear.scripts.local.processes.ProcessGroup`, so it
+and every process Ray starts are stopped with the run.
 
 It relies on ``ray start`` options (:data:`RAY_START_OPTIONS`); tests/unit/test_ray_head.py fails if a
 Ray upgrade drops one of them, and a missing one also makes ``ray start`` fail at once, with its log.
@@ -31,6 +27,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 from fedlinear.common.errors import FedLinearError
 from fedlinear.scripts.local.flower import free_port, tail
@@ -38,7 +35,7 @@ from fedlinear.scripts.local.flower import free_port, tail
 READY_LINE = "Ray runtime started."
 # the ``ray start`` click options used below, by their parameter names
 RAY_START_OPTIONS = (
-    "head", "port", "node_ip_address", "num_cpus", "include_dashboard", "no_monitor", "ray_client_server_port",
+    "head", "block", "port", "node_ip_address", "num_cpus", "include_dashboard", "no_monitor",
     "disable_usage_stats", "temp_dir",
 )  # fmt: skip
 
@@ -52,10 +49,10 @@ def ray_executable() -> str:
 def head_argv(port: int, num_cpus: int, temp_dir: str) -> list[str]:
     """``ray start`` for a private one-machine head (see the module docstring)."""
     return [
-        ray_executable(), "start", "--head",
+        ray_executable(), "start", "--head", "--block",
         "--node-ip-address", "127.0.0.1", "--port", str(port),
         "--num-cpus", str(int(num_cpus)),
-        "--include-dashboard", "false", "--no-monitor", "--ray-client-server-port", "0", "--disable-usage-stats",
+        "--include-dashboard", "false", "--no-monitor", "--disable-usage-stats",
         "--temp-dir", temp_dir,
     ]  # fmt: skip
 
@@ -68,47 +65,27 @@ def head_env(env: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def become_subreaper(on: bool = True) -> bool:
-    """Make this process the child subreaper of its descendants (Linux), so what ``ray start`` leaves
-    behind stays in this process's tree (``on=False``: stop being one, once the run is down); False
-    where that is not available."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-PR_SET_CHILD_SUBREAPER = 36
-
-
 def start_head(group, env: dict[str, str], num_cpus: int, temp_dir: str, log_path: str) -> tuple[subprocess.Popen, str]:
-    """Start the head in ``group``; return the ``ray start`` process and the address ``RAY_ADDRESS`` joins.
+    """Start the head in ``group``; return the process and the address ``RAY_ADDRESS`` joins.
 
     It does not wait: :func:`wait_ready` does, so the SuperLink starts meanwhile."""
-    become_subreaper()
     port = free_port()
     proc = group.start("ray-head", head_argv(port, num_cpus, temp_dir), head_env(env), log_path)
     return proc, f"127.0.0.1:{port}"
 
 
 def wait_ready(proc: subprocess.Popen, log_path: str, timeout: float) -> None:
-    """Wait (bounded) until ``ray start`` has returned with the head up; fail with its log if it fails or times out."""
-    try:
-        code = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise FedLinearError(f"the local Ray head did not start within {timeout:g} s; log {log_path}:\n{tail(log_path)}") from None
-    if code != 0 or not _logged(log_path, READY_LINE):
-        raise FedLinearError(f"ray start exited with code {code} during start-up; log {log_path}:\n{tail(log_path)}")
-
-
-def _logged(path: str, line: str) -> bool:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return line in handle.read()
-    except OSError:
-        return False
+    """Wait (bounded) until ``ray start`` says the head is up; fail with its log if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(log_path, encoding="utf-8", errors="replace") as handle:
+                if READY_LINE in handle.read():
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise FedLinearError(f"ray start exited with code {proc.returncode} during start-up; log {log_path}:\n{tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise FedLinearError(f"the local Ray head did not start within {timeout:g} s; log {log_path}:\n{tail(log_path)}")
+        time.sleep(0.1)
