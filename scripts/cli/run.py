@@ -292,7 +292,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         isolation=args.isolation,
         flower_without_tf=not args.app,  # fedlinear's own app needs no TensorFlow in Flower's engine (not the floor's)
-        private_ray=not args.app,  # fedlinear's own app: Ray started alongside the SuperLink (the floor: by Flower)
         pool=getattr(args, "pool", "auto"),
         workers=getattr(args, "workers", None),
     )

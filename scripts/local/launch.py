@@ -100,14 +100,7 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
     connection = write_connection(flwr_home, spec, port)
     superlink_log = os.path.join(spec.workdir, "superlink.log")
     run_log = os.path.join(spec.workdir, "flwr-run.log")
-    ray_cpus = int(spec.ray_cpus or auto_ray_cpus(spec.num_nodes))
-    head = None  # the private Ray head (scripts/local/ray_head.py), when the launcher starts Ray itself
     try:
-        if ray_tmp and spec.private_ray:
-            from fedlinear.scripts.local import ray_head
-
-            head_log = os.path.join(spec.workdir, "ray-head.log")
-            head, env["RAY_ADDRESS"] = ray_head.start_head(group, env, ray_cpus, ray_tmp, head_log)
         argv = [
             "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
             "--disable-runtime-dependency-installation",
@@ -130,12 +123,10 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
                     os.path.join(spec.workdir, f"supernode-{i}.log"),
                 )
         overrides = ["--run-config", config_string(spec.run_config)] if spec.run_config else []
-        if head is not None:
-            ray_head.wait_ready(head, head_log, spec.startup_timeout)  # it started while the SuperLink did
         if spec.mode == "simulation":
             federation = {"num-supernodes": spec.num_nodes, "client-resources-num-cpus": int(spec.client_cpus)}
-            if not spec.ray_address and head is None:  # joining a cluster, Ray refuses num_cpus
-                federation["init-args-num-cpus"] = ray_cpus
+            if not spec.ray_address:
+                federation["init-args-num-cpus"] = int(spec.ray_cpus or auto_ray_cpus(spec.num_nodes))
             overrides += ["--federation-config", config_string(federation)]
         runner = group.start(
             "flwr-run",

@@ -50,7 +50,6 @@ class LaunchSpec:
     pool: str = "auto"  # inline: how clients run ("auto" | "serial" | "threads" | "processes"; scripts/local/inline.py)
     workers: int | None = None  # inline: pool size (default: the machine's cores, at most one per client)
     flower_without_tf: bool = False  # simulation: keep TensorFlow out of Flower's engine (scripts/local/flower_tf.py)
-    private_ray: bool = False  # simulation, local Ray: the launcher starts Ray itself (scripts/local/ray_head.py)
 
 
 # From this many virtual clients on, a local simulation runs two clients per core (see auto_ray_cpus).
