@@ -134,3 +134,14 @@ def run(argv, quiet_s: float | None = None, *, timeout: float | None = None, cap
     if check:
         done.check_returncode()
     return done
+
+
+def concurrently(calls: dict[str, Callable[[], object]]) -> dict[str, object]:
+    """Run independent real-process checks side by side (one thread each, every call bounded by its own
+    waits, e.g. :func:`run`); return ``{name: result}`` once all have finished. A call that failed (a
+    bounded wait that ran out included) fails the caller with its own exception, after the others ended."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:
+        futures = {name: pool.submit(call) for name, call in calls.items()}
+        return {name: future.result() for name, future in futures.items()}

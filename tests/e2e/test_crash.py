@@ -65,8 +65,9 @@ def _no_run_left_behind():
 
 
 def finish(proc, timeout=WAIT):
-    """Wait (bounded) for a background CLI; (returncode, stdout, stderr)."""
-    proc.wait(timeout=timeout)
+    """Wait (bounded by work: ``timeout`` is the quiet-machine bound, scaled by the load) for a background
+    CLI; (returncode, stdout, stderr)."""
+    bounded.wait(proc, timeout, output=lambda: open(proc.files[0].name).read()[-3000:] + open(proc.files[1].name).read()[-3000:])
     for handle in proc.files:
         handle.close()
     with open(proc.files[0].name) as out, open(proc.files[1].name) as err:

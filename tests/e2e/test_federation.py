@@ -42,20 +42,27 @@ def leftover_processes(workdir):
 
 
 @pytest.fixture(scope="module")
-def processes_run(federation_dir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("proc") / "run")
-    done = run_cli("run", "--data", federation_dir, "--clients", 3, "--rounds", ROUNDS, "--out", out, "--set", "seed=5")
-    return out, done
+def seed5_runs(federation_dir, tmp_path_factory):
+    """The three seed-5 runs the tests below compare (processes mode, simulation mode, and simulation mode
+    again), started side by side: they are independent processes, so they overlap their start-up and export
+    instead of queueing for it. Each is bounded by its own wait (run_cli)."""
+    base = tmp_path_factory.mktemp("seed5")
+    common = ["--data", federation_dir, "--clients", 3, "--rounds", ROUNDS, "--set", "seed=5"]
+    argvs = {"proc": [], "sim": ["--mode", "simulation"], "again": ["--mode", "simulation"]}
+    outs = {name: str(base / name / "run") for name in argvs}
+    calls = {name: (lambda name=name: run_cli("run", *common, "--out", outs[name], *argvs[name])) for name in argvs}
+    done = bounded.concurrently(calls)
+    return {name: (outs[name], done[name]) for name in argvs}
 
 
 @pytest.fixture(scope="module")
-def simulation_run(federation_dir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("sim") / "run")
-    done = run_cli(
-        "run", "--data", federation_dir, "--clients", 3, "--rounds", ROUNDS, "--out", out,
-        "--mode", "simulation", "--set", "seed=5",
-    )  # fmt: skip
-    return out, done
+def processes_run(seed5_runs):
+    return seed5_runs["proc"]
+
+
+@pytest.fixture(scope="module")
+def simulation_run(seed5_runs):
+    return seed5_runs["sim"]
 
 
 def test_processes_mode_with_three_supernodes(processes_run, federation_dir):
@@ -107,23 +114,20 @@ def test_simulation_mode_agrees_with_processes_mode(processes_run, simulation_ru
     assert leftover_processes(os.path.join(sim_out, "logs")) == []
 
 
-def test_same_seed_twice_gives_the_same_weights(simulation_run, federation_dir, tmp_path):
+def test_same_seed_twice_gives_the_same_weights(simulation_run, seed5_runs):
     """docs/explanation/determinism.md promises bit-identical weights: compare bytes (every checkpoint, the exported
-    variables) and exact values, not values to a tolerance."""
+    variables) and exact values, not values to a tolerance. (The second run ran alongside the first.)"""
     first, first_manifest = final_weights(simulation_run[0])
-    done = run_cli(
-        "run", "--data", federation_dir, "--clients", 3, "--rounds", ROUNDS, "--out", tmp_path / "again",
-        "--mode", "simulation", "--set", "seed=5",
-    )  # fmt: skip
+    again, done = seed5_runs["again"]
     assert done.returncode == 0, done.stdout + done.stderr
-    second, second_manifest = final_weights(str(tmp_path / "again"))
+    second, second_manifest = final_weights(again)
     assert np.array_equal(second, first)
     for key in ("weights", "exported-weights", "standardized-weights", "standardization"):
         assert second_manifest[key] == first_manifest[key], key
     names = [f"checkpoints/round-{r:04d}.npz" for r in range(1, ROUNDS + 1)]
     names.append("model/variables/variables.data-00000-of-00001")
     for name in names:
-        with open(os.path.join(simulation_run[0], name), "rb") as a, open(tmp_path / "again" / name, "rb") as b:
+        with open(os.path.join(simulation_run[0], name), "rb") as a, open(os.path.join(again, name), "rb") as b:
             assert a.read() == b.read(), name
 
 

@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from tests import bounded
 from tests.conftest import run_cli, write_federation
 
 ROUNDS = 4
@@ -21,14 +22,17 @@ NAMES = [f"checkpoints/round-{r:04d}.npz" for r in range(1, ROUNDS + 1)] + [
 def runs(tmp_path_factory):
     data = str(tmp_path_factory.mktemp("inline-fed"))
     write_federation(data, clients=4, samples=250, features=6, seed=13)
-    out = {}
-    for mode in ("simulation", "inline"):
-        path = str(tmp_path_factory.mktemp(mode) / "run")
-        done = run_cli("run", "--data", data, "--rounds", ROUNDS, "--out", path, "--mode", mode,
+    paths = {mode: str(tmp_path_factory.mktemp(mode) / "run") for mode in ("simulation", "inline")}
+
+    def run(mode):
+        return run_cli("run", "--data", data, "--rounds", ROUNDS, "--out", paths[mode], "--mode", mode,
                        "--set", "seed=11", "--set", "fraction-train=0.75")  # fmt: skip
-        assert done.returncode == 0, done.stdout + done.stderr
-        out[mode] = (path, done)
-    return out
+
+    # independent processes: side by side, each bounded by its own wait
+    done = bounded.concurrently({mode: (lambda mode=mode: run(mode)) for mode in paths})
+    for mode in paths:
+        assert done[mode].returncode == 0, mode + ": " + done[mode].stdout + done[mode].stderr
+    return {mode: (paths[mode], done[mode]) for mode in paths}
 
 
 def read(path, name):

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import psutil
@@ -30,6 +31,7 @@ import pytest
 
 from fedlinear.scripts.local.flower import config_string
 from fedlinear.scripts.local.staging import stage_app
+from tests import bounded
 from tests.conftest import REPO, run_cli, write_federation
 
 ROUNDS = 2
@@ -46,14 +48,15 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
-    """Poll ``condition`` until it returns something truthy (bounded); fail naming ``what``."""
-    deadline = time.monotonic() + timeout
+    """Poll ``condition`` until it returns something truthy; fail naming ``what``. Bounded by work, not by the
+    clock: ``timeout`` is the quiet-machine bound, scaled by the load (:class:`tests.bounded.Budget`)."""
+    budget = bounded.Budget(timeout)
     while True:
         value = condition()
         if value:
             return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        if budget.spent():
+            pytest.fail(f"waiting for {what}: {budget.describe()}")
         time.sleep(interval)
 
 
@@ -121,7 +124,14 @@ class Network:
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
             try:
-                proc.wait(timeout=timeout)
+                budget = bounded.Budget(timeout)  # the quiet-machine bound, scaled by the load
+                while True:
+                    try:
+                        proc.wait(timeout=bounded.POLL_S)
+                        break
+                    except subprocess.TimeoutExpired:
+                        if budget.spent():
+                            raise subprocess.TimeoutExpired(proc.args, timeout, budget.describe()) from None
             finally:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -260,6 +270,13 @@ def _start(net: Network, work: str) -> dict:
     rogue = net.add_host("rogue", f"{SUBNET}.66")
     data = os.path.join(work, "data")
     write_federation(data)
+    # the loopback run with the same seed that the namespaced run is compared with: independent of the
+    # namespaces, so it goes on (bounded by its own wait) while they are set up and the federation runs
+    loopback = os.path.join(work, "loopback")
+    pool = ThreadPoolExecutor(max_workers=1)
+    loopback_run = pool.submit(run_cli, "run", "--data", data, "--clients", 3, "--rounds", ROUNDS, "--out", loopback,
+                               "--set", "seed=5")  # fmt: skip
+    pool.shutdown(wait=False)
 
     # 1. credentials (docs/deploy.md step 1)
     certs = os.path.join(work, "certs")
@@ -327,6 +344,7 @@ def _start(net: Network, work: str) -> dict:
         "net": net, "work": work, "certs": certs, "other": other, "data": data, "srv": srv, "home": home,
         "parties": parties, "rogue": rogue, "superlink": superlink, "nodes": nodes, "registered": listed,
         "run": run, "run_dir": run_dir, "run_wall": run_wall, "app": app, "srv_log": srv_log,
+        "loopback": (loopback, loopback_run),
     }  # fmt: skip
 
 
@@ -347,10 +365,10 @@ def test_the_federation_completes_across_namespaces(fed):
     ]
 
 
-def test_final_weights_equal_a_loopback_run_with_the_same_seed(fed, tmp_path):
+def test_final_weights_equal_a_loopback_run_with_the_same_seed(fed):
     assert fed["run"].returncode == 0
-    out = tmp_path / "loopback"
-    done = run_cli("run", "--data", fed["data"], "--clients", 3, "--rounds", ROUNDS, "--out", out, "--set", "seed=5")
+    out, loopback_run = fed["loopback"]  # started with the federation, on its data
+    done = loopback_run.result()
     assert done.returncode == 0, done.stdout + done.stderr
     np.testing.assert_allclose(final_weights(fed["run_dir"]), final_weights(str(out)), atol=1e-6, rtol=0)
 
