@@ -20,7 +20,7 @@ from fedlinear.common import model as lm
 from fedlinear.common import protocol
 from fedlinear.common.config import RunConfig
 from fedlinear.common.dataset import Dataset
-from fedlinear.common.export import export_savedmodel
+from fedlinear.common import exporter
 from fedlinear.common.runstore import RunStore
 from fedlinear.common.storage import fingerprint
 from fedlinear.server import progress
@@ -94,7 +94,7 @@ def complete(
         bias=np.array([result.bias], dtype=np.float32) if cfg.fit_intercept else None,  # no intercept: no bias
     )
     model_uri = store.uri("model")
-    export_savedmodel(exported, model_uri)
+    export = exporter.export_model(exported, model_uri, progress.say)  # the run's exporter process, if it has one
     manifest = {
         "run-id": context.run_id,
         "config": cfg.as_dict(),
@@ -113,6 +113,7 @@ def complete(
         "learning-rate": result.learning_rate,
         **result.method,
         "model": model_uri,
+        "export": export,
         **manifest_data(parties.healthy, test),
         "reference": result.reference,
         "final": {k: v for k, v in result.final_row.items() if k not in ("failures", "sampled")},

@@ -28,6 +28,7 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedlinear.common import exporter
 from fedlinear.common.config import RunConfig
 from fedlinear.common.csvio import load_csv
 from fedlinear.common.errors import FedLinearError, one_line
@@ -77,7 +78,8 @@ def main(grid: Grid, context: Context) -> None:
         progress.say(f"error: {one_line(exc)}")
         raise SystemExit(1) from None
     try:
-        run(grid, context, store, cfg)
+        with exporter.for_run(progress.say):  # TensorFlow imports in another process while the rounds run
+            run(grid, context, store, cfg)
     except FedLinearError as exc:
         message = one_line(exc)
         progress.say(f"error: {message}")

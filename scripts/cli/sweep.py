@@ -6,6 +6,7 @@ import argparse
 import os
 import time
 
+from fedlinear.common import exporter
 from fedlinear.common.errors import FedLinearError
 from fedlinear.scripts.experiments import sweep
 from fedlinear.scripts.experiments.sweep.grid import run_grid
@@ -31,7 +32,8 @@ def cmd_sweep(args: argparse.Namespace, runner: Runner = subprocess_runner) -> i
     else:
         say(f"{len(settings.noise)} noise levels x {len(settings.seeds)} seeds = {len(jobs)} runs, "
             f"{settings.parallel} at a time; output in {settings.out}")  # fmt: skip
-    rows = run_grid(settings, data, runner, on_row=lambda rows: write_outputs(settings, rows, final=False))
+    with exporter.shared(os.path.join(settings.out, "logs", "exporter.log")):  # one TensorFlow import for every run
+        rows = run_grid(settings, data, runner, on_row=lambda rows: write_outputs(settings, rows, final=False))
     text = write_outputs(settings, rows, final=True)
     wall = time.monotonic() - started
     print()
