@@ -35,7 +35,7 @@ from fedlinear.clients import faults
 from fedlinear.clients.errors import ERROR_CODE_INTERNAL, ERROR_CODE_USER, error_reply  # noqa: F401 - codes re-exported
 from fedlinear.common import model as lm
 from fedlinear.common import npy
-from fedlinear.common import dpols, fedols, privacy, protocol, scaffold, scaling
+from fedlinear.common import dpols, dpstats, fedols, privacy, protocol, scaffold, scaling
 from fedlinear.common.config import RunConfig, parsed
 from fedlinear.common.csvio import load_csv
 from fedlinear.common.dataset import Dataset
@@ -134,6 +134,19 @@ def training_data(
     return cached
 
 
+_SAFE_RATES: dict[tuple, float] = {}
+
+
+def _safe_rate(uri: str, cfg: RunConfig, transform: scaling.Transform | None, x32: np.ndarray, rate: float) -> float:
+    """:func:`common.dpstats.safe_learning_rate` of this shard, cached per shard, transform and rate."""
+    key = (uri, cfg.target_column, cfg.header, transform.digest() if transform is not None else "", rate, cfg.fit_intercept)
+    if key not in _SAFE_RATES:
+        if len(_SAFE_RATES) >= _MAX_TRANSFORMED:
+            _SAFE_RATES.clear()
+        _SAFE_RATES[key] = dpstats.safe_learning_rate(x32, rate, cfg.fit_intercept)
+    return _SAFE_RATES[key]
+
+
 def to_array(a: np.ndarray) -> Array:
     """Flower's Array of ``a`` (the same bytes as ``Array(a)``, with the .npy header cached)."""
     return Array(dtype=str(a.dtype), shape=tuple(a.shape), stype=SType.NUMPY, data=npy.dumps(a))
@@ -199,6 +212,12 @@ def query(msg: Message, context: Context) -> Message:
         if cfg.secure_aggregation:  # secure aggregation hook: the clipped sums go through SecAgg+ (train.secsum)
             raise FedLinearError("a DP-FedOLS query in the clear refused: this node's run config has 'secure-aggregation' = true")
         return _dpols_gram(msg, request, uri, data)
+    if stage == protocol.STAGE_DP_STATISTICS:  # central DP-FedAvg: the bounded statistics encoding (common/dpstats.py)
+        if cfg.dp not in privacy.CENTRAL:
+            raise FedLinearError("a DP statistics query in a run without central DP: refused")
+        encoding = dpstats.encode(data.x, data.y, cfg.dp_statistics_max_scale)  # this node's own declared range
+        record = ArrayRecord({protocol.ARRAY_DP_STATISTICS: Array(encoding)})
+        return Message(RecordDict({protocol.RECORD_DP_STATISTICS: record}), reply_to=msg)
     if stage == protocol.STAGE_SCATTER:
         centre = _centre(msg, stage, uri, data)
         scatter = scaling.Scatter.of(data.x, data.y, centre, full=bool(request.get(protocol.KEY_FULL, False)))
@@ -340,6 +359,8 @@ def fit(msg: Message, context: Context, extras: dict | None = None) -> tuple[lm.
         lm.batch_order(data.num_examples, cfg.seed, server_round, key, epoch) for epoch in range(cfg.local_epochs)
     ]
     x32, y32 = training_data(uri, cfg, data, transform)
+    if cfg.dp != privacy.NO_DP:  # noisy or no statistics: a step that would diverge on this shard is capped
+        learning_rate = _safe_rate(uri, cfg, transform, x32, learning_rate)
     control = controls(msg, data.num_features)
     if control is not None and cfg.engine != "numpy":
         raise FedLinearError("strategy = scaffold needs engine = numpy")

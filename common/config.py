@@ -24,6 +24,7 @@ STANDARDIZE_MODES = ("auto", "whiten", "scale", "none")
 DP_MODES = ("none", "central-server-clip", "central-client-clip", "local")
 NOISE_SEED_MODES = ("seed", "secure")
 CLIPPING_MODES = ("fixed", "adaptive")
+DP_STATISTICS_MODES = ("auto", "release", "none")
 FEDOLS_METHODS = ("qr", "normal")  # common/fedols.py METHODS
 STRATEGIES = (
     "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
@@ -117,7 +118,7 @@ class RunConfig:
         Adaptive clipping: the geometric step η of the norm (``dp-clip-learning-rate``).
     dp_clipped_count_stddev : float (default: 0)
         Adaptive clipping: standard deviation σ_b of the noise on the count of unclipped updates;
-        0 means Andrew et al.'s default, sampled clients / 20 (``dp-clipped-count-stddev``).
+        0 means Andrew et al.'s default, sampled clients / 20, raised to ``dp-noise-multiplier`` when smaller (with few clients no split exists below it) (``dp-clipped-count-stddev``).
     dp_delta : float (default: 1e-5)
         The δ at which ε is reported (``dp-delta``).
     dp_max_epsilon : float (default: 0)
@@ -147,6 +148,23 @@ class RunConfig:
         Under privacy, nodes send no statistics; with ``true`` the pooled statistics in
         ``statistics-uri`` are declared public and used for standardization (not covered by ε)
         (``dp-public-statistics``).
+    dp_statistics : str (default: "auto")
+        Central DP-FedAvg (``dp`` = central-server-clip or central-client-clip, in the clear) without
+        public statistics: whether the standardization statistics are released once with noise before
+        round 1, accounted in the same ε (common/dpstats.py; ``dp-statistics``): ``release`` always;
+        ``none`` never (``standardize`` = auto then trains on raw variables); ``auto`` releases when
+        the predicted noise of a released scale is at most 2 bits (a factor 4) for
+        ``min-available-nodes`` parties (data-independent, so the choice costs no privacy), else trains
+        on raw variables. The manifest's ``privacy.statistics`` says which applied.
+    dp_statistics_share : float (default: 0.1)
+        The share of the run's Gaussian privacy budget (of ``Σ 1/z²``, which RDP composes) the
+        statistics release spends (``dp-statistics``); the rounds keep ``dp-noise-multiplier`` and the
+        release's multiplier follows: ``1/z_s² = share / (1 − share) · rounds / z²``. In [0, 1); 0
+        releases nothing (``dp-statistics-share``).
+    dp_statistics_max_scale : float (default: 1e6)
+        The declared range ``[1/M, M]`` of the columns' root mean squares for the released statistics
+        (``dp-statistics-max-scale``, > 1): a column's scale outside it is clipped to the range's end.
+        Public, not protected by ε; a narrower range gives less noisy scales.
     statistics_uri : str (default: "")
         Pooled statistics (``.npz``: count, mean, scatter) computed outside the federation;
         ``fedlinear run`` writes them from the shards on its machine when privacy is on. Read only
@@ -271,6 +289,9 @@ class RunConfig:
     dp_feature_bound: float = 0.0
     dp_target_bound: float = 0.0
     dp_public_statistics: bool = False
+    dp_statistics: str = "auto"
+    dp_statistics_share: float = 0.1
+    dp_statistics_max_scale: float = 1e6
     statistics_uri: str = ""
     reference: str = "auto"
     node_wait_timeout: float = 120.0
@@ -349,6 +370,7 @@ class RunConfig:
             ("dp", self.dp, DP_MODES),
             ("dp-noise-seed", self.dp_noise_seed, NOISE_SEED_MODES),
             ("dp-clipping", self.dp_clipping, CLIPPING_MODES),
+            ("dp-statistics", self.dp_statistics, DP_STATISTICS_MODES),
         ):
             if value not in choices:
                 raise FedLinearError(f"config key '{key}' must be one of {', '.join(choices)}, got '{value}'")
@@ -378,7 +400,7 @@ class RunConfig:
             raise FedLinearError(f"config key 'dp-clip-learning-rate' must be > 0, got {self.dp_clip_learning_rate}")
         if not 0 <= self.dp_clipped_count_stddev < float("inf"):
             raise FedLinearError(
-                f"config key 'dp-clipped-count-stddev' must be >= 0 (0: clients / 20), got {self.dp_clipped_count_stddev}"
+                f"config key 'dp-clipped-count-stddev' must be >= 0 (0: max(clients / 20, dp-noise-multiplier)), got {self.dp_clipped_count_stddev}"
             )
         if not 0 < self.dp_delta < 1:
             raise FedLinearError(f"config key 'dp-delta' must be in (0, 1), got {self.dp_delta}")
@@ -391,6 +413,10 @@ class RunConfig:
                 raise FedLinearError(f"config key '{key}' must be a finite number >= 0 (0: see its docs), got {value}")
         if not 0 <= self.dp_max_epsilon < float("inf"):
             raise FedLinearError(f"config key 'dp-max-epsilon' must be >= 0 (0: no budget), got {self.dp_max_epsilon}")
+        if not 0 <= self.dp_statistics_share < 1:
+            raise FedLinearError(f"config key 'dp-statistics-share' must be in [0, 1), got {self.dp_statistics_share}")
+        if not 1 < self.dp_statistics_max_scale < float("inf"):
+            raise FedLinearError(f"config key 'dp-statistics-max-scale' must be a finite number > 1, got {self.dp_statistics_max_scale}")
         if self.seed < 0:
             raise FedLinearError(f"config key 'seed' must be >= 0, got {self.seed}")
         self._validate_secure_aggregation()

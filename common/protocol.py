@@ -78,6 +78,8 @@ ARRAY_SCATTER = "scatter"  # in ``scatter``: (d + 1, d + 1), or (d + 1,) for the
 ARRAY_R = "r"  # in ``r``: (d + 2, d + 2) upper triangular
 RECORD_GRAM = "gram"  # dpols-gram reply (DP-FedOLS, common/dpols.py)
 ARRAY_GRAM = "gram"  # in ``gram``: Σ g gᵀ over the clipped rows g = [x̄, 1, ȳ], (d + 2, d + 2)
+RECORD_DP_STATISTICS = "dp-statistics"  # dp-statistics reply (common/dpstats.py)
+ARRAY_DP_STATISTICS = "encoding"  # in ``dp-statistics``: w ⊙ [a, b], L2 norm <= 1, (2 (d + 1),)
 ARRAY_C = "c"  # in ``control`` (train task): the server control variate [kernel..., bias], float64 (d + 1,)
 ARRAY_CI = "c-i"  # in ``control`` (train task): this party's control variate, float64 (d + 1,)
 ARRAY_DELTA = "delta"  # in ``control`` (train reply): Δc_i, float64 (d + 1,)
@@ -88,6 +90,7 @@ STAGE_DESCRIBE = "describe"
 STAGE_SCATTER = "scatter"
 STAGE_FEDOLS_R = "fedols-r"
 STAGE_DPOLS_GRAM = "dpols-gram"  # DP-FedOLS: the clipped Gram matrix (carries the transform and the bounds)
+STAGE_DP_STATISTICS = "dp-statistics"  # central DP-FedAvg: the bounded statistics encoding (common/dpstats.py)
 KEY_FEATURE_BOUND = "dp-feature-bound"  # dpols-gram: B_X, the L2 bound of a feature row
 KEY_TARGET_BOUND = "dp-target-bound"  # dpols-gram: B_Y, the bound of |y|
 KEY_WANT_MOMENTS = "want-moments"  # describe: send ``moments`` too

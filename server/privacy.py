@@ -14,8 +14,10 @@ Before round 1
    statistics serve both; under DP the pooled least-squares optimum comes from ``statistics-uri`` if
    given (computed outside the federation), and training (standardization, ``learning-rate = auto``)
    uses it only when declared public.
-4. **Standardization under privacy** (:func:`build_transform`): from the securely summed statistics,
-   else raw variables unless the statistics are public.
+4. **Standardization under privacy** (:func:`build_transform`): from the securely summed statistics;
+   under central DP in the clear from statistics released once with Gaussian noise and accounted in
+   ε (:func:`releases_statistics`, server/dpstats.py) unless public ones are declared; else raw
+   variables unless the statistics are public.
 
 The strategy
 
@@ -69,7 +71,7 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringR
 
 from fedlinear import flower_fixes
 from fedlinear.common import privacy as common_privacy
-from fedlinear.common import protocol, scaling
+from fedlinear.common import dpstats, protocol, scaling
 from fedlinear.common.config import RunConfig
 from fedlinear.common.errors import FedLinearError
 from fedlinear.server import progress
@@ -106,9 +108,13 @@ def secure_statistics(cfg: RunConfig) -> bool:
 
 
 def choose_statistics(
-    cfg: RunConfig, from_nodes: scaling.PooledStats | None, num_features: int
+    cfg: RunConfig, from_nodes: scaling.PooledStats | None, num_features: int,
+    released: scaling.PooledStats | None = None,
 ) -> tuple[scaling.PooledStats | None, str, scaling.PooledStats | None]:
     """Rule 3: (statistics for the yardstick, where they came from, statistics the training may use).
+
+    ``released``: the statistics released with noise under central DP (:func:`releases_statistics`),
+    which training uses unless public ones are declared; they never serve as the yardstick.
 
     Without privacy the nodes' sums serve both. Under privacy the nodes send none: the yardstick comes
     from ``statistics-uri`` if given (``fedlinear run`` computes it from the shards on its machine; it
@@ -119,13 +125,73 @@ def choose_statistics(
     if secure_statistics(cfg) and from_nodes is not None:
         return from_nodes, "pooled least squares from centred additive sums (n, Σ[x y], Σ(z−μ)(z−μ)ᵀ) summed through SecAgg+: the server learned only the pooled sums", from_nodes
     if not cfg.statistics_uri:
-        return None, "none: privacy is on and no statistics-uri was given", None
+        return None, "none: privacy is on and no statistics-uri was given", released
     local = scaling.PooledStats.load(cfg.statistics_uri, num_features)
     source = (
         f"pooled least squares from {cfg.statistics_uri}, computed outside the federation (by fedlinear run from the "
         "shards on its machine); no node sent statistics"
     )
-    return local, source, local if cfg.dp_public_statistics else None
+    return local, source, local if cfg.dp_public_statistics else released
+
+
+def releases_statistics(cfg: RunConfig) -> bool:
+    """Rule 4: whether the standardization statistics are released once with noise before round 1
+    (server/dpstats.py): central DP-FedAvg in the clear (the server sees each party's update anyway,
+    and adds the noise), ``dp-statistics-share`` > 0, standardization wanted, no public statistics
+    declared. Not under secure aggregation (the encodings would reach the server unmasked), ``dp =
+    local`` (the server is not trusted to add the noise) nor DP-FedOLS (row-level, clips rows itself)."""
+    possible = (
+        cfg.dp in common_privacy.CENTRAL
+        and not cfg.secure_aggregation
+        and cfg.strategy != "fedols"
+        and cfg.dp_statistics != "none"
+        and cfg.dp_statistics_share > 0
+        and cfg.standardize != "none"
+        and not (cfg.dp_public_statistics and cfg.statistics_uri)
+    )
+    return possible and (cfg.dp_statistics == "release" or useful_release(cfg, statistics_noise(cfg)))
+
+
+# dp-statistics = auto: release when the target's released scale is predicted within this many bits (1 σ).
+USEFUL_BITS = 1.0
+
+
+def useful_release(cfg: RunConfig, noise_multiplier: float) -> bool:
+    """``dp-statistics = auto``: whether the release's predicted noise on the target's scale (which
+    multiplies every error of the model in raw units), for ``min-available-nodes`` parties, is at most
+    :data:`USEFUL_BITS` (common.dpstats.scale_noise_bits). It depends only on the config (not on the
+    data, nor on the number of features, unknown before the shard query): deciding costs no privacy,
+    and ``dp-target-epsilon`` is calibrated with the same decision."""
+    return predicted_bits(cfg, noise_multiplier) <= USEFUL_BITS
+
+
+def predicted_bits(cfg: RunConfig, noise_multiplier: float) -> float:
+    """The predicted standard deviation, in bits, of the released target scale."""
+    return dpstats.scale_noise_bits(cfg.min_available_nodes, noise_multiplier, cfg.dp_statistics_max_scale)
+
+
+def statistics_mode(cfg: RunConfig) -> str:
+    """Which statistics the training uses under DP: ``released`` (noisy, in ε), ``public`` (declared,
+    not in ε), ``none`` (raw variables); ``secure`` / ``clear`` without DP."""
+    if cfg.dp == common_privacy.NO_DP:
+        return "secure" if secure_statistics(cfg) else ("none" if cfg.private else "clear")
+    if releases_statistics(cfg):
+        return "released"
+    if cfg.dp_public_statistics and cfg.statistics_uri:
+        return "public"
+    return "none"
+
+
+def statistics_noise(cfg: RunConfig, noise_multiplier: float | None = None) -> float:
+    """The statistics release's noise multiplier: ``dp-statistics-share`` of the run's budget
+    (common.dpstats.statistics_noise) next to :func:`releases_of` rounds at ``noise_multiplier``."""
+    z = cfg.dp_noise_multiplier if noise_multiplier is None else noise_multiplier
+    return dpstats.statistics_noise(z, releases_of(cfg), cfg.dp_statistics_share)
+
+
+def statistics_event(noise_multiplier: float, parties: int) -> GaussianPrivacyEvent:
+    """The statistics release as the accountant sees it: one Gaussian release over all ``parties``."""
+    return GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=max(1, parties), population_size=max(1, parties))
 
 
 def build_transform(cfg: RunConfig, stats: scaling.PooledStats | None, num_features: int) -> scaling.Transform:
@@ -140,12 +206,14 @@ def build_transform(cfg: RunConfig, stats: scaling.PooledStats | None, num_featu
         transform = scaling.Transform.identity(num_features)
         transform.notes = (
             "standardize = auto trains on raw data under privacy: the statistics would leak; declare them public "
-            "('dp-public-statistics' = true with 'statistics-uri') to standardize",
+            "('dp-public-statistics' = true with 'statistics-uri') to standardize" + raw_reason(cfg),
         )
         return transform
     transform = scaling.build_transform(cfg.standardize, stats, num_features, cfg.fit_intercept)
     if private and secure_statistics(cfg) and transform.kind != "none":
         transform.notes = (*transform.notes, "from the pooled statistics summed through SecAgg+ (no party's own sums reached the server)")
+    elif private and stats is not None and transform.kind != "none" and statistics_mode(cfg) == "released":
+        transform.notes = (*transform.notes, "from statistics released once with Gaussian noise (common/dpstats.py), covered by ε")
     elif private and stats is not None and transform.kind != "none":
         transform.notes = (*transform.notes, f"standardization statistics declared public ({cfg.statistics_uri}); not covered by ε")
     return transform
@@ -214,27 +282,31 @@ def releases_of(cfg: RunConfig) -> int:
     return 1 if cfg.strategy == "fedols" else cfg.num_server_rounds
 
 
-def epsilon_of(cfg: RunConfig, noise_multiplier: float, releases: int) -> float:
+def epsilon_of(cfg: RunConfig, noise_multiplier: float, releases: int, with_statistics: bool = False) -> float:
     """ε at ``dp-delta`` of ``releases`` Gaussian releases with ``noise_multiplier``, on the run's accountant
-    (Flower's RdpAccountant, no amplification)."""
+    (Flower's RdpAccountant, no amplification); ``with_statistics``: plus the statistics release
+    (:func:`statistics_noise` at that multiplier)."""
     accountant = make_accountant(RunConfig(dp_delta=cfg.dp_delta), 1)
     accountant.compose(GaussianPrivacyEvent(noise_multiplier, 1, 1), releases)
+    if with_statistics:
+        accountant.compose(GaussianPrivacyEvent(statistics_noise(cfg, noise_multiplier), 1, 1))
     return float(accountant.get_epsilon(cfg.dp_delta))
 
 
-def noise_for_epsilon(cfg: RunConfig, target: float, releases: int) -> float:
+def noise_for_epsilon(cfg: RunConfig, target: float, releases: int, with_statistics: bool = False) -> float:
     """The noise multiplier z whose releases spend ``target`` ε at ``dp-delta`` (at most it: the smallest such
-    z to a relative 1e-9, by bisection on the run's own accountant, :func:`epsilon_of`)."""
+    z to a relative 1e-9, by bisection on the run's own accountant, :func:`epsilon_of`); ``with_statistics``:
+    the statistics release included (its multiplier follows z, :func:`statistics_noise`)."""
     lo, hi = 1e-3, 1.0
-    if epsilon_of(cfg, lo, releases) <= target:
+    if epsilon_of(cfg, lo, releases, with_statistics) <= target:
         return lo
-    while epsilon_of(cfg, hi, releases) > target:
+    while epsilon_of(cfg, hi, releases, with_statistics) > target:
         lo, hi = hi, hi * 2.0
         if hi > 1e9:
             raise FedLinearError(f"config key 'dp-target-epsilon' = {target:g} is out of reach at 'dp-delta' = {cfg.dp_delta:g}")
     while hi - lo > 1e-9 * hi:
         mid = (lo + hi) / 2.0
-        lo, hi = (lo, mid) if epsilon_of(cfg, mid, releases) <= target else (mid, hi)
+        lo, hi = (lo, mid) if epsilon_of(cfg, mid, releases, with_statistics) <= target else (mid, hi)
     return hi
 
 
@@ -246,10 +318,17 @@ def resolve_noise(cfg: RunConfig) -> RunConfig:
     import dataclasses
 
     releases = releases_of(cfg)
-    z = noise_for_epsilon(cfg, cfg.dp_target_epsilon, releases)
+    stats = releases_statistics(dataclasses.replace(cfg, dp_statistics="release"))  # possible at all
+    z = noise_for_epsilon(cfg, cfg.dp_target_epsilon, releases, stats)
+    if stats and cfg.dp_statistics == "auto":  # decide at the multiplier the release would get, then pin it
+        stats = useful_release(cfg, statistics_noise(cfg, z))
+        if not stats:
+            z = noise_for_epsilon(cfg, cfg.dp_target_epsilon, releases, False)
+        cfg = dataclasses.replace(cfg, dp_statistics="release" if stats else "none")
     progress.say(
-        f"privacy: dp-target-epsilon = {cfg.dp_target_epsilon:g} at δ = {cfg.dp_delta:g} over {releases} release(s): "
-        f"noise multiplier z = {z:.6g} (RDP)"
+        f"privacy: dp-target-epsilon = {cfg.dp_target_epsilon:g} at δ = {cfg.dp_delta:g} over {releases} release(s)"
+        + (f" and the statistics release (z_s = {statistics_noise(cfg, z):.6g})" if stats else "")
+        + f": noise multiplier z = {z:.6g} (RDP)"
     )
     return dataclasses.replace(cfg, dp_noise_multiplier=z)
 
@@ -405,7 +484,41 @@ def summary(cfg: RunConfig, accountant: RdpAccountant | None, stopped: str | Non
         if cfg.dp_noise_seed == "seed"
         else "",
         "stopped": stopped,
+        "statistics": statistics_summary(cfg),
     }
+
+
+def statistics_summary(cfg: RunConfig) -> dict[str, Any]:
+    """Which standardization statistics the training used under DP, and what they cost."""
+    mode = statistics_mode(cfg)
+    out: dict[str, Any] = {"source": mode}
+    if mode == "released":
+        out.update({
+            "description": "released once before round 1 with Gaussian noise on each party's bounded, scale-free "
+            "encoding (common/dpstats.py); covered by ε (client-level, add-or-remove-one)",
+            "noise-multiplier": statistics_noise(cfg),
+            "share": cfg.dp_statistics_share,
+            "max-scale": cfg.dp_statistics_max_scale,
+        })  # fmt: skip
+    elif mode == "public":
+        out["description"] = f"declared public ({cfg.statistics_uri}); not covered by ε"
+    else:
+        out["description"] = "none: trained on raw variables" + raw_reason(cfg)
+    return out
+
+
+def raw_reason(cfg: RunConfig) -> str:
+    """Why a central DP run trains on raw variables although it could release statistics ("" if not that)."""
+    if cfg.dp not in common_privacy.CENTRAL or cfg.dp_statistics != "auto" or cfg.secure_aggregation or cfg.strategy == "fedols":
+        return ""
+    if cfg.dp_statistics_share <= 0 or cfg.standardize == "none" or releases_statistics(cfg):
+        return ""
+    z_s = statistics_noise(cfg)
+    return (
+        f" (dp-statistics = auto: released with z_s = {z_s:.3g} to {cfg.min_available_nodes} parties the target's scale "
+        f"would be off by {predicted_bits(cfg, z_s):.2g} bits (1 σ), above {USEFUL_BITS:g}: more parties, a larger "
+        "'dp-statistics-share', a narrower 'dp-statistics-max-scale', or 'dp-statistics' = release make it useful)"
+    )
 
 
 # -- the adaptive clipping wrapper (rule 6) ----------------------------------------------------------
@@ -413,6 +526,13 @@ def summary(cfg: RunConfig, accountant: RdpAccountant | None, stopped: str | Non
 
 class AdaptiveClippingError(ValueError):
     pass
+
+
+def default_count_stddev(num_sampled: int, noise_multiplier: float) -> float:
+    """``dp-clipped-count-stddev`` = 0: Andrew et al.'s ``m / 20``, raised to ``z`` when smaller. With few
+    clients ``m / 20`` is below ``z / 2`` and no split exists (:func:`adaptive_noise_split`); at
+    ``σ_b >= z`` one always does and the update's noise grows by at most ``1 / sqrt(1 − 1/4)`` (15 %)."""
+    return max(num_sampled / 20.0, noise_multiplier)
 
 
 def adaptive_noise_split(noise_multiplier: float, count_stddev: float) -> float:
@@ -451,7 +571,7 @@ class ServerSideAdaptiveClipping:
         self.clipping_norm = cfg.dp_clipping_norm
         self.target = cfg.dp_target_quantile
         self.step = cfg.dp_clip_learning_rate
-        self.count_stddev = cfg.dp_clipped_count_stddev or num_sampled / 20.0
+        self.count_stddev = cfg.dp_clipped_count_stddev or default_count_stddev(num_sampled, cfg.dp_noise_multiplier)
         self.update_multiplier = adaptive_noise_split(self.noise_multiplier, self.count_stddev)
         self.population = len(base.eligible)
         self.current = None

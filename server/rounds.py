@@ -152,7 +152,14 @@ class Rounds:
         """The transform and the learning rate the clients train with (a resumed run keeps its own), and
         the yardstick of every round."""
         cfg, healthy, num_features = self.cfg, self.parties.healthy, self.parties.num_features
-        pooled, reference_source, training_stats = privacy.choose_statistics(cfg, self.parties.pooled, num_features)
+        self.released = None  # central DP: the statistics released with noise (server/dpstats.py), fresh runs only
+        if start.transform is None and privacy.releases_statistics(cfg):
+            from fedlinear.server import dpstats
+
+            self.released = dpstats.release(self.grid, cfg, self.parties, privacy.statistics_noise(cfg))
+        pooled, reference_source, training_stats = privacy.choose_statistics(
+            cfg, self.parties.pooled, num_features, self.released.stats if self.released else None
+        )
         if start.transform is not None:
             transform = start.transform  # a resumed run keeps the transform it trained in
         else:
@@ -198,6 +205,14 @@ class Rounds:
                  for info in self.parties.healthy.values()}  # fmt: skip
         self.built = build_strategy(cfg, self.eligible, sizes, self.parties.num_features)
         self.strategy, self.accountant = self.built.strategy, self.built.accountant
+        if self.released is not None:  # the statistics release, in the same ε (a resumed run loads it with the state)
+            event = privacy.statistics_event(self.released.noise_multiplier, self.released.parties)
+            if self.accountant.config.max_epsilon is not None and self.accountant.would_exceed(event):
+                raise FedLinearError(
+                    f"the statistics release alone would take ε past 'dp-max-epsilon' = {cfg.dp_max_epsilon:g}: lower "
+                    "'dp-statistics-share' or raise the budget"
+                )
+            self.accountant.compose(event)
         self.privacy = privacy.RoundPrivacy(cfg, self.built, len(self.eligible))
         self.train_config = {
             **protocol.train_config(self.learning_rate, self.transform, self.batch_size),
