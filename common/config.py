@@ -148,14 +148,16 @@ class RunConfig:
         Under privacy, nodes send no statistics; with ``true`` the pooled statistics in
         ``statistics-uri`` are declared public and used for standardization (not covered by ε)
         (``dp-public-statistics``).
-    dp_statistics : str (default: "auto")
+    dp_statistics : str (default: "none")
         Central DP-FedAvg (``dp`` = central-server-clip or central-client-clip, in the clear) without
         public statistics: whether the standardization statistics are released once with noise before
         round 1, accounted in the same ε (common/dpstats.py; ``dp-statistics``): ``release`` always;
         ``none`` never (``standardize`` = auto then trains on raw variables); ``auto`` releases when
         the predicted noise of a released scale is at most 2 bits (a factor 4) for
         ``min-available-nodes`` parties (data-independent, so the choice costs no privacy), else trains
-        on raw variables. The manifest's ``privacy.statistics`` says which applied.
+        on raw variables. The manifest's ``privacy.statistics`` says which applied. The default is
+        ``none`` because at 4 to 40 parties the released scales measured worse than raw training
+        (docs/how-to/privacy.md); ``release`` / ``auto`` are for federations of many more parties.
     dp_statistics_share : float (default: 0.1)
         The share of the run's Gaussian privacy budget (of ``Σ 1/z²``, which RDP composes) the
         statistics release spends (``dp-statistics``); the rounds keep ``dp-noise-multiplier`` and the
@@ -289,7 +291,7 @@ class RunConfig:
     dp_feature_bound: float = 0.0
     dp_target_bound: float = 0.0
     dp_public_statistics: bool = False
-    dp_statistics: str = "auto"
+    dp_statistics: str = "none"
     dp_statistics_share: float = 0.1
     dp_statistics_max_scale: float = 1e6
     statistics_uri: str = ""

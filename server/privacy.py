@@ -509,7 +509,14 @@ def statistics_summary(cfg: RunConfig) -> dict[str, Any]:
 
 def raw_reason(cfg: RunConfig) -> str:
     """Why a central DP run trains on raw variables although it could release statistics ("" if not that)."""
-    if cfg.dp not in common_privacy.CENTRAL or cfg.dp_statistics != "auto" or cfg.secure_aggregation or cfg.strategy == "fedols":
+    if cfg.dp not in common_privacy.CENTRAL or cfg.secure_aggregation or cfg.strategy == "fedols":
+        return ""
+    if cfg.dp_statistics == "none":
+        return (
+            " (dp-statistics = none, the default: 'dp-public-statistics' = true with 'statistics-uri' standardizes "
+            "for free with statistics declared public; 'dp-statistics' = release spends part of ε on noisy scales)"
+        )
+    if cfg.dp_statistics != "auto":
         return ""
     if cfg.dp_statistics_share <= 0 or cfg.standardize == "none" or releases_statistics(cfg):
         return ""
