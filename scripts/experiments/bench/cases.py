@@ -409,18 +409,21 @@ def plan(args: argparse.Namespace, out: str) -> tuple[list[Case], dict[str, tupl
     data_main = os.path.join(out, "data", f"main-{n}x{samples}")
     datasets = {"main": (data_main, n)}
     cases: list[Case] = []
-    # processes mode runs --processes-rounds (5: issue 21's "processes 10 x 5"), its floor the same
+    last: list[Case] = []
+    # processes mode runs --processes-rounds (5: issue 21's "processes 10 x 5"), its floor the same; its
+    # cases run last (the slowest: what ran before is in the outputs, written after each case, if it is cut short)
     for part, mode, engs, r in (("sim", "simulation", engines, rounds),
                                 ("processes", "processes", proc_engines, args.processes_rounds)):  # fmt: skip
         if part not in parts:
             continue
+        into = last if mode == "processes" else cases
         for engine in engs:
-            cases.append(Case("main", f"fedlinear-{engine}", mode, n, r, samples, data_main,
-                              sets=(f"engine={engine}",)))  # fmt: skip
+            into.append(Case("main", f"fedlinear-{engine}", mode, n, r, samples, data_main,
+                             sets=(f"engine={engine}",)))  # fmt: skip
         if not args.skip_floor:
-            cases.append(Case("main", "floor", mode, n, r, samples, data_main, app=NOOP_APP))
+            into.append(Case("main", "floor", mode, n, r, samples, data_main, app=NOOP_APP))
         if not args.skip_quickstart and (mode == "simulation" or args.quickstart_processes):
-            cases.append(Case("main", "quickstart", mode, n, r, samples, data_main, app=QUICKSTART_APP))
+            into.append(Case("main", "quickstart", mode, n, r, samples, data_main, app=QUICKSTART_APP))
     if "inline" in parts:  # the same cases in inline mode; their ratios are to the simulation floor
         cases.append(Case("main", "fedlinear-numpy", "inline", n, rounds, samples, data_main, sets=("engine=numpy",)))
         for count in sorted(int(c) for c in _csv_list(args.inline_scaling_clients)):
@@ -454,7 +457,7 @@ def plan(args: argparse.Namespace, out: str) -> tuple[list[Case], dict[str, tupl
                 sets = ("engine=numpy", f"round-timeout={args.timeout:g}") if app is None else ()
                 cases.append(Case("scaling", system, "simulation", count, args.scaling_rounds, per_client, data_dir,
                                   app=app, sets=sets))  # fmt: skip
-    return cases, datasets
+    return cases + last, datasets
 
 
 # ---------------------------------------------------------------------------------------------
