@@ -38,8 +38,8 @@ def plot_ratios(path: str, rows: list[dict[str, Any]], targets: list[dict[str, A
     if not cases and not judged:
         return False
     plt = _pyplot()
-    height = 1.5 + 0.4 * max(len(cases), len(judged), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(15, height))
+    height = 2.5 + 0.4 * max(len(cases), len(judged), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(16, height))
     ax = axes[0]
     if cases:
         ax.barh([c[0] for c in cases], [c[1] for c in cases], color="tab:blue")
@@ -54,8 +54,12 @@ def plot_ratios(path: str, rows: list[dict[str, Any]], targets: list[dict[str, A
         ax.barh([j[0] for j in judged], [j[1] for j in judged], color=colours)
         ax.axvline(1.0, color="black", linewidth=1)
         ax.invert_yaxis()
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, "no target judged: none of their cases ran at the issue's sizes", ha="center",
+                va="center", transform=ax.transAxes)
+        ax.set_yticks([])
     ax.set_title("targets: measured ratio / bound (<= 1: met, green)")
-    ax.set_xscale("log")
     ax.grid(True, axis="x", which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
