@@ -51,16 +51,17 @@ def plot_ratios(path: str, rows: list[dict[str, Any]], targets: list[dict[str, A
     ax = axes[1]
     if judged:
         colours = ["tab:green" if j[2] == "met" else "tab:red" for j in judged]
-        ax.barh([j[0] for j in judged], [j[1] for j in judged], color=colours)
+        bars = ax.barh([j[0] for j in judged], [j[1] for j in judged], color=colours)
+        ax.bar_label(bars, labels=[f"{j[1]:.2f}" for j in judged], padding=3)
         ax.axvline(1.0, color="black", linewidth=1)
+        ax.set_xlim(0, max(1.2, 1.15 * max(j[1] for j in judged)))
         ax.invert_yaxis()
-        ax.set_xscale("log")
     else:
         ax.text(0.5, 0.5, "no target judged: none of their cases ran at the issue's sizes", ha="center",
                 va="center", transform=ax.transAxes)
         ax.set_yticks([])
     ax.set_title("targets: measured ratio / bound (<= 1: met, green)")
-    ax.grid(True, axis="x", which="both", alpha=0.3)
+    ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
