@@ -6,7 +6,7 @@ import argparse
 import os
 
 from fedlinear.scripts.experiments import bench
-from fedlinear.scripts.experiments.bench.cases import PARTS
+from fedlinear.scripts.experiments.bench.cases import INLINE_SCALING_CLIENTS, PARTS, SCALING_CLIENTS
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -31,7 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "it outside the app directory, which 'flwr run' walks file by file on every run)")  # fmt: skip
     p.add_argument("--only", help=f"comma list of parts to run: {', '.join(PARTS)} (default: all)")
     p.add_argument("--skip-scaling", action="store_true", help="leave out the scaling series")
-    p.add_argument("--quick", action="store_true", help="a tiny smoke version: 2 clients x 2 rounds, scaling 2 and 4")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny smoke version: 2 clients x 2 rounds, scaling 2 and 4, a 2-point x 1-seed sweep")
     p.add_argument("--clients", type=int, default=10, help="clients of the main runs (default 10)")
     p.add_argument("--rounds", type=int, default=20, help="rounds of the main runs (default 20)")
     p.add_argument("--samples-per-client", type=int, default=1000)
@@ -45,11 +46,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--skip-quickstart", action="store_true", help="leave out the quickstart-style reference")
     p.add_argument("--quickstart-processes", action="store_true",
                    help="also run the quickstart-style reference in processes mode (~20 min for 10 x 20)")
-    p.add_argument("--scaling-clients", default="10,100,1000,10000", help="client counts of the scaling series")
+    p.add_argument("--scaling-clients", default=SCALING_CLIENTS, help="client counts of the scaling series")
     p.add_argument("--max-clients", type=int, default=10000, help="leave out scaling points above this")
-    p.add_argument("--inline-scaling-clients", default="1000",
-                   help="client counts of the inline scaling rows (part 'inline'; default 1000; ratios to the "
+    p.add_argument("--inline-scaling-clients", default=INLINE_SCALING_CLIENTS,
+                   help="client counts of the inline scaling rows (part 'inline'; default 1000,10000; ratios to the "
                    "simulation floor of the same size)")  # fmt: skip
+    p.add_argument("--processes-rounds", type=int, default=5,
+                   help="rounds of the processes-mode runs and their floor (default 5)")
+    p.add_argument("--sweep-noise", default="0,0.5,1,2,4",
+                   help="part 'sweep': the noise multipliers of 'fedlinear sweep --mode inline' (default 0,0.5,1,2,4)")
+    p.add_argument("--sweep-seeds", type=int, default=3, help="part 'sweep': seeds per noise level (default 3)")
+    p.add_argument("--sweep-clients", type=int, default=10, help="part 'sweep': clients per run (default 10)")
+    p.add_argument("--sweep-rounds", type=int, default=20, help="part 'sweep': rounds per run (default 20)")
     p.add_argument("--scaling-rounds", type=int, default=3)
     p.add_argument("--scaling-samples", type=int, default=None,
                    help="samples per client in the scaling series (default: --samples-per-client up to 100 "

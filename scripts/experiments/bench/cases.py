@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -20,8 +22,10 @@ from fedlinear.scripts.experiments.datasets import made_once
 REPO = fedlinear.app_dir()  # a checkout's root: benchmarks/ holds the floor and the quickstart-style app
 NOOP_APP = os.path.join(REPO, "benchmarks", "noop_app")
 QUICKSTART_APP = os.path.join(REPO, "benchmarks", "quickstart_app")
-PARTS = ("sim", "processes", "inline", "scaling", "central")
+PARTS = ("sim", "processes", "inline", "sweep", "scaling", "central")
 MODE_LABEL = {"simulation": "sim", "processes": "processes", "inline": "inline", "local": "one process"}
+SCALING_CLIENTS = "10,100,1000,10000"  # the defaults of --scaling-clients and --inline-scaling-clients
+INLINE_SCALING_CLIENTS = "1000,10000"
 ACCURACY_BAR = 1.01
 GiB = 1024**3
 MiB = 1024**2
@@ -83,8 +87,8 @@ def test_mse_of_npz(path: str, data_dir: str) -> float | None:
 
 @dataclasses.dataclass
 class Case:
-    suite: str  # "main" | "scaling" | "central"
-    system: str  # "fedlinear-numpy", "fedlinear-keras", "floor", "quickstart", "lstsq", "keras"
+    suite: str  # "main" | "scaling" | "central" | "sweep"
+    system: str  # "fedlinear-numpy", "fedlinear-keras", "floor", "quickstart", "lstsq", "keras", "sweep"
     mode: str  # "simulation" | "processes" | "local"
     clients: int
     rounds: int
@@ -99,7 +103,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        if self.mode == "inline":
+        if self.mode == "inline" and self.system.startswith("fedlinear"):
             return "fedlinear (inline)"
         return {
             "fedlinear-numpy": "fedlinear (numpy)",
@@ -108,6 +112,7 @@ class Case:
             "quickstart": "quickstart-style",
             "lstsq": "pooled lstsq (NumPy)",
             "keras": "centralized Keras",
+            "sweep": "privacy/utility sweep",
         }[self.system]
 
 
@@ -158,6 +163,12 @@ def _run_once(case: Case, args: argparse.Namespace, out: str, index: int, ls_ref
     if case.suite == "central":
         argv = [sys.executable, "-m", "fedlinear.scripts.experiments.bench.worker", "--central-worker", case.system, "--data", case.data_dir,
                 "--clients", str(case.clients), "--rounds", str(case.rounds), "--out", run_dir]  # fmt: skip
+    elif case.suite == "sweep":  # the whole `fedlinear sweep` command on its default (synthetic) data, made in run_dir
+        argv = [sys.executable, "-m", args.runner, "sweep", "--mode", case.mode, "--out", run_dir,
+                "--clients", str(case.clients), "--rounds", str(case.rounds), "--noise", args.sweep_noise,
+                "--seeds", str(args.sweep_seeds), "--timeout", str(args.timeout)]  # fmt: skip
+        for kv in case.sets:
+            argv += ["--set", kv]
     else:
         argv = [sys.executable, "-m", args.runner, "run", "--data", case.data_dir, "--clients", str(case.clients),
                 "--rounds", str(case.rounds), "--out", run_dir, "--mode", case.mode,
@@ -206,6 +217,11 @@ def _run_once(case: Case, args: argparse.Namespace, out: str, index: int, ls_ref
             run.update(json.load(handle))
         run["ls-test-mse"] = ls_ref["test-mse"]
         return run
+    if case.suite == "sweep":
+        run.update(_sweep_figures(run_dir, args))
+        if run.get("error"):
+            run["ok"] = False
+        return run
     run.update(_history_figures(case, run_dir, ls_ref))
     run["inner-wall-s"] = _inner_wall(log_path)
     if case.mode == "simulation" and not any("raylet" in name for name in m.names):
@@ -242,6 +258,37 @@ def _inner_wall(log_path: str) -> float | None:
     return None
 
 
+def weights_digest(run_dir: str) -> str | None:
+    """SHA-256 of the final weights in RUN_DIR/manifest.json (float64, as written): equal digests are
+    bit-identical weights (e.g. inline vs simulation at the same seed). None without a manifest."""
+    path = os.path.join(run_dir, "manifest.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        weights = json.load(handle).get("weights")
+    if weights is None:
+        return None
+    return hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sweep_figures(run_dir: str, args: argparse.Namespace) -> dict[str, Any]:
+    """What a sweep case must have produced: its table (sweep.md), and one completed run per point x seed."""
+    points = len(_csv_list(args.sweep_noise))
+    expected = points * args.sweep_seeds
+    out: dict[str, Any] = {"sweep-points": points, "sweep-seeds": args.sweep_seeds, "sweep-runs-expected": expected}
+    csv_path = os.path.join(run_dir, "sweep.csv")
+    if not os.path.exists(csv_path) or not os.path.exists(os.path.join(run_dir, "sweep.md")):
+        out["error"] = f"no sweep.csv / sweep.md in {run_dir}"
+        return out
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    completed = sum(1 for r in rows if r.get("status") == "completed")
+    out["sweep-runs"] = completed
+    if completed != expected:
+        out["error"] = f"{completed} of {expected} sweep runs completed; see {csv_path}"
+    return out
+
+
 def _history_figures(case: Case, run_dir: str, ls_ref: dict[str, float]) -> dict[str, Any]:
     """Per-round times and accuracy from RUN_DIR/history.json (every app writes one)."""
     path = os.path.join(run_dir, "history.json")
@@ -268,6 +315,7 @@ def _history_figures(case: Case, run_dir: str, ls_ref: dict[str, float]) -> dict
     final = rounds[-1] if rounds else {}
     out["failed-updates"] = sum(int(r.get("clients-failed") or 0) for r in rounds)
     if case.system.startswith("fedlinear"):
+        out["weights-digest"] = weights_digest(run_dir)
         ref = history.get("reference", {}).get("test-mse")
         out["test-mse"] = final.get("test-mse")
         out["ls-test-mse"] = ref
@@ -296,6 +344,11 @@ def summarize(case: Case, runs: list[dict[str, Any]]) -> dict[str, Any]:
         if value is not None:
             row[field] = value
     row["wall-s-all"] = [r["wall-s"] for r in ok]
+    digests = {r.get("weights-digest") for r in ok if r.get("weights-digest")}
+    if digests:  # same seed, same data: every repeat must give the same weights
+        row["weights-digest"] = digests.pop() if len(digests) == 1 else "varies"
+    if case.suite == "sweep":
+        row["sweep-runs"] = min(r.get("sweep-runs") or 0 for r in ok)
     row["peak-rss-max"] = max(r["peak-rss"] for r in ok)
     row["other-load-max"] = max((r.get("other-load") or 0.0) for r in ok)
     row["worker-crashes"] = sum(r.get("worker-crashes") or 0 for r in ok)
@@ -334,6 +387,10 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
                 row["updates-vs-floor"] = row["updates-per-s"] / floor["updates-per-s"]
         if quick and row["system"] != "quickstart":
             row["x-quickstart"] = row["wall-s"] / quick["wall-s"]
+        sim = index.get((row["suite"], "simulation", "fedlinear-numpy", row["clients"], row["rounds"]))
+        if row["mode"] == "inline" and sim and row.get("weights-digest") and sim.get("weights-digest"):
+            # same data, same seed: inline must give simulation's weights bit for bit (issue 21)
+            row["same-weights-as-sim"] = row["weights-digest"] == sim["weights-digest"] != "varies"
 
 
 def plan(args: argparse.Namespace, out: str) -> tuple[list[Case], dict[str, tuple[str, int]]]:
@@ -352,16 +409,21 @@ def plan(args: argparse.Namespace, out: str) -> tuple[list[Case], dict[str, tupl
     data_main = os.path.join(out, "data", f"main-{n}x{samples}")
     datasets = {"main": (data_main, n)}
     cases: list[Case] = []
-    for part, mode, engs in (("sim", "simulation", engines), ("processes", "processes", proc_engines)):
+    last: list[Case] = []
+    # processes mode runs --processes-rounds (5: issue 21's "processes 10 x 5"), its floor the same; its
+    # cases run last (the slowest: what ran before is in the outputs, written after each case, if it is cut short)
+    for part, mode, engs, r in (("sim", "simulation", engines, rounds),
+                                ("processes", "processes", proc_engines, args.processes_rounds)):  # fmt: skip
         if part not in parts:
             continue
+        into = last if mode == "processes" else cases
         for engine in engs:
-            cases.append(Case("main", f"fedlinear-{engine}", mode, n, rounds, samples, data_main,
-                              sets=(f"engine={engine}",)))  # fmt: skip
+            into.append(Case("main", f"fedlinear-{engine}", mode, n, r, samples, data_main,
+                             sets=(f"engine={engine}",)))  # fmt: skip
         if not args.skip_floor:
-            cases.append(Case("main", "floor", mode, n, rounds, samples, data_main, app=NOOP_APP))
+            into.append(Case("main", "floor", mode, n, r, samples, data_main, app=NOOP_APP))
         if not args.skip_quickstart and (mode == "simulation" or args.quickstart_processes):
-            cases.append(Case("main", "quickstart", mode, n, rounds, samples, data_main, app=QUICKSTART_APP))
+            into.append(Case("main", "quickstart", mode, n, r, samples, data_main, app=QUICKSTART_APP))
     if "inline" in parts:  # the same cases in inline mode; their ratios are to the simulation floor
         cases.append(Case("main", "fedlinear-numpy", "inline", n, rounds, samples, data_main, sets=("engine=numpy",)))
         for count in sorted(int(c) for c in _csv_list(args.inline_scaling_clients)):
@@ -371,6 +433,8 @@ def plan(args: argparse.Namespace, out: str) -> tuple[list[Case], dict[str, tupl
                 datasets[f"scale-{count}x{per_client}"] = (data_dir, count)
             cases.append(Case("scaling", "fedlinear-numpy", "inline", count, args.scaling_rounds, per_client, data_dir,
                               sets=("engine=numpy", f"round-timeout={args.timeout:g}")))  # fmt: skip
+    if "sweep" in parts:  # `fedlinear sweep --mode inline` as a user runs it: its own default data, in its run dir
+        cases.append(Case("sweep", "sweep", "inline", args.sweep_clients, args.sweep_rounds, 0, ""))
     if "central" in parts:
         for system in ("lstsq", "keras"):
             cases.append(Case("central", system, "local", n, rounds, samples, data_main))
@@ -393,4 +457,61 @@ def plan(args: argparse.Namespace, out: str) -> tuple[list[Case], dict[str, tupl
                 sets = ("engine=numpy", f"round-timeout={args.timeout:g}") if app is None else ()
                 cases.append(Case("scaling", system, "simulation", count, args.scaling_rounds, per_client, data_dir,
                                   app=app, sets=sets))  # fmt: skip
-    return cases, datasets
+    return cases + last, datasets
+
+
+# ---------------------------------------------------------------------------------------------
+# The targets, declared: each names its case (suite, mode, system, clients, rounds: the sizes the issue
+# states, so other sizes, e.g. --quick, leave a target "not run" rather than judging it on the wrong
+# run), what is measured, against what (a case of the same invocation, or a fixed figure of the issue
+# with its source) and the bound. tables.evaluate_targets() judges them; a case that did not run, or
+# that lacks a figure the target ``requires``, gives "not run", never a pass.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    issue: int
+    name: str
+    case: tuple[str, str, str, Any, Any]  # (suite, mode, system, clients, rounds)
+    metric: str  # "wall-ratio" | "updates-ratio" | "speedup" (to ``ref``), "wall-s" (to ``ref_value``), "peak-rss" (GiB)
+    op: str  # "<=" | ">="
+    limit: float  # the bound on the ratio (wall-ratio, updates-ratio, speedup, wall-s) or on GiB (peak-rss)
+    ref: tuple[str, str, str, Any, Any] | None = None  # the reference case of the same invocation
+    ref_value: float | None = None  # or a fixed reference figure (seconds)
+    ref_label: str = ""
+    requires: tuple[tuple[str, Any], ...] = ()  # (field, value) the case's row must have, e.g. the sweep's 15 runs
+
+
+FLOOR_SIM_MAIN = ("main", "simulation", "floor", 10, 20)
+TARGETS: tuple[Target, ...] = (
+    # issue 21, acceptance (ratios within one invocation, medians of --repeat)
+    Target(21, "inline 10x20 wall <= 0.3 x the floor", ("main", "inline", "fedlinear-numpy", 10, 20),
+           "wall-ratio", "<=", 0.3, ref=FLOOR_SIM_MAIN),
+    Target(21, "inline 10x20 peak RSS <= 1 GiB", ("main", "inline", "fedlinear-numpy", 10, 20),
+           "peak-rss", "<=", 1.0),
+    Target(21, "inline 1000x3 updates/s >= 10 x the floor's", ("scaling", "inline", "fedlinear-numpy", 1000, 3),
+           "updates-ratio", ">=", 10.0, ref=("scaling", "simulation", "floor", 1000, 3)),
+    Target(21, "inline 10000x3 wall <= 0.1 x 1835 s", ("scaling", "inline", "fedlinear-numpy", 10000, 3),
+           "wall-s", "<=", 0.1, ref_value=1835.0, ref_label="simulation before issue 21"),
+    Target(21, "inline 10000x3 peak RSS <= 2 GiB", ("scaling", "inline", "fedlinear-numpy", 10000, 3),
+           "peak-rss", "<=", 2.0),
+    Target(21, "sweep 5 points x 3 seeds wall <= 0.1 x 336 s", ("sweep", "inline", "sweep", 10, 20),
+           "wall-s", "<=", 0.1, ref_value=336.0, ref_label="simulation sweep before issue 21",
+           requires=(("sweep-runs", 15),)),
+    Target(21, "simulation 10x20 wall <= 0.75 x the floor", ("main", "simulation", "fedlinear-numpy", 10, 20),
+           "wall-ratio", "<=", 0.75, ref=FLOOR_SIM_MAIN),
+    Target(21, "simulation 10x20 peak RSS <= 1.5 GiB", ("main", "simulation", "fedlinear-numpy", 10, 20),
+           "peak-rss", "<=", 1.5),
+    Target(21, "simulation 1000x3 updates/s >= 1.0 x the floor's", ("scaling", "simulation", "fedlinear-numpy", 1000, 3),
+           "updates-ratio", ">=", 1.0, ref=("scaling", "simulation", "floor", 1000, 3)),
+    Target(21, "processes 10x5 wall <= 1.1 x the floor", ("main", "processes", "fedlinear-numpy", 10, 5),
+           "wall-ratio", "<=", 1.1, ref=("main", "processes", "floor", 10, 5)),
+    # issue 4 (kept: the quickstart-style comparison and the processes-mode memory)
+    Target(4, "simulation keras >= 3 x faster than quickstart", ("main", "simulation", "fedlinear-keras", 10, 20),
+           "speedup", ">=", 3.0, ref=("main", "simulation", "quickstart", 10, 20)),
+    Target(4, "simulation numpy >= 5 x faster than quickstart", ("main", "simulation", "fedlinear-numpy", 10, 20),
+           "speedup", ">=", 5.0, ref=("main", "simulation", "quickstart", 10, 20)),
+    Target(4, "processes numpy peak RSS <= 2.4 GiB", ("main", "processes", "fedlinear-numpy", 10, 5),
+           "peak-rss", "<=", 2.425),
+)  # fmt: skip

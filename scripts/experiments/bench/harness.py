@@ -14,7 +14,7 @@ from importlib import metadata
 from typing import Any
 
 from fedlinear.common.errors import FedLinearError
-from fedlinear.scripts.experiments.bench.cases import REPO, GiB, add_ratios, ensure_data, least_squares_reference, plan, run_case, say
+from fedlinear.scripts.experiments.bench.cases import INLINE_SCALING_CLIENTS, REPO, SCALING_CLIENTS, GiB, add_ratios, ensure_data, least_squares_reference, plan, run_case, say
 from fedlinear.scripts.experiments.bench.tables import write_outputs
 
 
@@ -24,10 +24,14 @@ def run_bench(args: argparse.Namespace) -> int:
         args.clients, args.rounds, args.samples_per_client = 2, 2, 50
         args.test_samples = 200
         args.repeat = 1
-        args.scaling_clients = "2,4"
-        args.inline_scaling_clients = "4"
+        if args.scaling_clients == SCALING_CLIENTS:  # an explicit list (even an empty one) holds
+            args.scaling_clients = "2,4"
+        if args.inline_scaling_clients == INLINE_SCALING_CLIENTS:
+            args.inline_scaling_clients = "4"
         args.scaling_rounds = 2
         args.scaling_samples = 50
+        args.processes_rounds = 2
+        args.sweep_noise, args.sweep_seeds, args.sweep_clients, args.sweep_rounds = "0,1", 1, 2, 2
     # args.timeout None (no --timeout) is settled by plan(): 300 s a run with --quick, else 7200 s
     out = os.path.abspath(os.path.expanduser(args.out))
     if out == REPO or out.startswith(REPO + os.sep):
@@ -51,14 +55,14 @@ def run_bench(args: argparse.Namespace) -> int:
     # data first (not timed), and the least-squares yardstick of each data set
     refs: dict[str, dict[str, float]] = {}
     for case in cases:
-        if case.data_dir not in refs:
+        if case.suite != "sweep" and case.data_dir not in refs:  # a sweep makes its own default data
             ensure_data(case.data_dir, case.clients if case.suite == "scaling" else args.clients, case.samples,
                         args.features, args.noise, args.seed, args.test_samples)  # fmt: skip
             refs[case.data_dir] = least_squares_reference(case.data_dir, case.clients)
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     rows: list[dict[str, Any]] = []
     for case in cases:
-        rows.append(run_case(case, args, out, refs[case.data_dir]))
+        rows.append(run_case(case, args, out, refs.get(case.data_dir, {})))
         add_ratios(rows)
         write_outputs(out, rows, args, hw, command, started, final=False, code=code)
     add_ratios(rows)

@@ -1,4 +1,5 @@
-"""The outputs of ``fedlinear bench``: the tables, the targets, CSV, JSON and the scaling plot."""
+"""The outputs of ``fedlinear bench``: the tables, the targets judged (measured, reference, ratio, bound,
+met / MISSED), CSV and JSON; the plots are :mod:`~fedlinear.scripts.experiments.bench.plots`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import json
 import os
 from typing import Any
 
-from fedlinear.scripts.experiments.bench.cases import ACCURACY_BAR, GiB, MODE_LABEL
+from fedlinear.scripts.experiments.bench.cases import ACCURACY_BAR, MODE_LABEL, TARGETS, GiB, Target
+from fedlinear.scripts.experiments.bench.plots import plot_ratios, plot_scaling
 
 
 def _f(value: Any, fmt: str, width: int) -> str:
@@ -26,6 +28,7 @@ MAIN_LEGEND = """\
   shard query, Ray/actor warm-up, round 1); s/round: median of rounds 2..R; post s: after the last round
   (fedlinear: SavedModel export; shutdown, teardown); CPU s: CPU time of the process tree; other: CPU cores
   used by other processes on the machine during the run (noise); bar: final test MSE <= 1.01 x least squares;
+  = sim: inline's final weights bit-identical to simulation's (same size, seed, data);
   runs: good runs (good/attempts when some failed or were noisy; * = only noisy runs were available)"""
 
 
@@ -40,7 +43,7 @@ def main_table(rows: list[dict[str, Any]]) -> str:
     cols = [
         ("case", 20), ("mode", 9), ("N x R", 6), ("runs", 4), ("wall s", 7), ("x floor", 7), ("x qstart", 8),
         ("pre s", 5), ("to r1 s", 7), ("s/round", 7), ("post s", 6), ("CPU s", 6), ("other", 5),
-        ("peak RSS GiB", 12), ("MSE / LS", 8), ("bar", 3),
+        ("peak RSS GiB", 12), ("MSE / LS", 8), ("bar", 3), ("= sim", 5),
     ]  # fmt: skip
     lines = ["  ".join(name.ljust(w) if i < 2 else name.rjust(w) for i, (name, w) in enumerate(cols))]
     lines.append("-" * len(lines[0]))
@@ -66,6 +69,7 @@ def main_table(rows: list[dict[str, Any]]) -> str:
             _f(r["peak-rss"] / GiB, ".2f", 12),
             _f(r.get("mse-ratio"), ".4f", 8),
             _f(r.get("bar"), "", 3),
+            _f({True: "yes", False: "NO"}.get(r.get("same-weights-as-sim")), "", 5),
         ]
         lines.append("  ".join(cells))
     return "\n".join(lines)
@@ -107,83 +111,107 @@ def central_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_targets(rows: list[dict[str, Any]], main_clients: int, main_rounds: int) -> list[dict[str, Any]]:
-    """The targets of issue 4, judged on this invocation's figures (missing figures: 'not run')."""
+def find_row(rows: list[dict[str, Any]], key: tuple) -> dict[str, Any] | None:
+    """The row of case ``key`` = (suite, mode, system, clients, rounds), if it ran."""
+    for r in rows:
+        if (r["suite"], r["mode"], r["system"], r["clients"], r["rounds"]) == tuple(key):
+            return r
+    return None
 
-    def find(suite, mode, system, clients=main_clients, rounds=main_rounds):
-        for r in rows:
-            if (r["suite"], r["mode"], r["system"]) == (suite, mode, system) and (r["clients"], r["rounds"]) == (
-                clients,
-                rounds,
-            ):
-                return r if r["ok"] else None
-        return None
 
-    targets = []
+def _case_text(key: tuple) -> str:
+    suite, mode, system, clients, rounds = key
+    return f"{system} {MODE_LABEL[mode]} {clients}x{rounds}"
 
-    def add(name, value, limit, met, detail):
-        status = "not run" if met is None else ("met" if met else "MISSED")
-        targets.append({"target": name, "value": value, "limit": limit, "status": status, "detail": detail})
 
-    r = find("main", "simulation", "fedlinear-numpy")
-    v = r.get("x-floor") if r else None
-    add("simulation numpy wall <= 1.25 x floor", v, 1.25, None if v is None else v <= 1.25,
-        f"{r['wall-s']:.1f} s" if r else "")
-    r = find("main", "simulation", "fedlinear-keras")
-    q = find("main", "simulation", "quickstart")
-    v = q["wall-s"] / r["wall-s"] if r and q else None
-    add("simulation keras >= 3 x faster than quickstart", v, 3.0, None if v is None else v >= 3.0,
-        f"{q['wall-s']:.1f} s / {r['wall-s']:.1f} s" if r and q else "")
-    r = find("main", "simulation", "fedlinear-numpy")
-    v = q["wall-s"] / r["wall-s"] if r and q else None
-    add("simulation numpy >= 5 x faster than quickstart", v, 5.0, None if v is None else v >= 5.0,
-        f"{q['wall-s']:.1f} s / {r['wall-s']:.1f} s" if r and q else "")
-    r = find("main", "processes", "fedlinear-numpy")
-    v = r.get("x-floor") if r else None
-    add("processes numpy wall <= 1.3 x floor", v, 1.3, None if v is None else v <= 1.3,
-        f"{r['wall-s']:.1f} s" if r else "")
-    for system in ("fedlinear-numpy", "fedlinear-keras"):
-        r = find("main", "processes", system)
-        if r or system == "fedlinear-numpy":
-            v = r["peak-rss-max"] / GiB if r else None
-            add(f"processes {system} peak RSS <= 2.4 GiB (25 % of 9.7)", v, 2.425,
-                None if v is None else v <= 2.425, "max over runs" if r else "")
-    r = next((x for x in rows if x["suite"] == "scaling" and x["system"] == "fedlinear-numpy"
-              and x["mode"] == "simulation" and x["clients"] == 1000 and x["ok"]), None)  # fmt: skip
-    v = r.get("updates-vs-floor") if r else None
-    add("1000 clients: >= 80 % of the floor's updates/s", v, 0.8, None if v is None else v >= 0.8,
-        f"{r.get('updates-per-s', 0):.1f} updates/s" if r else "")
-    big = [x for x in rows if x["suite"] == "scaling" and x["system"] == "fedlinear-numpy" and x["mode"] == "simulation"
-           and x["clients"] >= 10000]
-    if big:
-        r = big[0]
-        detail = f"{r['wall-s']:.0f} s, peak RSS {r['peak-rss'] / GiB:.2f} GiB" if r["ok"] else "; ".join(r["errors"])
-        add("10000 clients x 3 rounds completes", r["peak-rss"] / GiB if r["ok"] else None, None, r["ok"], detail)
+def evaluate_target(target: Target, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One declared target judged on this invocation's rows: measured, reference, ratio, status."""
+    out: dict[str, Any] = {"issue": target.issue, "target": target.name, "case": _case_text(target.case),
+                           "bound": f"{target.op} {target.limit:g}" + (" GiB" if target.metric == "peak-rss" else " x"),
+                           "measured": None, "reference": None, "ratio": None, "value": None, "limit": target.limit,
+                           "status": "not run", "detail": ""}  # fmt: skip
+    row = find_row(rows, target.case)
+    if row is None or not row["ok"]:
+        out["detail"] = "case failed" if row is not None else ""
+        return out
+    if any(row.get(field) != value for field, value in target.requires):
+        out["detail"] = ", ".join(f"needs {f}={v} (got {row.get(f)})" for f, v in target.requires)
+        return out
+    ratio = None
+    if target.metric == "peak-rss":
+        ratio = row["peak-rss-max"] / GiB  # the worst run
+        out["measured"] = f"{ratio:.2f} GiB (max)"
+    elif target.metric == "wall-s":
+        out["measured"] = f"{row['wall-s']:.1f} s"
+        out["reference"] = f"{target.ref_value:g} s ({target.ref_label})"
+        ratio = row["wall-s"] / target.ref_value
     else:
-        add("10000 clients x 3 rounds completes", None, None, None, "")
-    r = find("main", "inline", "fedlinear-numpy")
-    v = r.get("x-floor") if r else None
-    add("inline numpy wall <= 0.3 x the simulation floor", v, 0.3, None if v is None else v <= 0.3,
-        f"{r['wall-s']:.1f} s" if r else "")
-    v = r["peak-rss-max"] / GiB if r else None
-    add("inline numpy peak RSS <= 1 GiB", v, 1.0, None if v is None else v <= 1.0, "max over runs" if r else "")
-    r = next((x for x in rows if x["suite"] == "scaling" and x["mode"] == "inline" and x["clients"] == 1000
-              and x["ok"]), None)  # fmt: skip
-    v = r.get("updates-vs-floor") if r else None
-    add("inline 1000 clients: >= 10 x the simulation floor's updates/s", v, 10.0, None if v is None else v >= 10.0,
-        f"{r.get('updates-per-s', 0):.1f} updates/s" if r else "")
+        ref = find_row(rows, target.ref)
+        if ref is None or not ref["ok"]:
+            out["detail"] = f"no reference run ({_case_text(target.ref)})"
+            return out
+        field = "updates-per-s" if target.metric == "updates-ratio" else "wall-s"
+        mine, theirs = row.get(field), ref.get(field)
+        if not mine or not theirs:
+            out["detail"] = f"no {field}"
+            return out
+        unit = " updates/s" if field == "updates-per-s" else " s"
+        out["measured"] = f"{mine:.1f}{unit}"
+        out["reference"] = f"{theirs:.1f}{unit} ({_case_text(target.ref)})"
+        ratio = theirs / mine if target.metric == "speedup" else mine / theirs
+    out["ratio"] = out["value"] = ratio
+    met = ratio <= target.limit if target.op == "<=" else ratio >= target.limit
+    out["status"] = "met" if met else "MISSED"
+    return out
+
+
+def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every target of :data:`~fedlinear.scripts.experiments.bench.cases.TARGETS`, plus the accuracy bar and
+    inline's bit-identical weights (missing figures: 'not run')."""
+    targets = [evaluate_target(t, rows) for t in TARGETS]
     bars = [x for x in rows if x.get("bar")]
-    add("accuracy bar (test MSE <= 1.01 x LS) in every 20-round fedlinear run",
-        max((x["mse-ratio"] for x in bars), default=None), ACCURACY_BAR,
-        None if not bars else all(x["bar"] == "yes" for x in bars), f"{len(bars)} cases")
+    worst = max((x["mse-ratio"] for x in bars), default=None)
+    targets.append({"issue": 21, "target": "accuracy bar: test MSE <= 1.01 x LS in every 20-round fedlinear run",
+                    "case": f"{len(bars)} cases", "bound": f"<= {ACCURACY_BAR:g} x", "measured": None,
+                    "reference": "pooled least squares", "ratio": worst, "value": worst, "limit": ACCURACY_BAR,
+                    "status": "not run" if not bars else ("met" if all(x["bar"] == "yes" for x in bars) else "MISSED"),
+                    "detail": ""})  # fmt: skip
+    same = [x for x in rows if "same-weights-as-sim" in x]
+    targets.append({"issue": 21, "target": "inline weights bit-identical to simulation (same seed, same data)",
+                    "case": ", ".join(f"{x['clients']}x{x['rounds']}" for x in same) or "-", "bound": "equal",
+                    "measured": None, "reference": "fedlinear (numpy) sim, same size", "ratio": None, "value": None,
+                    "limit": None, "status": "not run" if not same else
+                    ("met" if all(x["same-weights-as-sim"] for x in same) else "MISSED"), "detail": ""})  # fmt: skip
     return targets
 
 
 def targets_table(targets: list[dict[str, Any]]) -> str:
-    lines = []
+    cols = [("status", 7), ("issue", 5), ("target", 50), ("measured", 18), ("reference", 44), ("ratio", 7), ("bound", 9)]
+    lines = ["  ".join(name.ljust(w) for name, w in cols)]
+    lines.append("-" * len(lines[0]))
     for t in targets:
-        value = "" if t["value"] is None else f"{t['value']:.3g}"
-        lines.append(f"  [{t['status']:^7}] {t['target']}: {value}  {t['detail']}".rstrip())
+        ratio = "" if t["ratio"] is None else f"{t['ratio']:.3g}"
+        cells = [t["status"].ljust(7), str(t["issue"]).ljust(5), t["target"][:50].ljust(50),
+                 (t["measured"] or "-")[:18].ljust(18), (t["reference"] or "-")[:44].ljust(44), ratio.rjust(7),
+                 t["bound"].ljust(9)]  # fmt: skip
+        line = "  ".join(cells).rstrip()
+        if t.get("detail"):
+            line += f"  ({t['detail']})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def sweep_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'case':<24}  {'mode':<7}  {'N x R':>6}  {'runs':>4}  {'sweep runs':>10}  {'wall s':>7}  {'CPU s':>6}  "
+             f"{'other':>5}  {'peak RSS GiB':>12}"]  # fmt: skip
+    lines.append("-" * len(lines[0]))
+    for r in rows:
+        if not r["ok"]:
+            lines.append(f"{r['label']:<24}  FAILED ({'; '.join(r['errors'])[:200]})")
+            continue
+        lines.append(f"{r['label']:<24}  {MODE_LABEL[r['mode']]:<7}  {r['clients']}x{r['rounds']:<3}  {_runs(r):>4}  "
+                     f"{r.get('sweep-runs', 0):>10}  {_f(r.get('wall-s'), '.1f', 7)}  {_f(r.get('cpu-s'), '.0f', 6)}  "
+                     f"{_f(r.get('other-load-max'), '.2f', 5)}  {r['peak-rss'] / GiB:>12.2f}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -191,7 +219,7 @@ CSV_FIELDS = ("key", "suite", "system", "mode", "clients", "rounds", "samples", 
               "x-floor", "x-quickstart", "x-floor-rounds", "pre-s", "startup-s", "round1-s", "to-round1-s", "round-s",
               "rounds-total-s", "post-s", "updates-per-s", "e2e-updates-per-s", "updates-vs-floor", "cpu-s",
               "other-load-max", "worker-crashes", "peak-rss", "peak-rss-max", "test-mse", "ls-test-mse", "mse-ratio",
-              "bar", "fit-s", "import-s", "process-s")  # fmt: skip
+              "bar", "fit-s", "import-s", "process-s", "weights-digest", "same-weights-as-sim", "sweep-runs")  # fmt: skip
 
 
 def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
@@ -202,44 +230,12 @@ def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
             writer.writerow({k: row.get(k) for k in CSV_FIELDS})
 
 
-def plot_scaling(path: str, rows: list[dict[str, Any]]) -> bool:
-    rows = [r for r in rows if r["suite"] == "scaling" and r["ok"]]
-    if not rows:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    panels = [("round-s", "wall time per round (s)"), ("updates-per-s", "client updates per second"),
-              ("peak-rss", "peak RSS of the process tree (GiB)")]  # fmt: skip
-    for system, style in (("fedlinear-numpy", "o-"), ("floor", "s--")):
-        series = sorted((r for r in rows if r["system"] == system), key=lambda r: r["clients"])
-        if not series:
-            continue
-        xs = [r["clients"] for r in series]
-        for ax, (field, title) in zip(axes, panels, strict=True):
-            ys = [(r.get(field) or 0) / (GiB if field == "peak-rss" else 1) for r in series]
-            ax.plot(xs, ys, style, label=series[0]["label"])
-            ax.set_title(title)
-            ax.set_xscale("log")
-            ax.set_xlabel("virtual clients (simulation)")
-            ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[0].legend()
-    fig.suptitle(f"fedlinear vs the no-op floor, simulation, {rows[0]['rounds']} rounds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 def write_outputs(out, rows, args, hw, command, started, final: bool, code: dict | None = None) -> str:
     main_rows = [r for r in rows if r["suite"] == "main"]
     scale_rows = [r for r in rows if r["suite"] == "scaling"]
     central_rows = [r for r in rows if r["suite"] == "central"]
-    targets = evaluate_targets(rows, args.clients, args.rounds)
+    sweep_rows = [r for r in rows if r["suite"] == "sweep"]
+    targets = evaluate_targets(rows)
     sections = [
         f"command: {command}",
         f"hardware: {hw['cpus']} CPUs ({hw['cpu-model']}), {hw['memory-gib']} GiB RAM; python {hw['python']}, "
@@ -261,7 +257,12 @@ def write_outputs(out, rows, args, hw, command, started, final: bool, code: dict
         sections += ["\nscaling, simulation mode, and inline mode for 'fedlinear (inline)' (its 'vs floor': to the simulation floor) (updates/s = client updates in rounds 2..R / their time, the steady "
                      "state; e2e upd/s = clients x rounds / wall; vs floor = updates/s / the floor's):",
                      scaling_table(scale_rows)]  # fmt: skip
-    sections += ["\ntargets (issue 4):", targets_table(targets)]
+    if sweep_rows:
+        sections += [f"\nprivacy/utility sweep ('fedlinear sweep', noise {args.sweep_noise} x {args.sweep_seeds} seeds, its "
+                     "default data; wall = the whole command):", sweep_table(sweep_rows)]  # fmt: skip
+    sections += ["\ntargets (issue 21's acceptance, and issue 4's kept; ratio = measured / reference, or reference / "
+                 "measured for 'faster than'; a target at a size this invocation did not run is 'not run'):",
+                 targets_table(targets)]  # fmt: skip
     text = "\n".join(sections)
     with open(os.path.join(out, "table.txt"), "w", encoding="utf-8") as handle:
         handle.write(text + "\n")
@@ -280,4 +281,5 @@ def write_outputs(out, rows, args, hw, command, started, final: bool, code: dict
         json.dump(payload, handle, indent=2, default=str)
     if final:
         plot_scaling(os.path.join(out, "scaling.png"), rows)
+        plot_ratios(os.path.join(out, "ratios.png"), rows, targets)
     return text
