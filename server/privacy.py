@@ -318,7 +318,8 @@ def resolve_noise(cfg: RunConfig) -> RunConfig:
     import dataclasses
 
     releases = releases_of(cfg)
-    stats = releases_statistics(dataclasses.replace(cfg, dp_statistics="release"))  # possible at all
+    # a release possible at all (and not declined: dp-statistics = none releases nothing)
+    stats = cfg.dp_statistics != "none" and releases_statistics(dataclasses.replace(cfg, dp_statistics="release"))
     z = noise_for_epsilon(cfg, cfg.dp_target_epsilon, releases, stats)
     if stats and cfg.dp_statistics == "auto":  # decide at the multiplier the release would get, then pin it
         stats = useful_release(cfg, statistics_noise(cfg, z))
