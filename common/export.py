@@ -57,8 +57,12 @@ def _tensorflow():
     return tf
 
 
-def export_savedmodel(weights: LinearWeights, uri: str) -> None:
-    """Write the SavedModel to ``uri`` (local dir or ``s3://`` prefix), published only when complete."""
+_tensorflow_saves = 0  # SavedModels TensorFlow wrote in this process (its first one seeds a template)
+
+
+def save_local(weights: LinearWeights, path: str) -> None:
+    """The model's definition: TensorFlow writes the SavedModel of ``weights`` to the new local ``path``."""
+    global _tensorflow_saves
     tf = _tensorflow()
 
     num_features = weights.num_features
@@ -76,10 +80,39 @@ def export_savedmodel(weights: LinearWeights, uri: str) -> None:
             return {"y": y + self.bias if weights.bias is not None else y}
 
     module = LinearRegression()
+    _tensorflow_saves += 1
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+
+
+def export_savedmodel(weights: LinearWeights, uri: str) -> None:
+    """Write the SavedModel to ``uri`` (local dir or ``s3://`` prefix) with TensorFlow, published only when
+    complete."""
     with tempfile.TemporaryDirectory(prefix="fedlinear-export-") as tmp:
         path = os.path.join(tmp, "model")
-        tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+        save_local(weights, path)
         storage.publish_dir(path, uri)
+
+
+def export(weights: LinearWeights, uri: str) -> str:
+    """Write the SavedModel to ``uri`` from this shape's cached template if there is one (no TensorFlow),
+    else with TensorFlow, keeping that export as the shape's template when it is this process's first;
+    returns which wrote it: ``"template"`` or ``"tensorflow"`` (see :mod:`common.export_template`)."""
+    from fedlinear.common import export_template
+
+    try:
+        export_template.export(weights, uri)
+        return "template"
+    except export_template.Unusable:
+        pass
+    with tempfile.TemporaryDirectory(prefix="fedlinear-export-") as tmp:
+        path = os.path.join(tmp, "model")
+        first = _tensorflow_saves == 0
+        save_local(weights, path)
+        if first:
+            with contextlib.suppress(export_template.Unusable, OSError):
+                export_template.adopt(path, weights)
+        storage.publish_dir(path, uri)
+    return "tensorflow"
 
 
 def load_savedmodel(uri: str):
