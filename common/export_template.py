@@ -69,7 +69,17 @@ class Unusable(Exception):
 # ----------------------------------------------------------------------------------------------------
 
 
+CACHE_ENV = "FEDLINEAR_SAVEDMODEL_CACHE"  # the templates' directory instead of the default, or "off" (none)
+
+
 def cache_root() -> str:
+    """Where templates live: :data:`CACHE_ENV` if set, else ``$XDG_CACHE_HOME`` (or ``~/.cache``)
+    ``/fedlinear/savedmodel``; :class:`Unusable` if :data:`CACHE_ENV` is ``off``."""
+    chosen = os.environ.get(CACHE_ENV, "")
+    if chosen == "off":
+        raise Unusable(f"{CACHE_ENV}=off")
+    if chosen:
+        return chosen
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "fedlinear", "savedmodel")
 
@@ -106,11 +116,20 @@ def template_dir(num_features: int, bias: bool) -> str:
 
 
 def available(num_features: int, bias: bool) -> bool:
-    """Whether a template for this shape is in the cache (it is checked again when used)."""
+    """Whether a template for this shape is in the cache (it is checked again when used), or none can be."""
     try:
         return os.path.isfile(os.path.join(template_dir(num_features, bias), META))
     except Unusable:
         return False
+
+
+def enabled() -> bool:
+    """Whether templates can be made here (TensorFlow is installed, the cache is not turned off)."""
+    try:
+        cache_root()
+    except Unusable:
+        return False
+    return tensorflow_version() is not None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,7 +186,10 @@ def _fields(buf: bytes, start: int = 0, end: int | None = None) -> list[tuple[in
 
 
 def _masked_crc32c(data: bytes) -> int:
-    import google_crc32c
+    try:
+        import google_crc32c
+    except ImportError:
+        raise Unusable("google-crc32c is not installed") from None
 
     crc = google_crc32c.value(data)
     return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
@@ -259,7 +281,10 @@ class Layout:
 
 def _fingerprint(template: bytes, index: bytes) -> bytes:
     """``fingerprint.pb`` for a new ``variables.index``: a new checkpoint_hash and a new uuid."""
-    import farmhash
+    try:
+        import farmhash  # the cityhash distribution's FarmHash
+    except ImportError:
+        raise Unusable("cityhash (FarmHash) is not installed") from None
 
     fields = _fields(template)
     if sorted(f[0] for f in fields) != [1, 2, 3, 4, 5, 6, 7]:
@@ -416,11 +441,11 @@ def create(num_features: int, bias: bool) -> str:
         return adopt(path, weights)
 
 
-def create_in_subprocess(num_features: int, bias: bool, timeout: float = CREATE_TIMEOUT_S) -> None:
+def create_in_subprocess(num_features: int, bias: bool, nice: bool = False, timeout: float = CREATE_TIMEOUT_S) -> None:
     """Make the template in a fresh interpreter (TensorFlow's first export there, so its function names are
-    a fresh process's); :class:`Unusable` with the reason if it could not."""
+    a fresh process's), at a lower priority if ``nice``; :class:`Unusable` with the reason if it could not."""
     argv = [sys.executable, "-m", "fedlinear.common.export_template", str(int(num_features))]
-    argv += [] if bias else ["--no-bias"]
+    argv += ([] if bias else ["--no-bias"]) + (["--nice"] if nice else [])
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -441,7 +466,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fedlinear.common.export_template")
     parser.add_argument("num_features", type=int)
     parser.add_argument("--no-bias", action="store_true")
+    parser.add_argument("--nice", action="store_true", help="at a lower priority (a run's rounds come first)")
     args = parser.parse_args(argv)
+    if args.nice:
+        with contextlib.suppress(OSError):
+            os.nice(10)
     if args.num_features < 1:
         parser.error("num_features must be >= 1")
     try:

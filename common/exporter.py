@@ -1,13 +1,17 @@
 """The SavedModel export off the critical path: a separate process imports TensorFlow while the rounds run.
 
 ``import tensorflow`` costs ~6 s of CPU and ~0.5 GB per process; the export itself takes well under a
-second. So the ServerApp starts an *exporter* when a run begins (:func:`for_run`): a fresh interpreter
-(``python -m fedlinear.common.exporter``, spawned with ``subprocess``, never forked) that lowers its
-priority, imports TensorFlow while the rounds run, and then waits for the final weights. At the end of
-the run :func:`export_model` hands it the float32 weights and the destination as one JSON line (float32
-values survive JSON exactly); the exporter validates them, writes the SavedModel with
-:func:`common.export.export_savedmodel` (the same code as an in-process export, so the same model) and
-answers one JSON line.
+second, and most exports need no TensorFlow at all: the first export of a shape (d, bias) on a machine
+leaves a template in the cache, and later ones write the weights into a copy of it
+(:mod:`common.export_template`). So the ServerApp starts an *exporter* when a run begins (:func:`for_run`):
+a fresh interpreter (``python -m fedlinear.common.exporter``, spawned with ``subprocess``, never forked)
+that does not import TensorFlow. Once the ServerApp knows the model's shape it tells the exporter
+(:func:`prepare`); if that shape has no template yet, the exporter makes one in a fresh niced interpreter
+(TensorFlow's import, once per shape and machine) while the rounds run. At the end of the run
+:func:`export_model` hands it the float32 weights and the destination as one JSON line (float32 values
+survive JSON exactly); the exporter validates them, writes the SavedModel from the template (or, if no
+template can be had, with :func:`common.export.export_savedmodel` in its own process: the same model)
+and answers one JSON line saying which wrote it.
 
 One exporter can serve many runs: ``fedlinear sweep`` (and the Python API's ``sweep``) start one
 (:func:`shared`) listening on a Unix socket and pass its path to every run in the environment variable
@@ -53,6 +57,7 @@ EXPORT_TIMEOUT_S = 600.0  # TensorFlow's import plus one export, on a very busy 
 CONNECT_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 60.0  # a shared exporter's socket is listening (Python start-up, before TensorFlow)
 MAX_LINE = 64 << 20  # a request or reply longer than this is refused
+WRITERS = ("template", "tensorflow")  # what wrote a model (the manifest's export.writer)
 STARTED = "fedlinear exporter: started"  # the line an exporter writes to stderr once, when it starts
 
 
@@ -107,16 +112,72 @@ def parse_request(line: bytes) -> tuple[LinearWeights, str]:
     return LinearWeights(kernel=k, bias=b), uri
 
 
+def parse_prepare(line: bytes) -> tuple[int, bool] | None:
+    """The shape a ``{"prepare": {"num-features": d, "bias": bool}}`` line announces; None if it is not one."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    shape = message.get("prepare") if isinstance(message, dict) else None
+    if not isinstance(shape, dict):
+        return None
+    d, bias = shape.get("num-features"), shape.get("bias")
+    ok = isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 24 and isinstance(bias, bool)
+    return (d, bias) if ok else None
+
+
+class Templates:
+    """The templates this exporter makes (each in a fresh interpreter, at most once per shape)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.made: dict[tuple[int, bool], threading.Event] = {}
+
+    def prepare(self, shape: tuple[int, bool]) -> threading.Event:
+        """Start making ``shape``'s template in the background unless it exists or is being made."""
+        from fedlinear.common import export_template
+
+        with self.lock:
+            done = self.made.get(shape)
+            if done is not None:
+                return done
+            done = self.made[shape] = threading.Event()
+        if export_template.available(*shape) or not export_template.enabled():
+            done.set()
+            return done
+
+        def make() -> None:
+            try:
+                export_template.create_in_subprocess(*shape, nice=True)
+            except export_template.Unusable as exc:  # the export then runs with TensorFlow, here
+                sys.stderr.write(f"fedlinear exporter: no template for {shape}: {exc}\n")
+            finally:
+                done.set()
+
+        threading.Thread(target=make, name="template", daemon=True).start()
+        return done
+
+
+_templates = Templates()
+
+
+def _write(weights: LinearWeights, uri: str) -> str:
+    """Write the SavedModel; which wrote it (``"template"`` or ``"tensorflow"``)."""
+    from fedlinear.common import export, export_template
+
+    shape = (weights.num_features, weights.bias is not None)
+    _templates.prepare(shape).wait(export_template.CREATE_TIMEOUT_S)  # made now if nobody announced the shape
+    return export.export(weights, uri)  # the template; TensorFlow in this process if there is none
+
+
 def _reply_for(line: bytes) -> dict[str, Any]:
     """Export what ``line`` asks for; the reply says how it went."""
-    from fedlinear.common.export import export_savedmodel
-
     try:
         weights, uri = parse_request(line)
     except ValueError as exc:
         return {"error": f"bad request: {exc}", "kind": "internal"}
     try:
-        export_savedmodel(weights, uri)
+        writer = _write(weights, uri)
     except FedLinearError as exc:
         return {"error": one_line(exc), "kind": "user"}
     except OSError as exc:  # the destination cannot be written (a full disk, permissions)
@@ -124,34 +185,21 @@ def _reply_for(line: bytes) -> dict[str, Any]:
         return {"error": f"{uri}: cannot write the SavedModel ({reason})", "kind": "user"}
     except Exception as exc:  # noqa: BLE001 - anything else: the ServerApp exports in its own process
         return {"error": one_line(exc), "kind": "internal"}
-    return {"ok": True, "pid": os.getpid()}
-
-
-def _import_tensorflow() -> str | None:
-    """Import TensorFlow at low priority; the reason it failed, if it did."""
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, min(before + 10, 19))  # the rounds come first
-    try:
-        from fedlinear.common.export import _tensorflow
-
-        _tensorflow()
-    except Exception as exc:  # noqa: BLE001 - reported with every request; the ServerApp falls back
-        return one_line(exc)
-    finally:
-        with contextlib.suppress(OSError):  # back up where permitted: the run now waits for the export
-            os.setpriority(os.PRIO_PROCESS, 0, before)
-    return None
+    return {"ok": True, "pid": os.getpid(), "writer": writer}
 
 
 def _serve_pipe() -> None:
-    """Requests on stdin, replies on stdout, until stdin closes (the ServerApp is done or gone)."""
+    """Requests on stdin, replies on stdout, until stdin closes (the ServerApp is done or gone).
+
+    A ``prepare`` line gets no reply (the ServerApp does not wait for it)."""
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # a stray print (TensorFlow's) cannot corrupt the replies
-    failed = _import_tensorflow()
     for line in sys.stdin.buffer:
-        reply = {"error": failed, "kind": "internal"} if failed else _reply_for(line)
-        out.write(json.dumps(reply).encode() + b"\n")
+        shape = parse_prepare(line)
+        if shape is not None:
+            _templates.prepare(shape)
+            continue
+        out.write(json.dumps(_reply_for(line)).encode() + b"\n")
 
 
 def _serve_socket(path: str) -> None:
@@ -162,14 +210,6 @@ def _serve_socket(path: str) -> None:
     print("listening", flush=True)  # the parent waits for this line before it hands out the path
     os.dup2(2, 1)
     lock = threading.Lock()  # one export at a time (TensorFlow's saving is not meant to run concurrently)
-    state: dict[str, Any] = {}
-    imported = threading.Event()
-
-    def do_import() -> None:
-        state["failed"] = _import_tensorflow()
-        imported.set()
-
-    threading.Thread(target=do_import, daemon=True).start()
 
     def handle(conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as reader:
@@ -177,10 +217,13 @@ def _serve_socket(path: str) -> None:
             if line.strip() == b'"ping"':
                 conn.sendall(json.dumps({"pong": os.getpid()}).encode() + b"\n")
                 return
-            imported.wait()
+            shape = parse_prepare(line)
+            if shape is not None:
+                _templates.prepare(shape)
+                conn.sendall(b'{"ok": true}\n')
+                return
             with lock:
-                failed = state.get("failed")
-                reply = {"error": failed, "kind": "internal"} if failed else _reply_for(line)
+                reply = _reply_for(line)
             conn.sendall(json.dumps(reply).encode() + b"\n")
 
     while True:
@@ -232,6 +275,10 @@ def request_line(weights: LinearWeights, uri: str) -> bytes:
     return json.dumps({"kernel": kernel, "bias": bias, "uri": uri}).encode() + b"\n"
 
 
+def prepare_line(num_features: int, bias: bool) -> bytes:
+    return json.dumps({"prepare": {"num-features": int(num_features), "bias": bool(bias)}}).encode() + b"\n"
+
+
 class Unavailable(Exception):
     """The exporter cannot do this export (the ServerApp then exports in its own process)."""
 
@@ -263,6 +310,13 @@ class ChildExporter:
             close_fds=True,
         )  # fmt: skip
         self.pid = self.proc.pid
+
+    def prepare(self, num_features: int, bias: bool) -> None:
+        """Tell the exporter the model's shape (no answer is waited for)."""
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self.proc.stdin.write(prepare_line(num_features, bias))
+            self.proc.stdin.flush()
 
     def export(self, weights: LinearWeights, uri: str, timeout: float) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -321,6 +375,11 @@ class SharedExporter:
             raise OSError(f"{path}: not a fedlinear exporter")
         self.pid = reply["pong"]
 
+    def prepare(self, num_features: int, bias: bool) -> None:
+        """Tell the exporter the model's shape (its answer only says it heard)."""
+        with contextlib.suppress(OSError):
+            _ask(self.path, prepare_line(num_features, bias), CONNECT_TIMEOUT_S)
+
     def export(self, weights: LinearWeights, uri: str, timeout: float) -> dict[str, Any]:
         try:
             line = _ask(self.path, request_line(weights, uri), timeout)
@@ -371,6 +430,15 @@ def for_run(say: Callable[[str], None]) -> Iterator[None]:
             handle.close()
 
 
+def prepare(num_features: int, bias: bool) -> None:
+    """The run's model will have this shape: its exporter makes the shape's template now if there is none
+    (TensorFlow's import then overlaps the rounds); nothing happens without an exporter."""
+    with _lock:
+        handle = _current
+    if handle is not None:
+        handle.prepare(num_features, bias)
+
+
 def export_model(weights: LinearWeights, uri: str, say: Callable[[str], None],
                  timeout: float = EXPORT_TIMEOUT_S) -> dict[str, Any]:  # fmt: skip
     """Write the SavedModel of ``weights`` to ``uri`` through the run's exporter, or in this process if there
@@ -379,17 +447,18 @@ def export_model(weights: LinearWeights, uri: str, say: Callable[[str], None],
         handle = _current
     if handle is not None:
         try:
-            handle.export(weights, uri, timeout)
-            return {"by": handle.how, "pid": handle.pid}
+            reply = handle.export(weights, uri, timeout)
+            writer = reply.get("writer")
+            return {"by": handle.how, "pid": handle.pid} | ({"writer": writer} if writer in WRITERS else {})
         except Unavailable as exc:
             say(f"export: {exc}; exporting in this process")
-    from fedlinear.common.export import export_savedmodel
+    from fedlinear.common.export import export
 
     try:
-        export_savedmodel(weights, uri)
+        writer = export(weights, uri)
     except OSError as exc:
         raise FedLinearError(f"{uri}: cannot write the SavedModel ({exc.strerror or type(exc).__name__})") from None
-    return {"by": "in-process", "pid": os.getpid()}
+    return {"by": "in-process", "pid": os.getpid(), "writer": writer}
 
 
 @contextlib.contextmanager

@@ -50,6 +50,7 @@ def run(grid: Grid, context: Context, store: RunStore, cfg: RunConfig) -> None:
     parties = nodes.query_nodes(grid, cfg, connected)
     yardstick.gather(grid, cfg, parties)  # the stable optimum from R factors, when the statistics flow
     num_features = parties.num_features
+    exporter.prepare(num_features, cfg.fit_intercept)  # no template for this shape yet: made while the rounds run
     test = load_csv(cfg.test_uri, cfg.target_column, cfg.header) if cfg.test_uri else None
     if test is not None and test.num_features != num_features:
         raise FedLinearError(
