@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedlinear.common import storage
+from fedlinear.common import export_template, storage
 from fedlinear.common.errors import FedLinearError
 from fedlinear.common.model import LinearWeights
 
@@ -97,10 +97,8 @@ def export(weights: LinearWeights, uri: str) -> str:
     """Write the SavedModel to ``uri`` from this shape's cached template if there is one (no TensorFlow),
     else with TensorFlow, keeping that export as the shape's template when it is this process's first;
     returns which wrote it: ``"template"`` or ``"tensorflow"`` (see :mod:`common.export_template`)."""
-    from fedlinear.common import export_template
-
     try:
-        export_template.export(weights, uri)
+        export_template.export(weights, uri, definition())
         return "template"
     except export_template.Unusable:
         pass
@@ -110,9 +108,57 @@ def export(weights: LinearWeights, uri: str) -> str:
         save_local(weights, path)
         if first:
             with contextlib.suppress(export_template.Unusable, OSError):
-                export_template.adopt(path, weights)
+                _adopt(path, weights)
         storage.publish_dir(path, uri)
     return "tensorflow"
+
+
+def definition() -> str:
+    """The hash of the model's definition (:func:`save_local`) in its templates' cache key."""
+    return export_template.definition_hash(save_local)
+
+
+def template_available(num_features: int, bias: bool) -> bool:
+    """Whether this shape's template is in the cache (exports of it need no TensorFlow)."""
+    return export_template.available(num_features, bias, definition())
+
+
+def _adopt(path: str, weights: LinearWeights) -> str:
+    if _tensorflow_saves != 1:  # a later export's function names are not a fresh process's
+        raise export_template.Unusable("not this process's first TensorFlow export")
+    return export_template.adopt(path, weights, definition(), _tensorflow().__version__)
+
+
+def make_template(num_features: int, bias: bool) -> str:
+    """Make this shape's template in this process (it must not have exported with TensorFlow yet); its path."""
+    weights = export_template.probe_weights(num_features, bias)
+    with tempfile.TemporaryDirectory(prefix="fedlinear-template-") as tmp:
+        path = os.path.join(tmp, "model")
+        save_local(weights, path)
+        return _adopt(path, weights)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fedlinear.common.export template D [--no-bias] [--nice]``: make that shape's template
+    (what :func:`common.export_template.create_in_subprocess` runs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fedlinear.common.export")
+    parser.add_argument("what", choices=["template"])
+    parser.add_argument("num_features", type=int)
+    parser.add_argument("--no-bias", action="store_true")
+    parser.add_argument("--nice", action="store_true", help="at a lower priority (a run's rounds come first)")
+    args = parser.parse_args(argv)
+    if args.num_features < 1:
+        parser.error("num_features must be >= 1")
+    if args.nice:
+        with contextlib.suppress(OSError):
+            os.nice(10)
+    try:
+        print(make_template(args.num_features, not args.no_bias))
+    except export_template.Unusable as exc:
+        sys.stderr.write(f"export template: {exc}\n")
+        raise SystemExit(1) from None
 
 
 def load_savedmodel(uri: str):
@@ -161,3 +207,7 @@ def read_linear(path: str) -> ReadModel:
         shown = "no bias" if bias is None else f"bias {bias.shape}"
         raise FedLinearError(f"{path}: kernel {kernel.shape} / {shown} is not a linear model's (d, 1) / (1,)")
     return ReadModel(kernel.ravel(), 0.0 if bias is None else float(bias[0]), int(kernel.shape[0]), bias is not None)
+
+
+if __name__ == "__main__":
+    main()

@@ -43,7 +43,9 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from importlib import metadata
+from typing import Any
 
 import numpy as np
 
@@ -96,29 +98,28 @@ def tensorflow_version() -> str | None:
     return _distribution_version("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-macos")
 
 
-def definition_hash() -> str:
-    """A hash of the model's definition: the source of :func:`common.export.save_local`."""
-    from fedlinear.common import export
-
-    return hashlib.sha256(inspect.getsource(export.save_local).encode()).hexdigest()[:16]
+def definition_hash(definition: Callable[..., Any]) -> str:
+    """A hash of the model's definition (the function that builds and saves it: its source)."""
+    return hashlib.sha256(inspect.getsource(definition).encode()).hexdigest()[:16]
 
 
-def key(num_features: int, bias: bool) -> str:
-    """The template's name in the cache; :class:`Unusable` if TensorFlow is not installed."""
+def key(num_features: int, bias: bool, definition: str) -> str:
+    """The template's name in the cache (``definition``: :func:`definition_hash`); :class:`Unusable` if
+    TensorFlow is not installed."""
     tf, pb = tensorflow_version(), _distribution_version("protobuf")
     if tf is None:
         raise Unusable("TensorFlow is not installed")
-    return f"tf{tf}-pb{pb}-f{FORMAT}-{definition_hash()}-d{int(num_features)}-{'bias' if bias else 'nobias'}-float32"
+    return f"tf{tf}-pb{pb}-f{FORMAT}-{definition}-d{int(num_features)}-{'bias' if bias else 'nobias'}-float32"
 
 
-def template_dir(num_features: int, bias: bool) -> str:
-    return os.path.join(cache_root(), key(num_features, bias))
+def template_dir(num_features: int, bias: bool, definition: str) -> str:
+    return os.path.join(cache_root(), key(num_features, bias, definition))
 
 
-def available(num_features: int, bias: bool) -> bool:
-    """Whether a template for this shape is in the cache (it is checked again when used), or none can be."""
+def available(num_features: int, bias: bool, definition: str) -> bool:
+    """Whether a template for this shape is in the cache (it is checked again when used)."""
     try:
-        return os.path.isfile(os.path.join(template_dir(num_features, bias), META))
+        return os.path.isfile(os.path.join(template_dir(num_features, bias, definition), META))
     except Unusable:
         return False
 
@@ -354,10 +355,10 @@ def _write(files: dict[str, bytes], directory: str) -> None:
             f.write(content)
 
 
-def write_local(weights: LinearWeights, directory: str) -> None:
+def write_local(weights: LinearWeights, directory: str, definition: str) -> None:
     """Write the SavedModel of ``weights`` into the new local ``directory`` from the cached template."""
     num_features, bias = int(np.asarray(weights.kernel).shape[0]), weights.bias is not None
-    source = template_dir(num_features, bias)
+    source = template_dir(num_features, bias, definition)
     try:
         with open(os.path.join(source, META)) as f:
             meta = json.load(f)
@@ -368,13 +369,13 @@ def write_local(weights: LinearWeights, directory: str) -> None:
     _write(render(_read(source), weights), directory)
 
 
-def export(weights: LinearWeights, uri: str) -> None:
+def export(weights: LinearWeights, uri: str, definition: str) -> None:
     """Write the SavedModel to ``uri`` (local dir or ``s3://``) from the template; :class:`Unusable` if none fits."""
     from fedlinear.common import storage
 
     with tempfile.TemporaryDirectory(prefix="fedlinear-export-") as tmp:
         path = os.path.join(tmp, "model")
-        write_local(weights, path)
+        write_local(weights, path, definition)
         storage.publish_dir(path, uri)
 
 
@@ -393,16 +394,15 @@ def probe_weights(num_features: int, bias: bool) -> LinearWeights:
     return LinearWeights(kernel=kernel, bias=np.array([-1.5], np.float32) if bias else None)
 
 
-def adopt(directory: str, weights: LinearWeights) -> str:
-    """Keep the SavedModel TensorFlow just wrote to the local ``directory`` (this process's first export, with
-    ``weights``) as the template of its shape, if writing ``weights`` from it reproduces it exactly; the
-    template's path. :class:`Unusable` if it is not kept."""
-    from fedlinear.common import export as tf_export
-
-    if tf_export._tensorflow_saves != 1:  # a later export's function names are not a fresh process's
-        raise Unusable("not this process's first TensorFlow export")
+def adopt(directory: str, weights: LinearWeights, definition: str, tensorflow: str) -> str:
+    """Keep the SavedModel TensorFlow ``tensorflow`` (its ``__version__``) just wrote to the local ``directory``
+    (its process's first export: later ones number their functions differently) with ``weights`` as the
+    template of its shape, if writing ``weights`` from it reproduces it exactly; the template's path.
+    :class:`Unusable` if it is not kept."""
+    if tensorflow != tensorflow_version():
+        raise Unusable(f"TensorFlow {tensorflow} is not the installed distribution's {tensorflow_version()}")
     num_features, bias = int(np.asarray(weights.kernel).shape[0]), weights.bias is not None
-    target = template_dir(num_features, bias)
+    target = template_dir(num_features, bias, definition)
     written = _read(directory)
     if not _equal_but_uuid(render(written, weights), written):
         raise Unusable("writing the weights again does not reproduce TensorFlow's files")
@@ -412,12 +412,8 @@ def adopt(directory: str, weights: LinearWeights) -> str:
     staging = tempfile.mkdtemp(prefix=".tmp-", dir=cache_root())
     try:
         _write(written, staging)
-        import tensorflow as tf  # already imported: it wrote ``directory``
-
-        meta = {"key": os.path.basename(target), "format": FORMAT, "tensorflow": tf.__version__,
+        meta = {"key": os.path.basename(target), "format": FORMAT, "tensorflow": tensorflow,
                 "num-features": num_features, "bias": bias}  # fmt: skip
-        if tf.__version__ != tensorflow_version():
-            raise Unusable(f"TensorFlow {tf.__version__} is not the installed distribution's {tensorflow_version()}")
         with open(os.path.join(staging, META), "w") as f:
             json.dump(meta, f)
         try:
@@ -430,21 +426,10 @@ def adopt(directory: str, weights: LinearWeights) -> str:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def create(num_features: int, bias: bool) -> str:
-    """Make the template for this shape in this process (TensorFlow's first export here); its path."""
-    from fedlinear.common.export import save_local
-
-    weights = probe_weights(num_features, bias)
-    with tempfile.TemporaryDirectory(prefix="fedlinear-template-") as tmp:
-        path = os.path.join(tmp, "model")
-        save_local(weights, path)
-        return adopt(path, weights)
-
-
 def create_in_subprocess(num_features: int, bias: bool, nice: bool = False, timeout: float = CREATE_TIMEOUT_S) -> None:
     """Make the template in a fresh interpreter (TensorFlow's first export there, so its function names are
     a fresh process's), at a lower priority if ``nice``; :class:`Unusable` with the reason if it could not."""
-    argv = [sys.executable, "-m", "fedlinear.common.export_template", str(int(num_features))]
+    argv = [sys.executable, "-m", "fedlinear.common.export", "template", str(int(num_features))]
     argv += ([] if bias else ["--no-bias"]) + (["--nice"] if nice else [])
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -457,28 +442,3 @@ def create_in_subprocess(num_features: int, bias: bool, nice: bool = False, time
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
         raise Unusable(f"cannot make the template: {last[:300]}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m fedlinear.common.export_template D [--no-bias]``: make that shape's template."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m fedlinear.common.export_template")
-    parser.add_argument("num_features", type=int)
-    parser.add_argument("--no-bias", action="store_true")
-    parser.add_argument("--nice", action="store_true", help="at a lower priority (a run's rounds come first)")
-    args = parser.parse_args(argv)
-    if args.nice:
-        with contextlib.suppress(OSError):
-            os.nice(10)
-    if args.num_features < 1:
-        parser.error("num_features must be >= 1")
-    try:
-        print(create(args.num_features, not args.no_bias))
-    except Unusable as exc:
-        sys.stderr.write(f"export template: {exc}\n")
-        raise SystemExit(1) from None
-
-
-if __name__ == "__main__":
-    main()

@@ -133,22 +133,23 @@ class Templates:
         self.lock = threading.Lock()
         self.made: dict[tuple[int, bool], threading.Event] = {}
 
-    def prepare(self, shape: tuple[int, bool]) -> threading.Event:
-        """Start making ``shape``'s template in the background unless it exists or is being made."""
-        from fedlinear.common import export_template
+    def prepare(self, shape: tuple[int, bool], nice: bool = True) -> threading.Event:
+        """Start making ``shape``'s template in the background unless it exists or is being made (niced
+        while the rounds run; not when an export waits for it)."""
+        from fedlinear.common import export, export_template
 
         with self.lock:
             done = self.made.get(shape)
             if done is not None:
                 return done
             done = self.made[shape] = threading.Event()
-        if export_template.available(*shape) or not export_template.enabled():
+        if export.template_available(*shape) or not export_template.enabled():
             done.set()
             return done
 
         def make() -> None:
             try:
-                export_template.create_in_subprocess(*shape, nice=True)
+                export_template.create_in_subprocess(*shape, nice=nice)
             except export_template.Unusable as exc:  # the export then runs with TensorFlow, here
                 sys.stderr.write(f"fedlinear exporter: no template for {shape}: {exc}\n")
             finally:
@@ -166,7 +167,7 @@ def _write(weights: LinearWeights, uri: str) -> str:
     from fedlinear.common import export, export_template
 
     shape = (weights.num_features, weights.bias is not None)
-    _templates.prepare(shape).wait(export_template.CREATE_TIMEOUT_S)  # made now if nobody announced the shape
+    _templates.prepare(shape, nice=False).wait(export_template.CREATE_TIMEOUT_S)  # made now if nobody announced the shape
     return export.export(weights, uri)  # the template; TensorFlow in this process if there is none
 
 
