@@ -58,11 +58,14 @@ def _tensorflow():
 
 
 _tensorflow_saves = 0  # SavedModels TensorFlow wrote in this process (its first one seeds a template)
+_fresh: bool | None = None  # whether TensorFlow was not yet imported when this process's first save began
 
 
 def save_local(weights: LinearWeights, path: str) -> None:
     """The model's definition: TensorFlow writes the SavedModel of ``weights`` to the new local ``path``."""
-    global _tensorflow_saves
+    global _tensorflow_saves, _fresh
+    if _fresh is None:
+        _fresh = "tensorflow" not in sys.modules
     tf = _tensorflow()
 
     num_features = weights.num_features
@@ -124,8 +127,8 @@ def template_available(num_features: int, bias: bool) -> bool:
 
 
 def _adopt(path: str, weights: LinearWeights) -> str:
-    if _tensorflow_saves != 1:  # a later export's function names are not a fresh process's
-        raise export_template.Unusable("not this process's first TensorFlow export")
+    if _tensorflow_saves != 1 or not _fresh:  # TensorFlow numbers functions per process: only a first save
+        raise export_template.Unusable("not a fresh process's first TensorFlow export")  # is a fresh process's
     return export_template.adopt(path, weights, definition(), _tensorflow().__version__)
 
 

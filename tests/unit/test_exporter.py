@@ -49,7 +49,7 @@ def test_a_bad_request_is_refused_naming_what(line, reason):
 def in_process(monkeypatch):
     """The in-process export, recorded instead of run (no TensorFlow in this process)."""
     calls = []
-    monkeypatch.setattr(export, "export_savedmodel", lambda weights, uri: calls.append(uri))
+    monkeypatch.setattr(export, "export", lambda weights, uri: calls.append(uri) or "tensorflow")
     return calls
 
 
@@ -107,7 +107,7 @@ def test_an_in_process_export_that_cannot_write_is_one_line(monkeypatch, tmp_pat
     def full(weights, uri):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export, "export_savedmodel", full)
+    monkeypatch.setattr(export, "export", full)
     with pytest.raises(FedLinearError, match=r"^m: cannot write the SavedModel \(No space left on device\)$"):
         exporter.export_model(WEIGHTS, "m", print)
 
