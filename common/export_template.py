@@ -55,6 +55,7 @@ FORMAT = 1  # bump when what this module writes changes
 DATA = os.path.join("variables", "variables.data-00000-of-00001")
 INDEX = os.path.join("variables", "variables.index")
 FILES = ("saved_model.pb", "fingerprint.pb", DATA, INDEX)
+DIRS = ("assets", "variables")  # TensorFlow writes an empty assets/ too
 META = "template.json"
 VARIABLE_KEYS = {"kernel": b"kernel/.ATTRIBUTES/VARIABLE_VALUE", "bias": b"bias/.ATTRIBUTES/VARIABLE_VALUE"}
 TABLE_MAGIC = 0xDB4775248B80FB57
@@ -317,9 +318,12 @@ def _read(directory: str) -> dict[str, bytes]:
                 files[name] = f.read()
         except OSError as exc:
             raise Unusable(f"{name}: {exc.strerror or type(exc).__name__}") from None
-    extra = {os.path.relpath(os.path.join(r, f), directory) for r, _, fs in os.walk(directory) for f in fs}
-    if extra - set(FILES) - {META}:
-        raise Unusable(f"unexpected files {sorted(extra - set(FILES) - {META})}")
+    found = {os.path.relpath(os.path.join(r, f), directory) for r, _, fs in os.walk(directory) for f in fs}
+    if found - set(FILES) - {META}:
+        raise Unusable(f"unexpected files {sorted(found - set(FILES) - {META})}")
+    dirs = {os.path.relpath(os.path.join(r, d), directory) for r, ds, _ in os.walk(directory) for d in ds}
+    if dirs != set(DIRS):
+        raise Unusable(f"directories {sorted(dirs)}, not {list(DIRS)}")
     return files
 
 
@@ -349,7 +353,8 @@ def render(files: dict[str, bytes], weights: LinearWeights) -> dict[str, bytes]:
 
 
 def _write(files: dict[str, bytes], directory: str) -> None:
-    os.makedirs(os.path.join(directory, "variables"), exist_ok=True)
+    for name in DIRS:
+        os.makedirs(os.path.join(directory, name), exist_ok=True)
     for name, content in files.items():
         with open(os.path.join(directory, name), "wb") as f:
             f.write(content)

@@ -186,7 +186,7 @@ def _reply_for(line: bytes) -> dict[str, Any]:
         return {"error": f"{uri}: cannot write the SavedModel ({reason})", "kind": "user"}
     except Exception as exc:  # noqa: BLE001 - anything else: the ServerApp exports in its own process
         return {"error": one_line(exc), "kind": "internal"}
-    return {"ok": True, "pid": os.getpid(), "writer": writer}
+    return {"ok": True, "pid": os.getpid(), "writer": writer, "tensorflow": "tensorflow" in sys.modules}
 
 
 def _serve_pipe() -> None:
