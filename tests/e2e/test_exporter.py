@@ -63,11 +63,12 @@ def test_the_exporters_savedmodel_is_the_in_process_one(tmp_path):
     cases = {"bias": [0.625], "no-bias": None}  # fit-intercept = true / false
     jobs = {mode: [[str(tmp_path / mode / case), kernel, bias] for case, bias in cases.items()]
             for mode in ("exporter", "in-process")}  # fmt: skip
-    by_exporter = json.loads(python(WRITE, json.dumps(jobs["exporter"])))
-    today = json.loads(python(WRITE, json.dumps(jobs["in-process"]), env={exporter.ENV: exporter.OFF}))
-    assert [h["by"] for h in by_exporter["how"]] == ["exporter process"] * 2
+    cache = "FEDLINEAR_SAVEDMODEL_CACHE"  # the exporter makes this run's templates; in-process: TensorFlow's export
+    by_exporter = json.loads(python(WRITE, json.dumps(jobs["exporter"]), env={cache: str(tmp_path / "cache")}))
+    today = json.loads(python(WRITE, json.dumps(jobs["in-process"]), env={exporter.ENV: exporter.OFF, cache: "off"}))
+    assert [(h["by"], h["writer"]) for h in by_exporter["how"]] == [("exporter process", "template")] * 2
     assert not by_exporter["tensorflow"]  # the ServerApp's process never imported it
-    assert [h["by"] for h in today["how"]] == ["in-process"] * 2 and today["tensorflow"]
+    assert [(h["by"], h["writer"]) for h in today["how"]] == [("in-process", "tensorflow")] * 2 and today["tensorflow"]
     x = rng.normal(size=(6, 5))
     loaded = json.loads(python(LOAD, json.dumps(x.tolist()), *[job[0] for m in jobs.values() for job in m]))
     ours, theirs = loaded[:2], loaded[2:]
