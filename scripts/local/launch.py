@@ -37,6 +37,7 @@ from fedlinear.scripts.local import watch
 from fedlinear.scripts.local.flower import config_string, flower_env, free_port, tail, wait_healthy, write_connection
 from fedlinear.scripts.local.isolation import HostPids, namespace_init, note_pid, resolve_isolation, unshare_argv
 from fedlinear.scripts.local.processes import TREE_ENV, WATCHDOG_TIMEOUT, ProcessGroup, Watchdog, tree_token
+from fedlinear.scripts.local.ray_env import with_ray_env
 from fedlinear.scripts.local.spec import INTERRUPTED_MARK, PROGRESS_MARK, LaunchSpec, RunInterrupted, auto_ray_cpus, check_spec, warn
 from fedlinear.scripts.local.staging import stage_app
 
@@ -88,6 +89,7 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
         # "local": a fresh private Ray, never whatever cluster `ray start` last left behind in
         # /tmp/ray (a stale address there made ray.init() wait forever).
         env["RAY_ADDRESS"] = spec.ray_address or "local"
+        env = with_ray_env(env)  # no idle prestarted workers, no metrics (scripts/local/ray_env.py)
     ray_tmp = None
     if spec.mode == "simulation" and not spec.ray_address:
         # The local Ray's session files (its unix sockets among them: those are not confined by a network
