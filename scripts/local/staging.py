@@ -91,11 +91,17 @@ class Staging:
     def __init__(self, app_dir: str, dest: str, env: dict[str, str] | None = None) -> None:
         self.app_dir, self.dest = app_dir, dest
         argv = [sys.executable, "-m", "fedlinear.scripts.local.staging", app_dir, dest]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        self.proc: subprocess.Popen | None = None
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        except OSError:  # no interpreter to spare (out of processes, memory): stage in this one
+            pass
 
     def result(self, timeout: float = STAGE_TIMEOUT_S) -> str:
         """``dest``, once the app is staged there; FedLinearError if it could not be."""
+        if self.proc is None:
+            return stage_app(self.app_dir, self.dest)
         try:
             _, err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -108,6 +114,8 @@ class Staging:
 
     def close(self) -> None:
         """Stop it if it still runs (a launch that failed before it needed the app)."""
+        if self.proc is None:
+            return
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

@@ -49,3 +49,17 @@ def test_close_stops_a_staging_nobody_waited_for(tmp_path):
     staging = Staging(fedlinear.app_dir(), str(tmp_path / "app"))
     staging.close()
     assert staging.proc.poll() is not None
+
+
+def test_without_a_spare_interpreter_it_stages_in_this_process(tmp_path, monkeypatch):
+    import subprocess
+
+    def no_process(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    staging = Staging(fedlinear.app_dir(), str(tmp_path / "app"))
+    assert staging.proc is None
+    assert staging.result() == str(tmp_path / "app")
+    assert os.path.isfile(tmp_path / "app" / "pyproject.toml")
+    staging.close()
