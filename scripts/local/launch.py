@@ -37,8 +37,9 @@ from fedlinear.scripts.local import watch
 from fedlinear.scripts.local.flower import config_string, flower_env, free_port, tail, wait_healthy, write_connection
 from fedlinear.scripts.local.isolation import HostPids, namespace_init, note_pid, resolve_isolation, unshare_argv
 from fedlinear.scripts.local.processes import TREE_ENV, WATCHDOG_TIMEOUT, ProcessGroup, Watchdog, tree_token
+from fedlinear.scripts.local.ray_env import with_ray_env
 from fedlinear.scripts.local.spec import INTERRUPTED_MARK, PROGRESS_MARK, LaunchSpec, RunInterrupted, auto_ray_cpus, check_spec, warn
-from fedlinear.scripts.local.staging import stage_app
+from fedlinear.scripts.local.staging import Staging
 
 # How long the namespace's processes get to stop on their own before everything in it is killed.
 ISOLATED_STOP_GRACE = 15.0
@@ -88,6 +89,7 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
         # "local": a fresh private Ray, never whatever cluster `ray start` last left behind in
         # /tmp/ray (a stale address there made ray.init() wait forever).
         env["RAY_ADDRESS"] = spec.ray_address or "local"
+        env = with_ray_env(env)  # no idle prestarted workers, no metrics (scripts/local/ray_env.py)
     ray_tmp = None
     if spec.mode == "simulation" and not spec.ray_address:
         # The local Ray's session files (its unix sockets among them: those are not confined by a network
@@ -100,6 +102,8 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
     connection = write_connection(flwr_home, spec, port)
     superlink_log = os.path.join(spec.workdir, "superlink.log")
     run_log = os.path.join(spec.workdir, "flwr-run.log")
+    # the app's copy for `flwr run` is made apart, while the SuperLink starts (scripts/local/staging.py)
+    staging = Staging(spec.app_dir, os.path.join(spec.workdir, "app"), env)
     try:
         argv = [
             "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
@@ -130,7 +134,7 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
             overrides += ["--federation-config", config_string(federation)]
         runner = group.start(
             "flwr-run",
-            ["flwr", "run", stage_app(spec.app_dir, os.path.join(spec.workdir, "app")), connection, "--stream", *overrides],
+            ["flwr", "run", staging.result(), connection, "--stream", *overrides],
             env,
             None,
             stdout=subprocess.PIPE,
@@ -140,6 +144,7 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
         if runner.returncode != 0:
             raise FedLinearError(f"flwr run exited with code {runner.returncode}; log {run_log}:\n{tail(run_log)}")
     finally:
+        staging.close()
         group.stop()
         if ray_tmp:
             shutil.rmtree(ray_tmp, ignore_errors=True)

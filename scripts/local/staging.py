@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -71,3 +73,67 @@ def stage_app(app_dir: str, dest: str) -> str:
         else:
             shutil.copy2(source, target)
     return dest
+
+
+
+STAGE_TIMEOUT_S = 300.0
+
+
+class Staging:
+    """:func:`stage_app` in a short-lived interpreter of its own, started now, collected by :meth:`result`.
+
+    Flower's filter (``flwr.cli.build``) imports all of ``flwr`` and ``typer``: in the launcher's own
+    process that stayed resident for the whole run (~60 MiB beside a ~24 MiB launcher), and it was paid
+    after the SuperLink answered. Apart, it runs while the SuperLink starts and its memory is returned
+    at once. The user's error (no pyproject.toml, a bad ``fab-include``) is the same one-line
+    FedLinearError, raised by :meth:`result`."""
+
+    def __init__(self, app_dir: str, dest: str, env: dict[str, str] | None = None) -> None:
+        self.app_dir, self.dest = app_dir, dest
+        argv = [sys.executable, "-m", "fedlinear.scripts.local.staging", app_dir, dest]
+        self.proc: subprocess.Popen | None = None
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        except OSError:  # no interpreter to spare (out of processes, memory): stage in this one
+            pass
+
+    def result(self, timeout: float = STAGE_TIMEOUT_S) -> str:
+        """``dest``, once the app is staged there; FedLinearError if it could not be."""
+        if self.proc is None:
+            return stage_app(self.app_dir, self.dest)
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise FedLinearError(f"{self.app_dir}: staging the app took over {timeout:g} s") from None
+        if self.proc.returncode != 0:
+            lines = [line for line in (err or "").splitlines() if line.strip()]
+            raise FedLinearError(lines[-1] if lines else f"{self.app_dir}: staging the app failed (exit code {self.proc.returncode})")
+        return self.dest
+
+    def close(self) -> None:
+        """Stop it if it still runs (a launch that failed before it needed the app)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m fedlinear.scripts.local.staging APP_DIR DEST", file=sys.stderr)
+        return 2
+    try:
+        stage_app(argv[0], argv[1])
+    except FedLinearError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -19,10 +19,40 @@ stops the run with one line naming the cause; the checkpoints stay, so the same 
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 import time
 
-from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+
+def flower_constants(*names: str, module: str = "flwr.common.constant") -> tuple:
+    """The values of ``names`` in Flower's ``module``, read from its installed source without importing
+    it (``import flwr.common.constant`` imports all of ``flwr``: numpy, grpc, protobuf, ~0.45 s and
+    ~50 MiB in each launcher process, which needs two numbers). A name that is not a plain literal
+    assignment there (a Flower upgrade changed it) is taken from the imported module instead."""
+    values: dict[str, object] = {}
+    spec = importlib.util.find_spec("flwr")
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], *module.split(".")[1:]) + ".py"
+        try:
+            with open(path, encoding="utf-8") as handle:
+                tree = ast.parse(handle.read(), path)
+        except (OSError, SyntaxError, ValueError):
+            tree = None
+        for node in tree.body if tree is not None else ():
+            target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else getattr(node, "target", None)
+            if isinstance(target, ast.Name) and target.id in names and getattr(node, "value", None) is not None:
+                try:
+                    values[target.id] = ast.literal_eval(node.value)
+                except ValueError:
+                    pass
+    if any(name not in values for name in names):
+        imported = importlib.import_module(module)
+        values.update({name: getattr(imported, name) for name in names if name not in values})
+    return tuple(values[name] for name in names)
+
+
+HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE = flower_constants("HEARTBEAT_DEFAULT_INTERVAL", "HEARTBEAT_PATIENCE")
 
 # The task token lives HEARTBEAT_PATIENCE x HEARTBEAT_DEFAULT_INTERVAL without a heartbeat; a run with
 # no progress for twice that, after the token was refused, is not coming back.

@@ -1,0 +1,65 @@
+"""The Ray settings the launcher passes to Flower's simulation engine (scripts/local/ray_env.py): they
+reach every simulation run's environment, a user's own value wins, and each one still names a setting of
+the installed Ray (a Ray upgrade that renames one fails here, not silently)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+from fedlinear.scripts.local import launch
+from fedlinear.scripts.local.ray_env import RAY_ENV, with_ray_env
+
+
+def test_user_values_win_and_nothing_else_changes():
+    env = with_ray_env({"RAY_enable_worker_prestart": "1", "PATH": "/bin"})
+    assert env["RAY_enable_worker_prestart"] == "1"
+    assert env["PATH"] == "/bin"
+    assert all(env[k] == v for k, v in RAY_ENV.items() if k != "RAY_enable_worker_prestart")
+
+
+def _ray_dir() -> str:
+    spec = importlib.util.find_spec("ray")
+    assert spec is not None and spec.submodule_search_locations
+    return list(spec.submodule_search_locations)[0]
+
+
+@pytest.mark.parametrize("key", [k for k in RAY_ENV if k != "RAY_USAGE_STATS_ENABLED"])
+def test_each_system_config_name_is_in_the_installed_ray(key):
+    # RayConfig entries are read from the environment as RAY_<name>; the names are compiled into _raylet
+    name = key.removeprefix("RAY_").encode()
+    raylet = [f for f in os.listdir(_ray_dir()) if f.startswith("_raylet") and f.endswith(".so")]
+    assert raylet, "no _raylet extension in the installed Ray"
+    with open(os.path.join(_ray_dir(), raylet[0]), "rb") as handle:
+        assert b"\0" + name + b"\0" in handle.read(), f"{name!r} is not a setting of the installed Ray"
+
+
+def test_usage_stats_variable_is_the_installed_rays():
+    from ray._common.usage import usage_constants
+
+    assert usage_constants.USAGE_STATS_ENABLED_ENV_VAR == "RAY_USAGE_STATS_ENABLED"
+
+
+def test_simulation_runs_get_them_and_processes_runs_do_not(tmp_path, monkeypatch):
+    seen: dict[str, dict[str, str]] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_start(self, name, argv, env, log, **kwargs):
+        seen[name] = env
+        raise Stop
+
+    monkeypatch.setattr(launch.ProcessGroup, "start", fake_start)
+    for mode in ("simulation", "processes"):
+        spec = launch.LaunchSpec(mode=mode, app_dir=str(tmp_path), workdir=str(tmp_path / mode), num_nodes=2,
+                                 node_configs=[{}, {}], run_config={})  # fmt: skip
+        with pytest.raises(Stop):
+            launch.run_federation(spec, print)
+        env = seen.pop("superlink")
+        if mode == "simulation":
+            assert all(env.get(k) == v for k, v in RAY_ENV.items())
+        else:
+            assert not any(k in env for k in RAY_ENV if k not in os.environ)
