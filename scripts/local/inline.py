@@ -9,7 +9,9 @@ the ClientApp object (its handlers and mods) with the node's own Context, as ``f
 What crosses between them is what crosses the wire in Flower 1.42's deployment runtime, byte for
 byte (:class:`Packet`): the message's metadata as the protobuf ``Message`` without content
 (``message_to_proto(remove_content_from_message(msg))``), its object tree, and every object of the
-tree deflated (``InflatableObject.deflate``). The receiving side checks what the SuperLink checks
+tree deflated (``InflatableObject.deflate``); the tasks of one ``push_messages`` call are packed as
+``HttpGrid.push_messages`` packs them (:class:`PushBatch`: objects they share hashed and deflated once,
+the same bytes for every node). The receiving side checks what the SuperLink checks
 (each object's id is the SHA-256 of its bytes, ``validate_object_content``; the message itself with
 ``validate_message``, a reply against the task it answers) and inflates the message from those bytes
 alone (``inflate_object_from_contents``), so no Python object is shared between the two sides and a
