@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.constant import SUPERLINK_NODE_ID, SType
 
 from fedlinear.common import model as lm
+from fedlinear.common import npy
 from fedlinear.common import protocol
 from fedlinear.common.errors import untrusted_text
 from fedlinear.server import progress
@@ -97,8 +98,8 @@ def check_train_reply(
             return f"malformed train reply: {name} is {array.dtype} {tuple(array.shape)}, expected float32 {shape}"
         if len(array.data) > 4 * math.prod(shape) + 4096:
             return f"malformed train reply: {name} payload of {len(array.data)} bytes for {math.prod(shape)} values"
-        try:
-            value = array.numpy()
+        try:  # npy.loads: what array.numpy() (np.load) accepts and gives, its header parsed once per shape
+            value = npy.loads(array.data) if array.stype == SType.NUMPY else array.numpy()
         except Exception:  # noqa: BLE001 - undecodable bytes are a bad reply
             return f"malformed train reply: {name} cannot be decoded"
         if value.dtype != np.float32 or value.shape != shape:

@@ -9,7 +9,9 @@ the ClientApp object (its handlers and mods) with the node's own Context, as ``f
 What crosses between them is what crosses the wire in Flower 1.42's deployment runtime, byte for
 byte (:class:`Packet`): the message's metadata as the protobuf ``Message`` without content
 (``message_to_proto(remove_content_from_message(msg))``), its object tree, and every object of the
-tree deflated (``InflatableObject.deflate``). The receiving side checks what the SuperLink checks
+tree deflated (``InflatableObject.deflate``); the tasks of one ``push_messages`` call are packed as
+``HttpGrid.push_messages`` packs them (:class:`PushBatch`: objects they share hashed and deflated once,
+the same bytes for every node). The receiving side checks what the SuperLink checks
 (each object's id is the SHA-256 of its bytes, ``validate_object_content``; the message itself with
 ``validate_message``, a reply against the task it answers) and inflates the message from those bytes
 alone (``inflate_object_from_contents``), so no Python object is shared between the two sides and a
@@ -105,14 +107,67 @@ class Packet:
         return len(self.message) + len(self.tree) + sum(map(len, self.objects.values()))
 
 
-def pack(msg) -> Packet:
-    """``msg`` as Flower's grid (server side) or ``flwr-clientapp`` (reply) pushes it; sets its message id."""
-    with no_object_id_recompute():  # as HttpGrid.push_messages / push_message: each object hashed once
-        msg.metadata.__dict__["_message_id"] = msg.object_id
-        proto = message_to_proto(remove_content_from_message(msg)).SerializeToString()
-        tree = get_object_tree(msg).SerializeToString()
-        objects = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
+def pack(msg, batch: PushBatch | None = None) -> Packet:
+    """``msg`` as Flower's grid (server side) or ``flwr-clientapp`` (reply) pushes it; sets its message id.
+
+    ``batch``: the messages of one ``push_messages`` call share it (see :class:`PushBatch`); without
+    it, ``msg`` is packed on its own (a reply, as ``flwr-clientapp`` pushes one message).
+    """
+    if batch is None:
+        with no_object_id_recompute():  # as HttpGrid.push_messages / push_message: each object hashed once
+            return _pack(msg, PushBatch())
+    return _pack(msg, batch)
+
+
+def _pack(msg, batch: PushBatch) -> Packet:
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    proto = message_to_proto(remove_content_from_message(msg)).SerializeToString()
+    tree = batch.tree(msg).SerializeToString()
+    objects = {oid: batch.content(oid, obj) for oid, obj in get_all_nested_objects(msg).items()}
     return Packet(proto, tree, objects)
+
+
+class PushBatch:
+    """What Flower's ``HttpGrid.push_messages`` computes once for all the messages of one call.
+
+    Flower 1.42 pushes a batch inside one ``no_object_id_recompute()`` context (each object's id is
+    computed once for the whole batch: the RecordDict that FedAvg's ``_construct_messages`` gives
+    every message is hashed once, not once per message), gathers the objects of all messages into
+    one dict keyed by object id, and deflates each distinct object once (``push_objects``); the
+    SuperLink stores it once and each node pulls those same bytes. So here: one deflation per
+    distinct object id (every packet of the batch holds the same ``bytes``) and one subtree per
+    object id (an id fixes the object's bytes, hence its children's ids). Use it as a context
+    manager (``with PushBatch() as batch``), which enters ``no_object_id_recompute()``.
+    """
+
+    def __init__(self) -> None:
+        self._contents: dict[str, bytes] = {}
+        self._trees: dict[str, ObjectTree] = {}
+        self._context: Any = None
+
+    def __enter__(self) -> PushBatch:
+        self._context = no_object_id_recompute()
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._context.__exit__(*exc)
+
+    def content(self, object_id: str, obj) -> bytes:
+        content = self._contents.get(object_id)
+        if content is None:
+            content = self._contents[object_id] = obj.deflate()
+        return content
+
+    def tree(self, obj) -> ObjectTree:
+        """``get_object_tree(obj)``, each distinct subtree built once."""
+        object_id = obj.object_id
+        tree = self._trees.get(object_id)
+        if tree is None:
+            children = obj.children
+            tree = ObjectTree(object_id=object_id, children=[self.tree(child) for child in (children or {}).values()])
+            self._trees[object_id] = tree
+        return tree
 
 
 def unpack(packet: Packet, is_reply: bool):
@@ -421,7 +476,12 @@ class InlineGrid(Grid):
         return [NodeInfo(node_id=nid) for nid in self.nodes]
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        return [mid for mid in map(self._push, messages) if mid is not None]
+        check_deadline(self.deadline, self.timeout)
+        with PushBatch() as batch:  # as HttpGrid.push_messages: one context, each distinct object once
+            packed = [(msg, pack(msg, batch)) for msg in messages]
+        # delivered once all are packed (as the SuperLink has them all before a node pulls one), outside
+        # the batch's context: a node's own object ids are never taken from it
+        return [mid for mid in (self._push(msg, packet) for msg, packet in packed) if mid is not None]
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         out = []
@@ -456,10 +516,9 @@ class InlineGrid(Grid):
 
     # Delivery ----------------------------------------------------------------------------------
 
-    def _push(self, msg: Message) -> str | None:
+    def _push(self, msg: Message, packet: Packet) -> str | None:
         check_deadline(self.deadline, self.timeout)
         node = self.nodes.get(msg.metadata.dst_node_id)
-        packet = pack(msg)
         errors = validate_message(msg, is_reply_message=False)  # the SuperLink's check (the node repeats it)
         if errors or node is None:
             reason = "; ".join(errors) or "no such node"
