@@ -181,8 +181,9 @@ def serve() -> None:
     requests = sys.stdin.buffer
     while True:
         line = requests.readline()
-        if not line:
-            return
+        if not line:  # the sweep is done (or gone): nothing to clean up, and a full shutdown costs seconds
+            sys.stderr.flush()
+            os._exit(0)
         try:
             request = json.loads(line)
             module, args = request["module"], list(request["args"])
@@ -226,6 +227,11 @@ class Worker:
         self.buffer = b""
         self.ready = False
 
+    def hang_up(self) -> None:
+        """Close the request pipe: an idle worker exits at once."""
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.close()
+
     def reply(self, timeout: float) -> dict[str, Any] | None:
         """The next reply line, or None if none came within ``timeout``; WorkerGone if the worker is gone."""
         end = time.monotonic() + timeout
@@ -265,8 +271,7 @@ class Worker:
             raise WorkerGone(f"the sweep's worker process ended (exit {self.proc.poll()}; log {self.log_path})") from None
 
     def close(self, grace: float = 5.0) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.proc.stdin.close()
+        self.hang_up()
         try:
             self.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
@@ -310,6 +315,8 @@ class ForkRunner:
         self._closed = True
         with self._lock:
             workers = list(self._all)
+        for worker in workers:  # all at once, then wait for each
+            worker.hang_up()
         for worker in workers:
             with contextlib.suppress(Exception):
                 worker.close()
