@@ -107,7 +107,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="before the sweep, wait up to this long for other processes to use < 0.25 cores")  # fmt: skip
     p.add_argument("--start", choices=("auto", "fork", "process"), default="auto",
                    help="how each run's process starts: fork: forked from a warm worker that imported fedlinear once "
-                   "(inline mode; ~4x fewer CPU-seconds a run); process: a fresh 'python -m fedlinear run'; "
+                   "(inline mode; ~3x fewer CPU-seconds a run); process: a fresh 'python -m fedlinear run'; "
                    "default auto: fork for --mode inline, else process")  # fmt: skip
     p.add_argument("--runner", default="fedlinear.scripts.cli", help=argparse.SUPPRESS)  # module run as `python -m X run ...`
     p.set_defaults(func=cmd_sweep)
