@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import io
 import json
 import os
 import queue
@@ -47,7 +46,7 @@ from typing import Any
 from fedlinear.scripts.experiments.sweep.runner import (
     REPO, STOP_GRACE, TIMEOUT_GRACE, Outcome, _error_line, _tree, run_argv,
 )  # fmt: skip
-from fedlinear.scripts.experiments.sweep.settings import Job, Settings, say
+from fedlinear.scripts.experiments.sweep.settings import Job, Settings
 from fedlinear.scripts.local.processes import running, stop_all
 
 # What a worker imports once (by name: this layer may not import the CLI statically). Measured: what a
