@@ -102,6 +102,7 @@ def test_forked_runs_fail_hang_crash_and_lose_their_worker_alone_and_leak_nothin
     first = {found(out, s)["ppid"] for s in (1, 5, 6)}
     assert len(first) == 1 and found(out, 8)["ppid"] not in first
     assert sorted(p.name for p in (out / "logs").glob("worker-*.log")) == ["worker-1.log", "worker-2.log"]
+    assert "threads after the imports" not in (out / "logs" / "worker-1.log").read_text()  # it forks single-threaded
     clean = found(out, 1)
     assert clean["env"] is None and clean["cwd"] == forked.REPO and clean["sigterm-default"]
     assert clean["exporter"] == "in-process" and clean["argv0"].endswith("standin.py")  # as python -m sets it

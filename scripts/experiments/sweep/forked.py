@@ -23,8 +23,8 @@ reported ``timeout``); on Ctrl-C the run gets STOP_GRACE seconds to stop by itse
 terminal reached it too: same process group), then SIGINT, then SIGKILL; a run that crashes (a signal,
 ``os._exit``) fails that run only (the worker reports its exit status and serves the next); a worker
 that dies or stops answering is killed and replaced, and the run it held is reported failed. Resume
-works as before (it is the grid's: :mod:`.grid`). The worker dies with the sweep (``PR_SET_PDEATHSIG``
-and a watchdog thread) and exits when its request pipe closes.
+works as before (it is the grid's: :mod:`.grid`). The worker dies with the sweep (``PR_SET_PDEATHSIG``)
+and exits when its request pipe closes.
 """
 
 from __future__ import annotations
@@ -81,6 +81,8 @@ EXIT_WAIT_S = 60.0  # after SIGINT, before the run's tree is killed
 
 
 def _die_with_parent(parent: int) -> None:
+    """Be killed when the sweep dies (``PR_SET_PDEATHSIG`` on Linux). No watchdog thread: the worker
+    forks, and must have no thread but its main one then; elsewhere its request pipe closing ends it."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
             import ctypes
@@ -88,14 +90,6 @@ def _die_with_parent(parent: int) -> None:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:
         os._exit(3)
-
-    def watch() -> None:
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != parent:
-                os._exit(3)
-
-    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def warm(modules: tuple[str, ...] = WARM) -> list[str]:
@@ -174,6 +168,9 @@ def serve() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the runs' (and the sweep's), not the worker's
     _die_with_parent(parent)
     failed = warm()
+    if threading.active_count() > 1:  # an import started a thread: forking now could copy a held lock
+        print(f"fedlinear sweep worker: {threading.active_count()} threads after the imports "
+              f"({', '.join(t.name for t in threading.enumerate())}); forking anyway", file=sys.stderr, flush=True)
     for line in failed:
         print(f"fedlinear sweep worker: not preloaded: {line}", file=sys.stderr, flush=True)
     out.write(json.dumps({"ready": os.getpid(), "threads": threading.active_count()}).encode() + b"\n")
