@@ -1,8 +1,9 @@
 """``fedlinear sweep``: what privacy costs, as one table and one plot.
 
-Runs the grid noise multiplier x seed, each point one ``fedlinear run`` (a subprocess, its own run
-directory ``OUT/runs/z<noise>-s<seed>``), all on ONE data set: ``--data DIR``, or synthetic data made
-once into ``OUT/data`` (the default data of ``fedlinear run``: d=10, 1000 samples per client, label
+Runs the grid noise multiplier x seed, each point one ``fedlinear run`` (a process of its own: with
+``--mode inline`` forked from a warm worker that imported fedlinear once, :mod:`.forked`, else a
+subprocess; ``--start``), each in its own run directory ``OUT/runs/z<noise>-s<seed>``, all on ONE
+data set: ``--data DIR``, or synthetic data made once into ``OUT/data`` (the default data of ``fedlinear run``: d=10, 1000 samples per client, label
 noise 0.1, data seed 42). A noise multiplier of 0 is the non-private run (``dp=none``); any other is
 ``dp=<--dp>`` (default ``central-server-clip``) with ``dp-noise-multiplier=<noise>``; ``--set`` keys
 are passed to every run (``dp-*`` keys to the private runs only).

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from typing import Any
 
 from fedlinear.common.errors import FedLinearError
@@ -111,6 +112,7 @@ class Settings:
     epsilons: list[float] | None = None  # --epsilon: compare --strategies at these target ε (0: non-private)
     strategies: tuple[str, ...] = ("fedavg",)
     table: str | None = None  # --table: a public table (scripts/experiments/realdata.py) split into OUT/data
+    start: str = "process"  # --start: "fork" (from a warm worker, sweep/forked.py) or "process" (a fresh one)
 
     @property
     def data_dir(self) -> str:
@@ -211,6 +213,7 @@ def validate(args: argparse.Namespace) -> Settings:
         if args.clients is not None and args.clients > len(shards):
             raise FedLinearError(f"--clients {args.clients} but {data} has only {len(shards)} shards")
     parallel = args.parallel or default_parallel(args.mode)
+    start = resolve_start(getattr(args, "start", "auto") or "auto", args.mode)
     return Settings(
         out=out,
         noise=noise,
@@ -228,7 +231,26 @@ def validate(args: argparse.Namespace) -> Settings:
         epsilons=epsilons,
         strategies=strategies,
         table=table or None,
+        start=start,
     )
+
+
+STARTS = ("auto", "fork", "process")
+
+
+def resolve_start(start: str, mode: str) -> str:
+    """``--start``: auto is fork for inline runs where the platform can fork, else process."""
+    if start not in STARTS:
+        raise FedLinearError(f"--start: '{start}' is not one of {', '.join(STARTS)}")
+    can_fork = hasattr(os, "fork") and sys.platform != "win32"
+    if start == "auto":
+        return "fork" if mode == "inline" and can_fork else "process"
+    if start == "fork" and mode != "inline":
+        raise FedLinearError(f"--start fork forks inline runs from a warm worker; --mode {mode} starts Flower's "
+                             "own processes per run: use --start process (the default there)")  # fmt: skip
+    if start == "fork" and not can_fork:
+        raise FedLinearError("--start fork needs os.fork (Linux, macOS): use --start process")
+    return start
 
 
 def prepare_out(settings: Settings) -> None:
