@@ -23,12 +23,28 @@ if os.environ.get("CI"):
 E2E = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e")
 
 
+# The suite runs on two pytest-xdist workers (``-n 2 --dist loadgroup`` in pyproject's addopts; ``-n 0``
+# runs it in one process). Each test file is one xdist group, so a file runs in one worker, in order,
+# and its module-scoped fixtures (one federation, many assertions) are built once. Files that must not
+# overlap each other share a group instead, listed here with the reason:
+SHARED_GROUPS = {
+    # root network namespaces with the same addresses (10.231.0.0/24 on a bridge in the host namespace)
+    "tests/e2e/test_netns.py": "netns",
+    "tests/e2e/test_netns_front.py": "netns",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(items):
     """Everything under tests/e2e/ (real processes: SuperLink, SuperNodes, flwr run, fresh venvs) is marked
-    ``e2e``; so is any test elsewhere that says so itself. ``pytest -m "not e2e"`` leaves them out."""
+    ``e2e``; so is any test elsewhere that says so itself. ``pytest -m "not e2e"`` leaves them out.
+    Every test without an ``xdist_group`` mark of its own gets its file's group (see SHARED_GROUPS)."""
     for item in items:
         if str(item.path).startswith(E2E + os.sep):
             item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("xdist_group") is None:
+            rel = os.path.relpath(str(item.path), REPO).replace(os.sep, "/")
+            item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(rel, rel)))
 
 
 def write_federation(path, clients=3, samples=300, features=5, noise=0.1, seed=7):
