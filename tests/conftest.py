@@ -23,10 +23,10 @@ if os.environ.get("CI"):
 E2E = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e")
 
 
-# The suite runs on two pytest-xdist workers (``-n 2 --dist loadgroup`` in pyproject's addopts; ``-n 0``
-# runs it in one process). Each test file is one xdist group, so a file runs in one worker, in order,
-# and its module-scoped fixtures (one federation, many assertions) are built once. Files that must not
-# overlap each other share a group instead, listed here with the reason:
+# The suite runs on two pytest-xdist workers (``-n 2 --dist loadfile`` in pyproject's addopts; ``-n 0``
+# runs it in one process). A test file runs in one worker, in order, so its module-scoped fixtures (one
+# federation, many assertions) are built once. Files that must not overlap each other run in one worker
+# too, one after the other: they share a group here, with the reason.
 SHARED_GROUPS = {
     # root network namespaces with the same addresses (10.231.0.0/24 on a bridge in the host namespace)
     "tests/e2e/test_netns.py": "netns",
@@ -34,17 +34,28 @@ SHARED_GROUPS = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile``, with the files of one SHARED_GROUPS group as one unit of work. (Not
+    ``--dist loadgroup`` with ``xdist_group`` marks: pytest-xdist 3.8.0 puts the group into
+    ``item._nodeid``, which pytest 9 no longer reads, so those marks are silently ignored.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileGroupScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return SHARED_GROUPS.get(path, path)
+
+    return FileGroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items):
     """Everything under tests/e2e/ (real processes: SuperLink, SuperNodes, flwr run, fresh venvs) is marked
-    ``e2e``; so is any test elsewhere that says so itself. ``pytest -m "not e2e"`` leaves them out.
-    Every test without an ``xdist_group`` mark of its own gets its file's group (see SHARED_GROUPS)."""
+    ``e2e``; so is any test elsewhere that says so itself. ``pytest -m "not e2e"`` leaves them out."""
     for item in items:
         if str(item.path).startswith(E2E + os.sep):
             item.add_marker(pytest.mark.e2e)
-        if item.get_closest_marker("xdist_group") is None:
-            rel = os.path.relpath(str(item.path), REPO).replace(os.sep, "/")
-            item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(rel, rel)))
 
 
 def write_federation(path, clients=3, samples=300, features=5, noise=0.1, seed=7):
