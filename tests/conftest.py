@@ -23,8 +23,8 @@ if os.environ.get("CI"):
 E2E = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e")
 
 
-# The suite runs on two pytest-xdist workers (``-n 2 --dist loadfile`` in pyproject's addopts; ``-n 0``
-# runs it in one process). A test file runs in one worker, in order, so its module-scoped fixtures (one
+# The suite runs on pytest-xdist workers (``-n auto --dist loadfile`` in pyproject's addopts; how many:
+# pytest_xdist_auto_num_workers below; ``-n 0`` runs it in this process, ``-n 3`` on three). A test file runs in one worker, in order, so its module-scoped fixtures (one
 # federation, many assertions) are built once. Files that must not overlap each other run in one worker
 # too, one after the other: they share a group here, with the reason.
 SHARED_GROUPS = {
@@ -32,6 +32,18 @@ SHARED_GROUPS = {
     "tests/e2e/test_netns.py": "netns",
     "tests/e2e/test_netns_front.py": "netns",
 }
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: two workers (the e2e layer mostly waits on real processes, so two files overlap well on
+    2 cores; tests/bounded.py stretches every wait with the load they make), ``FEDLINEAR_TEST_WORKERS`` if
+    set; none (this process) under ``-s`` or ``--pdb``, whose output and prompt a worker cannot show, or
+    on one core."""
+    if config.getoption("capture") == "no" or config.getoption("usepdb"):
+        return 0
+    if os.environ.get("FEDLINEAR_TEST_WORKERS"):
+        return int(os.environ["FEDLINEAR_TEST_WORKERS"])
+    return 2 if (os.cpu_count() or 1) >= 2 else 0
 
 
 def pytest_xdist_make_scheduler(config, log):
