@@ -9,6 +9,9 @@ once). A ceiling (``CEILING x quiet_s`` of wall time) still ends a real hang. A 
 the process's output (the tail of stdout and stderr), never a bare ``TimeoutExpired``.
 
 At load ~12 on 2 cores (6 per core) a 240 s quiet bound becomes ~1440 s of wall time before the ceiling.
+
+The suite runs on two xdist workers (tests/conftest.py): the other worker's processes are in the load
+average like anyone else's, so a wait that shares the cores with them is stretched by the load they make.
 """
 
 from __future__ import annotations

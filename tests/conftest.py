@@ -23,6 +23,45 @@ if os.environ.get("CI"):
 E2E = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e")
 
 
+# The suite runs on pytest-xdist workers (``-n auto --dist loadfile`` in pyproject's addopts; how many:
+# pytest_xdist_auto_num_workers below; ``-n 0`` runs it in this process, ``-n 3`` on three). A test file runs in one worker, in order, so its module-scoped fixtures (one
+# federation, many assertions) are built once. Files that must not overlap each other run in one worker
+# too, one after the other: they share a group here, with the reason.
+SHARED_GROUPS = {
+    # root network namespaces with the same addresses (10.231.0.0/24 on a bridge in the host namespace)
+    "tests/e2e/test_netns.py": "netns",
+    "tests/e2e/test_netns_front.py": "netns",
+}
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: two workers (the e2e layer mostly waits on real processes, so two files overlap well on
+    2 cores; tests/bounded.py stretches every wait with the load they make), ``FEDLINEAR_TEST_WORKERS`` if
+    set; none (this process) under ``-s`` or ``--pdb``, whose output and prompt a worker cannot show, or
+    on one core."""
+    if config.getoption("capture") == "no" or config.getoption("usepdb"):
+        return 0
+    if os.environ.get("FEDLINEAR_TEST_WORKERS"):
+        return int(os.environ["FEDLINEAR_TEST_WORKERS"])
+    return 2 if (os.cpu_count() or 1) >= 2 else 0
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile``, with the files of one SHARED_GROUPS group as one unit of work. (Not
+    ``--dist loadgroup`` with ``xdist_group`` marks: pytest-xdist 3.8.0 puts the group into
+    ``item._nodeid``, which pytest 9 no longer reads, so those marks are silently ignored.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileGroupScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return SHARED_GROUPS.get(path, path)
+
+    return FileGroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items):
     """Everything under tests/e2e/ (real processes: SuperLink, SuperNodes, flwr run, fresh venvs) is marked
     ``e2e``; so is any test elsewhere that says so itself. ``pytest -m "not e2e"`` leaves them out."""

@@ -1,6 +1,7 @@
 """Requests per second and p50/p99 latency of ``fedlinear serve`` against the naive baseline, one run.
 
     python -m benchmarks.serving [--seconds 20] [--users 8] [--features 10] [--out DIR]
+    python -m benchmarks.serving --requests 200 --warmup 0 --slices 1   # a smoke run, bounded by work
 
 Both servers serve the same SavedModel (exported by :func:`common.export.export_savedmodel`) on
 127.0.0.1. Before any load both servers' answers are checked against the SavedModel loaded with
@@ -11,12 +12,16 @@ in which the servers alternate (only one is loaded at a time), so a change in th
 requests/s, p50 and p99 latency (ms) and the ratios fedlinear / baseline. The load generator runs on
 the same machine, so the figures are what this machine does with client and server on it, not a
 server's ceiling.
+
+``--requests N`` turns each measured slice into exactly N requests (over all users) instead of
+``--seconds`` of load: a smoke run is then bounded by work, not by the clock, so a loaded machine makes
+it slower but never empty (a time-bounded slice can end before a single request was answered).
+``--seconds`` then only bounds a hang (per slice).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import socket
@@ -65,26 +70,29 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def locust(port: int, payload: str, seconds: float, users: int, workdir: str, tag: str) -> dict:
+def locust(port: int, payload: str, seconds: float, users: int, workdir: str, tag: str, requests: int = 0) -> dict:
+    """One headless locust run: ``seconds`` of load, or (``requests`` > 0) exactly that many requests,
+    ``seconds`` then being only the bound of a hang."""
     prefix = os.path.join(workdir, tag)
-    env = {**os.environ, "FEDLINEAR_BENCH_PAYLOAD": payload, "FEDLINEAR_BENCH_PATH": PATH}
+    env = {**os.environ, "FEDLINEAR_BENCH_PAYLOAD": payload, "FEDLINEAR_BENCH_PATH": PATH,
+           "FEDLINEAR_BENCH_REQUESTS": str(requests)}  # fmt: skip
     cmd = [
         sys.executable, "-m", "locust", "-f", os.path.join(HERE, "locustfile.py"), "--headless",
         "-u", str(users), "-r", str(users), "-t", f"{seconds:g}s", "--host", f"http://127.0.0.1:{port}",
         "--csv", prefix, "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "5",
     ]  # fmt: skip
+    env["FEDLINEAR_BENCH_SUMMARY"] = summary = prefix + "_summary.json"
     done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=seconds + 120)
-    rows = list(csv.DictReader(open(prefix + "_stats.csv")))
-    agg = next(r for r in rows if r["Name"] == "Aggregated")
-    if done.returncode not in (0, 1):
+    if done.returncode not in (0, 1) or not os.path.exists(summary):
         raise SystemExit(f"locust failed ({done.returncode}): {done.stderr[-2000:]}")
-    number = lambda v: float("nan") if v in ("N/A", "") else float(v)  # noqa: E731 - N/A: no request finished
+    totals = json.load(open(summary))  # the final statistics (the --csv files lag by up to a second)
+    number = lambda v: float("nan") if v is None else float(v)  # noqa: E731 - None: no request finished
     return {
-        "requests": int(agg["Request Count"]),
-        "failures": int(agg["Failure Count"]),
-        "rps": number(agg["Requests/s"]),
-        "p50": number(agg["50%"]),
-        "p99": number(agg["99%"]),
+        "requests": int(totals["requests"]),
+        "failures": int(totals["failures"]),
+        "rps": number(totals["rps"]),
+        "p50": number(totals["p50"]),
+        "p99": number(totals["p99"]),
     }
 
 
@@ -101,8 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=4,
                         help="the servers take turns in this many slices per case; the table shows the medians (default 4)")
     parser.add_argument("--features", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=0,
+                        help="each measured slice sends exactly this many requests (a smoke run bounded by work); "
+                             "--seconds then only bounds a hang, per slice (default 0: --seconds of load)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.requests < 0:
+        parser.error(f"--requests must be >= 0, got {args.requests}")
 
     from fedlinear.common import model as lm
     from fedlinear.common.export import export_savedmodel, load_savedmodel
@@ -143,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 order = list(ports.items()) if k % 2 == 0 else list(reversed(ports.items()))
                 for name, port in order:
                     tag = f"{name.split()[0]}-{rows}-{k}"
-                    slices[name][rows].append(locust(port, path, args.seconds / args.slices, args.users, workdir, tag))
+                    seconds = args.seconds if args.requests else args.seconds / args.slices
+                    slices[name][rows].append(locust(port, path, seconds, args.users, workdir, tag, args.requests))
     finally:
         for proc in procs.values():
             stop(proc)
@@ -157,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
 
     ours, naive = results["fedlinear serve"], results["naive TF per request"]
-    print(f"\nserving benchmark: d = {d}, {args.users} locust users, {args.seconds:g} s per case and server in "
+    amount = f"{args.requests} requests per slice" if args.requests else f"{args.seconds:g} s per case and server"
+    print(f"\nserving benchmark: d = {d}, {args.users} locust users, {amount} in "
           f"{args.slices} interleaved slices (medians shown), loopback, "
           f"{os.cpu_count()} cores (client and server on one machine)\n")  # fmt: skip
     header = f"{'rows':>5}  {'server':<22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'requests':>9} {'failed':>7}"

@@ -153,17 +153,34 @@ def test_exported_model_predicts_with_the_final_weights(processes_run):
     np.testing.assert_allclose(predicted, x @ weights[:-1] + weights[-1], atol=1e-5)
 
 
-def test_a_failing_client_does_not_take_the_run_down(federation_dir, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(federation_dir, data)
-    lines = (data / "client-1.csv").read_text().splitlines()
+@pytest.fixture(scope="module")
+def refused_runs(federation_dir, tmp_path_factory):
+    """Three independent runs the next three tests check, started side by side (each bounded by its own
+    wait, run_cli): a shard with a malformed line (the node is left out), shards that disagree on the
+    number of features (refused), and a federation waiting for a node that never connects (an error)."""
+    base = tmp_path_factory.mktemp("refused")
+    bad = base / "bad-line"
+    shutil.copytree(federation_dir, bad)
+    lines = (bad / "client-1.csv").read_text().splitlines()
     lines[4] = lines[4].replace(",", ",oops,", 1)
-    (data / "client-1.csv").write_text("\n".join(lines) + "\n")
-    out = tmp_path / "run"
-    done = run_cli(
-        "run", "--data", data, "--rounds", 2, "--out", out, "--mode", "simulation",
-        "--set", "engine=keras", "--set", "fraction-evaluate=1.0", "--allow-missing-parties",
-    )  # fmt: skip
+    (bad / "client-1.csv").write_text("\n".join(lines) + "\n")
+    wide = base / "wide-shard"
+    shutil.copytree(federation_dir, wide)
+    write_federation(str(base / "wide"), clients=1, features=7)
+    shutil.copy(base / "wide" / "client-0.csv", wide / "client-2.csv")
+    argvs = {
+        "failing": ["run", "--data", bad, "--rounds", 2, "--out", base / "failing-run", "--mode", "simulation",
+                    "--set", "engine=keras", "--set", "fraction-evaluate=1.0", "--allow-missing-parties"],
+        "disagree": ["run", "--data", wide, "--rounds", 2, "--out", base / "disagree-run", "--mode", "simulation"],
+        "never": ["run", "--data", federation_dir, "--clients", 2, "--rounds", 1, "--out", base / "never-run",
+                  "--set", "min-available-nodes=3", "--set", "node-wait-timeout=5"],
+    }  # fmt: skip
+    done = bounded.concurrently({name: (lambda argv=argv: run_cli(*argv)) for name, argv in argvs.items()})
+    return {"base": base, "bad": bad, "wide": wide, **done}
+
+
+def test_a_failing_client_does_not_take_the_run_down(refused_runs):
+    data, out, done = refused_runs["bad"], refused_runs["base"] / "failing-run", refused_runs["failing"]
     assert done.returncode == 0, done.stdout + done.stderr
     assert "left out" in done.stdout and "client-1.csv: line 5" in done.stdout
     assert "parties: 2 of 3 took part; node " in done.stdout  # the summary says who was left out
@@ -174,31 +191,24 @@ def test_a_failing_client_does_not_take_the_run_down(federation_dir, tmp_path):
     assert all(row["eval-mse"] > 0 for row in history["rounds"][1:])  # federated evaluation on the healthy nodes
 
 
-def test_shards_that_disagree_on_features_are_refused_naming_the_nodes(federation_dir, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(federation_dir, data)
-    write_federation(str(tmp_path / "wide"), clients=1, features=7)
-    shutil.copy(tmp_path / "wide" / "client-0.csv", data / "client-2.csv")
-    done = run_cli("run", "--data", data, "--rounds", 2, "--out", tmp_path / "run", "--mode", "simulation")
+def test_shards_that_disagree_on_features_are_refused_naming_the_nodes(refused_runs):
+    data, done = refused_runs["wide"], refused_runs["disagree"]
     assert done.returncode == 1
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("fedlinear: error: shards disagree on the number of features: node ")
     assert f"({data}/client-2.csv): 7" in line and f"({data}/client-0.csv): 5" in line
-    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    status = json.loads((refused_runs["base"] / "disagree-run" / "status.json").read_text())
     assert status["status"] == "failed"
 
 
-def test_a_node_that_never_connects_is_an_error_not_a_hang(federation_dir, tmp_path):
-    done = run_cli(
-        "run", "--data", federation_dir, "--clients", 2, "--rounds", 1, "--out", tmp_path / "run",
-        "--set", "min-available-nodes=3", "--set", "node-wait-timeout=5",
-    )  # fmt: skip
+def test_a_node_that_never_connects_is_an_error_not_a_hang(refused_runs):
+    done = refused_runs["never"]
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         "fedlinear: error: only 2 of 3 nodes (config key 'min-available-nodes') connected within 5 s "
         "(config key 'node-wait-timeout')"
     ]
-    assert leftover_processes(str(tmp_path / "run" / "logs")) == []
+    assert leftover_processes(str(refused_runs["base"] / "never-run" / "logs")) == []
 
 
 def test_a_crashed_server_resumes_from_its_last_checkpoint(processes_run, federation_dir, tmp_path):

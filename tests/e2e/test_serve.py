@@ -22,6 +22,7 @@ from fedlinear.common import model as lm
 from fedlinear.common import modelrepo
 from fedlinear.common.csvio import load_csv
 from fedlinear.common.export import export_savedmodel
+from tests import bounded
 from tests.conftest import REPO, run_cli, write_federation
 from tests.s3fixtures import bucket, free_port, moto_s3, s3env  # noqa: F401 - fixtures
 
@@ -379,8 +380,17 @@ def test_continuation_starts_from_the_parent_and_converges_on_new_data(finished_
     data = tmp_path / "new-data"
     write_federation(str(data), clients=2, samples=300, features=3, seed=23)  # other true weights
     out = tmp_path / "continued"
-    done = run_cli("run", "--data", data, "--rounds", "6", "--out", out, "--set", f"init-from={base}",
-                   "--publish", base)  # fmt: skip
+    wide = tmp_path / "wide"
+    write_federation(str(wide), clients=2, samples=50, features=4, seed=5)
+    # the continuation and a run whose shards do not fit the parent are independent processes: side by
+    # side (whichever version of `base` the refused run reads, 1 or the continuation's 2, has 3 features)
+    runs = bounded.concurrently({
+        "continued": lambda: run_cli("run", "--data", data, "--rounds", "6", "--out", out, "--set", f"init-from={base}",
+                                     "--publish", base),
+        "wide": lambda: run_cli("run", "--data", wide, "--rounds", "1", "--out", tmp_path / "wide-run",
+                                "--set", f"init-from={base}"),
+    })  # fmt: skip
+    done = runs["continued"]
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"published: {base}/2 (version 2" in done.stdout
     history = json.load(open(out / "history.json"))
@@ -399,8 +409,6 @@ def test_continuation_starts_from_the_parent_and_converges_on_new_data(finished_
     info = json.load(open(os.path.join(base, "2", modelrepo.VERSION_INFO)))
     assert info["lineage"]["parent"]["version"] == 1
     # a feature-count mismatch is one line
-    wide = tmp_path / "wide"
-    write_federation(str(wide), clients=2, samples=50, features=4, seed=5)
-    done = run_cli("run", "--data", wide, "--rounds", "1", "--out", tmp_path / "wide-run", "--set", f"init-from={base}")
+    done = runs["wide"]
     assert done.returncode == 1
     assert "config key 'init-from'" in done.stderr and "a model of 3 features, but this run's shards have 4" in done.stderr
