@@ -6,6 +6,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -173,7 +174,7 @@ def refused_runs(federation_dir, tmp_path_factory):
                     "--set", "engine=keras", "--set", "fraction-evaluate=1.0", "--allow-missing-parties"],
         "disagree": ["run", "--data", wide, "--rounds", 2, "--out", base / "disagree-run", "--mode", "simulation"],
         "never": ["run", "--data", federation_dir, "--clients", 2, "--rounds", 1, "--out", base / "never-run",
-                  "--set", "min-available-nodes=3", "--set", "node-wait-timeout=5"],
+                  "--set", "min-available-nodes=3", "--set", "node-wait-timeout=15"],
     }  # fmt: skip
     done = bounded.concurrently({name: (lambda argv=argv: run_cli(*argv)) for name, argv in argvs.items()})
     return {"base": base, "bad": bad, "wide": wide, **done}
@@ -204,10 +205,11 @@ def test_shards_that_disagree_on_features_are_refused_naming_the_nodes(refused_r
 def test_a_node_that_never_connects_is_an_error_not_a_hang(refused_runs):
     done = refused_runs["never"]
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [
-        "fedlinear: error: only 2 of 3 nodes (config key 'min-available-nodes') connected within 5 s "
-        "(config key 'node-wait-timeout')"
-    ]
+    # 2 of 3 on a quiet machine; on a loaded one (two xdist workers, two sibling runs) the two real nodes
+    # may not all have registered within the wait either: the count is what connected, never 3
+    [line] = done.stderr.strip().splitlines()
+    assert re.fullmatch(r"fedlinear: error: only [012] of 3 nodes \(config key 'min-available-nodes'\) connected "
+                        r"within 15 s \(config key 'node-wait-timeout'\)", line), line
     assert leftover_processes(str(refused_runs["base"] / "never-run" / "logs")) == []
 
 
