@@ -6,7 +6,9 @@ the path where nothing but the launcher's own machinery stops the tree).
 - `fedlinear run` itself SIGKILLed after round 3 (what an OOM killer does): nothing of its tree
   survives it for long (parent-death signal + watchdog), and the lock it held is released;
 - while a run goes on, a second one on the same run directory is refused at once, naming the pid;
-- the same command then resumes, and the final weights are bit-identical to an uninterrupted run;
+- the same command then resumes, and the final weights are bit-identical to an uninterrupted run
+  (each kill "after round K" holds the run in round K+1 with the faults test hook, so no load makes
+  the kill race the next checkpoint);
 - a malformed shard fails a local run naming file and line; `fedlinear stop-superlink` stops exactly
   the SuperLink on its port (and what it spawned), and nothing else.
 """
@@ -38,13 +40,20 @@ def run_args(data, out):
             "--isolation", "none"]  # fmt: skip
 
 
-def start_cli(args, log_dir, name):
-    """`fedlinear ARGS` in the background, stdout/stderr to files (no pipe to fill up)."""
+def start_cli(args, log_dir, name, hold_round=None):
+    """`fedlinear ARGS` in the background, stdout/stderr to files (no pipe to fill up).
+
+    ``hold_round``: party 0 sleeps through that round (clients/faults.py, the test hook), so the run
+    stays after the previous round's checkpoint for as long as the test needs, however loaded the
+    machine (a kill "after round K" must not race round K+1)."""
     out = open(os.path.join(log_dir, f"{name}.out"), "w")  # noqa: SIM115 - closed by finish()
     err = open(os.path.join(log_dir, f"{name}.err"), "w")  # noqa: SIM115
+    env = dict(os.environ)
+    if hold_round is not None:
+        env["FEDLINEAR_TEST_FAULTS"] = f"0:sleep=3600@{hold_round}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedlinear.scripts.cli", *map(str, args)], cwd=REPO, stdout=out, stderr=err,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL, env=env,
     )  # fmt: skip
     proc.files = (out, err)
     STARTED.append(proc)
@@ -202,10 +211,11 @@ def test_superlink_killed_then_launcher_killed_then_resumed_bit_identically(data
     args = run_args(data, out)
 
     # 1. SIGKILL the SuperLink once round 2 is checkpointed: a clear one-line failure, nothing left
-    cli = start_cli(args, str(tmp_path), "first")
+    cli = start_cli(args, str(tmp_path), "first", hold_round=3)
     wait_for_round(out, 2, cli)
     procs, ports = the_tree(cli.pid, out)
     [superlink] = [p for p in procs.values() if "bin/flower-superlink " in command(p)]
+    assert checkpointed_round(out) == 2  # held in round 3 (party 0 sleeps there)
     superlink.kill()
     code, _, err = finish(cli, timeout=300)
     assert code == 1
@@ -217,7 +227,7 @@ def test_superlink_killed_then_launcher_killed_then_resumed_bit_identically(data
     assert status["status"] == "failed" and "resume" in status["message"]
 
     # 2. the same command resumes; a second run on the directory meanwhile is refused at once
-    cli = start_cli(args, str(tmp_path), "second")
+    cli = start_cli(args, str(tmp_path), "second", hold_round=4)
     wait_for_round(out, 3, cli)
     refused = run_cli(*args, timeout=300)
     assert cli.poll() is None, "the refused run must not disturb the running one"
@@ -231,6 +241,7 @@ def test_superlink_killed_then_launcher_killed_then_resumed_bit_identically(data
     names = " ".join(command(p) for p in procs.values())
     for name in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "fedlinear.scripts.local.processes"):
         assert name in names, f"{name} not among the recorded processes: {names}"
+    assert checkpointed_round(out) == 3  # held in round 4 (party 0 sleeps there): the kill is after round 3
     cli.kill()
     finish(cli)
     assert_gone(procs, ports)
