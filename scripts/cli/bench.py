@@ -43,6 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--engines", default="numpy,keras", help="fedlinear engines to run (default numpy,keras)")
     p.add_argument("--processes-engines", help="engines in processes mode (default: --engines)")
     p.add_argument("--skip-floor", action="store_true", help="leave out the no-op floor (no x floor ratios)")
+    p.add_argument("--tuned-floor", action="store_true",
+                   help="scaling: also run the floor with the Ray settings fedlinear's launcher gives its own app "
+                        "(scripts/local/ray_env.py); the ratios stay to the floor as Flower starts it")  # fmt: skip
     p.add_argument("--skip-quickstart", action="store_true", help="leave out the quickstart-style reference")
     p.add_argument("--quickstart-processes", action="store_true",
                    help="also run the quickstart-style reference in processes mode (~20 min for 10 x 20)")

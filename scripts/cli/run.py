@@ -292,6 +292,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         isolation=args.isolation,
         flower_without_tf=not args.app,  # fedlinear's own app needs no TensorFlow in Flower's engine (not the floor's)
+        ray_tuning=not args.app,  # another app (the benchmarks' floor) runs on Flower's engine as Flower starts it
         pool=getattr(args, "pool", "auto"),
         workers=getattr(args, "workers", None),
     )

@@ -89,7 +89,8 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
         # "local": a fresh private Ray, never whatever cluster `ray start` last left behind in
         # /tmp/ray (a stale address there made ray.init() wait forever).
         env["RAY_ADDRESS"] = spec.ray_address or "local"
-        env = with_ray_env(env)  # no idle prestarted workers, no metrics (scripts/local/ray_env.py)
+        if spec.ray_tuning:
+            env = with_ray_env(env)  # no idle prestarted workers, no metrics (scripts/local/ray_env.py)
     ray_tmp = None
     if spec.mode == "simulation" and not spec.ray_address:
         # The local Ray's session files (its unix sockets among them: those are not confined by a network

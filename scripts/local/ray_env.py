@@ -19,9 +19,12 @@ the environment of ``flwr-simulation``, which inherits the launcher's. So these 
 - ``RAY_USAGE_STATS_ENABLED=0``: no usage-stats reporting (the launcher runs offline:
   ``FLWR_DISABLE_UPDATE_CHECK`` likewise).
 
-The launcher applies them to every simulation run it starts, the no-op floor's included, so a
-benchmark's ratio compares apps, not launch settings. A run on an existing cluster
-(``--ray-address``) gets them too; they only matter to Ray processes started with them.
+The launcher applies them to every simulation run of fedlinear's own app (``LaunchSpec.ray_tuning``).
+Another app (``fedlinear run --app``: the benchmarks' no-op floor and quickstart-style app) runs on
+Ray's defaults, as ``flwr run`` starts Flower's engine, so "below the floor" in ``fedlinear bench``
+means below what Flower's engine costs as shipped; ``fedlinear bench --tuned-floor`` also measures the
+floor with these settings (its speed-up is what they are worth to any app). A run on an existing
+cluster (``--ray-address``) gets them too; they only matter to Ray processes started with them.
 """
 
 from __future__ import annotations

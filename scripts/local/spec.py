@@ -50,6 +50,7 @@ class LaunchSpec:
     pool: str = "auto"  # inline: how clients run ("auto" | "serial" | "threads" | "processes"; scripts/local/inline.py)
     workers: int | None = None  # inline: pool size (default: the machine's cores, at most one per client)
     flower_without_tf: bool = False  # simulation: keep TensorFlow out of Flower's engine (scripts/local/flower_tf.py)
+    ray_tuning: bool = True  # simulation: the launcher's Ray settings (scripts/local/ray_env.py); False: Ray's defaults
 
 
 # From this many virtual clients on, a local simulation runs two clients per core (see auto_ray_cpus).

@@ -37,3 +37,22 @@ def test_inline_ratios_are_to_the_simulation_floor():
             row("main", "processes", "floor", 40.0)]  # fmt: skip
     add_ratios(rows)
     assert rows[1]["x-floor"] == 0.25 and rows[1]["updates-vs-floor"] == 10.0
+
+
+def test_the_floor_is_flowers_engine_as_shipped_and_the_tuned_floor_is_an_extra_row(tmp_path):
+    from fedlinear.scripts.local.ray_env import RAY_ENV
+
+    plain, _ = plan(bench_args("--only", "scaling", "--engines", "numpy", "--scaling-clients", "1000"), str(tmp_path))
+    assert {c.system for c in plain} == {"fedlinear-numpy", "floor"}
+    assert all(c.env == () for c in plain)  # nothing added to the floor's environment
+    tuned, _ = plan(bench_args("--only", "scaling", "--engines", "numpy", "--scaling-clients", "1000",
+                               "--tuned-floor"), str(tmp_path))  # fmt: skip
+    extra = [c for c in tuned if c.system == "floor-tuned"]
+    assert len(extra) == 1 and dict(extra[0].env) == RAY_ENV and extra[0].app == plain[1].app
+    assert extra[0].label == "floor + launcher Ray env" and len({c.key for c in tuned}) == len(tuned)
+    rows = [dict(row("scaling", "simulation", "floor", 40.0, 100.0), clients=1000, rounds=3),
+            dict(row("scaling", "simulation", "floor-tuned", 30.0, 150.0), clients=1000, rounds=3),
+            dict(row("scaling", "inline", "fedlinear-numpy", 8.0, 1000.0), clients=1000, rounds=3)]
+    add_ratios(rows)
+    assert rows[2]["updates-vs-floor"] == 10.0  # judged against the floor as Flower ships it
+    assert rows[1]["updates-vs-floor"] == 1.5  # and the tuned floor's own speed-up is shown

@@ -63,3 +63,27 @@ def test_simulation_runs_get_them_and_processes_runs_do_not(tmp_path, monkeypatc
             assert all(env.get(k) == v for k, v in RAY_ENV.items())
         else:
             assert not any(k in env for k in RAY_ENV if k not in os.environ)
+
+
+def test_another_apps_simulation_runs_on_rays_defaults(tmp_path, monkeypatch):
+    """The benchmarks' floor (``fedlinear run --app``) is Flower's engine as Flower starts it: no launcher tuning."""
+    seen: dict[str, dict[str, str]] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_start(self, name, argv, env, log, **kwargs):
+        seen[name] = env
+        raise Stop
+
+    monkeypatch.setattr(launch.ProcessGroup, "start", fake_start)
+    for key in RAY_ENV:
+        monkeypatch.delenv(key, raising=False)
+    spec = launch.LaunchSpec(mode="simulation", app_dir=str(tmp_path), workdir=str(tmp_path / "sim"), num_nodes=2,
+                             node_configs=[{}, {}], run_config={}, ray_tuning=False)  # fmt: skip
+    with pytest.raises(Stop):
+        launch.run_federation(spec, print)
+    env = seen.pop("superlink")
+    assert not any(k in env for k in RAY_ENV)
+    assert env["RAY_ADDRESS"] == "local"  # still a private Ray, never a stale cluster's
+

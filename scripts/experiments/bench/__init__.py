@@ -4,7 +4,9 @@ One invocation, on one set of generated data, measures (each run a ``fedlinear r
 sweep`` subprocess):
 
 * ``sim`` / ``processes``: fedlinear (engines ``numpy`` and ``keras``), **the floor** (the no-op app in
-  ``benchmarks/noop_app``, launched by the same launcher) and **the quickstart-style reference**
+  ``benchmarks/noop_app``, launched by the same launcher but on Flower's engine as Flower starts it: no
+  TensorFlow guard, Ray's own settings; ``--tuned-floor`` adds, in ``scaling``, the floor with the Ray
+  settings the launcher gives fedlinear's app, to show what they are worth) and **the quickstart-style reference**
   (``benchmarks/quickstart_app``; in processes mode only with ``--quickstart-processes``), at
   ``--clients`` x ``--rounds`` (10 x 20) in simulation, ``--clients`` x ``--processes-rounds`` (10 x 5)
   in processes mode (run last: the slowest);

@@ -18,6 +18,7 @@ from typing import Any
 import fedlinear
 from fedlinear.scripts.experiments.bench.measure import measure, wait_quiet
 from fedlinear.scripts.experiments.datasets import made_once
+from fedlinear.scripts.local.ray_env import RAY_ENV
 
 REPO = fedlinear.app_dir()  # a checkout's root: benchmarks/ holds the floor and the quickstart-style app
 NOOP_APP = os.path.join(REPO, "benchmarks", "noop_app")
@@ -96,6 +97,7 @@ class Case:
     data_dir: str
     app: str | None = None
     sets: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # extra environment of the run (the tuned floor's Ray settings)
 
     @property
     def key(self) -> str:
@@ -109,6 +111,7 @@ class Case:
             "fedlinear-numpy": "fedlinear (numpy)",
             "fedlinear-keras": "fedlinear (keras)",
             "floor": "floor (no-op app)",
+            "floor-tuned": "floor + launcher Ray env",
             "quickstart": "quickstart-style",
             "lstsq": "pooled lstsq (NumPy)",
             "keras": "centralized Keras",
@@ -185,6 +188,7 @@ def _run_once(case: Case, args: argparse.Namespace, out: str, index: int, ls_ref
     # on this machine (/tmp/ray/ray_current_cluster): its actors would run outside the measured tree,
     # on someone else's CPUs, and die with that cluster. "local" always starts a private instance.
     env.setdefault("RAY_ADDRESS", "local")
+    env.update(dict(case.env))
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else REPO
     load_before = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
     markers = (os.path.join(run_dir, "status.json"), os.path.join(run_dir, "serverapp-started.json"))
@@ -449,14 +453,17 @@ def plan(args: argparse.Namespace, out: str) -> tuple[list[Case], dict[str, tupl
             else:
                 data_dir = os.path.join(out, "data", name)
                 datasets[name] = (data_dir, count)
-            for system, app in (("fedlinear-numpy", None), ("floor", NOOP_APP)):
-                if system == "floor" and args.skip_floor:
-                    continue
+            systems = [("fedlinear-numpy", None, ())]
+            if not args.skip_floor:
+                systems.append(("floor", NOOP_APP, ()))
+                if args.tuned_floor:  # the floor given the Ray settings fedlinear's launcher gives its own app
+                    systems.append(("floor-tuned", NOOP_APP, tuple(sorted(RAY_ENV.items()))))
+            for system, app, extra_env in systems:
                 # a round of 10000 virtual clients can outlast fedlinear's default round-timeout (600 s);
                 # the floor's FedAvg waits up to an hour per round, so give fedlinear the run's bound
                 sets = ("engine=numpy", f"round-timeout={args.timeout:g}") if app is None else ()
                 cases.append(Case("scaling", system, "simulation", count, args.scaling_rounds, per_client, data_dir,
-                                  app=app, sets=sets))  # fmt: skip
+                                  app=app, sets=sets, env=extra_env))  # fmt: skip
     return cases + last, datasets
 
 
