@@ -236,10 +236,16 @@ def test_superlink_killed_then_launcher_killed_then_resumed_bit_identically(data
         f"fedlinear: error: {out} is in use by another fedlinear run (pid {cli.pid}; lock {out}/.lock); "
         "wait for it to finish, or stop it, then run the same command again"
     ]
-    # SIGKILL `fedlinear run` itself (an OOM killer): its whole tree goes within seconds
+    # SIGKILL `fedlinear run` itself (an OOM killer): its whole tree goes within seconds, the task
+    # sleeping in round 4 with it
+    budget = bounded.Budget(WAIT)
+    while not any("flwr-clientapp" in command(p) for p in psutil.Process(cli.pid).children(recursive=True)):
+        assert cli.poll() is None and not budget.spent(), "round 4's task never started"
+        time.sleep(0.1)
     procs, ports = the_tree(cli.pid, out)
     names = " ".join(command(p) for p in procs.values())
-    for name in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "fedlinear.scripts.local.processes"):
+    for name in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp",
+                 "fedlinear.scripts.local.processes"):  # fmt: skip
         assert name in names, f"{name} not among the recorded processes: {names}"
     assert checkpointed_round(out) == 3  # held in round 4 (party 0 sleeps there): the kill is after round 3
     cli.kill()
