@@ -1,6 +1,13 @@
 """Flower's processes as the launcher (and ``fedlinear superlink`` / ``node``) start them: a free
 loopback port, config values as ``flwr run`` parses them, the environment (this venv's ``bin/`` first,
 a private ``FLWR_HOME``, offline), the private connection file, and a SuperLink's health.
+
+A port from :func:`free_port` is free when it is picked, not when the server binds it: another process
+on the machine (another run's launcher picking at the same moment, anything else) can take it in
+between. Flower's servers then exit (uvicorn's ``address already in use``), or, worse, a ``/health``
+on that port is answered by someone else's SuperLink. So a start is checked: the listener must be the
+process that was started (:func:`listens`), and a server that lost its port says so
+(:class:`PortTaken`), for the launcher to start it again on another one.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import time
 import urllib.error
 import urllib.request
 from typing import Any
+
+import psutil
 
 from fedlinear.common.errors import FedLinearError
 from fedlinear.scripts.local.processes import TREE_ENV
@@ -68,18 +77,41 @@ def tail(path: str, lines: int = 15) -> str:
     return ""
 
 
+class PortTaken(FedLinearError):
+    """A Flower server exited at start-up because another process had taken its port."""
+
+
+def lost_port(log_path: str, port: int) -> bool:
+    """Whether the server logging to ``log_path`` failed to bind ``port`` (uvicorn: ``[Errno 98] error
+    while attempting to bind on address ('127.0.0.1', PORT): address already in use``)."""
+    return any("address already in use" in line and f", {port})" in line for line in tail(log_path, 80).splitlines())
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself holds the listening TCP socket on ``port``."""
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
+
+
 def wait_healthy(port: int, proc: subprocess.Popen, timeout: float, log_path: str) -> None:
-    """Poll the SuperLink's /health until it answers (bounded); fail fast if it exits."""
+    """Poll the SuperLink's /health until it answers, from ``proc`` itself (bounded); fail fast if it
+    exits (:class:`PortTaken` when it lost its port)."""
     deadline = time.monotonic() + timeout
     url = f"http://127.0.0.1:{port}/health"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            if lost_port(log_path, port):
+                raise PortTaken(f"flower-superlink could not bind 127.0.0.1:{port}: another process took it; log {log_path}")
             raise FedLinearError(
                 f"flower-superlink exited with code {proc.returncode} during start-up; log {log_path}:\n{tail(log_path)}"
             )
         with contextlib.suppress(urllib.error.URLError, OSError):
             with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback only
-                if resp.status == 200:
+                # another process's SuperLink can answer on a port ours has not bound (yet): not ours
+                if resp.status == 200 and listens(proc.pid, port):
                     return
         time.sleep(0.1)
     raise FedLinearError(f"flower-superlink did not answer on 127.0.0.1:{port} within {timeout:g} s; log {log_path}")

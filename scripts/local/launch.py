@@ -34,7 +34,17 @@ import psutil
 
 from fedlinear.common.errors import FedLinearError
 from fedlinear.scripts.local import watch
-from fedlinear.scripts.local.flower import config_string, flower_env, free_port, tail, wait_healthy, write_connection
+from fedlinear.scripts.local.flower import (
+    PortTaken,
+    config_string,
+    flower_env,
+    free_port,
+    listens,
+    lost_port,
+    tail,
+    wait_healthy,
+    write_connection,
+)
 from fedlinear.scripts.local.isolation import HostPids, namespace_init, note_pid, resolve_isolation, unshare_argv
 from fedlinear.scripts.local.processes import TREE_ENV, WATCHDOG_TIMEOUT, ProcessGroup, Watchdog, tree_token
 from fedlinear.scripts.local.ray_env import with_ray_env
@@ -99,34 +109,14 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
         ray_tmp = tempfile.mkdtemp(prefix="fl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
         env["RAY_TMPDIR"] = ray_tmp
     group = ProcessGroup(die_with_parent=True, token=token, on_start=watchdog.watch_group if watchdog else None)
-    port = spec.superlink_port or free_port()
-    connection = write_connection(flwr_home, spec, port)
     superlink_log = os.path.join(spec.workdir, "superlink.log")
     run_log = os.path.join(spec.workdir, "flwr-run.log")
     # the app's copy for `flwr run` is made apart, while the SuperLink starts (scripts/local/staging.py)
     staging = Staging(spec.app_dir, os.path.join(spec.workdir, "app"), env)
     try:
-        argv = [
-            "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-            "--disable-runtime-dependency-installation",
-        ]  # fmt: skip
-        if spec.mode == "simulation":
-            argv.append("--simulation")
-        superlink = group.start("superlink", argv, env, superlink_log)
-        note_pid(on_progress, "flower-superlink", superlink.pid)
-        wait_healthy(port, superlink, spec.startup_timeout, superlink_log)
-        if spec.mode == "processes":
-            for i, node_config in enumerate(spec.node_configs or []):
-                group.start(
-                    f"supernode-{i}",
-                    [
-                        "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                        "--host", "127.0.0.1", "--port", str(free_port()),
-                        "--node-config", config_string(node_config),
-                    ],  # fmt: skip
-                    env,
-                    os.path.join(spec.workdir, f"supernode-{i}.log"),
-                )
+        superlink, port = start_superlink(spec, group, env, superlink_log, on_progress)
+        connection = write_connection(flwr_home, spec, port)
+        nodes = Supernodes(spec, group, env, port)
         overrides = ["--run-config", config_string(spec.run_config)] if spec.run_config else []
         if spec.mode == "simulation":
             federation = {"num-supernodes": spec.num_nodes, "client-resources-num-cpus": int(spec.client_cpus)}
@@ -140,6 +130,7 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
             None,
             stdout=subprocess.PIPE,
         )
+        nodes.settle()  # each SuperNode listens on its own port, or is started again on another
         follow(runner, run_log, on_progress, spec.run_timeout, essential=[("flower-superlink", superlink)],
                stall=watch.StallDetector(superlink_log, str(spec.run_config.get("run-dir", ""))))  # the hang detector
         if runner.returncode != 0:
@@ -149,6 +140,71 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
         group.stop()
         if ray_tmp:
             shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# How many ports a Flower server the launcher starts may find taken before the start fails.
+PORT_ATTEMPTS = 5
+
+
+def start_superlink(
+    spec: LaunchSpec, group: ProcessGroup, env: dict[str, str], log_path: str, on_progress: Callable[[str], None]
+) -> tuple[subprocess.Popen, int]:
+    """The run's SuperLink, healthy, and its port: on a port of its own (``--superlink-port``), or on a
+    free one, picked again when another process took it first (scripts/local/flower.py)."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = spec.superlink_port or free_port()
+        argv = ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                "--disable-runtime-dependency-installation"]  # fmt: skip
+        if spec.mode == "simulation":
+            argv.append("--simulation")
+        superlink = group.start("superlink", argv, env, log_path)
+        note_pid(on_progress, "flower-superlink", superlink.pid)
+        try:
+            wait_healthy(port, superlink, spec.startup_timeout, log_path)
+            return superlink, port
+        except PortTaken:
+            if spec.superlink_port or attempt == PORT_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+class Supernodes:
+    """The SuperNodes of a processes-mode run, started at once; :meth:`settle` then waits (bounded) until
+    each listens on its own port, starting one that lost its port to another process again on another
+    (a SuperNode that fails otherwise is left to the run, which goes on without that party or stops)."""
+
+    def __init__(self, spec: LaunchSpec, group: ProcessGroup, env: dict[str, str], superlink_port: int) -> None:
+        self.spec, self.group, self.env, self.superlink_port = spec, group, env, superlink_port
+        self.nodes: dict[int, tuple[subprocess.Popen, int, str]] = {}  # index -> (process, its port, its log)
+        self.attempts: dict[int, int] = {}
+        if spec.mode == "processes":
+            for i in range(len(spec.node_configs or [])):
+                self._start(i)
+
+    def _start(self, i: int) -> None:
+        port = free_port()
+        log_path = os.path.join(self.spec.workdir, f"supernode-{i}.log")
+        argv = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.superlink_port}",
+                "--host", "127.0.0.1", "--port", str(port),
+                "--node-config", config_string((self.spec.node_configs or [])[i])]  # fmt: skip
+        self.nodes[i] = (self.group.start(f"supernode-{i}", argv, self.env, log_path), port, log_path)
+        self.attempts[i] = self.attempts.get(i, 0) + 1
+
+    def settle(self) -> None:
+        pending = set(self.nodes)
+        deadline = time.monotonic() + self.spec.startup_timeout
+        while pending and time.monotonic() < deadline:
+            for i in sorted(pending):
+                proc, port, log_path = self.nodes[i]
+                if listens(proc.pid, port):
+                    pending.discard(i)
+                elif proc.poll() is not None:
+                    if lost_port(log_path, port) and self.attempts[i] < PORT_ATTEMPTS:
+                        self._start(i)
+                    else:
+                        pending.discard(i)
+            if pending:
+                time.sleep(0.1)
 
 
 def without_flower_tf(env: dict[str, str]) -> dict[str, str]:
