@@ -87,9 +87,11 @@ class Sampler:
                 with proc.oneshot():
                     created = proc.create_time()
                     key = (proc.pid, created)
+                    kind = classify(proc.cmdline())  # each time: one sampled between fork and exec has its parent's
                     entry = self._seen.get(key)
                     if entry is None:
-                        entry = self._seen[key] = Proc(proc.pid, proc.ppid(), classify(proc.cmdline()), created - self.t0, now)
+                        entry = self._seen[key] = Proc(proc.pid, proc.ppid(), kind, created - self.t0, now)
+                    entry.kind = kind
                     times = proc.cpu_times()
                     rss = proc.memory_info().rss
             except psutil.Error:

@@ -99,3 +99,34 @@ def test_main_runs_the_command_and_writes_json(tmp_path, capsys):
     assert data["exit-code"] == 3 and data["wall-s"] > 0 and isinstance(data["procs"], list)
     assert "wall " in capsys.readouterr().out
     assert timeline.main([sys.executable]) == 2  # no "--": usage
+
+
+_EXEC_LATER = """
+import os, sys, time
+d = sys.argv[1]
+deadline = time.monotonic() + 60
+while not os.path.exists(os.path.join(d, "exec")) and time.monotonic() < deadline:
+    time.sleep(0.02)
+os.execv(sys.executable, [sys.executable, os.path.join(d, "flwr-clientapp"), d, "0"])
+"""
+
+
+def test_a_process_seen_before_its_exec_gets_the_kind_it_execs_into(tmp_path):
+    d = str(tmp_path)
+    (tmp_path / "flwr-clientapp").write_text(_FAKE_CLIENTAPP)
+    holder = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2]])", _EXEC_LATER, d])
+    try:
+        sampler = Sampler(holder.pid)
+        deadline = time.monotonic() + 60
+        while not sampler.procs():  # the child is up (not yet exec'ed: it waits for the exec file)
+            assert holder.poll() is None and time.monotonic() < deadline
+            sampler.poll()
+            time.sleep(0.02)
+        assert sampler.procs()[0].kind == "other"
+        open(os.path.join(d, "exec"), "w").close()
+        _wait_for(os.path.join(d, "up-0"), holder, sampler)
+        open(os.path.join(d, "go-0"), "w").close()
+        assert holder.wait(timeout=60) == 0
+    finally:
+        holder.kill()
+    assert [p.kind for p in sampler.procs()] == ["clientapp"]
