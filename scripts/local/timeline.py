@@ -85,6 +85,8 @@ class Sampler:
         for proc in members:
             try:
                 with proc.oneshot():
+                    if proc.status() == psutil.STATUS_ZOMBIE:  # ended (its CPU is its last sample's): not seen now
+                        continue
                     created = proc.create_time()
                     key = (proc.pid, created)
                     kind = classify(proc.cmdline())  # each time: one sampled between fork and exec has its parent's

@@ -130,3 +130,38 @@ def test_a_process_seen_before_its_exec_gets_the_kind_it_execs_into(tmp_path):
     finally:
         holder.kill()
     assert [p.kind for p in sampler.procs()] == ["clientapp"]
+
+
+_UNREAPED = """
+import os, subprocess, sys, time
+d = sys.argv[1]
+child = subprocess.Popen([sys.executable, os.path.join(d, "flwr-clientapp"), d, "0"])
+deadline = time.monotonic() + 60
+while not os.path.exists(os.path.join(d, "reap")) and time.monotonic() < deadline:
+    time.sleep(0.02)  # the ended child stays a zombie until then
+child.wait()
+"""
+
+
+def test_an_ended_unreaped_clientapp_ends_when_it_exited_not_when_reaped(tmp_path):
+    import psutil
+
+    d = str(tmp_path)
+    (tmp_path / "flwr-clientapp").write_text(_FAKE_CLIENTAPP)
+    parent = subprocess.Popen([sys.executable, "-c", _UNREAPED, d])
+    try:
+        sampler = Sampler(parent.pid)
+        _wait_for(os.path.join(d, "up-0"), parent, sampler)
+        (app,) = [p for p in sampler.procs() if p.kind == "clientapp"]
+        alive_end = app.end
+        open(os.path.join(d, "go-0"), "w").close()
+        deadline = time.monotonic() + 60
+        while psutil.Process(app.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        sampler.poll()
+        assert app.end == alive_end  # the zombie was not counted as running
+        open(os.path.join(d, "reap"), "w").close()
+        assert parent.wait(timeout=60) == 0
+    finally:
+        parent.kill()
