@@ -55,6 +55,13 @@ def classify(cmdline: Sequence[str]) -> str:
     return "other"
 
 
+def updated_kind(kind: str, cmdline: Sequence[str]) -> str:
+    """A process's kind after another look at its command line: re-read every sample (one seen between
+    fork and exec carries its parent's), except when it is empty (a process tearing down its memory on
+    exit shows none: it keeps the kind it had)."""
+    return classify(cmdline) if cmdline else kind
+
+
 @dataclasses.dataclass
 class Proc:
     """One process as sampled: start and last-seen times (seconds from the sampler's start)."""
@@ -89,11 +96,11 @@ class Sampler:
                         continue
                     created = proc.create_time()
                     key = (proc.pid, created)
-                    kind = classify(proc.cmdline())  # each time: one sampled between fork and exec has its parent's
+                    cmdline = proc.cmdline()
                     entry = self._seen.get(key)
                     if entry is None:
-                        entry = self._seen[key] = Proc(proc.pid, proc.ppid(), kind, created - self.t0, now)
-                    entry.kind = kind
+                        entry = self._seen[key] = Proc(proc.pid, proc.ppid(), classify(cmdline), created - self.t0, now)
+                    entry.kind = updated_kind(entry.kind, cmdline)
                     times = proc.cpu_times()
                     rss = proc.memory_info().rss
             except psutil.Error:

@@ -9,7 +9,7 @@ import sys
 import time
 
 from fedlinear.scripts.local import timeline
-from fedlinear.scripts.local.timeline import Proc, Sampler, classify, cpu_by_kind, stages
+from fedlinear.scripts.local.timeline import Proc, Sampler, classify, cpu_by_kind, stages, updated_kind
 
 
 def test_classify_flower_and_fedlinear_processes():
@@ -24,6 +24,13 @@ def test_classify_flower_and_fedlinear_processes():
     assert classify([py, "-m", "fedlinear.scripts.local.launch", "--inner", "x"]) == "launcher"
     assert classify(["unshare", "--net"]) == "other"
     assert classify([]) == "other"
+
+
+def test_an_exiting_process_keeps_its_kind_and_an_execed_one_takes_its_new_one():
+    py = "/venv/bin/python"
+    assert updated_kind("clientapp", []) == "clientapp"  # exiting: /proc/PID/cmdline reads empty
+    assert updated_kind("launcher", [py, "/venv/bin/flower-supernode"]) == "supernode"  # exec'ed after fork
+    assert updated_kind("clientapp", [py, "/venv/bin/flwr-clientapp"]) == "clientapp"
 
 
 def _proc(pid, ppid, start, end, cpu=1.0, kind="clientapp"):
