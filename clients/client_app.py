@@ -112,9 +112,12 @@ def load_shard(context: Context, cfg: RunConfig) -> tuple[str, Dataset]:
     return uri, data
 
 
-# Transformed float32 copies of a shard, per (shard, transform digest); the newest few only.
+# Transformed float32 copies of a shard, per (shard, transform digest), up to _MAX_TRANSFORMED_BYTES in
+# all (a process that runs many small clients, as inline mode's, keeps every one across rounds).
 _TRANSFORMED: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-_MAX_TRANSFORMED = 64
+_MAX_TRANSFORMED = 64  # entries of _SAFE_RATES
+_MAX_TRANSFORMED_BYTES = 256 << 20
+_TRANSFORMED_BYTES = [0]
 
 
 def training_data(
@@ -128,9 +131,14 @@ def training_data(
     if cached is None:
         z, t = transform.apply(data.x, data.y)  # float64: offsets removed before rounding to float32
         cached = (z.astype(np.float32), t.astype(np.float32))
-        if len(_TRANSFORMED) >= _MAX_TRANSFORMED:
+        size = cached[0].nbytes + cached[1].nbytes
+        if not _TRANSFORMED:  # (emptied from outside too: tests)
+            _TRANSFORMED_BYTES[0] = 0
+        if _TRANSFORMED_BYTES[0] + size > _MAX_TRANSFORMED_BYTES:
             _TRANSFORMED.clear()
+            _TRANSFORMED_BYTES[0] = 0
         _TRANSFORMED[key] = cached
+        _TRANSFORMED_BYTES[0] += size
     return cached
 
 
@@ -147,9 +155,15 @@ def _safe_rate(uri: str, cfg: RunConfig, transform: scaling.Transform | None, x3
     return _SAFE_RATES[key]
 
 
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
 def to_array(a: np.ndarray) -> Array:
     """Flower's Array of ``a`` (the same bytes as ``Array(a)``, with the .npy header cached)."""
-    return Array(dtype=str(a.dtype), shape=tuple(a.shape), stype=SType.NUMPY, data=npy.dumps(a))
+    name = _DTYPE_NAMES.get(a.dtype)
+    if name is None:  # str(dtype) costs more than the rest of this function
+        name = _DTYPE_NAMES.setdefault(a.dtype, str(a.dtype))
+    return Array(dtype=name, shape=tuple(a.shape), stype=SType.NUMPY, data=npy.dumps(a))
 
 
 def to_numpy(array: Array) -> np.ndarray:

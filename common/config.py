@@ -651,11 +651,11 @@ _MAX_PARSED = 16
 
 def parsed(run_config: Mapping[str, Any]) -> RunConfig:
     """``RunConfig.from_run_config(run_config)``, parsed once per distinct run config in this process."""
+    key = tuple(run_config.items())  # in insertion order (no sort: an equal config built in another order only misses)
     try:
-        key = tuple(sorted(run_config.items()))
-    except TypeError:  # unorderable values: parse without the cache
+        cfg = _PARSED.get(key)
+    except TypeError:  # unhashable values: parse without the cache
         return RunConfig.from_run_config(run_config)
-    cfg = _PARSED.get(key)
     if cfg is None:
         cfg = RunConfig.from_run_config(run_config)
         if len(_PARSED) >= _MAX_PARSED:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import logging
 import multiprocessing
@@ -291,6 +292,12 @@ def _processes_task(args: tuple[str, Packet, NodeContext]) -> tuple[Packet | Non
     return run_task(*args)
 
 
+def _processes_chunk(chunk: list[tuple[str, Packet, NodeContext]]) -> list[tuple[Packet | None, NodeContext | None, str]]:
+    """Several tasks in one worker call: one pickle each way for the lot, so the bytes the tasks share
+    (the objects of one push, the run config) cross once per chunk, not once per task."""
+    return [run_task(*args) for args in chunk]
+
+
 # ------------------------------------------------------------------------------------------------
 # Pools
 # ------------------------------------------------------------------------------------------------
@@ -365,9 +372,40 @@ class _ProcessPool:
         )
         return future
 
+    def submit_many(self, fn: Callable, calls: list[tuple]) -> list[Future]:
+        """``[submit(fn, *args) for args in calls]``, the calls handed to the workers in chunks
+        (about :data:`CHUNKS_PER_WORKER` per worker; one call per chunk when there are few)."""
+        assert fn is run_task
+        futures: list[Future] = [Future() for _ in calls]
+        step = max(1, -(-len(calls) // (self.size * CHUNKS_PER_WORKER)))
+        for start in range(0, len(calls), step):
+            part = futures[start : start + step]
+            for future in part:
+                future.set_running_or_notify_cancel()
+            self._pool.apply_async(
+                _processes_chunk, (calls[start : start + step],),
+                callback=functools.partial(_set_results, part), error_callback=functools.partial(_set_exception, part),
+            )  # fmt: skip
+        return futures
+
     def close(self) -> None:
         self._pool.terminate()
         self._pool.join()
+
+
+# Chunks a push is cut into per worker process: several, so that the parent accepts the replies of one
+# chunk while the workers run the next, and a straggling task holds up only the rest of its chunk.
+CHUNKS_PER_WORKER = 8
+
+
+def _set_results(futures: list[Future], results: list) -> None:
+    for future, result in zip(futures, results, strict=True):
+        future.set_result(result)
+
+
+def _set_exception(futures: list[Future], exc: BaseException) -> None:
+    for future in futures:
+        future.set_exception(exc)
 
 
 def resolve_pool(kind: str, workers: int | None, run_config: dict[str, Any], num_nodes: int) -> tuple[str, int]:
@@ -443,10 +481,16 @@ class InlineGrid(Grid):
         self.dropped: list[str] = []  # why a message did not cross (what the SuperLink would log)
         ids = node_ids or _random_node_ids(len(node_configs))
         self.nodes: dict[int, _Node] = {}
+        shared: dict[str, Any] | None = None
         for nid, conf in zip(ids, node_configs, strict=True):
             context = Context(run_id=run_id, node_id=nid, node_config=dict(conf), state=RecordDict(),
                               run_config=dict(run_config))  # fmt: skip
-            self.nodes[nid] = _Node(nid, NodeContext.of(context))
+            node_context = NodeContext.of(context)
+            if shared is None:
+                shared = node_context.run_config
+            elif node_context.run_config == shared:  # one dict for all (never mutated: context() copies it),
+                node_context = dataclasses.replace(node_context, run_config=shared)  # pickled once per chunk
+            self.nodes[nid] = _Node(nid, node_context)
         self._lock = threading.Lock()
         self._replies: dict[str, Future] = {}  # message id -> future of the reply Message (None: no reply)
         self._run = None
@@ -481,7 +525,10 @@ class InlineGrid(Grid):
             packed = [(msg, pack(msg, batch)) for msg in messages]
         # delivered once all are packed (as the SuperLink has them all before a node pulls one), outside
         # the batch's context: a node's own object ids are never taken from it
-        return [mid for mid in (self._push(msg, packet) for msg, packet in packed) if mid is not None]
+        starts: list[tuple[_Node, tuple]] = []
+        mids = [mid for mid in (self._push(msg, packet, starts) for msg, packet in packed) if mid is not None]
+        self._start_many(starts)
+        return mids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         out = []
@@ -516,7 +563,9 @@ class InlineGrid(Grid):
 
     # Delivery ----------------------------------------------------------------------------------
 
-    def _push(self, msg: Message, packet: Packet) -> str | None:
+    def _push(self, msg: Message, packet: Packet, starts: list | None = None) -> str | None:
+        """Hand ``packet`` to its node (or queue it behind the node's running task); with ``starts``,
+        a task that can start now is appended there for :meth:`_start_many` instead of started."""
         check_deadline(self.deadline, self.timeout)
         node = self.nodes.get(msg.metadata.dst_node_id)
         errors = validate_message(msg, is_reply_message=False)  # the SuperLink's check (the node repeats it)
@@ -543,12 +592,26 @@ class InlineGrid(Grid):
                 node.waiting.append(job)
                 return mid
             node.busy = True
-        self._start(node, job)
+        if starts is None:
+            self._start(node, job)
+        else:
+            starts.append((node, job))
         return mid
 
     def _start(self, node: _Node, job: tuple) -> None:
         done = self._pool.submit(run_task, self.app_dir, job[1], node.context)
         done.add_done_callback(lambda result: self._finished(node, job, result))
+
+    def _start_many(self, starts: list[tuple[_Node, tuple]]) -> None:
+        """:meth:`_start` of each (node, job); a pool that takes tasks in chunks gets them all at once."""
+        submit_many = getattr(self._pool, "submit_many", None)
+        if submit_many is None or len(starts) < 2:
+            for node, job in starts:
+                self._start(node, job)
+            return
+        futures = submit_many(run_task, [(self.app_dir, job[1], node.context) for node, job in starts])
+        for (node, job), done in zip(starts, futures, strict=True):
+            done.add_done_callback(functools.partial(self._finished, node, job))
 
     def _finished(self, node: _Node, job: tuple, result: Future) -> None:
         task, _, future = job

@@ -176,3 +176,29 @@ def test_a_node_whose_own_config_is_private_sends_no_statistics_in_the_clear(sha
     assert not reply.has_error()  # the description a private run needs, without path and hash
     shard = reply.content["shard"]
     assert shard["num-examples"] == 101 and "data-uri" not in shard and "fingerprints" not in shard
+
+
+def test_transformed_shards_are_kept_up_to_a_byte_budget(monkeypatch):
+    """Many small shards (inline mode's 1000 clients in one process) all stay cached across rounds;
+    past the budget the cache starts over, and what it gives is always the transform of the shard."""
+    from fedlinear.common import scaling
+    from fedlinear.common.dataset import Dataset
+
+    rng = np.random.default_rng(3)
+    cfg = run_configs.RunConfig()
+    transform = scaling.Transform("received", rng.normal(size=3), np.eye(3) * 2.0, 0.5, 2.0)
+    shards = {f"mem://{i}": Dataset(rng.normal(size=(20, 3)), rng.normal(size=20)) for i in range(200)}
+    monkeypatch.setattr(ca, "_TRANSFORMED", {})
+    first = {uri: ca.training_data(uri, cfg, data, transform) for uri, data in shards.items()}
+    assert len(ca._TRANSFORMED) == 200  # more than the 64 entries of the old cap
+    for uri, data in shards.items():
+        assert ca.training_data(uri, cfg, data, transform) is first[uri]  # a hit: the same arrays
+        z, t = transform.apply(data.x, data.y)
+        np.testing.assert_array_equal(first[uri][0], z.astype(np.float32))
+        np.testing.assert_array_equal(first[uri][1], t.astype(np.float32))
+    entry = sum(a.nbytes for a in first["mem://0"])
+    monkeypatch.setattr(ca, "_MAX_TRANSFORMED_BYTES", 10 * entry)
+    monkeypatch.setattr(ca, "_TRANSFORMED", {})
+    for uri, data in shards.items():
+        ca.training_data(uri, cfg, data, transform)
+        assert 1 <= len(ca._TRANSFORMED) <= 10

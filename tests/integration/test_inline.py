@@ -151,6 +151,28 @@ def test_threads_and_processes_give_the_same_bytes_as_serial(data, tmp_path):
     assert results["processes"] == results["serial"]
 
 
+def test_processes_in_chunks_of_several_tasks_give_the_same_bytes_as_serial(data, tmp_path, monkeypatch):
+    """One chunk per worker (2 tasks each): a chunk's replies and node contexts come back in order."""
+    uris, test = data
+    calls = []
+    original = inline._ProcessPool.submit_many
+
+    def counted(pool, fn, args):
+        calls.append(len(args))
+        return original(pool, fn, args)
+
+    monkeypatch.setattr(inline, "CHUNKS_PER_WORKER", 1)
+    monkeypatch.setattr(inline._ProcessPool, "submit_many", counted)
+    results = {}
+    for pool in ("serial", "processes"):
+        status, store, _, grid = run(uris, test, tmp_path / pool, pool=pool, workers=2)
+        assert status["status"] == "completed", (pool, status)
+        assert grid.dropped == []
+        results[pool] = (checkpoints(tmp_path / pool), manifest_weights(store), store.read_history()["rounds"][-1]["test-mse"])
+    assert calls and all(count == len(SIZES) for count in calls)  # every push went out in chunks
+    assert results["processes"] == results["serial"]
+
+
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedtrimmedavg", "fedols"])
 def test_strategies_run_inline(data, tmp_path, strategy):
     uris, test = data
