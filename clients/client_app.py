@@ -37,9 +37,9 @@ from fedlinear.common import model as lm
 from fedlinear.common import npy
 from fedlinear.common import dpols, dpstats, fedols, privacy, protocol, scaffold, scaling
 from fedlinear.common.config import RunConfig, parsed
-from fedlinear.common.csvio import load_csv
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
+from fedlinear.common.shardcache import load_csv_cached
 from fedlinear.common.storage import fingerprint
 
 app = ClientApp()
@@ -106,8 +106,8 @@ def load_shard(context: Context, cfg: RunConfig) -> tuple[str, Dataset]:
     uri = shard_uri(context, cfg)
     key = (uri, cfg.target_column, cfg.header)
     data = _SHARDS.get(key)
-    if data is None:
-        data = load_csv(uri, target_column=cfg.target_column, header=cfg.header)
+    if data is None:  # through the run's shard cache, shared by a local simulation's actors (common/shardcache.py)
+        data = load_csv_cached(uri, target_column=cfg.target_column, header=cfg.header)
         _SHARDS[key] = data
     return uri, data
 

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 import psutil
 
 from fedlinear.common.errors import FedLinearError
+from fedlinear.common.shardcache import CACHE_ENV
 from fedlinear.scripts.local import watch
 from fedlinear.scripts.local.flower import config_string, flower_env, free_port, tail, wait_healthy, write_connection
 from fedlinear.scripts.local.isolation import HostPids, namespace_init, note_pid, resolve_isolation, unshare_argv
@@ -97,6 +98,8 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
         # another user could swap a socket. Short: unix socket paths must fit in 107 bytes.
         ray_tmp = tempfile.mkdtemp(prefix="fl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
         env["RAY_TMPDIR"] = ray_tmp
+        # the actors' parsed shards, shared among them (a node's messages go to any actor; common/shardcache.py)
+        env[CACHE_ENV] = os.path.join(ray_tmp, "shards")
     group = ProcessGroup(die_with_parent=True, token=token, on_start=watchdog.watch_group if watchdog else None)
     port = spec.superlink_port or free_port()
     connection = write_connection(flwr_home, spec, port)
