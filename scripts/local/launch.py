@@ -98,8 +98,9 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
         # another user could swap a socket. Short: unix socket paths must fit in 107 bytes.
         ray_tmp = tempfile.mkdtemp(prefix="fl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
         env["RAY_TMPDIR"] = ray_tmp
-        # the actors' parsed shards, shared among them (a node's messages go to any actor; common/shardcache.py)
-        env[CACHE_ENV] = os.path.join(ray_tmp, "shards")
+        # the actors' parsed shards, shared among them (a node's messages go to any actor; common/shardcache.py);
+        # FEDLINEAR_SHARD_CACHE= (empty) in the environment turns it off
+        env.setdefault(CACHE_ENV, os.path.join(ray_tmp, "shards"))
     group = ProcessGroup(die_with_parent=True, token=token, on_start=watchdog.watch_group if watchdog else None)
     port = spec.superlink_port or free_port()
     connection = write_connection(flwr_home, spec, port)
