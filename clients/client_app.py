@@ -24,7 +24,6 @@ import functools
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.constant import SType
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -32,6 +31,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedlinear.clients import secure  # secure aggregation hook
 from fedlinear import flower_fixes
 from fedlinear.clients import faults
+from fedlinear.clients.byname import ClientAppByName
 from fedlinear.clients.errors import ERROR_CODE_INTERNAL, ERROR_CODE_USER, error_reply  # noqa: F401 - codes re-exported
 from fedlinear.common import model as lm
 from fedlinear.common import npy
@@ -42,7 +42,7 @@ from fedlinear.common.errors import FedLinearError
 from fedlinear.common.shardcache import load_csv_cached
 from fedlinear.common.storage import fingerprint
 
-app = ClientApp()
+app = ClientAppByName(__name__)  # pickles as its import path: Ray sends the app with every message (clients/byname.py)
 flower_fixes.apply()  # Flower 1.42's fixedclipping_mod divides by a zero update norm
 
 # Shards parsed in this process; the simulation engine keeps workers (and this cache) across rounds.

@@ -378,7 +378,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--client-cpus", type=int, default=1, help="simulation: CPUs reserved per virtual client")
     run.add_argument("--ray-cpus", type=int, default=None,
                      help="simulation: CPUs the local Ray instance hands out (Flower's init-args-num-cpus; default: "
-                     "the machine's); with --client-cpus it sets how many clients run at a time")  # fmt: skip
+                     "the machine's, or --client-cpus (one actor) for a small run: docs/how-to/scaling.md); with "
+                     "--client-cpus it sets how many clients run at a time")  # fmt: skip
     run.add_argument(
         "--ray-address", metavar="HOST:PORT", help="simulation: run the virtual clients on this Ray cluster (ray start)"
     )
