@@ -21,7 +21,7 @@ def _write(path, rows: np.ndarray, header: str | None = None) -> None:
 def _same(a, b) -> None:
     assert a.x.dtype == b.x.dtype == np.float64 and a.y.dtype == np.float64
     assert a.x.tobytes() == b.x.tobytes() and a.y.tobytes() == b.y.tobytes()
-    assert a.x.shape == b.x.shape and a.x.flags.c_contiguous
+    assert a.x.shape == b.x.shape and a.x.flags.c_contiguous and a.x.flags.writeable and a.y.flags.writeable
     assert a.sources == b.sources and a.columns == b.columns
 
 
