@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterable
 import psutil
 
 from fedlinear.common.errors import FedLinearError
-from fedlinear.common.shardcache import CACHE_ENV
 from fedlinear.scripts.local import watch
 from fedlinear.scripts.local.flower import config_string, flower_env, free_port, tail, wait_healthy, write_connection
 from fedlinear.scripts.local.isolation import HostPids, namespace_init, note_pid, resolve_isolation, unshare_argv
@@ -41,6 +40,10 @@ from fedlinear.scripts.local.processes import TREE_ENV, WATCHDOG_TIMEOUT, Proces
 from fedlinear.scripts.local.ray_env import with_ray_env
 from fedlinear.scripts.local.spec import INTERRUPTED_MARK, PROGRESS_MARK, LaunchSpec, RunInterrupted, auto_ray_cpus, check_spec, warn
 from fedlinear.scripts.local.staging import Staging
+
+# common.shardcache.CACHE_ENV, not imported from there: that module brings NumPy into the launcher's
+# processes (~10 MiB each, alive for the whole run); tests/unit/test_shardcache.py checks they agree.
+SHARD_CACHE_ENV = "FEDLINEAR_SHARD_CACHE"
 
 # How long the namespace's processes get to stop on their own before everything in it is killed.
 ISOLATED_STOP_GRACE = 15.0
@@ -100,7 +103,7 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
         env["RAY_TMPDIR"] = ray_tmp
         # the actors' parsed shards, shared among them (a node's messages go to any actor; common/shardcache.py);
         # FEDLINEAR_SHARD_CACHE= (empty) in the environment turns it off
-        env.setdefault(CACHE_ENV, os.path.join(ray_tmp, "shards"))
+        env.setdefault(SHARD_CACHE_ENV, os.path.join(ray_tmp, "shards"))
     group = ProcessGroup(die_with_parent=True, token=token, on_start=watchdog.watch_group if watchdog else None)
     port = spec.superlink_port or free_port()
     connection = write_connection(flwr_home, spec, port)

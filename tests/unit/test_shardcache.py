@@ -107,3 +107,14 @@ def test_an_unwritable_cache_parses_as_usual(tmp_path, monkeypatch):
     shard = tmp_path / "client-0.csv"
     _write(shard, np.arange(12.0).reshape(4, 3))
     _same(shardcache.load_csv_cached(str(shard)), load_csv(str(shard)))
+
+
+def test_the_launcher_names_the_same_variable_without_importing_numpy():
+    import subprocess
+    import sys
+
+    from fedlinear.scripts.local import launch
+
+    assert launch.SHARD_CACHE_ENV == shardcache.CACHE_ENV
+    code = "import sys, fedlinear.scripts.local.launch; assert 'numpy' not in sys.modules, 'numpy imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
