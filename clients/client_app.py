@@ -24,7 +24,6 @@ import functools
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.constant import SType
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -32,17 +31,18 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedlinear.clients import secure  # secure aggregation hook
 from fedlinear import flower_fixes
 from fedlinear.clients import faults
+from fedlinear.clients.byname import ClientAppByName
 from fedlinear.clients.errors import ERROR_CODE_INTERNAL, ERROR_CODE_USER, error_reply  # noqa: F401 - codes re-exported
 from fedlinear.common import model as lm
 from fedlinear.common import npy
 from fedlinear.common import dpols, dpstats, fedols, privacy, protocol, scaffold, scaling
 from fedlinear.common.config import RunConfig, parsed
-from fedlinear.common.csvio import load_csv
 from fedlinear.common.dataset import Dataset
 from fedlinear.common.errors import FedLinearError
+from fedlinear.common.shardcache import load_csv_cached
 from fedlinear.common.storage import fingerprint
 
-app = ClientApp()
+app = ClientAppByName(__name__)  # pickles as its import path: Ray sends the app with every message (clients/byname.py)
 flower_fixes.apply()  # Flower 1.42's fixedclipping_mod divides by a zero update norm
 
 # Shards parsed in this process; the simulation engine keeps workers (and this cache) across rounds.
@@ -106,8 +106,8 @@ def load_shard(context: Context, cfg: RunConfig) -> tuple[str, Dataset]:
     uri = shard_uri(context, cfg)
     key = (uri, cfg.target_column, cfg.header)
     data = _SHARDS.get(key)
-    if data is None:
-        data = load_csv(uri, target_column=cfg.target_column, header=cfg.header)
+    if data is None:  # through the run's shard cache, shared by a local simulation's actors (common/shardcache.py)
+        data = load_csv_cached(uri, target_column=cfg.target_column, header=cfg.header)
         _SHARDS[key] = data
     return uri, data
 

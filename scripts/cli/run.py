@@ -279,6 +279,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_config["statistics-uri"] = write_local_statistics(shards[:clients], store.uri("statistics.npz"), cfg)
         print(f"privacy on: pooled statistics for the yardstick computed here from the shards -> {run_config['statistics-uri']}")
     workdir = os.path.join(out, "logs") if not storage.is_s3(out) else tempfile.mkdtemp(prefix="fedlinear-logs-")
+    ray_cpus = args.ray_cpus
+    if ray_cpus is None and args.mode == "simulation" and not args.ray_address and not args.app:
+        from fedlinear.scripts.local.ray_env import one_actor_suffices
+
+        if one_actor_suffices(shards, clients, cfg.engine, cfg.local_epochs, cfg.secure_aggregation):
+            ray_cpus = args.client_cpus  # exactly one actor: a second would buy memory only (ray_env.py)
     spec = LaunchSpec(
         app_dir=abs_uri(args.app) if args.app else APP_DIR,
         mode=args.mode,
@@ -288,7 +294,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         node_configs=node_configs,
         run_timeout=args.timeout,
         client_cpus=args.client_cpus,
-        ray_cpus=args.ray_cpus,
+        ray_cpus=ray_cpus,
         ray_address=args.ray_address,
         isolation=args.isolation,
         flower_without_tf=not args.app,  # fedlinear's own app needs no TensorFlow in Flower's engine (not the floor's)
@@ -297,6 +303,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         workers=getattr(args, "workers", None),
     )
     print(f"fedlinear: {clients} clients, {args.rounds} rounds, {args.mode} mode; run dir {out}; logs {workdir}")
+    if ray_cpus is not None and args.ray_cpus is None:
+        print("simulation: one Ray actor serves this small run (few clients, small shards); --ray-cpus N for more")
     started = time.monotonic()
     progress = Progress(allow_missing=args.allow_missing_parties or bool(args.app))
     try:
@@ -371,7 +379,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--client-cpus", type=int, default=1, help="simulation: CPUs reserved per virtual client")
     run.add_argument("--ray-cpus", type=int, default=None,
                      help="simulation: CPUs the local Ray instance hands out (Flower's init-args-num-cpus; default: "
-                     "the machine's); with --client-cpus it sets how many clients run at a time")  # fmt: skip
+                     "the machine's, or --client-cpus (one actor) for a small run: docs/how-to/scaling.md); with "
+                     "--client-cpus it sets how many clients run at a time")  # fmt: skip
     run.add_argument(
         "--ray-address", metavar="HOST:PORT", help="simulation: run the virtual clients on this Ray cluster (ray start)"
     )

@@ -51,6 +51,10 @@ from fedlinear.scripts.local.ray_env import with_ray_env
 from fedlinear.scripts.local.spec import INTERRUPTED_MARK, PROGRESS_MARK, LaunchSpec, RunInterrupted, auto_ray_cpus, check_spec, warn
 from fedlinear.scripts.local.staging import Staging
 
+# common.shardcache.CACHE_ENV, not imported from there: that module brings NumPy into the launcher's
+# processes (~10 MiB each, alive for the whole run); tests/unit/test_shardcache.py checks they agree.
+SHARD_CACHE_ENV = "FEDLINEAR_SHARD_CACHE"
+
 # How long the namespace's processes get to stop on their own before everything in it is killed.
 ISOLATED_STOP_GRACE = 15.0
 
@@ -108,6 +112,9 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
         # another user could swap a socket. Short: unix socket paths must fit in 107 bytes.
         ray_tmp = tempfile.mkdtemp(prefix="fl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
         env["RAY_TMPDIR"] = ray_tmp
+        # the actors' parsed shards, shared among them (a node's messages go to any actor; common/shardcache.py);
+        # FEDLINEAR_SHARD_CACHE= (empty) in the environment turns it off
+        env.setdefault(SHARD_CACHE_ENV, os.path.join(ray_tmp, "shards"))
     group = ProcessGroup(die_with_parent=True, token=token, on_start=watchdog.watch_group if watchdog else None)
     superlink_log = os.path.join(spec.workdir, "superlink.log")
     run_log = os.path.join(spec.workdir, "flwr-run.log")

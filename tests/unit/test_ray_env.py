@@ -87,3 +87,34 @@ def test_another_apps_simulation_runs_on_rays_defaults(tmp_path, monkeypatch):
     assert not any(k in env for k in RAY_ENV)
     assert env["RAY_ADDRESS"] == "local"  # still a private Ray, never a stale cluster's
 
+
+def _shards(tmp_path, count: int, size: int) -> list[str]:
+    paths = []
+    for i in range(count):
+        path = tmp_path / f"client-{i}.csv"
+        path.write_bytes(b"1,2\n" * (size // 4))
+        paths.append(str(path))
+    return paths
+
+
+def test_one_actor_for_a_few_small_local_shards_only(tmp_path):
+    from fedlinear.scripts.local.ray_env import SMALL_SIM_BYTES, SMALL_SIM_CLIENTS, one_actor_suffices
+
+    small = _shards(tmp_path, 10, 1000)
+    assert one_actor_suffices(small, 10, "numpy", 1, False)
+    assert one_actor_suffices(["file://" + small[0]], 1, "numpy", 1, False)
+    assert not one_actor_suffices(small, 10, "keras", 1, False)
+    assert not one_actor_suffices(small, 10, "numpy", 1, True)  # secure aggregation
+    assert not one_actor_suffices(small, 10, "numpy", SMALL_SIM_BYTES // 10_000 + 1, False)  # bytes x epochs
+    assert not one_actor_suffices(["s3://bucket/client-0.csv"], 1, "numpy", 1, False)
+    assert not one_actor_suffices([str(tmp_path / "missing.csv")], 1, "numpy", 1, False)
+    assert not one_actor_suffices([str(tmp_path)], 1, "numpy", 1, False)  # a directory of parts: not sized
+    assert not one_actor_suffices([], 0, "numpy", 1, False)
+    (tmp_path / "many").mkdir()
+    many = _shards(tmp_path / "many", SMALL_SIM_CLIENTS + 1, 4)
+    assert one_actor_suffices(many, SMALL_SIM_CLIENTS, "numpy", 1, False)
+    assert not one_actor_suffices(many, SMALL_SIM_CLIENTS + 1, "numpy", 1, False)
+    big = tmp_path / "big"
+    big.mkdir()
+    (large,) = _shards(big, 1, SMALL_SIM_BYTES + 8)
+    assert not one_actor_suffices([large], 1, "numpy", 1, False)
