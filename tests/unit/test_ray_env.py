@@ -42,7 +42,8 @@ def test_usage_stats_variable_is_the_installed_rays():
     assert usage_constants.USAGE_STATS_ENABLED_ENV_VAR == "RAY_USAGE_STATS_ENABLED"
 
 
-def test_simulation_runs_get_them_and_processes_runs_do_not(tmp_path, monkeypatch):
+def superlink_env(monkeypatch, **spec_fields) -> dict[str, str]:
+    """The environment ``run_federation`` gives the SuperLink of a launch with ``spec_fields`` (nothing starts)."""
     seen: dict[str, dict[str, str]] = {}
 
     class Stop(Exception):
@@ -53,12 +54,15 @@ def test_simulation_runs_get_them_and_processes_runs_do_not(tmp_path, monkeypatc
         raise Stop
 
     monkeypatch.setattr(launch.ProcessGroup, "start", fake_start)
+    spec = launch.LaunchSpec(num_nodes=2, node_configs=[{}, {}], run_config={}, **spec_fields)
+    with pytest.raises(Stop):
+        launch.run_federation(spec, print)
+    return seen["superlink"]
+
+
+def test_simulation_runs_get_them_and_processes_runs_do_not(tmp_path, monkeypatch):
     for mode in ("simulation", "processes"):
-        spec = launch.LaunchSpec(mode=mode, app_dir=str(tmp_path), workdir=str(tmp_path / mode), num_nodes=2,
-                                 node_configs=[{}, {}], run_config={})  # fmt: skip
-        with pytest.raises(Stop):
-            launch.run_federation(spec, print)
-        env = seen.pop("superlink")
+        env = superlink_env(monkeypatch, mode=mode, app_dir=str(tmp_path), workdir=str(tmp_path / mode))
         if mode == "simulation":
             assert all(env.get(k) == v for k, v in RAY_ENV.items())
         else:
@@ -67,23 +71,10 @@ def test_simulation_runs_get_them_and_processes_runs_do_not(tmp_path, monkeypatc
 
 def test_another_apps_simulation_runs_on_rays_defaults(tmp_path, monkeypatch):
     """The benchmarks' floor (``fedlinear run --app``) is Flower's engine as Flower starts it: no launcher tuning."""
-    seen: dict[str, dict[str, str]] = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_start(self, name, argv, env, log, **kwargs):
-        seen[name] = env
-        raise Stop
-
-    monkeypatch.setattr(launch.ProcessGroup, "start", fake_start)
     for key in RAY_ENV:
         monkeypatch.delenv(key, raising=False)
-    spec = launch.LaunchSpec(mode="simulation", app_dir=str(tmp_path), workdir=str(tmp_path / "sim"), num_nodes=2,
-                             node_configs=[{}, {}], run_config={}, ray_tuning=False)  # fmt: skip
-    with pytest.raises(Stop):
-        launch.run_federation(spec, print)
-    env = seen.pop("superlink")
+    env = superlink_env(monkeypatch, mode="simulation", app_dir=str(tmp_path), workdir=str(tmp_path / "sim"),
+                        ray_tuning=False)  # fmt: skip
     assert not any(k in env for k in RAY_ENV)
     assert env["RAY_ADDRESS"] == "local"  # still a private Ray, never a stale cluster's
 
