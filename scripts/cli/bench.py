@@ -44,8 +44,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--processes-engines", help="engines in processes mode (default: --engines)")
     p.add_argument("--skip-floor", action="store_true", help="leave out the no-op floor (no x floor ratios)")
     p.add_argument("--tuned-floor", action="store_true",
-                   help="scaling: also run the floor with the Ray settings fedlinear's launcher gives its own app "
-                        "(scripts/local/ray_env.py); the ratios stay to the floor as Flower starts it")  # fmt: skip
+                   help="also run the floor with what fedlinear's launcher gives its own app: in scaling its Ray "
+                        "settings (scripts/local/ray_env.py), in processes mode its warm ClientApps "
+                        "(scripts/local/warm_clientapp.py); the ratios stay to the floor as Flower starts it")  # fmt: skip
     p.add_argument("--skip-quickstart", action="store_true", help="leave out the quickstart-style reference")
     p.add_argument("--quickstart-processes", action="store_true",
                    help="also run the quickstart-style reference in processes mode (~20 min for 10 x 20)")

@@ -299,6 +299,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         isolation=args.isolation,
         flower_without_tf=not args.app,  # fedlinear's own app needs no TensorFlow in Flower's engine (not the floor's)
         ray_tuning=not args.app,  # another app (the benchmarks' floor) runs on Flower's engine as Flower starts it
+        warm_clientapps=not args.app,  # ... and on Flower's deployment runtime as Flower starts it
         pool=getattr(args, "pool", "auto"),
         workers=getattr(args, "workers", None),
     )

@@ -38,6 +38,7 @@ ROLES = (
     ("flwr-clientapp", None),  # one per task: not followed
     ("flwr run", "flwr-run"),
 )
+WARM_EXECUTOR = "fedlinear.scripts.local.warm_clientapp"  # scripts/local/warm_clientapp.py: its children share its command line
 DEFAULT_THRESHOLD = 1.2
 
 
@@ -64,6 +65,8 @@ def descendants(pid: int) -> list[tuple[int, int, str, int]]:
 def label_of(pid: int, cmdline: str, parent: str = "") -> str | None:
     """A stable name for a long-lived process of the federation (None: not followed); a SuperExec
     is named after the process that started it (``parent``: that one's command line)."""
+    if WARM_EXECUTOR in cmdline:  # the warm ClientApp executor, or one of its forked ClientApps (one per task)
+        return None if WARM_EXECUTOR in parent else "warm-clientapp executor"
     for marker, role in ROLES:
         if marker in cmdline:
             if role is None:

@@ -50,6 +50,7 @@ from fedlinear.scripts.local.processes import TREE_ENV, WATCHDOG_TIMEOUT, Proces
 from fedlinear.scripts.local.ray_env import with_ray_env
 from fedlinear.scripts.local.spec import INTERRUPTED_MARK, PROGRESS_MARK, LaunchSpec, RunInterrupted, auto_ray_cpus, check_spec, warn
 from fedlinear.scripts.local.staging import Staging
+from fedlinear.scripts.local.warm_clientapp import WARM_ENV, WarmClientApps
 
 # common.shardcache.CACHE_ENV, not imported from there: that module brings NumPy into the launcher's
 # processes (~10 MiB each, alive for the whole run); tests/unit/test_shardcache.py checks they agree.
@@ -120,10 +121,15 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
     run_log = os.path.join(spec.workdir, "flwr-run.log")
     # the app's copy for `flwr run` is made apart, while the SuperLink starts (scripts/local/staging.py)
     staging = Staging(spec.app_dir, os.path.join(spec.workdir, "app"), env)
+    warm = None
     try:
+        node_env = env
+        if spec.mode == "processes" and warm_clientapps(spec):
+            warm = WarmClientApps(group, env, os.path.join(spec.workdir, "warm-clientapp.log"))
+            node_env = warm.env
         superlink, port = start_superlink(spec, group, env, superlink_log, on_progress)
         connection = write_connection(flwr_home, spec, port)
-        nodes = Supernodes(spec, group, env, port)
+        nodes = Supernodes(spec, group, node_env, port)
         overrides = ["--run-config", config_string(spec.run_config)] if spec.run_config else []
         if spec.mode == "simulation":
             federation = {"num-supernodes": spec.num_nodes, "client-resources-num-cpus": int(spec.client_cpus)}
@@ -138,13 +144,21 @@ def run_federation(spec: LaunchSpec, on_progress: Callable[[str], None], watchdo
             stdout=subprocess.PIPE,
         )
         nodes.settle()  # each SuperNode listens on its own port, or is started again on another
+        if warm is not None and not warm.wait_ready(spec.startup_timeout):
+            warn(f"the warm ClientApp executor did not start (log {warm.log_path}): every ClientApp starts cold")
         follow(runner, run_log, on_progress, spec.run_timeout, essential=[("flower-superlink", superlink)],
                stall=watch.StallDetector(superlink_log, str(spec.run_config.get("run-dir", ""))))  # the hang detector
         if runner.returncode != 0:
             raise FedLinearError(f"flwr run exited with code {runner.returncode}; log {run_log}:\n{tail(run_log)}")
+        if warm is not None and warm.served() == 0:
+            warn("Flower started no ClientApp through the warm ClientApp executor (its SuperExec looks for "
+                 "`flwr-clientapp` on PATH in Flower 1.42: has an upgrade changed that?); the run is the same, "
+                 "each message paid a cold ClientApp start (scripts/local/warm_clientapp.py)")
     finally:
         staging.close()
         group.stop()
+        if warm is not None:
+            warm.close()
         if ray_tmp:
             shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -212,6 +226,17 @@ class Supernodes:
                         pending.discard(i)
             if pending:
                 time.sleep(0.1)
+
+
+def warm_clientapps(spec: LaunchSpec) -> bool:
+    """Whether processes mode forks its ClientApps ready-imported (scripts/local/warm_clientapp.py):
+    ``LaunchSpec.warm_clientapps``, unless ``FEDLINEAR_WARM_CLIENTAPPS`` is 0 (Flower's own cold ClientApps) or 1."""
+    value = os.environ.get(WARM_ENV, "").strip()
+    if value in ("0", "1"):
+        return value == "1"
+    if value:
+        warn(f"{WARM_ENV}={value!r} is neither 0 nor 1: ignored")
+    return spec.warm_clientapps
 
 
 def without_flower_tf(env: dict[str, str]) -> dict[str, str]:

@@ -51,6 +51,7 @@ class LaunchSpec:
     workers: int | None = None  # inline: pool size (default: the machine's cores, at most one per client)
     flower_without_tf: bool = False  # simulation: keep TensorFlow out of Flower's engine (scripts/local/flower_tf.py)
     ray_tuning: bool = True  # simulation: the launcher's Ray settings (scripts/local/ray_env.py); False: Ray's defaults
+    warm_clientapps: bool = True  # processes: ClientApps forked ready-imported (scripts/local/warm_clientapp.py); False: Flower's
 
 
 # From this many virtual clients on, a local simulation runs two clients per core (see auto_ray_cpus).

@@ -45,21 +45,31 @@ KINDS: tuple[tuple[str, str], ...] = (
 )
 
 
-def classify(cmdline: Sequence[str]) -> str:
-    """The kind of a process from its command line ("other" when none fits)."""
+WARM_EXECUTOR = "fedlinear.scripts.local.warm_clientapp"
+
+
+def classify(cmdline: Sequence[str], name: str = "") -> str:
+    """The kind of a process from its command line ("other" when none fits) and its ``comm`` (``name``).
+
+    With the warm ClientApp executor (scripts/local/warm_clientapp.py) the SuperExec's ``flwr-clientapp``
+    is the stand-in (``python -IS .../flwr-clientapp``): it lives as long as its ClientApp, so it is
+    the ``clientapp`` the stages are made of; the ClientApp itself is the executor's forked child
+    (``clientapp-fork``: the executor's command line, named ``flwr-clientapp``), where its CPU is."""
     words = [os.path.basename(word) for word in cmdline[:3]]
     module = cmdline[cmdline.index("-m") + 1] if "-m" in cmdline[:-1] else ""
-    for kind, name in KINDS:
-        if name in words or module == name:
+    if module == WARM_EXECUTOR:
+        return "clientapp-fork" if name == "flwr-clientapp" else "warm-executor"
+    for kind, ident in KINDS:
+        if ident in words or module == ident:
             return kind
     return "other"
 
 
-def updated_kind(kind: str, cmdline: Sequence[str]) -> str:
+def updated_kind(kind: str, cmdline: Sequence[str], name: str = "") -> str:
     """A process's kind after another look at its command line: re-read every sample (one seen between
     fork and exec carries its parent's), except when it is empty (a process tearing down its memory on
     exit shows none: it keeps the kind it had)."""
-    return classify(cmdline) if cmdline else kind
+    return classify(cmdline, name) if cmdline else kind
 
 
 @dataclasses.dataclass
@@ -97,10 +107,11 @@ class Sampler:
                     created = proc.create_time()
                     key = (proc.pid, created)
                     cmdline = proc.cmdline()
+                    name = proc.name()
                     entry = self._seen.get(key)
                     if entry is None:
-                        entry = self._seen[key] = Proc(proc.pid, proc.ppid(), classify(cmdline), created - self.t0, now)
-                    entry.kind = updated_kind(entry.kind, cmdline)
+                        entry = self._seen[key] = Proc(proc.pid, proc.ppid(), classify(cmdline, name), created - self.t0, now)
+                    entry.kind = updated_kind(entry.kind, cmdline, name)
                     times = proc.cpu_times()
                     rss = proc.memory_info().rss
             except psutil.Error:

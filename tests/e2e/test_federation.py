@@ -44,14 +44,17 @@ def leftover_processes(workdir):
 
 @pytest.fixture(scope="module")
 def seed5_runs(federation_dir, tmp_path_factory):
-    """The three seed-5 runs the tests below compare (processes mode, simulation mode, and simulation mode
-    again), started side by side: they are independent processes, so they overlap their start-up and export
-    instead of queueing for it. Each is bounded by its own wait (run_cli)."""
+    """The four seed-5 runs the tests below compare (processes mode, processes mode with Flower's own cold
+    ClientApps, simulation mode, and simulation mode again), started side by side: they are independent
+    processes, so they overlap their start-up and export instead of queueing for it. Each is bounded by
+    its own wait (run_cli)."""
     base = tmp_path_factory.mktemp("seed5")
     common = ["--data", federation_dir, "--clients", 3, "--rounds", ROUNDS, "--set", "seed=5"]
-    argvs = {"proc": [], "sim": ["--mode", "simulation"], "again": ["--mode", "simulation"]}
+    argvs = {"proc": [], "cold": [], "sim": ["--mode", "simulation"], "again": ["--mode", "simulation"]}
+    envs = {"cold": {"FEDLINEAR_WARM_CLIENTAPPS": "0"}}
     outs = {name: str(base / name / "run") for name in argvs}
-    calls = {name: (lambda name=name: run_cli("run", *common, "--out", outs[name], *argvs[name])) for name in argvs}
+    calls = {name: (lambda name=name: run_cli("run", *common, "--out", outs[name], *argvs[name], env=envs.get(name)))
+             for name in argvs}  # fmt: skip
     done = bounded.concurrently(calls)
     return {name: (outs[name], done[name]) for name in argvs}
 
@@ -104,6 +107,35 @@ def test_processes_mode_with_three_supernodes(processes_run, federation_dir):
         assert shard["partition-id"] == i and shard["num-examples"] == 300
     assert os.path.exists(os.path.join(out, "model", "saved_model.pb"))
     assert leftover_processes(os.path.join(out, "logs")) == []
+
+
+def test_processes_mode_forks_every_clientapp_warm_with_the_same_weights_as_cold(processes_run, seed5_runs):
+    """Every ClientApp of a processes run is forked by the warm executor (scripts/local/warm_clientapp.py):
+    one per node and stage (describe, scatter, one per round), none started cold; and the weights are the
+    bytes of the same run with Flower's own cold ``flwr-clientapp`` processes. If a Flower upgrade stops
+    starting ``flwr-clientapp`` by name from PATH, the count is 0 and this fails."""
+    out, done = processes_run
+    assert done.returncode == 0, done.stdout + done.stderr
+    logs = os.path.join(out, "logs")
+    with open(os.path.join(logs, "warm-clientapp.log")) as handle:
+        forked = [line for line in handle if line.startswith("forked ")]
+    assert len(forked) == 3 * (ROUNDS + 2), f"{len(forked)} ClientApps forked warm"
+    for path in glob.glob(os.path.join(logs, "supernode-*.log")):
+        with open(path, errors="replace") as handle:
+            text = handle.read()
+        assert "warm ClientApp executor not used" not in text, path
+        assert "Traceback" not in text, path
+    assert "warm ClientApp executor" not in done.stderr
+    cold, cold_done = seed5_runs["cold"]
+    assert cold_done.returncode == 0, cold_done.stdout + cold_done.stderr
+    assert not os.path.exists(os.path.join(cold, "logs", "warm-clientapp.log"))
+    names = [f"checkpoints/round-{r:04d}.npz" for r in range(1, ROUNDS + 1)]
+    names.append("model/variables/variables.data-00000-of-00001")
+    for name in names:
+        with open(os.path.join(out, name), "rb") as a, open(os.path.join(cold, name), "rb") as b:
+            assert a.read() == b.read(), name
+    assert final_weights(out)[1]["weights"] == final_weights(cold)[1]["weights"]
+    assert leftover_processes(logs) == [] and leftover_processes(os.path.join(cold, "logs")) == []
 
 
 def test_simulation_mode_agrees_with_processes_mode(processes_run, simulation_run):

@@ -20,6 +20,9 @@ def test_summary_compares_first_and_last_rounds():
         "superexec of supernode-2"
     )
     assert soak.label_of(9, "python flwr-clientapp --token x") is None
+    executor = "python -m fedlinear.scripts.local.warm_clientapp --socket /tmp/fl-warm-x/s"
+    assert soak.label_of(10, executor, "python -m fedlinear.scripts.cli run") == "warm-clientapp executor"
+    assert soak.label_of(11, executor, executor) is None  # a forked ClientApp: one per task, not followed
 
 
 def test_soak_runs_and_prints_the_table(tmp_path):

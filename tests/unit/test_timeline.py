@@ -172,3 +172,12 @@ def test_an_ended_unreaped_clientapp_ends_when_it_exited_not_when_reaped(tmp_pat
         assert parent.wait(timeout=60) == 0
     finally:
         parent.kill()
+
+
+def test_the_warm_executors_stand_in_is_the_clientapp_and_its_forks_are_named_apart():
+    py = "/venv/bin/python3"
+    assert classify([py, "-IS", "/tmp/fl-warm-x/bin/flwr-clientapp", "--token", "t"]) == "clientapp"
+    executor = [py, "-m", "fedlinear.scripts.local.warm_clientapp", "--socket", "/tmp/fl-warm-x/s"]
+    assert classify(executor, "python3") == "warm-executor"
+    assert classify(executor, "flwr-clientapp") == "clientapp-fork"
+    assert updated_kind("warm-executor", executor, "flwr-clientapp") == "clientapp-fork"

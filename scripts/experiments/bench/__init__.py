@@ -5,8 +5,9 @@ sweep`` subprocess):
 
 * ``sim`` / ``processes``: fedlinear (engines ``numpy`` and ``keras``), **the floor** (the no-op app in
   ``benchmarks/noop_app``, launched by the same launcher but on Flower's engine as Flower starts it: no
-  TensorFlow guard, Ray's own settings; ``--tuned-floor`` adds, in ``scaling``, the floor with the Ray
-  settings the launcher gives fedlinear's app, to show what they are worth) and **the quickstart-style reference**
+  TensorFlow guard, Ray's own settings, Flower's own cold ``flwr-clientapp`` per message; ``--tuned-floor``
+  adds the floor with what the launcher gives fedlinear's app (in ``scaling`` its Ray settings, in
+  ``processes`` its warm ClientApps), to show what they are worth) and **the quickstart-style reference**
   (``benchmarks/quickstart_app``; in processes mode only with ``--quickstart-processes``), at
   ``--clients`` x ``--rounds`` (10 x 20) in simulation, ``--clients`` x ``--processes-rounds`` (10 x 5)
   in processes mode (run last: the slowest);

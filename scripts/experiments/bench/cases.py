@@ -19,6 +19,7 @@ import fedlinear
 from fedlinear.scripts.experiments.bench.measure import measure, wait_quiet
 from fedlinear.scripts.experiments.datasets import made_once
 from fedlinear.scripts.local.ray_env import RAY_ENV
+from fedlinear.scripts.local.warm_clientapp import WARM_ENV
 
 REPO = fedlinear.app_dir()  # a checkout's root: benchmarks/ holds the floor and the quickstart-style app
 NOOP_APP = os.path.join(REPO, "benchmarks", "noop_app")
@@ -89,7 +90,7 @@ def test_mse_of_npz(path: str, data_dir: str) -> float | None:
 @dataclasses.dataclass
 class Case:
     suite: str  # "main" | "scaling" | "central" | "sweep"
-    system: str  # "fedlinear-numpy", "fedlinear-keras", "floor", "quickstart", "lstsq", "keras", "sweep"
+    system: str  # "fedlinear-numpy", "fedlinear-keras", "floor", "floor-tuned", "floor-warm", "quickstart", "lstsq", "keras", "sweep"
     mode: str  # "simulation" | "processes" | "local"
     clients: int
     rounds: int
@@ -97,7 +98,7 @@ class Case:
     data_dir: str
     app: str | None = None
     sets: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()  # extra environment of the run (the tuned floor's Ray settings)
+    env: tuple[tuple[str, str], ...] = ()  # extra environment of the run (the tuned floors' Ray settings, warm ClientApps)
 
     @property
     def key(self) -> str:
@@ -112,6 +113,7 @@ class Case:
             "fedlinear-keras": "fedlinear (keras)",
             "floor": "floor (no-op app)",
             "floor-tuned": "floor + launcher Ray env",
+            "floor-warm": "floor + warm ClientApps",
             "quickstart": "quickstart-style",
             "lstsq": "pooled lstsq (NumPy)",
             "keras": "centralized Keras",
@@ -426,6 +428,9 @@ def plan(args: argparse.Namespace, out: str) -> tuple[list[Case], dict[str, tupl
                              sets=(f"engine={engine}",)))  # fmt: skip
         if not args.skip_floor:
             into.append(Case("main", "floor", mode, n, r, samples, data_main, app=NOOP_APP))
+            if args.tuned_floor and mode == "processes":  # the floor given the launcher's warm ClientApps too
+                into.append(Case("main", "floor-warm", mode, n, r, samples, data_main, app=NOOP_APP,
+                                 env=((WARM_ENV, "1"),)))  # fmt: skip
         if not args.skip_quickstart and (mode == "simulation" or args.quickstart_processes):
             into.append(Case("main", "quickstart", mode, n, r, samples, data_main, app=QUICKSTART_APP))
     if "inline" in parts:  # the same cases in inline mode; their ratios are to the simulation floor
