@@ -52,8 +52,11 @@ def inject(context: Context, server_round: int) -> None:
 
 
 def _ancestor(marker: str) -> int | None:
-    """The nearest ancestor process whose command line contains ``marker`` (read from /proc)."""
-    pid = os.getppid()
+    """The nearest ancestor process whose command line contains ``marker`` (read from /proc). A ClientApp
+    forked by the launcher's warm executor (scripts/local/warm_clientapp.py) counts its stand-in, the
+    SuperExec's child, as its parent: the executor names it in ``FEDLINEAR_WARM_STAND_IN``."""
+    stand_in = os.environ.get("FEDLINEAR_WARM_STAND_IN", "")
+    pid = int(stand_in) if stand_in.isdigit() else os.getppid()
     for _ in range(16):
         if pid <= 1:
             return None

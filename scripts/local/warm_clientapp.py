@@ -25,6 +25,9 @@ What differs from a cold ``flwr-clientapp``, and why it does not matter here:
 * NumPy's global random state would be the parent's in every child: it is reseeded from the OS in each
   (fedlinear draws from seeded generators; an app that uses the global state gets what a fresh process
   gets); Python's ``random`` reseeds itself on fork, OpenSSL (``cryptography``) detects the fork;
+* a child's parent is the executor, not the SuperExec (whose child is the stand-in): the child's
+  environment names its stand-in (``FEDLINEAR_WARM_STAND_IN``), where a cold ClientApp's chain of
+  parents would start (the test hook that kills a task's SuperNode, clients/faults.py, follows it);
 * every child has the executor's string-hash seed (``PYTHONHASHSEED``), where fresh processes would each
   draw their own: nothing of a run depends on it (a seed's weights are the same bytes either way,
   tests/e2e/test_federation.py);
@@ -61,6 +64,7 @@ SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clientapp_shim.
 WARM_ENV = "FEDLINEAR_WARM_CLIENTAPPS"  # 0 or 1: overrides LaunchSpec.warm_clientapps (scripts/local/launch.py)
 SOCKET_ENV = "FEDLINEAR_WARM_CLIENTAPP"  # as in clientapp_shim.py
 REAL_ENV = "FEDLINEAR_REAL_CLIENTAPP"
+STAND_IN_ENV = "FEDLINEAR_WARM_STAND_IN"  # in a child's environment: its stand-in's pid (child of the SuperExec)
 FORKED = "forked"  # the executor's log line per ClientApp it started (counted by WarmClientApps.served)
 READ_TIMEOUT = 10.0  # seconds a stand-in has to send its request
 MAX_REQUEST = 1 << 20
@@ -154,7 +158,7 @@ class Executor:
 
     def _read(self, conn: socket.socket) -> tuple[dict, list[int]]:
         peer = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", peer)
+        peer_pid, uid, _gid = struct.unpack("3i", peer)
         if uid != os.getuid():
             raise ValueError(f"connection from uid {uid}, not this executor's user")
         conn.settimeout(READ_TIMEOUT)
@@ -175,6 +179,7 @@ class Executor:
             if not (isinstance(request, dict) and isinstance(request.get("argv"), list)
                     and isinstance(request.get("env"), dict) and isinstance(request.get("cwd"), str)):  # fmt: skip
                 raise ValueError("a request is {argv, env, cwd}")
+            request["stand-in"] = peer_pid
         except Exception:
             for fd in fds:
                 os.close(fd)
@@ -210,6 +215,7 @@ def run_child(request: dict, entry) -> None:
     request["conn"].close()  # the executor tells the stand-in how this process ended
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in request["env"].items()})
+    os.environ[STAND_IN_ENV] = str(request["stand-in"])  # where a cold one's parent chain would start
     os.chdir(request["cwd"])
     sys.argv = [str(a) for a in request["argv"]]
     real = os.environ.get(REAL_ENV)

@@ -27,6 +27,7 @@ def main():
         name = comm.read().strip()
     print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "pid": os.getpid(), "ppid": os.getppid(),
                       "mark": os.environ.get("FAKE_MARK"), "comm": name,
+                      "stand-in": os.environ.get("FEDLINEAR_WARM_STAND_IN"),
                       "fedlinear": sorted(m for m in sys.modules if m.startswith("fedlinear"))}), flush=True)
     print("to stderr", file=sys.stderr, flush=True)
     if os.environ.get("FAKE_SLEEP"):
@@ -79,6 +80,7 @@ def test_the_child_takes_on_the_stand_ins_command_line_environment_directory_and
     assert seen["cwd"] == str(tmp_path) and seen["mark"] == "m1"
     assert seen["comm"] == "flwr-clientapp"
     assert seen["ppid"] == executor["proc"].pid != proc.pid  # forked by the executor, not started by the stand-in
+    assert seen["stand-in"] == str(proc.pid)  # where a cold ClientApp's parent chain would start (clients/faults.py)
     assert seen["fedlinear"] == []  # none of the executor's own package: the app comes from its FAB
     assert "to stderr" in err
     assert "warm ClientApp executor not used" not in err
