@@ -28,6 +28,10 @@ What differs from a cold ``flwr-clientapp``, and why it does not matter here:
 * a child's parent is the executor, not the SuperExec (whose child is the stand-in): the child's
   environment names its stand-in (``FEDLINEAR_WARM_STAND_IN``), where a cold ClientApp's chain of
   parents would start (the test hook that kills a task's SuperNode, clients/faults.py, follows it);
+* the children write the bytecode of the modules they compile (the app's, from the FAB installed fresh
+  for the run) to the executor's private directory (``sys.pycache_prefix``), removed at the end of the
+  run, even where ``PYTHONDONTWRITEBYTECODE`` is set: so the app is compiled once per run, not in every
+  ClientApp (with that variable set, fedlinear's ~30 modules cost a cold ClientApp ~1 CPU-s);
 * every child has the executor's string-hash seed (``PYTHONHASHSEED``), where fresh processes would each
   draw their own: nothing of a run depends on it (a seed's weights are the same bytes either way,
   tests/e2e/test_federation.py);
@@ -226,6 +230,12 @@ def run_child(request: dict, entry) -> None:
             comm.write("flwr-clientapp")
     for name in [n for n in sys.modules if n == "fedlinear" or n.startswith("fedlinear.")]:
         del sys.modules[name]  # the app (and this package) come from the FAB, as in a fresh process
+    if request.get("pycache"):
+        # the FAB's modules, installed fresh for the run, compiled once per run rather than in every
+        # ClientApp (~1 CPU-s for fedlinear's app where PYTHONDONTWRITEBYTECODE is set): into the
+        # executor's private directory, removed with it, never beside the sources
+        sys.pycache_prefix = request["pycache"]
+        sys.dont_write_bytecode = False
     import numpy
 
     numpy.random.seed()
@@ -242,6 +252,7 @@ def executor_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--socket", required=True)
     parser.add_argument("--entry", default=ENTRY, help=f"what a child runs (default {ENTRY}: Flower's flwr-clientapp)")
+    parser.add_argument("--pycache", help="the children's bytecode cache (sys.pycache_prefix; default: Python's own)")
     args = parser.parse_args(argv)
     # what a cold flwr-clientapp imports before it reaches the app (and NumPy, which every app uses)
     import numpy  # noqa: F401
@@ -258,6 +269,7 @@ def executor_main(argv: list[str] | None = None) -> None:
     request = executor.serve()
     if request is None:
         return
+    request["pycache"] = args.pycache
     run_child(request, entry)
 
 
@@ -293,7 +305,8 @@ class WarmClientApps:
         self.env = {**env, "PATH": shim_dir + os.pathsep + env.get("PATH", ""), SOCKET_ENV: self.socket,
                     REAL_ENV: self.real}  # fmt: skip
         self.proc = group.start("warm-clientapp", [sys.executable, "-m", "fedlinear.scripts.local.warm_clientapp",
-                                                   "--socket", self.socket], env, log_path)  # fmt: skip
+                                                   "--socket", self.socket, "--pycache", os.path.join(self.dir, "pycache")],
+                                     env, log_path)  # fmt: skip
 
     def wait_ready(self, timeout: float) -> bool:
         """True once the executor listens; False (the stand-ins start ClientApps cold) if it died or timed out."""

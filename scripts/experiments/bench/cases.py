@@ -204,6 +204,7 @@ def _run_once(case: Case, args: argparse.Namespace, out: str, index: int, ls_ref
         "other-load-before": load_before,
         "pre-s": m.marker_s,
         "peak-rss": m.peak_rss,
+        "peak-pss": m.peak_pss or None,
         "peak-procs": m.peak_procs,
         "peak-breakdown-mib": {k: [n, round(v / MiB)] for k, (n, v) in sorted(m.peak_breakdown.items(),
                                                                               key=lambda kv: -kv[1][1])},
@@ -343,7 +344,7 @@ def summarize(case: Case, runs: list[dict[str, Any]]) -> dict[str, Any]:
     row["raw"] = runs
     if not ok:
         return row
-    for field in ("wall-s", "peak-rss", "round-s", "round1-s", "startup-s", "to-round1-s", "rounds-total-s",
+    for field in ("wall-s", "peak-rss", "peak-pss", "round-s", "round1-s", "startup-s", "to-round1-s", "rounds-total-s",
                   "updates-per-s", "serverapp-s", "inner-wall-s", "pre-s", "post-s", "cpu-s", "other-load",
                   "fit-s", "import-s", "process-s"):  # fmt: skip
         value = median([r.get(field) for r in ok])

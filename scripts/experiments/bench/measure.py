@@ -1,4 +1,9 @@
-"""Measuring one command: wall clock, CPU time and the peak RSS of its whole process tree."""
+"""Measuring one command: wall clock, CPU time and the peak RSS (and PSS) of its whole process tree.
+
+The summed RSS counts a page shared by several processes once per process: forked processes (the
+warm ClientApps of processes mode, scripts/local/warm_clientapp.py; Ray's workers) share most of
+theirs, so the tree's summed PSS (each shared page divided among its sharers, ``/proc/PID/smaps_rollup``)
+is what the tree takes from the machine; both are recorded, the targets are on RSS."""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ class Measurement:
     marker_s: float | None = None  # when ``marker`` first existed, seconds after the start
     peak_breakdown: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # name -> [count, RSS] at peak
     names: set[str] = dataclasses.field(default_factory=set)  # every kind of process seen in the tree
+    peak_pss: int = 0  # bytes, the max over samples of the summed PSS (0: not readable here)
 
 
 def _busy_cpu() -> float:
@@ -69,8 +75,9 @@ def _tree(root) -> list:
     return procs
 
 
-def _rss_sum(procs, cpu: dict[tuple[int, float], float]) -> tuple[int, list[tuple[str, int]]]:
-    """Summed RSS and (name, RSS) of each live process; records each one's own CPU time in ``cpu``."""
+def _rss_sum(procs, cpu: dict[tuple[int, float], float], pss: list[int] | None = None) -> tuple[int, list[tuple[str, int]]]:
+    """Summed RSS and (name, RSS) of each live process; records each one's own CPU time in ``cpu``
+    and, given ``pss`` (a one-item list), adds the summed PSS to it."""
     import psutil
 
     total = 0
@@ -82,6 +89,9 @@ def _rss_sum(procs, cpu: dict[tuple[int, float], float]) -> tuple[int, list[tupl
             cpu[(proc.pid, proc.create_time())] = times.user + times.system
             parts.append((_short_name(proc), rss))
             total += rss
+            if pss is not None:
+                with contextlib.suppress(psutil.Error, AttributeError, OSError):
+                    pss[0] += proc.memory_full_info().pss
     return total, parts
 
 
@@ -118,7 +128,7 @@ def measure(
 
     seen: dict[int, psutil.Process] = {}
     cpu_seen: dict[tuple[int, float], float] = {}
-    peak = peak_procs = samples = 0
+    peak = peak_procs = samples = peak_pss = 0
     peak_parts: list[tuple[str, int]] = []
     names: set[str] = set()
     timed_out = False
@@ -133,7 +143,9 @@ def measure(
             procs = _tree(root)
             for p in procs:
                 seen.setdefault(p.pid, p)
-            total, parts = _rss_sum(procs, cpu_seen)
+            pss = [0]
+            total, parts = _rss_sum(procs, cpu_seen, pss)
+            peak_pss = max(peak_pss, pss[0])
             names.update(name for name, _ in parts)
             samples += 1
             if total > peak:
@@ -177,5 +189,6 @@ def measure(
         entry[0] += 1
         entry[1] += rss
     return Measurement(
-        proc.returncode, wall, peak, peak_procs, samples, leftovers, timed_out, cpu, other, marker_s, breakdown, names
+        proc.returncode, wall, peak, peak_procs, samples, leftovers, timed_out, cpu, other, marker_s, breakdown, names,
+        peak_pss,
     )

@@ -27,7 +27,9 @@ MAIN_LEGEND = """\
   flwr run, ServerApp process and imports); to r1 s: ServerApp start -> end of round 1 (node wait, fedlinear's
   shard query, Ray/actor warm-up, round 1); s/round: median of rounds 2..R; post s: after the last round
   (fedlinear: SavedModel export; shutdown, teardown); CPU s: CPU time of the process tree; other: CPU cores
-  used by other processes on the machine during the run (noise); bar: final test MSE <= 1.01 x least squares;
+  used by other processes on the machine during the run (noise); peak RSS / PSS GiB: the largest sum over
+  the tree's live processes of their RSS / PSS (PSS divides a page shared by forked processes among them);
+  bar: final test MSE <= 1.01 x least squares;
   = sim: inline's final weights bit-identical to simulation's (same size, seed, data);
   runs: good runs (good/attempts when some failed or were noisy; * = only noisy runs were available)"""
 
@@ -43,7 +45,7 @@ def main_table(rows: list[dict[str, Any]]) -> str:
     cols = [
         ("case", 20), ("mode", 9), ("N x R", 6), ("runs", 4), ("wall s", 7), ("x floor", 7), ("x qstart", 8),
         ("pre s", 5), ("to r1 s", 7), ("s/round", 7), ("post s", 6), ("CPU s", 6), ("other", 5),
-        ("peak RSS GiB", 12), ("MSE / LS", 8), ("bar", 3), ("= sim", 5),
+        ("peak RSS GiB", 12), ("PSS GiB", 7), ("MSE / LS", 8), ("bar", 3), ("= sim", 5),
     ]  # fmt: skip
     lines = ["  ".join(name.ljust(w) if i < 2 else name.rjust(w) for i, (name, w) in enumerate(cols))]
     lines.append("-" * len(lines[0]))
@@ -67,6 +69,7 @@ def main_table(rows: list[dict[str, Any]]) -> str:
             _f(r.get("cpu-s"), ".0f", 6),
             _f(r.get("other-load-max"), ".2f", 5),
             _f(r["peak-rss"] / GiB, ".2f", 12),
+            _f(r["peak-pss"] / GiB if r.get("peak-pss") else None, ".2f", 7),
             _f(r.get("mse-ratio"), ".4f", 8),
             _f(r.get("bar"), "", 3),
             _f({True: "yes", False: "NO"}.get(r.get("same-weights-as-sim")), "", 5),
@@ -218,7 +221,7 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
 CSV_FIELDS = ("key", "suite", "system", "mode", "clients", "rounds", "samples", "runs", "failed-runs", "ok", "wall-s",
               "x-floor", "x-quickstart", "x-floor-rounds", "pre-s", "startup-s", "round1-s", "to-round1-s", "round-s",
               "rounds-total-s", "post-s", "updates-per-s", "e2e-updates-per-s", "updates-vs-floor", "cpu-s",
-              "other-load-max", "worker-crashes", "peak-rss", "peak-rss-max", "test-mse", "ls-test-mse", "mse-ratio",
+              "other-load-max", "worker-crashes", "peak-rss", "peak-pss", "peak-rss-max", "test-mse", "ls-test-mse", "mse-ratio",
               "bar", "fit-s", "import-s", "process-s", "weights-digest", "same-weights-as-sim", "sweep-runs")  # fmt: skip
 
 
