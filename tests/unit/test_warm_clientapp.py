@@ -28,6 +28,7 @@ def main():
     print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "pid": os.getpid(), "ppid": os.getppid(),
                       "mark": os.environ.get("FAKE_MARK"), "comm": name,
                       "stand-in": os.environ.get("FEDLINEAR_WARM_STAND_IN"),
+                      "pycache": sys.pycache_prefix, "writes-bytecode": not sys.dont_write_bytecode,
                       "fedlinear": sorted(m for m in sys.modules if m.startswith("fedlinear"))}), flush=True)
     print("to stderr", file=sys.stderr, flush=True)
     if os.environ.get("FAKE_SLEEP"):
@@ -51,8 +52,10 @@ def executor(tmp_path_factory):
     sock = str(d / "s")
     log = open(d / "executor.log", "wb")  # noqa: SIM115 - closed below
     env = {**os.environ, "PYTHONPATH": str(d)}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
     proc = subprocess.Popen([sys.executable, "-m", "fedlinear.scripts.local.warm_clientapp", "--socket", sock,
-                             "--entry", "fake_entry:main"], env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+                             "--entry", "fake_entry:main", "--pycache", str(d / "pycache")],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     budget = bounded.Budget(60)
     while not os.path.exists(sock):
         assert proc.poll() is None and not budget.spent(), (d / "executor.log").read_text()
@@ -82,6 +85,8 @@ def test_the_child_takes_on_the_stand_ins_command_line_environment_directory_and
     assert seen["ppid"] == executor["proc"].pid != proc.pid  # forked by the executor, not started by the stand-in
     assert seen["stand-in"] == str(proc.pid)  # where a cold ClientApp's parent chain would start (clients/faults.py)
     assert seen["fedlinear"] == []  # none of the executor's own package: the app comes from its FAB
+    # the app's bytecode goes to the executor's private cache, PYTHONDONTWRITEBYTECODE or not
+    assert seen["pycache"] == str(executor["dir"] / "pycache") and seen["writes-bytecode"]
     assert "to stderr" in err
     assert "warm ClientApp executor not used" not in err
 
