@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 
 import pytest
 
@@ -51,7 +52,9 @@ def superlink_env(monkeypatch, **spec_fields) -> dict[str, str]:
 
     def fake_start(self, name, argv, env, log, **kwargs):
         seen[name] = env
-        raise Stop
+        if name == "superlink":
+            raise Stop
+        return subprocess.Popen(["true"])  # what starts before it (processes mode's warm ClientApp executor)
 
     monkeypatch.setattr(launch.ProcessGroup, "start", fake_start)
     spec = launch.LaunchSpec(num_nodes=2, node_configs=[{}, {}], run_config={}, **spec_fields)
