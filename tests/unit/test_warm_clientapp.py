@@ -153,3 +153,5 @@ def test_the_executor_counts_what_it_forked(executor, tmp_path):
     while sum(1 for line in log.read_text().splitlines() if line.startswith(warm.FORKED + " ")) != before + 1:
         assert not budget.spent()
         time.sleep(0.05)
+    ended = [line.split() for line in log.read_text().splitlines() if line.startswith(warm.ENDED + " ")]
+    assert ended and all(len(e) == 4 and e[2].startswith(("exit=", "signal=")) and e[3].startswith("cpu=") for e in ended)
