@@ -121,12 +121,13 @@ _TRANSFORMED_BYTES = [0]
 
 
 def training_data(
-    uri: str, cfg: RunConfig, data: Dataset, transform: scaling.Transform | None
+    uri: str, cfg: RunConfig, data: Dataset, transform: scaling.Transform | None, digest: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(z, t)`` float32 for the engines: the shard in the transform's variables (cached)."""
+    """``(z, t)`` float32 for the engines: the shard in the transform's variables (cached); ``digest``
+    is ``transform.digest()`` when the caller has it already."""
     if transform is None:
         return data.float32  # cached with the shard
-    key = (uri, cfg.target_column, cfg.header, transform.digest())
+    key = (uri, cfg.target_column, cfg.header, transform.digest() if digest is None else digest)
     cached = _TRANSFORMED.get(key)
     if cached is None:
         z, t = transform.apply(data.x, data.y)  # float64: offsets removed before rounding to float32
@@ -145,14 +146,56 @@ def training_data(
 _SAFE_RATES: dict[tuple, float] = {}
 
 
-def _safe_rate(uri: str, cfg: RunConfig, transform: scaling.Transform | None, x32: np.ndarray, rate: float) -> float:
+def _safe_rate(
+    uri: str, cfg: RunConfig, transform: scaling.Transform | None, x32: np.ndarray, rate: float, digest: str | None = None
+) -> float:
     """:func:`common.dpstats.safe_learning_rate` of this shard, cached per shard, transform and rate."""
-    key = (uri, cfg.target_column, cfg.header, transform.digest() if transform is not None else "", rate, cfg.fit_intercept)
+    if digest is None:
+        digest = transform.digest() if transform is not None else ""
+    key = (uri, cfg.target_column, cfg.header, digest, rate, cfg.fit_intercept)
     if key not in _SAFE_RATES:
         if len(_SAFE_RATES) >= _MAX_TRANSFORMED:
             _SAFE_RATES.clear()
         _SAFE_RATES[key] = dpstats.safe_learning_rate(x32, rate, cfg.fit_intercept)
     return _SAFE_RATES[key]
+
+
+# The transforms tasks carried, parsed (protocol.transform) with their digests, by their exact float64
+# values: every train task of a run carries the same one, and parsing, checking and hashing it again
+# cost more than the rest of a task's bookkeeping.
+_TASK_TRANSFORMS: dict[tuple, tuple[scaling.Transform, str]] = {}
+_MAX_TASK_TRANSFORMS = 16
+_TRANSFORM_KEYS = tuple(f"{protocol.TRANSFORM_PREFIX}{name}" for name in protocol.TRANSFORM_ARRAYS)
+
+
+def task_transform(config, num_features: int) -> tuple[scaling.Transform | None, str]:
+    """``(protocol.transform(config, num_features), its digest)`` (``(None, "")`` for raw variables),
+    parsed once per distinct transform in this process. The cache key is the values exactly as the
+    parse reads them (float64 bytes, so -0.0 and 0.0 differ) and the feature count; the cached
+    arrays are read-only."""
+    if _TRANSFORM_KEYS[0] not in config:
+        return None, ""
+    try:
+        key = (num_features, *(np.asarray(config[name], dtype=np.float64).tobytes() for name in _TRANSFORM_KEYS))
+    except (KeyError, TypeError, ValueError):  # malformed: protocol.transform says how
+        key = None
+    cached = _TASK_TRANSFORMS.get(key) if key is not None else None
+    if cached is None:
+        transform = protocol.transform(config, num_features)
+        for array in (transform.shift, transform.matrix):
+            array.setflags(write=False)
+        cached = (transform, transform.digest())
+        if key is not None:
+            if len(_TASK_TRANSFORMS) >= _MAX_TASK_TRANSFORMS:
+                _TASK_TRANSFORMS.clear()
+            _TASK_TRANSFORMS[key] = cached
+    return cached
+
+
+def _config_record(msg: Message) -> ConfigRecord:
+    """The task's config record (an empty one when it has none)."""
+    config = flower_fixes.record(msg.content, protocol.RECORD_CONFIG, ConfigRecord)
+    return ConfigRecord() if config is None else config
 
 
 _DTYPE_NAMES: dict[np.dtype, str] = {}
@@ -214,7 +257,7 @@ def query(msg: Message, context: Context) -> Message:
     factor of its centred block (stage ``fedols-r``, :mod:`common.fedols`)."""
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
-    request = msg.content.config_records.get(protocol.RECORD_CONFIG, ConfigRecord())
+    request = _config_record(msg)
     stage = str(request.get(protocol.KEY_STAGE, protocol.STAGE_DESCRIBE))
     _refuse_under_own_privacy(cfg, stage, request)
     if stage == protocol.STAGE_FEDOLS_R:  # the yardstick (server/yardstick.py) and strategy = fedols, method qr
@@ -299,7 +342,7 @@ def _dpols_gram(msg: Message, request: ConfigRecord, uri: str, data: Dataset) ->
 
 def _centre(msg: Message, stage: str, uri: str, data: Dataset, name: str = protocol.ARRAY_CENTRE) -> np.ndarray:
     """The pooled mean of ``[x, y]`` a ``scatter`` or ``fedols-r`` query carries (array ``name``), checked."""
-    record = msg.content.array_records.get(protocol.RECORD_CENTRE)
+    record = flower_fixes.record(msg.content, protocol.RECORD_CENTRE, ArrayRecord)
     if record is None or name not in record:
         raise FedLinearError(f"{stage} query without the {'pooled' if name == protocol.ARRAY_CENTRE else name} centre")
     centre = to_numpy(record[name]).astype(np.float64).ravel()
@@ -333,7 +376,7 @@ def clip_when_asked(msg: Message, context: Context, call_next) -> Message:
 
     Attached to the train handler only: Flower's mods do not check the message type.
     """
-    config = msg.content.config_records.get(protocol.RECORD_CONFIG)
+    config = flower_fixes.record(msg.content, protocol.RECORD_CONFIG, ConfigRecord)
     if config is not None and KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
@@ -341,7 +384,7 @@ def clip_when_asked(msg: Message, context: Context, call_next) -> Message:
 
 def controls(msg: Message, num_features: int) -> tuple[np.ndarray, np.ndarray] | None:
     """SCAFFOLD's ``(c, c_i)`` the task carries (``strategy = scaffold``), checked; None without them."""
-    record = msg.content.array_records.get(protocol.RECORD_CONTROL)
+    record = flower_fixes.record(msg.content, protocol.RECORD_CONTROL, ArrayRecord)
     if record is None:
         return None
     out = []
@@ -367,14 +410,14 @@ def fit(msg: Message, context: Context, extras: dict | None = None) -> tuple[lm.
     faults.inject(context, server_round)  # a test hook, inert unless FEDLINEAR_TEST_FAULTS is set
     learning_rate = protocol.learning_rate(config)
     batch_size = protocol.batch_size(config, cfg.batch_size)
-    transform = protocol.transform(config, data.num_features)
+    transform, digest = task_transform(config, data.num_features)
     key = client_key(context, cfg, uri, data)
     orders = [
         lm.batch_order(data.num_examples, cfg.seed, server_round, key, epoch) for epoch in range(cfg.local_epochs)
     ]
-    x32, y32 = training_data(uri, cfg, data, transform)
+    x32, y32 = training_data(uri, cfg, data, transform, digest)
     if cfg.dp != privacy.NO_DP:  # noisy or no statistics: a step that would diverge on this shard is capped
-        learning_rate = _safe_rate(uri, cfg, transform, x32, learning_rate)
+        learning_rate = _safe_rate(uri, cfg, transform, x32, learning_rate, digest)
     control = controls(msg, data.num_features)
     if control is not None and cfg.engine != "numpy":
         raise FedLinearError("strategy = scaffold needs engine = numpy")
@@ -415,7 +458,7 @@ def fit(msg: Message, context: Context, extras: dict | None = None) -> tuple[lm.
 def train(msg: Message, context: Context) -> Message:
     """Local mini-batch SGD from the global weights; reply with new weights and the train loss."""
     extras: dict = {}
-    if protocol.RECORD_CONTROL in msg.content.array_records:  # strategy = scaffold: Δc_i comes back in extras
+    if flower_fixes.record(msg.content, protocol.RECORD_CONTROL, ArrayRecord) is not None:  # strategy = scaffold: Δc_i comes back in extras
         new_weights, metrics = fit(msg, context, extras)
     else:
         new_weights, metrics = fit(msg, context)
@@ -450,8 +493,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = run_config(context)
     uri, data = load_shard(context, cfg)
     weights = from_record(msg.content[protocol.RECORD_ARRAYS], data.num_features, uri, cfg.fit_intercept)
-    config = msg.content.config_records.get(protocol.RECORD_CONFIG, ConfigRecord())
-    transform = protocol.transform(config, data.num_features)
+    config = _config_record(msg)
+    transform, _ = task_transform(config, data.num_features)
     if transform is None:
         residual = weights.predict(data.x) - data.y
     else:

@@ -26,6 +26,20 @@ def _clip_inputs_inplace(input_arrays, clipping_norm: float) -> None:
         array *= np.asarray(scaling_factor, dtype=np.asarray(array).dtype)
 
 
+def record(content, name: str, kind: type):
+    """``content``'s record ``name`` when it is a ``kind`` (ArrayRecord, ConfigRecord, MetricRecord),
+    else None: what ``content.array_records.get(name)`` (and the other two views) return, without
+    building the view."""
+    value = content.get(name)
+    return value if isinstance(value, kind) else None
+
+
+def record_names(content, kind: type) -> set[str]:
+    """The names of ``content``'s records of type ``kind``: ``set(content.array_records)`` (and the
+    other two views), without building the view."""
+    return {name for name, value in content.items() if isinstance(value, kind)}
+
+
 def apply() -> None:
     """Install the fixes (idempotent)."""
     if _dp.clip_inputs_inplace is not _clip_inputs_inplace:

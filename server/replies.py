@@ -26,9 +26,10 @@ import math
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.constant import SUPERLINK_NODE_ID, SType
 
+from fedlinear import flower_fixes
 from fedlinear.common import model as lm
 from fedlinear.common import npy
 from fedlinear.common import protocol
@@ -81,12 +82,10 @@ def check_train_reply(
     (far above anything training produces: a reply past it is garbage or an attack on the scale).
     """
     content = msg.content
-    records = (set(content.array_records), set(content.metric_records))
-    if records != ({protocol.RECORD_ARRAYS}, {protocol.RECORD_METRICS}):
-        return (
-            "malformed train reply: records "
-            f"{sorted(content.array_records) + sorted(content.metric_records)}, expected arrays and metrics"
-        )
+    arrays_names = flower_fixes.record_names(content, ArrayRecord)  # no RecordDict views: they cost ~50 µs each
+    metrics_names = flower_fixes.record_names(content, MetricRecord)
+    if (arrays_names, metrics_names) != ({protocol.RECORD_ARRAYS}, {protocol.RECORD_METRICS}):
+        return f"malformed train reply: records {sorted(arrays_names) + sorted(metrics_names)}, expected arrays and metrics"
     arrays = content[protocol.RECORD_ARRAYS]
     if set(arrays.keys()) != set(names):  # ``names``: the arrays the global model has (no bias without an intercept)
         return f"malformed train reply: arrays {sorted(arrays.keys())}, expected {sorted(names)}"

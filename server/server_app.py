@@ -33,7 +33,7 @@ from fedlinear.common.config import RunConfig
 from fedlinear.common.csvio import load_csv
 from fedlinear.common.errors import FedLinearError, one_line
 from fedlinear.common.runstore import RunStore
-from fedlinear.server import fedols, nodes, privacy, progress, yardstick
+from fedlinear.server import exchange, fedols, nodes, privacy, progress, yardstick
 from fedlinear.server.rounds import Rounds
 
 app = ServerApp()
@@ -79,7 +79,9 @@ def main(grid: Grid, context: Context) -> None:
         progress.say(f"error: {one_line(exc)}")
         raise SystemExit(1) from None
     try:
-        with exporter.for_run(progress.say):  # TensorFlow imports in another process while the rounds run
+        # TensorFlow imports in another process while the rounds run; inside Flower's simulation engine
+        # the GIL changes hands sooner (server/exchange.py)
+        with exporter.for_run(progress.say), exchange.engine_scheduling(grid):
             run(grid, context, store, cfg)
     except FedLinearError as exc:
         message = one_line(exc)

@@ -202,3 +202,62 @@ def test_transformed_shards_are_kept_up_to_a_byte_budget(monkeypatch):
     for uri, data in shards.items():
         ca.training_data(uri, cfg, data, transform)
         assert 1 <= len(ca._TRANSFORMED) <= 10
+
+
+def test_a_tasks_transform_is_parsed_once_and_never_served_for_another(monkeypatch):
+    """Train tasks carry the same standardization every round: the client parses it once per distinct
+    value (clients/client_app.py, task_transform). Another transform, even one that differs only in
+    the sign of a zero, or another feature count, is parsed afresh; the cached arrays are read-only."""
+    from fedlinear.common import protocol, scaling
+
+    monkeypatch.setattr(ca, "_TASK_TRANSFORMS", {})
+    rng = np.random.default_rng(5)
+    base = scaling.Transform("whiten", rng.normal(size=3), rng.normal(size=(3, 3)), 0.25, 2.0)
+    config = ConfigRecord(protocol.train_config(0.1, base, 8))
+    first, digest = ca.task_transform(config, 3)
+    again, _ = ca.task_transform(ConfigRecord(protocol.train_config(0.1, base, 8)), 3)
+    assert again is first and digest == protocol.transform(config, 3).digest()
+    np.testing.assert_array_equal(first.matrix, base.matrix)
+    with pytest.raises(ValueError):
+        first.shift[0] = 1.0  # a shared object: nothing may change it in place
+    shift = base.shift.copy()
+    shift[0] = 0.0
+    zero = ca.task_transform(ConfigRecord(protocol.train_config(0.1, dataclasses_replace(base, shift=shift), 8)), 3)[0]
+    shift[0] = -0.0
+    negative = ca.task_transform(ConfigRecord(protocol.train_config(0.1, dataclasses_replace(base, shift=shift), 8)), 3)[0]
+    assert zero is not negative and np.signbit(negative.shift[0]) and not np.signbit(zero.shift[0])
+    scaled = dataclasses_replace(base, y_scale=3.0)
+    other, other_digest = ca.task_transform(ConfigRecord(protocol.train_config(0.1, scaled, 8)), 3)
+    assert other is not first and other.y_scale == 3.0 and other_digest != digest
+    with pytest.raises(ca.FedLinearError):  # the same values read as another shape: parsed, and refused
+        ca.task_transform(config, 2)
+    assert ca.task_transform(ConfigRecord({"learning-rate": 0.1}), 3) == (None, "")
+    bad = ConfigRecord({**protocol.train_config(0.1, base, 8), "transform-x-shift": "nope"})
+    with pytest.raises(ca.FedLinearError, match="malformed standardization transform"):
+        ca.task_transform(bad, 3)
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def test_record_helpers_answer_as_flowers_record_views():
+    """fedlinear.flower_fixes.record / record_names read a RecordDict as its array_records /
+    config_records / metric_records views do, without building them."""
+    from flwr.app import MetricRecord
+
+    from fedlinear import flower_fixes
+
+    content = RecordDict({
+        "arrays": ArrayRecord({"kernel": Array(np.zeros((2, 1), np.float32))}),
+        "config": ConfigRecord({"server-round": 1}),
+        "metrics": MetricRecord({"num-examples": 3}),
+        "more": MetricRecord({"x": 1.0}),
+    })  # fmt: skip
+    views = {ArrayRecord: content.array_records, ConfigRecord: content.config_records, MetricRecord: content.metric_records}
+    for kind, view in views.items():
+        assert flower_fixes.record_names(content, kind) == set(view)
+        for name in ("arrays", "config", "metrics", "more", "absent"):
+            assert flower_fixes.record(content, name, kind) is view.get(name)

@@ -75,3 +75,31 @@ def test_other_grids_are_asked_through_their_own_send_and_receive():
     grid = Own()
     assert exchange.send_and_receive(grid, ["m"], 5.0) == ["a reply"]
     assert grid.got == (["m"], 5.0)
+
+
+def test_the_switch_interval_is_lowered_only_inside_the_simulation_engine_and_restored():
+    """server.exchange.engine_scheduling: Flower's InMemoryGrid (the ServerApp shares flwr-simulation's
+    GIL with the engine's dispatch thread) gets the short interval for the block, any other grid keeps
+    the interpreter's, and the previous value comes back afterwards, also after an error."""
+    import sys
+
+    import pytest
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    grid = InMemoryGrid.__new__(InMemoryGrid)  # no state needed: only its type is looked at
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        with exchange.engine_scheduling(grid):
+            assert sys.getswitchinterval() == pytest.approx(exchange.ENGINE_SWITCH_INTERVAL, abs=2e-6)
+        assert sys.getswitchinterval() == pytest.approx(0.005, abs=2e-6)
+        with pytest.raises(RuntimeError), exchange.engine_scheduling(grid):
+            raise RuntimeError("the run failed")
+        assert sys.getswitchinterval() == pytest.approx(0.005, abs=2e-6)
+        with exchange.engine_scheduling(FakeHttpGrid({})):
+            assert sys.getswitchinterval() == pytest.approx(0.005, abs=2e-6)
+        sys.setswitchinterval(0.0001)  # already shorter: left as it is
+        with exchange.engine_scheduling(grid):
+            assert sys.getswitchinterval() == pytest.approx(0.0001, abs=2e-6)
+    finally:
+        sys.setswitchinterval(before)
