@@ -66,6 +66,10 @@ def wait_quiet(max_wait: float, threshold: float = 0.25, window: float = 3.0) ->
             return load
 
 
+PSS_INTERVAL = 1.0  # s between PSS readings at most
+PSS_NEAR_PEAK = 0.9  # ... taken only when the summed RSS is within 10 % of its peak so far
+
+
 def _tree(root) -> list:
     import psutil
 
@@ -129,6 +133,7 @@ def measure(
     seen: dict[int, psutil.Process] = {}
     cpu_seen: dict[tuple[int, float], float] = {}
     peak = peak_procs = samples = peak_pss = 0
+    pss_at = float("-inf")
     peak_parts: list[tuple[str, int]] = []
     names: set[str] = set()
     timed_out = False
@@ -143,9 +148,15 @@ def measure(
             procs = _tree(root)
             for p in procs:
                 seen.setdefault(p.pid, p)
-            pss = [0]
-            total, parts = _rss_sum(procs, cpu_seen, pss)
-            peak_pss = max(peak_pss, pss[0])
+            # PSS reads every process's smaps (~0.2 of a core at 0.2 s over a Ray tree): only near the RSS
+            # peak, at most once a second, so that measuring does not slow what it measures
+            want_pss = time.monotonic() - pss_at >= PSS_INTERVAL
+            pss = [0] if want_pss else None
+            total, parts = _rss_sum(procs, cpu_seen)
+            if want_pss and total >= PSS_NEAR_PEAK * peak:
+                _rss_sum(procs, {}, pss)
+                peak_pss = max(peak_pss, pss[0])
+                pss_at = time.monotonic()
             names.update(name for name, _ in parts)
             samples += 1
             if total > peak:
