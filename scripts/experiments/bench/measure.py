@@ -79,9 +79,19 @@ def _tree(root) -> list:
     return procs
 
 
-def _rss_sum(procs, cpu: dict[tuple[int, float], float], pss: list[int] | None = None) -> tuple[int, list[tuple[str, int]]]:
-    """Summed RSS and (name, RSS) of each live process; records each one's own CPU time in ``cpu``
-    and, given ``pss`` (a one-item list), adds the summed PSS to it."""
+def _pss_sum(procs) -> int:
+    """Summed PSS of the live processes (0 where unreadable)."""
+    import psutil
+
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error, AttributeError, OSError):
+            total += proc.memory_full_info().pss
+    return total
+
+
+def _rss_sum(procs, cpu: dict[tuple[int, float], float]) -> tuple[int, list[tuple[str, int]]]:
+    """Summed RSS and (name, RSS) of each live process; records each one's own CPU time in ``cpu``."""
     import psutil
 
     total = 0
@@ -93,9 +103,6 @@ def _rss_sum(procs, cpu: dict[tuple[int, float], float], pss: list[int] | None =
             cpu[(proc.pid, proc.create_time())] = times.user + times.system
             parts.append((_short_name(proc), rss))
             total += rss
-            if pss is not None:
-                with contextlib.suppress(psutil.Error, AttributeError, OSError):
-                    pss[0] += proc.memory_full_info().pss
     return total, parts
 
 
@@ -150,12 +157,9 @@ def measure(
                 seen.setdefault(p.pid, p)
             # PSS reads every process's smaps (~0.2 of a core at 0.2 s over a Ray tree): only near the RSS
             # peak, at most once a second, so that measuring does not slow what it measures
-            want_pss = time.monotonic() - pss_at >= PSS_INTERVAL
-            pss = [0] if want_pss else None
             total, parts = _rss_sum(procs, cpu_seen)
-            if want_pss and total >= PSS_NEAR_PEAK * peak:
-                _rss_sum(procs, {}, pss)
-                peak_pss = max(peak_pss, pss[0])
+            if time.monotonic() - pss_at >= PSS_INTERVAL and total >= PSS_NEAR_PEAK * peak:
+                peak_pss = max(peak_pss, _pss_sum(procs))
                 pss_at = time.monotonic()
             names.update(name for name, _ in parts)
             samples += 1
