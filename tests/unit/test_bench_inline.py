@@ -56,3 +56,39 @@ def test_the_floor_is_flowers_engine_as_shipped_and_the_tuned_floor_is_an_extra_
     add_ratios(rows)
     assert rows[2]["updates-vs-floor"] == 10.0  # judged against the floor as Flower ships it
     assert rows[1]["updates-vs-floor"] == 1.5  # and the tuned floor's own speed-up is shown
+
+
+def test_inline_is_planned_in_both_pools_beside_its_ceiling_the_no_op_app_inline(tmp_path):
+    from fedlinear.scripts.experiments.bench.cases import NOOP_APP
+
+    cases, _ = plan(bench_args("--only", "sim,inline,scaling", "--engines", "numpy", "--scaling-clients", "1000",
+                               "--inline-scaling-clients", "1000"), str(tmp_path))  # fmt: skip
+    inline = {c.system: c for c in cases if (c.suite, c.mode, c.clients) == ("scaling", "inline", 1000)}
+    assert set(inline) == {"fedlinear-numpy", "fedlinear-numpy-procs", "noop-inline", "noop-inline-procs"}
+    assert inline["noop-inline"].app == inline["noop-inline-procs"].app == NOOP_APP
+    assert inline["fedlinear-numpy"].app is None and inline["fedlinear-numpy"].argv == ()
+    assert inline["fedlinear-numpy-procs"].argv == inline["noop-inline-procs"].argv == ("--pool", "processes")
+    assert len({c.data_dir for c in inline.values()}) == 1 and len({c.label for c in inline.values()}) == 4
+    skipped, _ = plan(bench_args("--only", "inline", "--inline-scaling-clients", "1000", "--skip-floor"), str(tmp_path))
+    assert not [c for c in skipped if c.system.startswith("noop")]
+
+
+def test_a_ceiling_is_shown_beside_the_target_and_never_changes_its_status():
+    from fedlinear.scripts.experiments.bench.cases import TARGETS
+    from fedlinear.scripts.experiments.bench.tables import evaluate_target
+
+    target = next(t for t in TARGETS if t.name.startswith("inline 1000x3 updates/s"))
+
+    def scaled(system, ups):
+        return dict(row("scaling", "inline" if system != "floor" else "simulation", system, 10.0, ups),
+                    clients=1000, rounds=3, ok=True, label=system)  # fmt: skip
+
+    rows = [scaled("floor", 200.0), scaled("fedlinear-numpy", 600.0), scaled("noop-inline", 1000.0),
+            scaled("noop-inline-procs", 1300.0)]  # fmt: skip
+    judged = evaluate_target(target, rows)
+    assert judged["status"] == "MISSED" and judged["ratio"] == 3.0
+    assert judged["ceilings"] == {"noop-inline": 5.0, "noop-inline-procs": 6.5}
+    assert "noop-inline-procs 6.50 x" in judged["detail"]
+    rows[1]["updates-per-s"] = 2400.0  # above the ceiling: still judged on its own figure
+    assert evaluate_target(target, rows)["status"] == "met"
+    assert "ceilings" not in evaluate_target(target, rows[:2])  # no ceiling ran: nothing said of one

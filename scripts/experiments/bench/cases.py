@@ -87,10 +87,22 @@ def test_mse_of_npz(path: str, data_dir: str) -> float | None:
     return lm.mse(weights, test.x, test.y)
 
 
+# Inline mode's rows. The no-op app run inline is the ceiling of the mode: Flower's serialization of every
+# message and Flower's FedAvg, with no client work at all (what inline 1000 x 3 cannot exceed).
+INLINE_LABELS = {
+    "fedlinear-numpy": "fedlinear (inline)",
+    "fedlinear-numpy-procs": "fedlinear (inline/procs)",
+    "noop-inline": "no-op app (inline)",
+    "noop-inline-procs": "no-op app (inline/procs)",
+}
+POOL_PROCESSES = ("--pool", "processes")
+
+
 @dataclasses.dataclass
 class Case:
     suite: str  # "main" | "scaling" | "central" | "sweep"
-    system: str  # "fedlinear-numpy", "fedlinear-keras", "floor", "floor-tuned", "floor-warm", "quickstart", "lstsq", "keras", "sweep"
+    system: str  # "fedlinear-numpy", "fedlinear-keras", "floor", "floor-tuned", "floor-warm", "quickstart", "lstsq", "keras",
+    # "sweep"; inline only: "fedlinear-numpy-procs" (--pool processes), "noop-inline", "noop-inline-procs" (the ceilings)
     mode: str  # "simulation" | "processes" | "local"
     clients: int
     rounds: int
@@ -99,6 +111,7 @@ class Case:
     app: str | None = None
     sets: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()  # extra environment of the run (the tuned floors' Ray settings, warm ClientApps)
+    argv: tuple[str, ...] = ()  # extra arguments of `fedlinear run` (inline: --pool processes)
 
     @property
     def key(self) -> str:
@@ -106,8 +119,8 @@ class Case:
 
     @property
     def label(self) -> str:
-        if self.mode == "inline" and self.system.startswith("fedlinear"):
-            return "fedlinear (inline)"
+        if self.mode == "inline" and self.system in INLINE_LABELS:
+            return INLINE_LABELS[self.system]
         return {
             "fedlinear-numpy": "fedlinear (numpy)",
             "fedlinear-keras": "fedlinear (keras)",
@@ -180,6 +193,7 @@ def _run_once(case: Case, args: argparse.Namespace, out: str, index: int, ls_ref
                 "--timeout", str(args.timeout)]  # fmt: skip
         if case.app:
             argv += ["--app", case.app]
+        argv += list(case.argv)
         if args.client_cpus is not None and case.mode == "simulation":
             argv += ["--client-cpus", str(args.client_cpus)]
         for kv in case.sets:
@@ -441,8 +455,16 @@ def plan(args: argparse.Namespace, out: str) -> tuple[list[Case], dict[str, tupl
             data_dir = data_main if (count, per_client) == (n, samples) else os.path.join(out, "data", f"scale-{count}x{per_client}")
             if data_dir != data_main:
                 datasets[f"scale-{count}x{per_client}"] = (data_dir, count)
+            sets = ("engine=numpy", f"round-timeout={args.timeout:g}")
             cases.append(Case("scaling", "fedlinear-numpy", "inline", count, args.scaling_rounds, per_client, data_dir,
-                              sets=("engine=numpy", f"round-timeout={args.timeout:g}")))  # fmt: skip
+                              sets=sets))  # fmt: skip
+            cases.append(Case("scaling", "fedlinear-numpy-procs", "inline", count, args.scaling_rounds, per_client,
+                              data_dir, sets=sets, argv=POOL_PROCESSES))  # fmt: skip
+            if not args.skip_floor:  # the ceilings: the no-op app inline, both pools
+                cases.append(Case("scaling", "noop-inline", "inline", count, args.scaling_rounds, per_client, data_dir,
+                                  app=NOOP_APP))  # fmt: skip
+                cases.append(Case("scaling", "noop-inline-procs", "inline", count, args.scaling_rounds, per_client,
+                                  data_dir, app=NOOP_APP, argv=POOL_PROCESSES))  # fmt: skip
     if "sweep" in parts:  # `fedlinear sweep --mode inline` as a user runs it: its own default data, in its run dir
         cases.append(Case("sweep", "sweep", "inline", args.sweep_clients, args.sweep_rounds, 0, ""))
     if "central" in parts:
@@ -494,6 +516,9 @@ class Target:
     ref_value: float | None = None  # or a fixed reference figure (seconds)
     ref_label: str = ""
     requires: tuple[tuple[str, Any], ...] = ()  # (field, value) the case's row must have, e.g. the sweep's 15 runs
+    # cases that bound what the target's case can reach here (the no-op app in the same mode): their
+    # ratios to ``ref`` are shown beside the status, which they never change
+    ceilings: tuple[tuple[str, str, str, Any, Any], ...] = ()
 
 
 FLOOR_SIM_MAIN = ("main", "simulation", "floor", 10, 20)
@@ -504,7 +529,8 @@ TARGETS: tuple[Target, ...] = (
     Target(21, "inline 10x20 peak RSS <= 1 GiB", ("main", "inline", "fedlinear-numpy", 10, 20),
            "peak-rss", "<=", 1.0),
     Target(21, "inline 1000x3 updates/s >= 10 x the floor's", ("scaling", "inline", "fedlinear-numpy", 1000, 3),
-           "updates-ratio", ">=", 10.0, ref=("scaling", "simulation", "floor", 1000, 3)),
+           "updates-ratio", ">=", 10.0, ref=("scaling", "simulation", "floor", 1000, 3),
+           ceilings=(("scaling", "inline", "noop-inline", 1000, 3), ("scaling", "inline", "noop-inline-procs", 1000, 3))),
     Target(21, "inline 10000x3 wall <= 0.1 x 1835 s", ("scaling", "inline", "fedlinear-numpy", 10000, 3),
            "wall-s", "<=", 0.1, ref_value=1835.0, ref_label="simulation before issue 21"),
     Target(21, "inline 10000x3 peak RSS <= 2 GiB", ("scaling", "inline", "fedlinear-numpy", 10000, 3),

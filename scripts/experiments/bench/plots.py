@@ -77,7 +77,7 @@ def plot_scaling(path: str, rows: list[dict[str, Any]]) -> bool:
     panels = [("round-s", "wall time per round (s)"), ("updates-per-s", "client updates per second"),
               ("peak-rss", "peak RSS of the process tree (GiB)")]  # fmt: skip
     for system, mode, style in (("fedlinear-numpy", "simulation", "o-"), ("floor", "simulation", "s--"),
-                                ("fedlinear-numpy", "inline", "^-")):  # fmt: skip
+                                ("fedlinear-numpy", "inline", "^-"), ("noop-inline", "inline", "v:")):  # fmt: skip
         series = sorted((r for r in rows if r["system"] == system and r["mode"] == mode), key=lambda r: r["clients"])
         if not series:
             continue

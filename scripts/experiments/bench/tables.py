@@ -79,17 +79,17 @@ def main_table(rows: list[dict[str, Any]]) -> str:
 
 
 def scaling_table(rows: list[dict[str, Any]]) -> str:
-    cols = [("system", 18), ("clients", 7), ("rounds", 6), ("n/client", 8), ("runs", 4), ("wall s", 7),
+    cols = [("system", 24), ("clients", 7), ("rounds", 6), ("n/client", 8), ("runs", 4), ("wall s", 7),
             ("to r1 s", 7), ("s/round", 8), ("updates/s", 9), ("e2e upd/s", 9), ("vs floor", 8), ("CPU s", 6),
             ("other", 5), ("peak RSS GiB", 12)]  # fmt: skip
     lines = ["  ".join(name.ljust(w) if i == 0 else name.rjust(w) for i, (name, w) in enumerate(cols))]
     lines.append("-" * len(lines[0]))
     for r in sorted(rows, key=lambda r: (r["system"] != "fedlinear-numpy", r["clients"])):
         if not r["ok"]:
-            lines.append(f"{r['label']:<18}  {r['clients']:>7}: FAILED ({'; '.join(r['errors'])[:200]})")
+            lines.append(f"{r['label']:<24}  {r['clients']:>7}: FAILED ({'; '.join(r['errors'])[:200]})")
             continue
         lines.append("  ".join([
-            r["label"].ljust(18), str(r["clients"]).rjust(7), str(r["rounds"]).rjust(6), str(r["samples"]).rjust(8),
+            r["label"].ljust(24), str(r["clients"]).rjust(7), str(r["rounds"]).rjust(6), str(r["samples"]).rjust(8),
             _runs(r).rjust(4), _f(r.get("wall-s"), ".1f", 7), _f(r.get("to-round1-s"), ".1f", 7),
             _f(r.get("round-s"), ".2f", 8), _f(r.get("updates-per-s"), ".1f", 9),
             _f(r.get("e2e-updates-per-s"), ".1f", 9), _f(r.get("updates-vs-floor"), ".2f", 8),
@@ -165,6 +165,24 @@ def evaluate_target(target: Target, rows: list[dict[str, Any]]) -> dict[str, Any
     out["ratio"] = out["value"] = ratio
     met = ratio <= target.limit if target.op == "<=" else ratio >= target.limit
     out["status"] = "met" if met else "MISSED"
+    ceilings = _ceilings(target, rows)
+    if ceilings:
+        out["ceilings"] = ceilings
+        out["detail"] = "ceiling here: " + ", ".join(f"{label} {value:.2f} x" for label, value in ceilings.items())
+    return out
+
+
+def _ceilings(target: Target, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """label -> ratio to the target's reference, for each of ``target.ceilings`` that ran (ratio metrics only)."""
+    if target.metric not in ("updates-ratio", "wall-ratio") or not target.ceilings:
+        return {}
+    field = "updates-per-s" if target.metric == "updates-ratio" else "wall-s"
+    ref = find_row(rows, target.ref)
+    out: dict[str, float] = {}
+    for key in target.ceilings:
+        row = find_row(rows, key)
+        if row is not None and row["ok"] and ref is not None and ref["ok"] and row.get(field) and ref.get(field):
+            out[row["label"]] = row[field] / ref[field]
     return out
 
 
