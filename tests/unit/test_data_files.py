@@ -254,6 +254,47 @@ def test_well_formed_variants_parse_to_the_same_matrix(scratch, rows, cols, seed
     assert (loaded.columns is not None) == header
 
 
+def _savetxt_bytes(matrix) -> bytes:
+    import io
+
+    buf = io.StringIO()
+    np.savetxt(buf, matrix, delimiter=",", fmt="%.17g")
+    return buf.getvalue().encode("ascii")
+
+
+SPECIAL = [0.0, -0.0, np.nan, np.inf, -np.inf, 5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, 0.1, 1e16,
+           123456789012345678.0, -1.5]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    rows=st.integers(0, 12),
+    cols=st.integers(1, 5),
+    dtype=st.sampled_from(["float64", "float32", "float16", "int64", "int32", "uint64", "uint8", "bool"]),
+    values=st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64), st.sampled_from(SPECIAL),
+                              st.integers(-(2**63), 2**64 - 1)), min_size=60, max_size=60),  # fmt: skip
+    target=st.booleans(),
+)
+def test_csv_bytes_are_the_bytes_savetxt_writes(rows, cols, dtype, values, target):
+    with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        flat = np.array([float(v) for v in (values * 2)[: rows * cols]], dtype=np.float64)
+        if np.dtype(dtype).kind in "iub":
+            flat = np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
+            info = np.iinfo(dtype) if np.dtype(dtype).kind != "b" else None
+            flat = flat if info is None else np.clip(flat, info.min, info.max // 2)
+        matrix = flat.astype(dtype).reshape(rows, cols)
+    if target and cols > 1:  # as the shards are written: features, then the target column
+        x, y = matrix[:, :-1], matrix[:, -1]
+        assert to_csv_bytes(x, y) == _savetxt_bytes(np.column_stack([x, y]))
+    assert to_csv_bytes(matrix) == _savetxt_bytes(matrix)
+
+
+def test_csv_bytes_of_what_savetxt_formats_otherwise_come_from_savetxt():
+    for matrix in (np.arange(4.0), np.array([[1 + 2j, 3 - 1j]]), np.ones((2, 3), dtype=np.float64)[:, ::2]):
+        assert to_csv_bytes(matrix) == _savetxt_bytes(matrix)
+
+
 # --------------------------------------------------------------------------------------------
 # The same from S3 (a real moto_server): streamed, same arrays, same messages
 # --------------------------------------------------------------------------------------------
