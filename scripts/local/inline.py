@@ -39,6 +39,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import sys
 import threading
 import time
 from pathlib import Path
@@ -420,9 +421,9 @@ def resolve_pool(kind: str, workers: int | None, run_config: dict[str, Any], num
     if workers is not None and workers < 1:
         raise FedLinearError(f"--workers must be >= 1, got {workers}")
     shared_state = str(run_config.get("engine", "numpy")) == "keras" or bool(run_config.get("secure-aggregation"))
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     if kind == "auto":
-        kind = AUTO_POOL
+        kind = auto_pool(run_config, num_nodes)
     size = workers or min(cores, num_nodes)
     if kind == "serial" or size == 1:
         return "serial", 1
@@ -431,8 +432,31 @@ def resolve_pool(kind: str, workers: int | None, run_config: dict[str, Any], num
     return kind, size
 
 
-# What `auto` uses with more than one core (measured: docs/how-to/scaling.md, "Inline mode").
-AUTO_POOL = "serial"
+# `auto`: worker processes from this many nodes on, when the machine has more than one usable core
+# (measured on a quiet 2-core machine, docs/how-to/scaling.md "Inline mode": 100 x 5 is faster serial,
+# the workers' start-up costing more than they save; 300 x 5, 500 x 5, 1000 x 3 and 10000 x 3 are faster
+# with them). Below it, and for what forking could break, the calling thread.
+AUTO_PROCESSES_NODES = 256
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def auto_pool(run_config: dict[str, Any], num_nodes: int) -> str:
+    """What ``--pool auto`` runs: ``processes`` for a federation of at least :data:`AUTO_PROCESSES_NODES`
+    nodes on the ``numpy`` engine with two or more usable cores, else ``serial``. Never processes
+    where the workers would be forked from a process that has TensorFlow loaded (the ``keras`` engine,
+    or a notebook that imported it): TensorFlow's threads do not survive a fork."""
+    if num_nodes < AUTO_PROCESSES_NODES or usable_cores() < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return "serial"
+    if str(run_config.get("engine", "numpy")) != "numpy" or "tensorflow" in sys.modules:
+        return "serial"
+    return "processes"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -64,10 +64,11 @@ def test_inline_is_planned_in_both_pools_beside_its_ceiling_the_no_op_app_inline
     cases, _ = plan(bench_args("--only", "sim,inline,scaling", "--engines", "numpy", "--scaling-clients", "1000",
                                "--inline-scaling-clients", "1000"), str(tmp_path))  # fmt: skip
     inline = {c.system: c for c in cases if (c.suite, c.mode, c.clients) == ("scaling", "inline", 1000)}
-    assert set(inline) == {"fedlinear-numpy", "fedlinear-numpy-procs", "noop-inline", "noop-inline-procs"}
+    assert set(inline) == {"fedlinear-numpy", "fedlinear-numpy-serial", "noop-inline", "noop-inline-procs"}
     assert inline["noop-inline"].app == inline["noop-inline-procs"].app == NOOP_APP
-    assert inline["fedlinear-numpy"].app is None and inline["fedlinear-numpy"].argv == ()
-    assert inline["fedlinear-numpy-procs"].argv == inline["noop-inline-procs"].argv == ("--pool", "processes")
+    assert inline["fedlinear-numpy"].app is None and inline["fedlinear-numpy"].argv == ()  # --pool auto, as users run it
+    assert inline["fedlinear-numpy-serial"].argv == inline["noop-inline"].argv == ("--pool", "serial")
+    assert inline["noop-inline-procs"].argv == ("--pool", "processes")
     assert len({c.data_dir for c in inline.values()}) == 1 and len({c.label for c in inline.values()}) == 4
     skipped, _ = plan(bench_args("--only", "inline", "--inline-scaling-clients", "1000", "--skip-floor"), str(tmp_path))
     assert not [c for c in skipped if c.system.startswith("noop")]

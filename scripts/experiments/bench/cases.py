@@ -87,14 +87,16 @@ def test_mse_of_npz(path: str, data_dir: str) -> float | None:
     return lm.mse(weights, test.x, test.y)
 
 
-# Inline mode's rows. The no-op app run inline is the ceiling of the mode: Flower's serialization of every
-# message and Flower's FedAvg, with no client work at all (what inline 1000 x 3 cannot exceed).
+# Inline mode's rows: fedlinear with --pool auto (worker processes from 256 nodes on) and serial. The no-op
+# app run inline is the ceiling of the mode: Flower's serialization of every message and Flower's FedAvg,
+# with no client work at all (what fedlinear inline cannot exceed), in both pools.
 INLINE_LABELS = {
     "fedlinear-numpy": "fedlinear (inline)",
-    "fedlinear-numpy-procs": "fedlinear (inline/procs)",
+    "fedlinear-numpy-serial": "fedlinear (inline/serial)",
     "noop-inline": "no-op app (inline)",
     "noop-inline-procs": "no-op app (inline/procs)",
 }
+POOL_SERIAL = ("--pool", "serial")
 POOL_PROCESSES = ("--pool", "processes")
 
 
@@ -102,7 +104,7 @@ POOL_PROCESSES = ("--pool", "processes")
 class Case:
     suite: str  # "main" | "scaling" | "central" | "sweep"
     system: str  # "fedlinear-numpy", "fedlinear-keras", "floor", "floor-tuned", "floor-warm", "quickstart", "lstsq", "keras",
-    # "sweep"; inline only: "fedlinear-numpy-procs" (--pool processes), "noop-inline", "noop-inline-procs" (the ceilings)
+    # "sweep"; inline only: "fedlinear-numpy-serial" (--pool serial), "noop-inline", "noop-inline-procs" (the ceilings)
     mode: str  # "simulation" | "processes" | "local"
     clients: int
     rounds: int
@@ -111,7 +113,7 @@ class Case:
     app: str | None = None
     sets: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()  # extra environment of the run (the tuned floors' Ray settings, warm ClientApps)
-    argv: tuple[str, ...] = ()  # extra arguments of `fedlinear run` (inline: --pool processes)
+    argv: tuple[str, ...] = ()  # extra arguments of `fedlinear run` (inline: --pool)
 
     @property
     def key(self) -> str:
@@ -458,11 +460,11 @@ def plan(args: argparse.Namespace, out: str) -> tuple[list[Case], dict[str, tupl
             sets = ("engine=numpy", f"round-timeout={args.timeout:g}")
             cases.append(Case("scaling", "fedlinear-numpy", "inline", count, args.scaling_rounds, per_client, data_dir,
                               sets=sets))  # fmt: skip
-            cases.append(Case("scaling", "fedlinear-numpy-procs", "inline", count, args.scaling_rounds, per_client,
-                              data_dir, sets=sets, argv=POOL_PROCESSES))  # fmt: skip
+            cases.append(Case("scaling", "fedlinear-numpy-serial", "inline", count, args.scaling_rounds, per_client,
+                              data_dir, sets=sets, argv=POOL_SERIAL))  # fmt: skip
             if not args.skip_floor:  # the ceilings: the no-op app inline, both pools
                 cases.append(Case("scaling", "noop-inline", "inline", count, args.scaling_rounds, per_client, data_dir,
-                                  app=NOOP_APP))  # fmt: skip
+                                  app=NOOP_APP, argv=POOL_SERIAL))  # fmt: skip
                 cases.append(Case("scaling", "noop-inline-procs", "inline", count, args.scaling_rounds, per_client,
                                   data_dir, app=NOOP_APP, argv=POOL_PROCESSES))  # fmt: skip
     if "sweep" in parts:  # `fedlinear sweep --mode inline` as a user runs it: its own default data, in its run dir

@@ -1,0 +1,50 @@
+"""``--pool auto`` in inline mode: the calling thread for small federations, worker processes for large
+ones on the numpy engine (docs/how-to/scaling.md, "Inline mode"), never forked from TensorFlow."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from fedlinear.common.errors import FedLinearError
+from fedlinear.scripts.local import inline
+
+
+@pytest.fixture
+def cores(monkeypatch):
+    def set_cores(n: int) -> None:
+        monkeypatch.setattr(inline, "usable_cores", lambda: n)
+
+    return set_cores
+
+
+def test_auto_is_serial_below_the_threshold_and_worker_processes_from_it(cores, monkeypatch):
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    cores(2)
+    limit = inline.AUTO_PROCESSES_NODES
+    assert inline.resolve_pool("auto", None, {"engine": "numpy"}, limit - 1) == ("serial", 1)
+    assert inline.resolve_pool("auto", None, {"engine": "numpy"}, limit) == ("processes", 2)
+    assert inline.resolve_pool("auto", 3, {}, 10 * limit) == ("processes", 3)  # --workers sizes it
+    cores(1)
+    assert inline.resolve_pool("auto", None, {"engine": "numpy"}, 10 * limit) == ("serial", 1)
+
+
+def test_auto_never_forks_workers_from_tensorflow(cores, monkeypatch):
+    cores(4)
+    big = 10 * inline.AUTO_PROCESSES_NODES
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    assert inline.resolve_pool("auto", None, {"engine": "keras"}, big) == ("serial", 1)
+    monkeypatch.setitem(sys.modules, "tensorflow", object())  # a notebook that imported it
+    assert inline.resolve_pool("auto", None, {"engine": "numpy"}, big) == ("serial", 1)
+
+
+def test_explicit_pools_are_taken_as_asked(cores):
+    cores(2)
+    assert inline.resolve_pool("processes", None, {"engine": "keras"}, 4) == ("processes", 2)
+    assert inline.resolve_pool("threads", None, {"engine": "keras"}, 4) == ("serial", 1)  # one model per process
+    assert inline.resolve_pool("serial", 8, {}, 10_000) == ("serial", 1)
+    with pytest.raises(FedLinearError, match="--pool must be one of"):
+        inline.resolve_pool("fibers", None, {}, 4)
+    with pytest.raises(FedLinearError, match="--workers must be >= 1"):
+        inline.resolve_pool("processes", 0, {}, 4)
