@@ -84,7 +84,7 @@ def scaling_table(rows: list[dict[str, Any]]) -> str:
             ("other", 5), ("peak RSS GiB", 12)]  # fmt: skip
     lines = ["  ".join(name.ljust(w) if i == 0 else name.rjust(w) for i, (name, w) in enumerate(cols))]
     lines.append("-" * len(lines[0]))
-    for r in sorted(rows, key=lambda r: (r["system"] != "fedlinear-numpy", r["clients"])):
+    for r in sorted(rows, key=lambda r: (r["mode"] != "inline", not r["system"].startswith("fedlinear"), r["system"], r["clients"])):
         if not r["ok"]:
             lines.append(f"{r['label']:<24}  {r['clients']:>7}: FAILED ({'; '.join(r['errors'])[:200]})")
             continue
@@ -275,8 +275,10 @@ def write_outputs(out, rows, args, hw, command, started, final: bool, code: dict
     if central_rows:
         sections += ["\ncentral baselines on the pooled data (one process each):", central_table(central_rows)]
     if scale_rows:
-        sections += ["\nscaling, simulation mode, and inline mode for 'fedlinear (inline)' (its 'vs floor': to the simulation floor) (updates/s = client updates in rounds 2..R / their time, the steady "
-                     "state; e2e upd/s = clients x rounds / wall; vs floor = updates/s / the floor's):",
+        sections += ["\nscaling, simulation mode and inline mode (inline rows' 'vs floor': to the simulation floor; 'fedlinear "
+                     "(inline)' is --pool auto, '/serial' and '/procs' the pools named; the no-op app inline is the mode's ceiling: "
+                     "Flower's serialization and FedAvg with no client work) (updates/s = client updates in rounds 2..R / their "
+                     "time, the steady state; e2e upd/s = clients x rounds / wall; vs floor = updates/s / the floor's):",
                      scaling_table(scale_rows)]  # fmt: skip
     if sweep_rows:
         sections += [f"\nprivacy/utility sweep ('fedlinear sweep', noise {args.sweep_noise} x {args.sweep_seeds} seeds, its "
