@@ -39,6 +39,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -285,7 +286,23 @@ def run_task(app_dir: str, packet: Packet, context: NodeContext) -> tuple[Packet
         return None, updated, f"reply not sent: {type(exc).__name__}: {exc}"
 
 
-def _worker_init(app_dir: str) -> None:
+def _worker_init(app_dir: str, parent: int) -> None:
+    """A worker process's start: it dies with the process that runs the federation, leaves Ctrl-C to
+    it, and imports the ClientApp once.
+
+    A worker in the middle of a long task (a straggler, a user's slow ClientApp) would otherwise
+    outlive a killed run until that task ends, holding the run directory's lock (inherited with the
+    fork) and keeping the next ``fedlinear run`` from resuming; on Linux it gets SIGKILL when its parent
+    dies (``PR_SET_PDEATHSIG``), and one whose parent died before that was set exits at once. SIGINT is
+    ignored: the parent's Ctrl-C ends the run and :meth:`_ProcessPool.close` ends the workers.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(AttributeError, OSError):  # not Linux: the workers end when their queue closes
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
     client_app(app_dir, "clientapp")  # the imports, once per worker process
 
 
@@ -362,7 +379,8 @@ class _ProcessPool:
     def __init__(self, size: int, app_dir: str) -> None:
         self.size = size
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        self._pool = multiprocessing.get_context(method).Pool(size, initializer=_worker_init, initargs=(app_dir,))
+        self._pool = multiprocessing.get_context(method).Pool(size, initializer=_worker_init,
+                                                              initargs=(app_dir, os.getpid()))  # fmt: skip
 
     def submit(self, fn: Callable, *args) -> Future:
         assert fn is run_task

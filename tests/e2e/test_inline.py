@@ -72,3 +72,59 @@ def test_what_inline_cannot_do_is_refused_in_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "fedlinear: error: FEDLINEAR_TEST_FAULTS kill-supernode kills a SuperNode process: use --mode processes"
     ]
+
+
+def test_worker_processes_die_with_a_killed_run_and_the_rerun_resumes(tmp_path):
+    """``--pool processes`` (what ``auto`` picks from 256 nodes): SIGKILL of ``fedlinear run`` while a
+    worker is in the middle of a long task (party 0 sleeps through round 3) takes the workers with it
+    (PR_SET_PDEATHSIG; otherwise the sleeping one would hold the run directory's lock for an hour), and
+    the rerun resumes from round 2's checkpoint to the weights of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import REPO
+
+    data = str(tmp_path / "data")
+    write_federation(data, clients=4, samples=200, features=3, seed=7)
+
+    def args(out):
+        return ["run", "--mode", "inline", "--pool", "processes", "--workers", "2", "--data", data, "--rounds", "4",
+                "--out", out, "--set", "seed=5"]  # fmt: skip
+
+    whole = run_cli(*args(str(tmp_path / "whole")))
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    out = str(tmp_path / "killed")
+    log = open(tmp_path / "killed.log", "w")  # noqa: SIM115 - closed below
+    env = {**os.environ, "FEDLINEAR_TEST_FAULTS": "0:sleep=3600@3"}
+    proc = subprocess.Popen([sys.executable, "-m", "fedlinear.scripts.cli", *args(out)], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+    try:
+        latest = os.path.join(out, "checkpoints", "latest.json")
+
+        def held_in_round_3() -> bool:
+            assert proc.poll() is None, open(tmp_path / "killed.log").read()[-3000:]
+            if not os.path.exists(latest):
+                return False
+            with open(latest) as handle:
+                return json.load(handle)["round"] == 2
+
+        bounded.wait_until(held_in_round_3, 60, "round 2 checkpointed", lambda: open(tmp_path / "killed.log").read())
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) >= 2, workers  # the pool's worker processes, one of them asleep in party 0's task
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"worker processes outlived the killed run: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    resumed = run_cli(*args(out))  # no fault this time
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resum" in (resumed.stdout + resumed.stderr).lower()
+    for name in NAMES:
+        assert read(out, name) == read(str(tmp_path / "whole"), name), name
