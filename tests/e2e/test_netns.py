@@ -365,6 +365,21 @@ def test_the_federation_completes_across_namespaces(fed):
     ]
 
 
+def test_each_party_forks_its_clientapps_ready_imported(fed):
+    """``fedlinear node`` gives its SuperNode the warm ClientApp executor (scripts/local/warm_clientapp.py),
+    as processes mode does: every message's ClientApp on a party's host is forked ready-imported, one per
+    stage (describe, scatter, one per round), none started cold."""
+    assert fed["run"].returncode == 0
+    for i in range(3):
+        party = os.path.join(fed["work"], f"p{i}")
+        with open(os.path.join(party, "warm-clientapp.log")) as handle:
+            forked = [line for line in handle if line.startswith("forked ")]
+        assert len(forked) == ROUNDS + 2, f"party {i}: {len(forked)} ClientApps forked warm"
+        with open(os.path.join(party, "supernode.log"), errors="replace") as handle:
+            text = handle.read()
+        assert "warm ClientApp executor not used" not in text and "Traceback" not in text, text[-2000:]
+
+
 def test_final_weights_equal_a_loopback_run_with_the_same_seed(fed):
     assert fed["run"].returncode == 0
     out, loopback_run = fed["loopback"]  # started with the federation, on its data
