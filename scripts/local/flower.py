@@ -56,8 +56,17 @@ def config_string(values: dict[str, Any]) -> str:
 
 def flower_env(flwr_home: str, token: str | None = None) -> dict[str, str]:
     """Environment for Flower's processes: this venv's bin first, private FLWR_HOME, offline (and the
-    launch's :data:`TREE_ENV` token, when given)."""
+    launch's :data:`TREE_ENV` token, when given).
+
+    Offline includes Flower's telemetry, unless the user's environment sets ``FLWR_TELEMETRY_ENABLED``
+    itself: Flower 1.42 posts a usage event to telemetry.flower.ai from each of its processes
+    (``flwr.supercore.telemetry``), a ClientApp at every message, and each process waits up to 4 s for
+    that post when it exits (``flwr_exit``, ``TELEMETRY_TIMEOUT_SECONDS``), which on a network that
+    drops the connection keeps every ClientApp alive 4 s after its reply. A party's host then makes no
+    connection but the federation's.
+    """
     env = dict(os.environ)
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     if token is not None:
         env[TREE_ENV] = token
     bindir = os.path.dirname(os.path.abspath(sys.executable))
