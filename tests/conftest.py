@@ -22,6 +22,11 @@ if os.environ.get("CI"):
 
 E2E = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e")
 
+# The tests send traffic only to loopback or to hosts in namespaces they made: the stock Flower commands
+# they run themselves (flwr run, flwr supernode register, ...) get no telemetry either, as fedlinear's
+# launcher gives its own Flower processes none (scripts/local/flower.py, flower_env).
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
 
 # The suite runs on pytest-xdist workers (``-n auto --dist loadfile`` in pyproject's addopts; how many:
 # pytest_xdist_auto_num_workers below; ``-n 0`` runs it in this process, ``-n 3`` on three). A test file runs in one worker, in order, so its module-scoped fixtures (one
