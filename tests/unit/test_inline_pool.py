@@ -48,3 +48,29 @@ def test_explicit_pools_are_taken_as_asked(cores):
         inline.resolve_pool("fibers", None, {}, 4)
     with pytest.raises(FedLinearError, match="--workers must be >= 1"):
         inline.resolve_pool("processes", 0, {}, 4)
+
+
+def test_a_push_goes_to_the_workers_in_bounded_chunks():
+    """About 8 chunks per worker, never more than MAX_CHUNK tasks each (a straggler holds up at most the
+    rest of its chunk), every task in exactly one chunk, in order."""
+    chunks = []
+
+    class Stub:
+        def apply_async(self, fn, args, callback, error_callback):
+            chunks.append([call[0] for call in args[0]])
+
+    pool = inline._ProcessPool.__new__(inline._ProcessPool)
+    pool.size, pool._pool = 2, Stub()
+    for count in (1, 10, 100, 1000, 10_000):
+        chunks.clear()
+        futures = pool.submit_many(inline.run_task, [(i, None, None) for i in range(count)])
+        assert len(futures) == count and [i for chunk in chunks for i in chunk] == list(range(count))
+        assert max(map(len, chunks)) <= inline.MAX_CHUNK
+        assert len(chunks) >= min(count, pool.size * inline.CHUNKS_PER_WORKER - 1)  # several for each worker
+
+
+def test_auto_is_serial_off_linux(cores, monkeypatch):
+    cores(4)
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    monkeypatch.setattr(inline.sys, "platform", "darwin")
+    assert inline.resolve_pool("auto", None, {"engine": "numpy"}, 10 * inline.AUTO_PROCESSES_NODES) == ("serial", 1)
