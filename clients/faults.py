@@ -11,6 +11,10 @@ task. The value is a comma-separated list of ``PARTY:ACTION@ROUND``; ``PARTY`` i
 * ``kill-supernode``: SIGKILL to this task's SuperNode, then to this process (a node dying mid-round).
 
 Example: ``FEDLINEAR_TEST_FAULTS="1:raise@2,2:sleep=60@2,3:kill-supernode@3"``.
+
+With ``FEDLINEAR_TEST_FAULTS_MARKS`` naming a directory, each fault first creates the file
+``PARTY-ROUND-ACTION`` there (``sleep=S`` written ``sleep``): a test waits for it, rather than for a
+time, to know that the task is under way in whatever process runs it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from flwr.app import Context
 
 ENV = "FEDLINEAR_TEST_FAULTS"
+MARKS_ENV = "FEDLINEAR_TEST_FAULTS_MARKS"
 
 
 class InjectedFault(RuntimeError):
@@ -40,6 +45,7 @@ def inject(context: Context, server_round: int) -> None:
         action, _, when = rest.partition("@")
         if who != party or not when.strip().isdigit() or int(when) != server_round:
             continue
+        _mark(party, server_round, action.split("=", 1)[0])
         if action == "raise":
             raise InjectedFault(f"injected by {ENV} in round {server_round}")
         if action.startswith("sleep="):
@@ -49,6 +55,13 @@ def inject(context: Context, server_round: int) -> None:
             if supernode is not None:
                 os.kill(supernode, signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _mark(party: str, server_round: int, action: str) -> None:
+    marks = os.environ.get(MARKS_ENV, "")
+    if marks:
+        with open(os.path.join(marks, f"{party}-{server_round}-{action}"), "w", encoding="utf-8") as handle:
+            handle.write(str(os.getpid()))
 
 
 def _ancestor(marker: str) -> int | None:

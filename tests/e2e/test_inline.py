@@ -4,6 +4,7 @@ directory; what inline mode cannot do is refused in one line naming the mode to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -96,35 +97,37 @@ def test_worker_processes_die_with_a_killed_run_and_the_rerun_resumes(tmp_path):
 
     whole = run_cli(*args(str(tmp_path / "whole")))
     assert whole.returncode == 0, whole.stdout + whole.stderr
-    out = str(tmp_path / "killed")
-    log = open(tmp_path / "killed.log", "w")  # noqa: SIM115 - closed below
-    env = {**os.environ, "FEDLINEAR_TEST_FAULTS": "0:sleep=3600@3"}
-    proc = subprocess.Popen([sys.executable, "-m", "fedlinear.scripts.cli", *args(out)], cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+    out, marks = str(tmp_path / "killed"), tmp_path / "marks"
+    marks.mkdir()
+    log_path = tmp_path / "killed.log"
+    env = {**os.environ, "FEDLINEAR_TEST_FAULTS": "0:sleep=3600@3", "FEDLINEAR_TEST_FAULTS_MARKS": str(marks)}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fedlinear.scripts.cli", *args(out)], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+    workers: list[psutil.Process] = []
     try:
-        latest = os.path.join(out, "checkpoints", "latest.json")
+        mark = marks / "0-3-sleep"  # written by party 0's round-3 task, in the worker that runs it, as it starts to sleep
 
-        def held_in_round_3() -> bool:
-            assert proc.poll() is None, open(tmp_path / "killed.log").read()[-3000:]
-            if not os.path.exists(latest):
-                return False
-            with open(latest) as handle:
-                return json.load(handle)["round"] == 2
+        def asleep_in_a_worker() -> bool:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            return mark.exists() and mark.read_text().strip().isdigit()
 
-        bounded.wait_until(held_in_round_3, 60, "round 2 checkpointed", lambda: open(tmp_path / "killed.log").read())
-        workers = psutil.Process(proc.pid).children(recursive=True)
-        assert len(workers) >= 2, workers  # the pool's worker processes, one of them asleep in party 0's task
+        bounded.wait_until(asleep_in_a_worker, 60, "party 0's round-3 task started", lambda: log_path.read_text())
+        parent = psutil.Process(proc.pid)
+        workers = [child for child in parent.children() if child.cmdline() == parent.cmdline()]  # forked, not exec'd
+        sleeper = int(mark.read_text())
+        assert len(workers) == 2 and sleeper in {w.pid for w in workers}, (workers, sleeper)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         _, alive = psutil.wait_procs(workers, timeout=30)
         assert not alive, f"worker processes outlived the killed run: {alive}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
+        for process in [*workers, proc]:
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                process.kill()
+        proc.wait()
     resumed = run_cli(*args(out))  # no fault this time
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resum" in (resumed.stdout + resumed.stderr).lower()
+    assert "it resumes from there" in resumed.stdout + resumed.stderr
     for name in NAMES:
         assert read(out, name) == read(str(tmp_path / "whole"), name), name
