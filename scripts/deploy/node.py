@@ -84,7 +84,7 @@ def serve_node(
     or SIGTERM / SIGHUP (0); ``workdir`` holds the log and the private FLWR_HOME."""
     from fedlinear.scripts.local.flower import config_string, flower_env, free_port
     from fedlinear.scripts.local.processes import ProcessGroup
-    from fedlinear.scripts.local.warm_clientapp import WARM_ENV, WarmClientApps
+    from fedlinear.scripts.local.warm_clientapp import WARM_ENV
 
     os.makedirs(workdir, exist_ok=True)
     log_path = os.path.join(workdir, "supernode.log")
@@ -96,7 +96,7 @@ def serve_node(
         "--host", "127.0.0.1", "--port", str(clientappio_port or free_port()),
         "--node-config", config_string(values),
     ]  # fmt: skip
-    group = ProcessGroup()
+    group = ProcessGroup(die_with_parent=True)  # SIGKILL of `fedlinear node` takes its SuperNode and executor with it
     lines: list[str] = []
     warm = None
 
@@ -106,13 +106,11 @@ def serve_node(
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         if os.environ.get(WARM_ENV, "").strip() != "0":  # each message's ClientApp forked ready-imported
-            warm = WarmClientApps(group, env, os.path.join(workdir, "warm-clientapp.log"))
+            warm = _start_warm(group, env, workdir)
+        if warm is not None:
             env = warm.env
         proc = group.start("supernode", argv, env, None, stdout=subprocess.PIPE)
         print(f"fedlinear node: SuperNode for {values['data-uri']} connecting to {superlink}; log {log_path}", flush=True)
-        if warm is not None and not warm.wait_ready(WARM_READY_TIMEOUT):
-            print(f"fedlinear node: warning: the warm ClientApp executor did not start (log {warm.log_path}): "
-                  "every ClientApp starts cold", file=sys.stderr, flush=True)  # fmt: skip
 
         def pump() -> None:
             assert proc.stdout is not None
@@ -145,6 +143,34 @@ def serve_node(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        group.stop()
-        if warm is not None:
-            warm.close()
+        try:
+            group.stop()
+        finally:
+            if warm is not None:
+                warm.close()
+
+
+def _start_warm(group, env: dict[str, str], workdir: str):
+    """The warm ClientApp executor, ready (the SuperNode's first message may come at once), or None
+    with a warning: no temporary directory, or it did not start in time. The node then runs Flower's
+    cold ClientApps, as it would without it."""
+    from fedlinear.scripts.local.warm_clientapp import WarmClientApps
+
+    log_path = os.path.join(workdir, "warm-clientapp.log")
+    try:
+        warm = WarmClientApps(group, env, log_path)
+    except OSError as exc:
+        print(f"fedlinear node: warning: no warm ClientApp executor ({exc.strerror or exc}): every ClientApp starts cold",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return None
+    try:
+        ready = warm.wait_ready(WARM_READY_TIMEOUT)
+    except BaseException:  # SIGTERM while waiting: the group stops the executor, its directory goes here
+        warm.close()
+        raise
+    if ready:
+        return warm
+    print(f"fedlinear node: warning: the warm ClientApp executor did not start (log {log_path}): every ClientApp "
+          "starts cold", file=sys.stderr, flush=True)  # fmt: skip
+    warm.close()
+    return None
