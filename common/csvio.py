@@ -246,4 +246,11 @@ def to_csv_bytes(x: np.ndarray, y: np.ndarray | None = None) -> bytes:
         return buf.getvalue().encode("ascii")
     rows, columns = matrix.shape
     line = ",".join(["%.17g"] * columns) + "\n"
-    return ((line * rows) % tuple(matrix.ravel().tolist())).encode("ascii")
+    block = max(1, _CSV_BLOCK_VALUES // max(columns, 1))  # rows formatted at once: bounded memory for any size
+    return b"".join(
+        ((line * len(part)) % tuple(part.ravel().tolist())).encode("ascii")
+        for part in (matrix[start : start + block] for start in range(0, rows, block))
+    )
+
+
+_CSV_BLOCK_VALUES = 1 << 16

@@ -290,6 +290,12 @@ def test_csv_bytes_are_the_bytes_savetxt_writes(rows, cols, dtype, values, targe
     assert to_csv_bytes(matrix) == _savetxt_bytes(matrix)
 
 
+def test_csv_bytes_formatted_block_by_block_are_the_same_bytes(monkeypatch):
+    monkeypatch.setattr(csvio, "_CSV_BLOCK_VALUES", 7)  # 2 rows of 3 a block: blocks, a ragged last one
+    matrix = np.random.default_rng(3).normal(size=(51, 3)) * 1e3
+    assert to_csv_bytes(matrix[:, :-1], matrix[:, -1]) == _savetxt_bytes(matrix)
+
+
 def test_csv_bytes_of_what_savetxt_formats_otherwise_come_from_savetxt():
     for matrix in (np.arange(4.0), np.array([[1 + 2j, 3 - 1j]]), np.ones((2, 3), dtype=np.float64)[:, ::2]):
         assert to_csv_bytes(matrix) == _savetxt_bytes(matrix)
