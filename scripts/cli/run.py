@@ -374,7 +374,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--pool", choices=("auto", "serial", "threads", "processes"), default="auto",
                      help="inline: how the clients run (default auto: see docs/how-to/scaling.md)")
     run.add_argument("--workers", type=int, default=None,
-                     help="inline: clients run at a time with --pool threads/processes (default: the machine's cores)")
+                     help="inline: clients run at a time with --pool threads/processes (default: the cores this process may use)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run config key (repeatable)")
     run.add_argument("--timeout", type=float, default=3600.0, help="upper bound on the whole run, seconds")
     run.add_argument("--client-cpus", type=int, default=1, help="simulation: CPUs reserved per virtual client")

@@ -48,7 +48,7 @@ class LaunchSpec:
     ray_address: str | None = None  # simulation: join this Ray cluster instead of starting a local one
     isolation: str = "auto"  # "auto" | "netns" | "none" (see the module docstring)
     pool: str = "auto"  # inline: how clients run ("auto" | "serial" | "threads" | "processes"; scripts/local/inline.py)
-    workers: int | None = None  # inline: pool size (default: the machine's cores, at most one per client)
+    workers: int | None = None  # inline: pool size (default: the cores this process may use, at most one per client)
     flower_without_tf: bool = False  # simulation: keep TensorFlow out of Flower's engine (scripts/local/flower_tf.py)
     ray_tuning: bool = True  # simulation: the launcher's Ray settings (scripts/local/ray_env.py); False: Ray's defaults
     warm_clientapps: bool = True  # processes: ClientApps forked ready-imported (scripts/local/warm_clientapp.py); False: Flower's
