@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedlinear.scripts.local.processes import restore_sigint_if_asked
+
+    restore_sigint_if_asked()  # a sweep or bench that stops this command with SIGINT asked for it
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

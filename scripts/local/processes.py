@@ -248,6 +248,22 @@ def _die_with_parent() -> Callable[[], None]:
     return preexec
 
 
+# A parent that stops its `fedlinear` child with SIGINT (the sweep's subprocess runner, the bench) sets this
+# in the child's environment. A process started with SIGINT ignored (what a non-interactive shell gives its
+# background jobs: `fedlinear sweep ... &` in a script, `(cmd &)`) passes that on to its children, and the
+# SIGINT meant to stop a run would be lost: the run went on until it was killed a minute later, its
+# processes with no chance to stop cleanly. The child then restores Python's handler; a SIGINT ignored
+# for anyone else stays ignored.
+SIGINT_STOPS_ENV = "FEDLINEAR_SIGINT_STOPS"
+
+
+def restore_sigint_if_asked() -> None:
+    """In a ``fedlinear`` command's main thread: honour :data:`SIGINT_STOPS_ENV` (and drop it, so the
+    processes the command starts do not inherit it)."""
+    if os.environ.pop(SIGINT_STOPS_ENV, "") == "1" and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 # How long the watchdog keeps killing a launch's processes before it gives up and names the survivors.
 WATCHDOG_TIMEOUT = 60.0
 

@@ -350,7 +350,9 @@ def test_parallel_runs_are_bounded(tmp_path, parallel, no_plot):
 # ----------------------------------------------------------------------------------------------
 
 STAND_IN = '''
-import json, os, sys, time
+import json, os, signal, sys, time
+if os.environ.pop("FEDLINEAR_SIGINT_STOPS", "") == "1" and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as fedlinear's CLI does (restore_sigint_if_asked)
 argv = sys.argv[1:]
 out = argv[argv.index("--out") + 1]
 sets = {}

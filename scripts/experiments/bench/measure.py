@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 
-from fedlinear.scripts.local.processes import running, stop_all
+from fedlinear.scripts.local.processes import SIGINT_STOPS_ENV, running, stop_all
 
 
 @dataclasses.dataclass
@@ -148,6 +148,7 @@ def measure(
     busy0, children0, self0 = _busy_cpu(), _children_cpu(), _self_cpu()
     started = time.monotonic()
     with open(log_path, "wb") as log:
+        env = {**(os.environ if env is None else env), SIGINT_STOPS_ENV: "1"}  # stopped with SIGINT on timeout
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     root = psutil.Process(proc.pid)
     try:

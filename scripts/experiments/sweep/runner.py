@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import fedlinear
 from fedlinear.scripts.experiments.sweep.settings import FEDOLS_DP, Job, Settings, usable_cores
-from fedlinear.scripts.local.processes import running, stop_all
+from fedlinear.scripts.local.processes import SIGINT_STOPS_ENV, running, stop_all
 
 REPO = fedlinear.app_dir()  # the runs' working directory, and on their PYTHONPATH
 TIMEOUT_GRACE = 120.0  # a run's command may take this long beyond --timeout (start-up, export, teardown)
@@ -90,6 +90,7 @@ def subprocess_runner(settings: Settings, job: Job, data: str, stop: threading.E
     log_path = os.path.join(settings.out, "logs", f"{job.name}.log")
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    env[SIGINT_STOPS_ENV] = "1"  # stopped with SIGINT below, even if this sweep was started with it ignored
     env.setdefault("RAY_ADDRESS", "local")  # a private Ray per run, never a cluster `ray start` left behind
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     argv = run_argv(settings, job, data)
