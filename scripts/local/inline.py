@@ -296,13 +296,10 @@ def _worker_init(app_dir: str, parent: int) -> None:
     dies (``PR_SET_PDEATHSIG``), and one whose parent died before that was set exits at once. SIGINT is
     ignored: the parent's Ctrl-C ends the run and :meth:`_ProcessPool.close` ends the workers.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(AttributeError, OSError):  # not Linux: the workers end when their queue closes
-        import ctypes
+    from fedlinear.scripts.local.processes import die_with
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with(parent)  # not Linux: the workers end when their queue closes
     client_app(app_dir, "clientapp")  # the imports, once per worker process
 
 

@@ -264,6 +264,19 @@ def restore_sigint_if_asked() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def die_with(parent: int, code: int = 1) -> None:
+    """In a process forked (not exec'd) from ``parent``: be killed when it dies (``PR_SET_PDEATHSIG`` on
+    Linux; elsewhere the caller's own pipe closing must end it), and exit with ``code`` at once if it
+    died before that was set (common/exporter.py has its own: ``common`` imports nothing of ``scripts``)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(code)
+
+
 # How long the watchdog keeps killing a launch's processes before it gives up and names the survivors.
 WATCHDOG_TIMEOUT = 60.0
 

@@ -47,7 +47,7 @@ from fedlinear.scripts.experiments.sweep.runner import (
     REPO, STOP_GRACE, TIMEOUT_GRACE, Outcome, _error_line, _tree, run_argv,
 )  # fmt: skip
 from fedlinear.scripts.experiments.sweep.settings import Job, Settings
-from fedlinear.scripts.local.processes import running, stop_all
+from fedlinear.scripts.local.processes import die_with, running, stop_all
 
 # What a worker imports once (by name: this layer may not import the CLI statically). Measured: what a
 # default-sweep run imports (python -X importtime, and sys.modules before/after one run). A module
@@ -78,18 +78,6 @@ EXIT_WAIT_S = 60.0  # after SIGINT, before the run's tree is killed
 # ----------------------------------------------------------------------------------------------------
 # The worker process
 # ----------------------------------------------------------------------------------------------------
-
-
-def _die_with_parent(parent: int) -> None:
-    """Be killed when the sweep dies (``PR_SET_PDEATHSIG`` on Linux). No watchdog thread: the worker
-    forks, and must have no thread but its main one then; elsewhere its request pipe closing ends it."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(3)
 
 
 def warm(modules: tuple[str, ...] = WARM) -> list[str]:
@@ -166,7 +154,7 @@ def serve() -> None:
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # a stray print cannot corrupt the replies
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the runs' (and the sweep's), not the worker's
-    _die_with_parent(parent)
+    die_with(parent, 3)  # no watchdog thread: the worker forks, and must have no thread but its main one then
     failed = warm()
     if threading.active_count() > 1:  # an import started a thread: forking now could copy a held lock
         print(f"fedlinear sweep worker: {threading.active_count()} threads after the imports "
