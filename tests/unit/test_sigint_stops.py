@@ -16,8 +16,8 @@ CHILD = """
 import os, signal, sys, time
 from fedlinear.scripts.local.processes import SIGINT_STOPS_ENV, restore_sigint_if_asked
 restore_sigint_if_asked()
-print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN, SIGINT_STOPS_ENV in os.environ, flush=True)
-try:
+try:  # the parent may signal as soon as the line is out, before print returns
+    print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN, SIGINT_STOPS_ENV in os.environ, flush=True)
     time.sleep(120)
 except KeyboardInterrupt:
     sys.exit(130)
